@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine (see README):
+#   make demo   create/reuse the venv, install, generate the default data and run the main job
+#   make test   create/reuse the venv, install, run the test suite
+SHELL := /bin/bash
+VENV = $(shell scripts/venv.sh)
+DEMO_DIR ?= outputs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow venv bench clean
+
+venv:
+	@scripts/venv.sh
+
+demo:
+	@V=$$(scripts/venv.sh) && $$V/bin/python -m segreport.pipelines.demo --out $(DEMO_DIR)
+
+test:
+	@V=$$(scripts/venv.sh) && HF_HUB_OFFLINE=1 $$V/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow:
+	@V=$$(scripts/venv.sh) && HF_HUB_OFFLINE=1 $$V/bin/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench:
+	@V=$$(scripts/venv.sh) && for b in benchmarks/bench_*.py; do $$V/bin/python $$b || exit 1; done
+
+clean:
+	rm -rf outputs .venv

@@ -1,0 +1,3 @@
+"""segreport: segment lesions in CT and report them in words."""
+
+__version__ = "0.1.0"
