@@ -22,11 +22,12 @@ FIX = (
 
 
 def wordnet_available() -> bool:
-    import nltk
+    """True when NLTK can really open WordNet (a zipped corpus counts: ``find`` alone misses it)."""
+    from nltk.corpus import wordnet
 
     try:
-        nltk.data.find("corpora/wordnet")
-        return True
+        wordnet.ensure_loaded()
+        return bool(wordnet.synsets("lung"))
     except LookupError:
         return False
 
