@@ -17,7 +17,7 @@ ATTRIBUTE_GROUPS: dict[str, tuple[str, ...]] = {
 ATTRIBUTE_NAMES: tuple[str, ...] = tuple(ATTRIBUTE_GROUPS)
 ATTRIBUTE_NUM_CLASSES: dict[str, int] = {k: len(v) for k, v in ATTRIBUTE_GROUPS.items()}
 
-# Lung sides are the PATIENT's, decided from the affine (RAS+ world: +x is patient left).
+# Lung sides are the PATIENT's, decided from the affine (RAS+ world: +x is toward the patient's RIGHT).
 SIDES: tuple[str, ...] = ("left", "right")
 LEVELS: tuple[str, ...] = ("upper", "middle", "lower")  # craniocaudal thirds of each lung
 # The six-zone multi-hot vector (seed 004 location labels) uses this order; zone maps use value i+1.
