@@ -1,0 +1,47 @@
+"""The contract between a trained bundle and every way of running it (batch folders, MONAI Label, demo).
+
+A bundle's ``inference.yaml`` defines a ``predictor`` component: an object with ``predict``. The batch
+runner loads it once and feeds it one volume at a time in the input's own grid, so every model returns
+its mask on exactly that grid and the runner never needs to know which model it is driving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass
+class LesionAttributes:
+    """Attributes predicted for one lesion, anchored by a voxel inside it (input-grid IJK)."""
+
+    voxel: tuple[int, int, int]
+    # group -> {"label": class name, "prob": probability of that class, "probs": {class: prob}}
+    attributes: dict[str, dict]
+
+
+@dataclass
+class Prediction:
+    """What a model says about one volume, on the input grid."""
+
+    mask: np.ndarray  # uint8 0/1 with exactly the input's shape
+    case_finding: str | None = None  # one case-level sentence (how it is formed is the model's to document)
+    slice_findings: dict[int, str] = field(default_factory=dict)  # axial slice index -> sentence
+    lesion_attributes: list[LesionAttributes] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # model-specific, JSON-serialisable
+
+
+class Predictor(Protocol):
+    name: str
+
+    def predict(
+        self,
+        image: np.ndarray,
+        affine: np.ndarray,
+        points: Sequence[Sequence[float]] | None = None,
+        point_labels: Sequence[int] | None = None,
+    ) -> Prediction:
+        """``image``: 3D CT in HU, input voxel order; ``affine``: voxel->RAS mm; ``points``: IJK clicks."""
+        ...
