@@ -1,0 +1,442 @@
+"""MedSegText pipeline pieces: data, batches, loss, validation metric, evaluation and volume inference.
+
+The bundle YAMLs (bundles/medsegtext/configs) only wire these with MONAI's SupervisedTrainer,
+SupervisedEvaluator and handlers; everything with logic lives here so it is importable and tested.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from ignite.metrics import Metric
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.engines import PrepareBatch
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Lambdad,
+    LoadImaged,
+    RandZoomd,
+    Resized,
+)
+from tqdm import tqdm
+
+from ..data import phantom, readers, splits as splits_mod
+from ..data.io import load_volume
+from ..errors import InputError
+from ..metrics.segmentation import SegmentationScores
+from ..metrics.text import text_metrics
+from ..text.tokenizers import build_word_tokenizer, load_tokenizer
+from ..transforms.findings import FindingsFromMask
+from ..transforms.intensity import HUWindow
+from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+from ..transforms.slicing import axial_axis
+from ..transforms.text import TokenizeTextd, decode_tokens
+from .predictor import Prediction
+
+log = logging.getLogger("segreport.medsegtext")
+
+SPLIT_FOLDERS = {"training": "Train", "validation": "Val", "test": "Test"}
+
+
+# ----------------------------------------------------------------------------------------- data
+def prepare_data(dataset_dir: str | os.PathLike, n_cases: int = 40, seed: int = 0, shape: Sequence[int] = (192, 192, 48)) -> str:
+    """Generate the synthetic phantom into ``dataset_dir`` unless a dataset is already there."""
+    root = Path(dataset_dir)
+    if not (root / "dataset.json").is_file() and not any(root.glob("*_Folder")):
+        log.info("no dataset in %s: generating the synthetic chest-CT phantom (%d cases)", root, n_cases)
+        phantom.generate_dataset(root, n_cases=n_cases, seed=seed, shape=tuple(shape))
+    return str(root)
+
+
+def _lvit_root(dataset_dir: Path) -> Path:
+    return dataset_dir / "slices2d" if (dataset_dir / "slices2d").is_dir() else dataset_dir
+
+
+def load_datalists(
+    dataset_dir: str | os.PathLike,
+    data_format: str = "auto",
+    ratios: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    slice_mode: str = "mix",
+) -> dict[str, list[dict]]:
+    """Training/validation/test items for a 2D model.
+
+    ``data_format``: ``lvit`` (MosMedData+/QaTa LViT layout, or the phantom's ``slices2d`` export: the
+    split is the folders'), ``volumes`` (NIfTI volumes from an MSD ``dataset.json`` or ``imagesTr``/
+    ``labelsTr`` folders, split at CASE level and then sliced, so no case has slices in two splits),
+    or ``auto`` (LViT folders when present, else volumes).
+    """
+    root = Path(dataset_dir)
+    if data_format == "auto":
+        data_format = "lvit" if any(_lvit_root(root).glob("*_Folder")) else "volumes"
+    if data_format == "lvit":
+        lroot = _lvit_root(root)
+        return {key: readers.read_lvit(lroot, split=folder) for key, folder in SPLIT_FOLDERS.items()}
+    if data_format != "volumes":
+        raise InputError(root, f"unknown data_format {data_format!r}: use 'auto', 'lvit' or 'volumes'")
+    if (root / "dataset.json").is_file():
+        cases = readers.read_msd(root / "dataset.json")
+    else:
+        cases = readers.read_nifti_folder(root / "imagesTr", root / "labelsTr")
+    case_splits = splits_mod.split_cases(cases, ratios=ratios, seed=seed, stratify_by="severity" if "severity" in cases[0] else None)
+    by_id = {c["case_id"]: c for c in cases}
+    return {
+        key: [s for cid in case_splits.get(key, []) for s in volume_to_slice_items(by_id[cid], mode=slice_mode, seed=seed)]
+        for key in SPLIT_FOLDERS
+    }
+
+
+def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, negative_ratio: float = 0.25) -> list[dict]:
+    """Axial 2D items (lung-windowed arrays in [0, 1]) from one NIfTI case, each with its own finding.
+
+    The per-slice sentence comes from the slice's mask and the case's lung label (or a lung mask
+    thresholded from the CT), with patient sides from the affine, exactly like the LViT annotations.
+    """
+    image, affine, _ = load_volume(case["image"])
+    label = (load_volume(case["label"])[0] > 0).astype(np.uint8) if case.get("label") else np.zeros(image.shape, np.uint8)
+    if case.get("lung"):
+        lung = load_volume(case["lung"])[0].astype(np.uint8)
+    else:
+        lung = split_left_right(lung_mask_from_ct(image), affine)
+    axis = axial_axis(affine)
+    windowed = np.asarray(HUWindow(preset="lung")(image[None]))[0]
+    findings = FindingsFromMask(affine=affine)
+    rng = np.random.default_rng(seed)
+    positive = [k for k in range(image.shape[axis]) if np.take(label, k, axis=axis).any()]
+    negative = [k for k in range(image.shape[axis]) if k not in set(positive)]
+    if mode == "lesion":
+        chosen = positive
+    elif mode == "all":
+        chosen = list(range(image.shape[axis]))
+    else:  # positives plus a seeded share of lesion-free slices, so the model also learns "no infection"
+        n_neg = min(len(negative), max(1, int(round(negative_ratio * max(len(positive), 1)))))
+        chosen = sorted(positive + list(rng.choice(negative, size=n_neg, replace=False)) if negative else positive)
+    items = []
+    for k in chosen:
+        lab2d = np.take(label, k, axis=axis)
+        text = findings.sentence_for_slice(label, lung, k, axis=axis) if hasattr(findings, "sentence_for_slice") else case.get("text", "")
+        items.append({
+            "image": np.take(windowed, k, axis=axis)[None].astype(np.float32),
+            "label": lab2d[None].astype(np.float32),
+            "text": text,
+            "case_id": case["case_id"],
+            "slice_index": int(k),
+        })
+    return items
+
+
+def build_tokenizer(train_items: list[dict], output_dir: str | os.PathLike, tokenizer_path: str | None = None):
+    """A word-level tokenizer built from the training findings (saved beside the checkpoints), or a local one."""
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path)
+    out = Path(output_dir) / "tokenizer"
+    if (out / "tokenizer.json").is_file():
+        return load_tokenizer(out)
+    texts = [it["text"] for it in train_items if it.get("text")]
+    if not texts:
+        raise InputError(output_dir, "no training texts to build a vocabulary from")
+    tok = build_word_tokenizer(texts)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out))
+    return tok
+
+
+def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, train: bool = False) -> Compose:
+    """Loading (PNG paths or in-memory arrays) -> 1×S×S image in [0, 1], binary label, token ids.
+
+    The paper resizes to 224×224, scales to [0, 1] and applies random zoom (10 %, p=0.1) in training.
+    """
+    def to_gray01(x):
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        if x.shape[0] in (3, 4):  # RGB(A) PNG of a grey CT: average the colour channels
+            x = x[:3].mean(0, keepdim=True)
+        return x / 255.0 if x.max() > 1.0 else x
+
+    def to_binary(x):
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        return (x[:1] > (127 if x.max() > 1 else 0.5)).float()
+
+    steps = [
+        LoadImaged(keys=["image", "label"], image_only=True, allow_missing_keys=True, dtype=np.float32),
+        EnsureChannelFirstd(keys=["image", "label"], channel_dim="no_channel", allow_missing_keys=True),
+    ]
+    tail = [
+        Lambdad(keys="image", func=to_gray01),
+        Lambdad(keys="label", func=to_binary),
+        Resized(keys=["image", "label"], spatial_size=(image_size, image_size), mode=("bilinear", "nearest")),
+    ]
+    if train:
+        tail.append(RandZoomd(keys=["image", "label"], prob=0.1, min_zoom=0.9, max_zoom=1.1, mode=("bilinear", "nearest")))
+    tail += [TokenizeTextd(keys="text", tokenizer=tokenizer, max_length=max_length), EnsureTyped(keys=["image", "label"], track_meta=False)]
+    return _PathOrArray(Compose(steps), Compose(tail))
+
+
+class _PathOrArray:
+    """Run the loading steps only for items that hold file paths (LViT PNGs), not in-memory slices."""
+
+    def __init__(self, load: Compose, rest: Compose):
+        self.load, self.rest = load, rest
+
+    def __call__(self, item: dict) -> dict:
+        if isinstance(item.get("image"), (str, os.PathLike)):
+            item = self.load(item)
+        return self.rest(dict(item))
+
+
+def make_dataset(items: list[dict], transform, cache: bool = True):
+    return CacheDataset(items, transform, progress=False) if cache else Dataset(items, transform)
+
+
+def make_loader(dataset, batch_size: int = 8, shuffle: bool = False, num_workers: int = 0, distributed: bool = False):
+    sampler = None
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler, shuffle = DistributedSampler(dataset, shuffle=shuffle), False
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers)
+
+
+# ------------------------------------------------------------------------------- engine pieces
+class MedSegTextBatch(PrepareBatch):
+    """Batch -> (image, targets, (input tokens,), {}) for SupervisedTrainer/Evaluator.
+
+    Teacher forcing: the decoder reads tokens[:, :-1] and is scored on tokens[:, 1:].
+    """
+
+    def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
+        image = batchdata["image"].to(device=device, non_blocking=non_blocking)
+        targets = {"label": batchdata["label"].to(device=device, non_blocking=non_blocking)}
+        args: tuple = ()
+        if "tokens" in batchdata:
+            tokens = batchdata["tokens"].to(device=device, non_blocking=non_blocking)
+            targets["tokens"] = tokens
+            args = (tokens[:, :-1],)
+        return image, targets, args, {}
+
+
+class MedSegTextLoss(torch.nn.Module):
+    """Adapts :class:`segreport.losses.JointLoss` to the engine's ``loss(pred, targets)`` call.
+
+    The last components are kept on ``self.last`` so a handler can log seg and text losses apart.
+    """
+
+    def __init__(self, joint_loss: torch.nn.Module):
+        super().__init__()
+        self.joint = joint_loss
+        self.last: dict[str, float] = {}
+
+    def forward(self, pred: dict, targets: dict) -> torch.Tensor:
+        text_target = targets["tokens"][:, 1:] if "tokens" in targets else None
+        out = self.joint(pred, seg_target=targets["label"], text_target=text_target)
+        self.last = {k: float(v) for k, v in out.items() if k != "total"}
+        return out["total"]
+
+
+class MedSegTextInferer:
+    """Evaluator inferer: segmentation logits plus generated token ids for one batch."""
+
+    def __init__(self, max_length: int | None = None, beam_size: int = 1):
+        self.max_length, self.beam_size = max_length, beam_size
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> dict:
+        return predict_slices(network, inputs, max_length=self.max_length, beam_size=self.beam_size)
+
+
+def predict_slices(network, images: torch.Tensor, max_length: int | None = None, beam_size: int = 1) -> dict:
+    """Seg logits (when the model segments) and generated ids (when it writes) for a batch of slices."""
+    out: dict = {}
+    mode = getattr(network, "mode", "joint")
+    if mode in ("joint", "segmentation"):
+        out["seg_logits"] = network(images)["seg_logits"]
+    if mode in ("joint", "text"):
+        out["tokens"] = network.generate(images, max_length=max_length, beam_size=beam_size)
+    return out
+
+
+class SegTextScore(Metric):
+    """Validation score for checkpoint selection: the mean of Dice and corpus BLEU-4.
+
+    Selecting on Dice alone would happily keep a model whose text has collapsed (the seed's Exp1:
+    Dice 0.75 with BLEU-4 0.0035); the mean rewards neither task being sacrificed. Missing tasks
+    (seg-only or text-only baselines) are left out of the mean.
+    """
+
+    def __init__(self, tokenizer, output_transform=lambda x: x):
+        self.tokenizer = tokenizer
+        super().__init__(output_transform=output_transform)
+
+    def reset(self):
+        self.inter = self.total = 0.0
+        self.refs: list[str] = []
+        self.hyps: list[str] = []
+
+    def update(self, output):
+        pred, targets = output
+        if "seg_logits" in pred:
+            p = (torch.sigmoid(pred["seg_logits"]) > 0.5).float()
+            g = targets["label"]
+            self.inter += float((p * g).sum())
+            self.total += float(p.sum() + g.sum())
+        if "tokens" in pred and "tokens" in targets:
+            self.hyps += decode_tokens(self.tokenizer, pred["tokens"])
+            self.refs += decode_tokens(self.tokenizer, targets["tokens"])
+
+    def compute(self):
+        parts = []
+        if self.total > 0 or self.inter > 0:
+            parts.append(2 * self.inter / max(self.total, 1e-8))
+        if self.hyps:
+            parts.append(text_metrics(self.refs, self.hyps)["bleu4"])
+        return float(np.mean(parts)) if parts else 0.0
+
+
+def engine_output(output):
+    """Evaluator output (batch dict, not decollated) -> (pred dict, targets dict) for SegTextScore."""
+    return output["pred"], output["label"]
+
+
+# ----------------------------------------------------------------------------- model loading
+def load_network(network, checkpoint: str | os.PathLike | None, device: str | torch.device = "cpu"):
+    """Load trained weights into ``network`` (a MedSegText), with the model's own clear mismatch errors."""
+    network = network.to(device)
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise InputError(checkpoint, "checkpoint not found: train first (python -m monai.bundle run training ...) or pass --checkpoint")
+        network.load_checkpoint(checkpoint, map_location=device)
+    return network.eval()
+
+
+# ------------------------------------------------------------------------------- evaluation
+@torch.inference_mode()
+def evaluate(
+    network,
+    tokenizer,
+    items: list[dict],
+    output_dir: str | os.PathLike,
+    checkpoint: str | None = None,
+    image_size: int = 224,
+    max_length: int = 50,
+    beam_size: int = 1,
+    batch_size: int = 8,
+    device: str = "cpu",
+    n_panels: int = 8,
+) -> dict:
+    """Dice/IoU (per slice and per case), BLEU-1..4, METEOR, ROUGE-L -> metrics.json, per_sample.csv, panels."""
+    from .panels import save_panel
+
+    network = load_network(network, checkpoint, device)
+    out = Path(output_dir)
+    (out / "panels").mkdir(parents=True, exist_ok=True)
+    loader = make_loader(make_dataset(items, slice_transforms(tokenizer, image_size, max_length), cache=False), batch_size)
+    seg = SegmentationScores()
+    rows, refs, hyps, shown = [], [], [], 0
+    for batch in tqdm(loader, desc="evaluate", leave=False):
+        images = batch["image"].to(device)
+        pred = predict_slices(network, images, max_length=max_length, beam_size=beam_size)
+        gen = decode_tokens(tokenizer, pred["tokens"]) if "tokens" in pred else [""] * len(images)
+        ref = decode_tokens(tokenizer, batch["tokens"]) if "tokens" in batch else [""] * len(images)
+        for i in range(len(images)):
+            case_id, sl = batch["case_id"][i], int(batch.get("slice_index", [-1] * len(images))[i])
+            row = {"case_id": case_id, "slice_index": sl, "reference": ref[i], "generated": gen[i]}
+            if "seg_logits" in pred:
+                mask = (torch.sigmoid(pred["seg_logits"][i, 0]) > 0.5).cpu().numpy()
+                gt = batch["label"][i, 0].cpu().numpy() > 0.5
+                row.update(seg.add(mask, gt, case_id=case_id))
+            rows.append(row)
+            refs.append(ref[i])
+            hyps.append(gen[i])
+            if shown < n_panels:
+                save_panel(out / "panels" / f"{case_id}_s{sl:03d}.png", images[i, 0].cpu().numpy(), batch["label"][i, 0].cpu().numpy(),
+                           mask if "seg_logits" in pred else None, ref[i], gen[i], row.get("dice"))
+                shown += 1
+    metrics: dict = {"n_slices": len(rows)}
+    if "seg_logits" in pred:
+        metrics.update(seg.summary())
+    if any(hyps):
+        scores = text_metrics(refs, hyps, per_sample=True)
+        per_sample = scores.pop("per_sample")
+        metrics.update(scores)
+        for row, s in zip(rows, per_sample):
+            row.update(s)
+    _write_json(out / "metrics.json", metrics)
+    _write_csv(out / "per_sample.csv", rows)
+    log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    return metrics
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------- volume inference
+class MedSegTextPredictor:
+    """Slice-wise MedSegText on a 3D CT volume -> mask on the input grid + findings.
+
+    The case-level finding is formed from the predicted 3D mask's geometry (connected components,
+    patient sides from the affine, zones from a lung mask thresholded from the CT), not from the
+    decoder: the decoder sees one slice at a time and cannot count lesions across slices. The
+    decoder's per-slice sentences are reported too, with whether their sides agree with the mask.
+    """
+
+    name = "medsegtext"
+
+    def __init__(self, network, tokenizer, checkpoint: str | None = None, device: str = "cpu", image_size: int = 224,
+                 batch_size: int = 16, max_length: int = 50, beam_size: int = 1, threshold: float = 0.5, bf16: bool = False):
+        self.device = torch.device(device)
+        self.network = load_network(network, checkpoint, self.device)
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+        self.checkpoint_path = checkpoint
+        self.image_size, self.batch_size = image_size, batch_size
+        self.max_length, self.beam_size, self.threshold, self.bf16 = max_length, beam_size, threshold, bf16
+
+    @torch.inference_mode()
+    def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None) -> Prediction:
+        axis = axial_axis(affine)
+        windowed = np.asarray(HUWindow(preset="lung")(image[None].astype(np.float32)))[0]
+        slices = np.moveaxis(windowed, axis, 0)  # (n_slices, a, b) in the input's own in-plane order
+        n, shape2d = slices.shape[0], slices.shape[1:]
+        prob = np.zeros((n, *shape2d), dtype=np.float32)
+        texts: dict[int, str] = {}
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        for start in range(0, n, self.batch_size):
+            chunk = torch.from_numpy(slices[start:start + self.batch_size]).unsqueeze(1).to(self.device)
+            x = torch.nn.functional.interpolate(chunk, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            with autocast:
+                out = predict_slices(self.network, x, self.max_length, self.beam_size)
+            if "seg_logits" in out:
+                logits = torch.nn.functional.interpolate(out["seg_logits"].float(), size=shape2d, mode="bilinear", align_corners=False)
+                prob[start:start + len(chunk)] = torch.sigmoid(logits)[:, 0].cpu().numpy()
+            if "tokens" in out:
+                for i, t in enumerate(decode_tokens(self.tokenizer, out["tokens"])):
+                    texts[start + i] = t
+        mask = np.moveaxis((prob > self.threshold).astype(np.uint8), 0, axis)
+        lung = split_left_right(lung_mask_from_ct(image), affine)
+        case_finding = FindingsFromMask(affine=affine)(mask, lung) if mask.any() else "No pulmonary infection."
+        lesion_slices = [k for k in range(n) if np.take(mask, k, axis=axis).any()]
+        return Prediction(
+            mask=mask,
+            case_finding=case_finding,
+            slice_findings={k: texts[k] for k in lesion_slices if k in texts},
+            extras={"case_finding_source": "predicted mask geometry (components, affine sides, CT lung zones)"},
+        )

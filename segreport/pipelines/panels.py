@@ -1,0 +1,33 @@
+"""Evaluation panels: the image, ground truth vs prediction outlined, reference vs generated sentence."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: panels are written, never shown
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_panel(path: str | os.PathLike, image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None,
+               reference: str = "", generated: str = "", dice: float | None = None) -> None:
+    """Write a 3-view PNG (image | ground truth in green | prediction in red) with both sentences."""
+    path = Path(path)
+    views = [("image", None, None), ("ground truth", label, "lime"), ("prediction", pred, "red")]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.6))
+    for ax, (title, mask, colour) in zip(axes, views):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        if mask is not None and np.asarray(mask).any():
+            ax.contour(np.asarray(mask) > 0.5, levels=[0.5], colors=colour, linewidths=1.2)
+        ax.set_title(title + (f" (Dice {dice:.3f})" if title == "prediction" and dice is not None else ""), fontsize=9)
+        ax.axis("off")
+    fig.text(0.01, 0.08, f"reference: {reference}", fontsize=8, color="darkgreen", wrap=True)
+    fig.text(0.01, 0.02, f"generated: {generated}", fontsize=8, color="darkred", wrap=True)
+    fig.subplots_adjust(bottom=0.18, top=0.9, wspace=0.03)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
