@@ -160,6 +160,16 @@ def test_accumulator_batch_logits_and_nan_aware_summary():
     assert [r["dice"] for r in scores.case_rows()] == pytest.approx([0.8, 0.0])  # case b: TP 0, FP 1
 
 
+def test_without_spacing_hd95_is_nan_not_unitless():
+    scores = SegmentationScores()
+    sq = square((8, 8), (1, 4), (1, 4))
+    scores.add(sq, sq, "a", spacing=(1.0, 1.0))
+    row = scores.add(sq, np.roll(sq, 2, 0), "a")  # e.g. resized PNG slices: no mm
+    assert math.isnan(row["hd95_mm"]) and row["dice"] == pytest.approx(2 * 1 / 6)
+    assert math.isnan(scores.case_rows()[0]["hd95_mm"])  # a case with any unitless item has no mm HD95
+    assert scores.summary()["item"]["hd95_mm"]["n"] == 1
+
+
 def test_bad_segmentation_input_is_refused():
     scores = SegmentationScores()
     with pytest.raises(ValueError, match="shape"):
@@ -187,6 +197,7 @@ def test_identical_text_scores_one():
     assert out["rouge_l"] == pytest.approx(1.0)
     assert out["per_sample"][0]["meteor"] >= 0.99  # 16 tokens, one chunk: 1 - 0.5 / 16**3
     assert out["n"] == 2 and len(out["per_sample"]) == 2
+    assert "per_sample" not in text_metrics([REF], [REF], per_sample=False)
 
 
 def test_bleu_by_hand():

@@ -166,41 +166,47 @@ class SegmentationScores:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, pred, gt, case_id: str, spacing: Sequence[float] | float, slice_index: int | None = None) -> dict:
-        """Score one slice or volume, file it under ``case_id``, and return its row."""
+    def add(self, pred, gt, case_id: str, spacing: Sequence[float] | float | None = None, slice_index: int | None = None) -> dict:
+        """Score one slice or volume, file it under ``case_id``, and return its row.
+
+        Without ``spacing`` (e.g. resized PNG slices) distances have no millimetres: HD95 is nan
+        for the item and its case rather than a number in unknown units.
+        """
         p, g = binarize(pred, self.kind, self.threshold), binarize(gt)
         _check_shapes(p, g)
-        d_pg, d_gp = surface_distances(p, g, _spacing(spacing, p.ndim))
+        none = np.zeros(0, np.float32)
+        d_pg, d_gp = (none, none) if spacing is None else surface_distances(p, g, _spacing(spacing, p.ndim))
         tp = int((p & g).sum())
         row = {
             "case_id": str(case_id),
             "slice_index": slice_index,
             "dice": _monai_score(compute_dice, p, g),
             "iou": _monai_score(compute_iou, p, g),
-            "hd95_mm": hd95_from_distances(d_pg, d_gp),
+            "hd95_mm": float("nan") if spacing is None else hd95_from_distances(d_pg, d_gp),
             "gt_voxels": int(g.sum()),
             "pred_voxels": int(p.sum()),
             "tp": tp,
         }
         self._items.append(row)
-        case = self._cases.setdefault(row["case_id"], {"n_items": 0, "gt": 0, "pred": 0, "tp": 0, "d_pg": [], "d_gp": []})
+        case = self._cases.setdefault(row["case_id"], {"n_items": 0, "gt": 0, "pred": 0, "tp": 0, "d_pg": [], "d_gp": [], "mm": True})
         case["n_items"] += 1
         case["gt"] += row["gt_voxels"]
         case["pred"] += row["pred_voxels"]
         case["tp"] += tp
         case["d_pg"].append(d_pg)
         case["d_gp"].append(d_gp)
+        case["mm"] &= spacing is not None
         return row
 
-    def add_batch(self, pred, gt, case_ids: Sequence[str], spacings, slice_indices: Sequence[int] | None = None) -> list[dict]:
+    def add_batch(self, pred, gt, case_ids: Sequence[str], spacings=None, slice_indices: Sequence[int] | None = None) -> list[dict]:
         """``add`` each item of a ``(B, 1, *spatial)`` batch.
 
-        ``spacings``: one spacing per item (``(B, ndim)``) or one spacing shared by the batch.
+        ``spacings``: one spacing per item (``(B, ndim)``), one shared by the batch, or None.
         """
         pred, gt = _as_tensor(pred), _as_tensor(gt)
         if pred.ndim < 4 or pred.shape[1] != 1:
             raise ValueError(f"add_batch expects (B, 1, *spatial) predictions, got shape {tuple(pred.shape)}")
-        if np.ndim(spacings) <= 1:  # one spacing for the whole batch
+        if spacings is None or np.ndim(spacings) <= 1:  # one spacing (or none) for the whole batch
             spacings = [spacings] * pred.shape[0]
         slice_indices = [None] * pred.shape[0] if slice_indices is None else list(slice_indices)
         if not (len(case_ids) == len(spacings) == len(slice_indices) == pred.shape[0]):
@@ -224,7 +230,7 @@ class SegmentationScores:
                 "n_items": c["n_items"],
                 "dice": _ratio(2 * c["tp"], 2 * c["tp"] + fp + fn),
                 "iou": _ratio(c["tp"], c["tp"] + fp + fn),
-                "hd95_mm": hd95_from_distances(np.concatenate(c["d_pg"]), np.concatenate(c["d_gp"])),
+                "hd95_mm": hd95_from_distances(np.concatenate(c["d_pg"]), np.concatenate(c["d_gp"])) if c["mm"] else float("nan"),
                 "gt_voxels": c["gt"],
                 "pred_voxels": c["pred"],
                 "tp": c["tp"],

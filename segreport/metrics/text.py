@@ -63,12 +63,13 @@ def _as_list(refs: str | Sequence[str]) -> list[str]:
     return [refs] if isinstance(refs, str) else list(refs)
 
 
-def text_metrics(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str]) -> dict:
+def text_metrics(references: Sequence[str | Sequence[str]], hypotheses: Sequence[str], per_sample: bool = True) -> dict:
     """Corpus and per-sample text scores (see module docstring for every choice).
 
     Returns ``{"bleu1".."bleu4": corpus BLEU (no smoothing), "sentence_bleu1".."sentence_bleu4":
     mean sentence BLEU (method1), "meteor": mean METEOR, "rouge_l": mean ROUGE-L F1, "n": samples,
-    "per_sample": [{"bleu1".."bleu4" (sentence, method1), "meteor", "rouge_l"}, ...]}``.
+    "per_sample": [{"bleu1".."bleu4" (sentence, method1), "meteor", "rouge_l"}, ...]}``
+    (``per_sample`` only when asked, the default).
     """
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
@@ -84,18 +85,19 @@ def text_metrics(references: Sequence[str | Sequence[str]], hypotheses: Sequence
     with warnings.catch_warnings():
         # nltk warns whenever an n-gram order has no match; a 0 there is the intended unsmoothed value
         warnings.simplefilter("ignore", UserWarning)
-        per_sample = []
+        rows = []
         for rt, ht, rs, h in zip(ref_tokens, hyp_tokens, refs, hypotheses):
             row = {f"bleu{n}": float(sentence_bleu(rt, ht, weights=w, smoothing_function=smooth)) for n, w in BLEU_WEIGHTS.items()}
             row["meteor"] = float(meteor_score(rt, ht))
             row["rouge_l"] = float(rouge.score_multi(rs, h)["rougeL"].fmeasure)
-            per_sample.append(row)
+            rows.append(row)
         out: dict = {f"bleu{n}": float(corpus_bleu(ref_tokens, hyp_tokens, weights=w)) for n, w in BLEU_WEIGHTS.items()}
 
-    n = len(per_sample)
-    out.update({f"sentence_bleu{k}": sum(r[f"bleu{k}"] for r in per_sample) / n for k in BLEU_WEIGHTS})
-    out["meteor"] = sum(r["meteor"] for r in per_sample) / n
-    out["rouge_l"] = sum(r["rouge_l"] for r in per_sample) / n
+    n = len(rows)
+    out.update({f"sentence_bleu{k}": sum(r[f"bleu{k}"] for r in rows) / n for k in BLEU_WEIGHTS})
+    out["meteor"] = sum(r["meteor"] for r in rows) / n
+    out["rouge_l"] = sum(r["rouge_l"] for r in rows) / n
     out["n"] = n
-    out["per_sample"] = per_sample
+    if per_sample:
+        out["per_sample"] = rows
     return out
