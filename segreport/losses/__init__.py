@@ -1,0 +1,3 @@
+"""Losses: joint/multi-task, alignment and location losses."""
+
+from .joint import JointLoss

@@ -1,0 +1,3 @@
+"""Networks, one module per model family; shared blocks in ``segreport.networks.blocks``."""
+
+from .medsegtext import MEDSEGTEXT_CONFIGS, MedSegText

@@ -1,0 +1,127 @@
+"""ConvNeXt image encoder returning the four stage feature maps f1..f4 (strides 4, 8, 16, 32)."""
+
+from __future__ import annotations
+
+import re
+from os import PathLike
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+__all__ = ["ConvNeXtEncoder", "adapt_stem_weight"]
+
+# Classifier-head keys of a full timm ConvNeXt checkpoint; a features-only encoder has no head.
+_HEAD_PREFIXES = ("head.", "norm_pre.")
+
+
+def adapt_stem_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Convert a stem convolution weight [C_out, C_in, k, k] to ``in_channels`` input channels.
+
+    A grey CT slice shown to an RGB-pretrained network would be replicated into three identical
+    channels. The convolution is linear, so summing the kernel over its input channels gives exactly
+    the response the pretrained network had to that replicated slice (averaging would shrink it by
+    3 and shift the statistics the following LayerNorm and blocks were trained on). For other channel
+    counts the RGB kernels are tiled and rescaled by ``C_in / in_channels`` so a replicated input
+    keeps the same response (the rule timm uses).
+    """
+    c_in = weight.shape[1]
+    if in_channels == c_in:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_channels // c_in)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (c_in / in_channels)
+
+
+class ConvNeXtEncoder(nn.Module):
+    """timm ConvNeXt in ``features_only`` mode: ``forward(x) -> [f1, f2, f3, f4]``.
+
+    Args:
+        name: timm model name (``"convnext_tiny"`` for the paper, ``"convnext_atto"`` etc.).
+        in_channels: image channels (1 for a CT slice).
+        weights: optional local checkpoint (a timm ConvNeXt checkpoint or this encoder's own
+            state dict, optionally wrapped in ``{"state_dict": ...}`` / ``{"model": ...}``).
+            Never downloaded: there is no model hub at run time.
+        **model_kwargs: passed to ``timm.create_model`` to override the architecture, e.g.
+            ``dims=(16, 32, 64, 128), depths=(1, 1, 1, 1)`` for a tiny test encoder.
+    """
+
+    def __init__(
+        self,
+        name: str = "convnext_tiny",
+        in_channels: int = 1,
+        weights: str | PathLike | None = None,
+        **model_kwargs: Any,
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.body = timm.create_model(
+            name, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3), in_chans=in_channels,
+            **model_kwargs,
+        )
+        self.out_channels: list[int] = self.body.feature_info.channels()
+        self.reductions: list[int] = self.body.feature_info.reduction()
+        if weights is not None:
+            self.load_weights(weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.body(x)
+
+    def _timm_to_feature_keys(self) -> dict[str, str]:
+        """Prefix map from a full timm model's names to this features-only model's names.
+
+        timm's feature wrapper flattens the first level of ``nn.Sequential`` children into
+        ``parent_index`` names (``stem.0`` -> ``stem_0``, ``stages.2`` -> ``stages_2``).
+        """
+        prefixes = {}
+        for name, _ in self.body.named_children():
+            prefixes[re.sub(r"_(\d+)$", r".\1", name) + "."] = name + "."
+        return prefixes
+
+    def load_weights(self, path: str | PathLike) -> None:
+        """Load a local checkpoint, adapting the stem to ``in_channels``; clear error on mismatch."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+
+        prefixes = self._timm_to_feature_keys()
+        converted = {}
+        for key, value in state.items():
+            key = key.removeprefix("module.")
+            if key.startswith(_HEAD_PREFIXES):
+                continue
+            for timm_prefix, feat_prefix in prefixes.items():
+                if key.startswith(timm_prefix):
+                    key = feat_prefix + key[len(timm_prefix):]
+                    break
+            converted[key] = value
+
+        own = self.body.state_dict()
+        stem_key = next(iter(own))  # the stem convolution is the first parameter of ConvNeXt
+        if stem_key in converted and converted[stem_key].ndim == 4:
+            converted[stem_key] = adapt_stem_weight(converted[stem_key], self.in_channels)
+
+        missing = sorted(set(own) - set(converted))
+        unexpected = sorted(set(converted) - set(own))
+        shapes = sorted(
+            f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in set(own) & set(converted)
+            if converted[k].shape != own[k].shape
+        )
+        if missing or unexpected or shapes:
+            lines = [f"{path}: encoder weights do not fit this ConvNeXt ({_describe(self.out_channels)})."]
+            for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+                if keys:
+                    lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else ""))
+            lines.append("  Pick the encoder name/dims the checkpoint was trained with.")
+            raise ValueError("\n".join(lines))
+        self.body.load_state_dict(converted)
+
+
+def _describe(channels: list[int]) -> str:
+    return "stage channels " + "/".join(map(str, channels))
