@@ -329,3 +329,24 @@ def test_datalist_json_roundtrip_and_monai_compatibility(tmp_path):
     assert read_datalist_json(tmp_path / "rel.json") == [{"image": str(images / "b.nii.gz"), "case_id": "case_b"}]
     with pytest.raises(InputError, match="datalist file not found"):
         read_datalist_json(tmp_path / "nope.json")
+
+
+def test_read_lvit_recovers_case_and_slice_from_exported_names(tmp_path):
+    """Slices exported from volumes (<case>_s<index>.png) keep their case, so scores pool per case."""
+    from PIL import Image
+    import openpyxl
+
+    folder = tmp_path / "Train_Folder"
+    (folder / "img").mkdir(parents=True)
+    (folder / "labelcol").mkdir()
+    names = ["case_0001_s003.png", "case_0001_s004.png", "case_0002_s010.png"]
+    for n in names:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "img" / n)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "labelcol" / n)
+    wb = openpyxl.Workbook()
+    wb.active.append(["Image", "Description"])
+    for n in names:
+        wb.active.append([n, "Unilateral pulmonary infection, one infected area, lower left lung."])
+    wb.save(folder / "Train_text.xlsx")
+    items = read_lvit(tmp_path, split="Train")
+    assert [(i["case_id"], i["slice_index"]) for i in items] == [("case_0001", 3), ("case_0001", 4), ("case_0002", 10)]

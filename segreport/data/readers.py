@@ -11,6 +11,7 @@ file or folder at fault; readers only look at names and headers, the voxels are 
 from __future__ import annotations
 
 import csv
+import re
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -41,9 +42,10 @@ def _require_dir(path: str | os.PathLike, what: str) -> Path:
 
 
 def _check_unique_case_ids(items: Sequence[dict], where: str | os.PathLike) -> None:
-    seen: dict[str, dict] = {}
+    """Each (case id, slice index) once: slices of one volume share a case id, nothing else may."""
+    seen: dict[tuple, dict] = {}
     for item in items:
-        other = seen.setdefault(item["case_id"], item)
+        other = seen.setdefault((item["case_id"], item.get("slice_index")), item)
         if other is not item:
             raise InputError(
                 where, f"duplicated case id {item['case_id']!r} ({other.get('image')} and {item.get('image')})"
@@ -341,6 +343,9 @@ def _first_existing(candidates: Sequence[Path]) -> Path | None:
     return next((p for p in candidates if p.exists()), None)
 
 
+_SLICE_NAME = re.compile(r"(.+)_s(\d{3,})")
+
+
 def read_lvit(
     root: str | os.PathLike,
     split: str = "Train",
@@ -394,6 +399,11 @@ def read_lvit(
             "split": split,
             "source": "lvit",
         }
+        # slices exported from volumes are named <case>_s<index> (segreport's phantom export): keep
+        # the case so per-case scores pool its slices and splits stay case-level
+        sliced = _SLICE_NAME.fullmatch(image.stem)
+        if sliced:
+            item.update(case_id=sliced.group(1), slice_index=int(sliced.group(2)))
         label = None
         if label_dir is not None:
             label = _first_existing([label_dir / image.name, label_dir / f"mask_{image.name}"])

@@ -38,7 +38,8 @@ from ..text.tokenizers import build_word_tokenizer, load_tokenizer
 from ..transforms.findings import FindingsFromMask
 from ..transforms.intensity import HUWindow
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
-from ..transforms.slicing import axial_axis
+from ..transforms.lung_regions import lung_zone_map
+from ..transforms.slicing import VolumeToSlicesd, axial_axis
 from ..transforms.text import TokenizeTextd, decode_tokens
 from .predictor import Prediction
 
@@ -95,43 +96,36 @@ def load_datalists(
     }
 
 
-def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, negative_ratio: float = 0.25) -> list[dict]:
-    """Axial 2D items (lung-windowed arrays in [0, 1]) from one NIfTI case, each with its own finding.
+def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, neg_ratio: float = 0.25) -> list[dict]:
+    """Axial 2D items (lung-windowed, in [0, 1]) from one NIfTI case, each with its own finding.
 
-    The per-slice sentence comes from the slice's mask and the case's lung label (or a lung mask
-    thresholded from the CT), with patient sides from the affine, exactly like the LViT annotations.
+    A slice's sentence comes from its mask and the slice of the volume's six-zone map (from the
+    case's lung label, or a lung mask thresholded from the CT), with patient sides from the affine,
+    exactly like the LViT annotations. "mix" keeps every lesion slice plus ``neg_ratio`` times as
+    many lesion-free ones (seeded), so the model also learns "no infection".
     """
     image, affine, _ = load_volume(case["image"])
     label = (load_volume(case["label"])[0] > 0).astype(np.uint8) if case.get("label") else np.zeros(image.shape, np.uint8)
-    if case.get("lung"):
-        lung = load_volume(case["lung"])[0].astype(np.uint8)
-    else:
-        lung = split_left_right(lung_mask_from_ct(image), affine)
-    axis = axial_axis(affine)
-    windowed = np.asarray(HUWindow(preset="lung")(image[None]))[0]
-    findings = FindingsFromMask(affine=affine)
-    rng = np.random.default_rng(seed)
-    positive = [k for k in range(image.shape[axis]) if np.take(label, k, axis=axis).any()]
-    negative = [k for k in range(image.shape[axis]) if k not in set(positive)]
-    if mode == "lesion":
-        chosen = positive
-    elif mode == "all":
-        chosen = list(range(image.shape[axis]))
-    else:  # positives plus a seeded share of lesion-free slices, so the model also learns "no infection"
-        n_neg = min(len(negative), max(1, int(round(negative_ratio * max(len(positive), 1)))))
-        chosen = sorted(positive + list(rng.choice(negative, size=n_neg, replace=False)) if negative else positive)
-    items = []
-    for k in chosen:
-        lab2d = np.take(label, k, axis=axis)
-        text = findings.sentence_for_slice(label, lung, k, axis=axis) if hasattr(findings, "sentence_for_slice") else case.get("text", "")
-        items.append({
-            "image": np.take(windowed, k, axis=axis)[None].astype(np.float32),
-            "label": lab2d[None].astype(np.float32),
-            "text": text,
-            "case_id": case["case_id"],
-            "slice_index": int(k),
-        })
-    return items
+    lung = load_volume(case["lung"])[0].astype(np.uint8) if case.get("lung") else split_left_right(lung_mask_from_ct(image), affine)
+    volume = {
+        "image": np.asarray(HUWindow(preset="lung")(image[None])),
+        "label": label[None],
+        "zones": lung_zone_map(lung, affine)[None],
+        "image_meta_dict": {"affine": affine},
+        "case_id": case["case_id"],
+    }
+    findings = FindingsFromMask()
+    in_plane = np.eye(3)  # the zone map already carries sides and levels; centroids are not needed here
+
+    def finding(item: dict) -> str:
+        return findings(item["label"][0], affine=in_plane, zone_map=item["zones"][0])
+
+    slicer = VolumeToSlicesd(keys=("image", "label", "zones"), mode=mode, neg_ratio=neg_ratio, seed=seed, finding_fn=finding)
+    return [
+        {"image": it["image"].astype(np.float32), "label": it["label"].astype(np.float32), "text": it["text"],
+         "case_id": it["case_id"], "slice_index": it["slice_index"]}
+        for it in slicer(volume)
+    ]
 
 
 def build_tokenizer(train_items: list[dict], output_dir: str | os.PathLike, tokenizer_path: str | None = None):
@@ -252,14 +246,8 @@ class MedSegTextInferer:
 
 
 def predict_slices(network, images: torch.Tensor, max_length: int | None = None, beam_size: int = 1) -> dict:
-    """Seg logits (when the model segments) and generated ids (when it writes) for a batch of slices."""
-    out: dict = {}
-    mode = getattr(network, "mode", "joint")
-    if mode in ("joint", "segmentation"):
-        out["seg_logits"] = network(images)["seg_logits"]
-    if mode in ("joint", "text"):
-        out["tokens"] = network.generate(images, max_length=max_length, beam_size=beam_size)
-    return out
+    """Seg logits and/or generated ids for a batch of slices, from ONE encoder pass."""
+    return getattr(network, "module", network).predict(images, max_length=max_length, beam_size=beam_size)
 
 
 class SegTextScore(Metric):
@@ -350,7 +338,8 @@ def evaluate(
             if "seg_logits" in pred:
                 mask = (torch.sigmoid(pred["seg_logits"][i, 0]) > 0.5).cpu().numpy()
                 gt = batch["label"][i, 0].cpu().numpy() > 0.5
-                row.update(seg.add(mask, gt, case_id=case_id))
+                scored = seg.add(mask, gt, case_id=case_id, slice_index=sl)
+                row.update(dice=scored["dice"], iou=scored["iou"])
             rows.append(row)
             refs.append(ref[i])
             hyps.append(gen[i])
@@ -359,8 +348,13 @@ def evaluate(
                            mask if "seg_logits" in pred else None, ref[i], gen[i], row.get("dice"))
                 shown += 1
     metrics: dict = {"n_slices": len(rows)}
-    if "seg_logits" in pred:
-        metrics.update(seg.summary())
+    if len(seg):
+        # per slice (the seed's "Avg Dice") and per case (slices of a case pooled into one volume)
+        for level, scores in seg.summary().items():
+            for name in ("dice", "iou"):
+                metrics[f"{name}_{'slice' if level == 'item' else 'case'}_mean"] = scores[name]["mean"]
+                metrics[f"{name}_{'slice' if level == 'item' else 'case'}_std"] = scores[name]["std"]
+        _write_csv(out / "per_case.csv", seg.case_rows())
     if any(hyps):
         scores = text_metrics(refs, hyps, per_sample=True)
         per_sample = scores.pop("per_sample")
@@ -432,7 +426,7 @@ class MedSegTextPredictor:
                     texts[start + i] = t
         mask = np.moveaxis((prob > self.threshold).astype(np.uint8), 0, axis)
         lung = split_left_right(lung_mask_from_ct(image), affine)
-        case_finding = FindingsFromMask(affine=affine)(mask, lung) if mask.any() else "No pulmonary infection."
+        case_finding = FindingsFromMask()(mask, lung, affine=affine)
         lesion_slices = [k for k in range(n) if np.take(mask, k, axis=axis).any()]
         return Prediction(
             mask=mask,
