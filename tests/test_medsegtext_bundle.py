@@ -1,0 +1,112 @@
+"""The MedSegText bundle end to end through MONAI's bundle runner, on a tiny generated phantom."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "medsegtext"
+CONFIGS = BUNDLE / "configs"
+
+
+def test_metadata_validates_against_monai_schema(shared_data):
+    import jsonschema
+
+    schema = json.loads((shared_data / "monai_bundle_schema" / "meta_schema_20240725.json").read_text())
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    jsonschema.validate(meta, schema)
+    assert {"image"} <= set(meta["network_data_format"]["inputs"])
+    assert {"pred", "text"} <= set(meta["network_data_format"]["outputs"])
+
+
+def test_bundle_files_present():
+    for name in ("train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf",
+                 "train_seg_only.yaml", "train_text_only.yaml", "train_paper.yaml"):
+        assert (CONFIGS / name).is_file(), name
+    assert (BUNDLE / "docs" / "README.md").is_file() and (BUNDLE / "LICENSE").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_dir, tmp_path_factory):
+    """Train one epoch through `monai.bundle run training` exactly as the README says."""
+    from monai.bundle import run
+
+    out = tmp_path_factory.mktemp("medsegtext")
+    common = dict(bundle_root=str(BUNDLE), output_dir=str(out), dataset_dir=str(phantom_dir), image_size=32)
+    run("training", config_file=[str(CONFIGS / "train.yaml")], epochs=1, val_interval=1, **common)
+    return out, common
+
+
+def test_training_writes_checkpoints_logs_and_tokenizer(trained):
+    out, _ = trained
+    assert (out / "models" / "model_final.pt").is_file()
+    assert (out / "models" / "model.pt").is_file()  # best by the Dice/BLEU-4 key metric
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert any((out / "logs").iterdir())  # TensorBoard events
+
+
+def test_evaluation_writes_metrics_csv_and_panels(trained):
+    from monai.bundle import run
+
+    out, common = trained
+    run("evaluating", config_file=[str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")], **common)
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    for key in ("dice_slice_mean", "dice_case_mean", "iou_slice_mean", "bleu1", "bleu4", "meteor", "rouge_l"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    rows = list(csv.DictReader(open(out / "eval" / "per_sample.csv")))
+    assert len(rows) == metrics["n_slices"] and {"reference", "generated", "dice", "meteor"} <= set(rows[0])
+    cases = list(csv.DictReader(open(out / "eval" / "per_case.csv")))
+    assert len(cases) < len(rows)  # slices pooled per case, not one "case" per slice
+    assert list((out / "eval" / "panels").glob("*.png"))
+
+
+def test_volume_inference_returns_mask_on_input_grid(trained, phantom_dir):
+    from monai.bundle import run
+
+    out, _ = trained
+    volume = sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0]
+    run("inferring", config_file=[str(CONFIGS / "inference.yaml")], bundle_root=str(BUNDLE), output_dir=str(out),
+        input_image=str(volume), image_size=32)
+    case = volume.name.replace(".nii.gz", "")
+    seg = nib.load(out / "inference" / f"{case}_seg.nii.gz")
+    ref = nib.load(volume)
+    assert seg.shape == ref.shape
+    np.testing.assert_allclose(seg.affine, ref.affine, atol=1e-5)
+    report = json.loads((out / "inference" / f"{case}_report.json").read_text())
+    assert "pulmonary infection" in json.dumps(report).lower()
+
+
+def test_volume_datalists_split_by_case_and_describe_each_slice(phantom_dir):
+    from segreport.pipelines.medsegtext import load_datalists
+    from segreport.text.findings import parse_finding
+    from segreport.transforms.findings import FindingsFromMask
+
+    lists = load_datalists(phantom_dir, data_format="volumes", ratios=(0.5, 0.17, 0.33), seed=0)
+    case_sets = {k: {it["case_id"] for it in v} for k, v in lists.items()}
+    assert not (case_sets["training"] & case_sets["test"]) and not (case_sets["training"] & case_sets["validation"])
+    items = lists["training"]
+    assert items and all(it["image"].shape[0] == 1 and 0.0 <= it["image"].min() <= it["image"].max() <= 1.0 for it in items)
+    min_size = FindingsFromMask().min_size  # specks below it are not named, by design
+    for it in items:  # the sentence of a slice agrees with its own mask
+        parsed = parse_finding(it["text"])
+        comps, n = ndimage.label(it["label"][0] > 0, np.ones((3, 3)))
+        if n and np.bincount(comps.ravel())[1:].max() >= min_size:
+            assert parsed.n_areas and sum(parsed.multi_hot) > 0, it["text"]
+        elif not it["label"].any():
+            assert not parsed.n_areas and not parsed.zones, it["text"]
+
+
+def test_checkpoint_from_other_configuration_is_refused(trained):
+    from segreport.networks import MedSegText
+
+    out, _ = trained
+    other = MedSegText.from_config("tiny", vocab_size=7, pad_id=0, bos_id=1, eos_id=2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        other.load_checkpoint(out / "models" / "model_final.pt")
