@@ -77,7 +77,9 @@ class JointLoss(nn.Module):
             terms.append((1, self.w_text, ce))
             parts["text"] = ce.detach()
         if not terms:
-            raise ValueError("JointLoss got nothing to score: pass seg_target with seg_logits and/or text_target with text_logits")
+            raise ValueError(
+                "JointLoss got nothing to score: pass seg_target with seg_logits and/or text_target with text_logits"
+            )
 
         total = 0.0
         for task, weight, loss in terms:

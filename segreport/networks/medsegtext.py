@@ -180,8 +180,10 @@ class MedSegText(nn.Module):
     ) -> torch.Tensor:
         """Finding token ids [B, T] (no BOS; EOS then pad). Greedy for ``beam_size=1``.
         See ``TransformerTextDecoder.generate``; call ``model.eval()`` first."""
-        self._require_text()
-        return self.predict(image, max_length, beam_size, length_penalty, use_cache)["tokens"]
+        decoder = self._require_text()
+        self._check_image(image)
+        memory = decoder.encode_memory(self.encoder(image)[-1])
+        return decoder.generate(memory, max_length, beam_size, length_penalty, use_cache)
 
     @torch.no_grad()
     def predict(

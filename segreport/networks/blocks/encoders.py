@@ -13,7 +13,7 @@ from torch import nn
 __all__ = ["ConvNeXtEncoder", "adapt_stem_weight"]
 
 # Classifier-head keys of a full timm ConvNeXt checkpoint; a features-only encoder has no head.
-_HEAD_PREFIXES = ("head.", "norm_pre.")
+_HEAD_PREFIX = "head."
 
 
 def adapt_stem_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -93,7 +93,7 @@ class ConvNeXtEncoder(nn.Module):
         converted = {}
         for key, value in state.items():
             key = key.removeprefix("module.")
-            if key.startswith(_HEAD_PREFIXES):
+            if key.startswith(_HEAD_PREFIX):
                 continue
             for timm_prefix, feat_prefix in prefixes.items():
                 if key.startswith(timm_prefix):
