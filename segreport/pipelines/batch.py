@@ -1,0 +1,698 @@
+"""Batch inference over a NIfTI file, a folder of NIfTI files, or a folder of DICOM series.
+
+The model (a bundle's ``predictor``, see :mod:`.predictor`) is loaded once; while it predicts one case,
+background threads load and pre-process the next ``workers`` cases (reading, lung mask, zone map).
+Each case gets, in OUTPUT_DIR::
+
+    <case>_seg.nii.gz      the mask, with exactly the input's shape and affine
+    <case>_report.txt      human-readable report
+    <case>_preview.png     axial montage through the lesions (lung window, mask outlined, finding)
+    <case>_report.json     finding(s) + per-lesion statistics (written last: it marks the case complete)
+
+and the run gets ``summary.csv``/``summary.json`` (one row per case: status ok/failed/skipped, error,
+timings, lesion count, total volume) and ``manifest.json`` (versions, model, device, checkpoint sha256,
+arguments, start/end time). Every file is written to a temporary name in OUTPUT_DIR and renamed into
+place, so an interrupted run never leaves half files; a case that fails leaves none of its outputs.
+
+A bad input file (corrupt, truncated, 2D/4D, not an image) fails its case with a message naming the
+file and the problem, and the run goes on.
+
+Command line (also ``segreport infer ...``)::
+
+    python -m segreport.pipelines.batch --bundle bundles/medsegtext -i INPUT -o OUTPUT_DIR \\
+        [--checkpoint PATH] [--device cpu|cuda] [--points points.json] [--overwrite | --resume] \\
+        [--workers N] [--pattern GLOB] [--bf16]
+
+Exit codes: 0 every case ok (or skipped by --resume); 1 at least one case failed (the others'
+outputs are complete; see summary.csv); 2 the run could not start (bad arguments, no input found,
+outputs already present without --overwrite/--resume, bundle or checkpoint problems).
+Under ``torchrun`` the cases are sharded over the processes (:mod:`.distributed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import traceback
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
+from time import perf_counter
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from .. import __version__
+from ..data.io import is_nifti, load_volume, save_nifti, strip_nifti_suffix
+from ..data.readers import read_dicom_folder
+from ..errors import InputError
+from . import distributed
+from .predictor import Prediction
+from .preview import save_preview
+from .report import build_report, format_report_text, lung_regions, write_json, write_text
+
+log = logging.getLogger("segreport.batch")
+
+OUTPUT_SUFFIXES: dict[str, str] = {
+    "seg": "_seg.nii.gz",
+    "report_txt": "_report.txt",
+    "preview": "_preview.png",
+    "report": "_report.json",  # last in this order: written last, so its presence means "complete"
+}
+SUMMARY_FIELDS: tuple[str, ...] = (
+    "case_id", "input", "status", "error", "n_lesions", "total_volume_ml", "finding",
+    "load_s", "wait_s", "predict_s", "write_s",
+)
+# temp names made by data.io.atomic_path: ".<name>.<pid>-<12 hex>.tmp<suffix>"
+_TEMP_NAME = re.compile(r"^\..+\.\d+-[0-9a-f]{12}\.tmp")
+
+
+class OutputExistsError(RuntimeError):
+    """OUTPUT_DIR already holds outputs and neither overwrite nor resume was asked for."""
+
+
+class BundleError(RuntimeError):
+    """The bundle's inference config cannot give a predictor (missing file, checkpoint, bad config)."""
+
+
+class BatchFailedError(RuntimeError):
+    """Raised by :meth:`BatchSummary.raise_if_failed` (the ``monai.bundle run`` route's non-zero exit)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scan to run: ``path`` is a file or, for DICOM, a series folder (``series_uid`` picks one)."""
+
+    case_id: str
+    path: str
+    series_uid: str | None = None
+
+    def outputs(self, output_dir: str | os.PathLike) -> dict[str, Path]:
+        return {kind: Path(output_dir) / f"{self.case_id}{suffix}" for kind, suffix in OUTPUT_SUFFIXES.items()}
+
+
+@dataclass
+class BatchSummary:
+    """What a run did: one row per case (``SUMMARY_FIELDS``, plus ``traceback`` for unexpected errors)."""
+
+    output_dir: Path
+    cases: list[dict] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = Counter(row["status"] for row in self.cases)
+        return {status: c.get(status, 0) for status in ("ok", "failed", "skipped")}
+
+    @property
+    def n_failed(self) -> int:
+        return self.counts["failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.n_failed else 0
+
+    def to_dict(self) -> dict:
+        return {"output_dir": str(self.output_dir), "counts": self.counts, "cases": self.cases}
+
+    def raise_if_failed(self) -> BatchSummary:
+        if self.n_failed:
+            failed = [f"{r['case_id']}: {r['error']}" for r in self.cases if r["status"] == "failed"]
+            raise BatchFailedError(f"{self.n_failed} of {len(self.cases)} cases failed (see "
+                                   f"{self.output_dir / 'summary.csv'}):\n  " + "\n  ".join(failed))
+        return self
+
+
+# ------------------------------------------------------------------------------------------ cases
+
+
+def _id_from_relative(rel: Path) -> str:
+    # subfolders become part of the id so same-named files in different folders stay apart
+    return "__".join(rel.parent.parts + (strip_nifti_suffix(rel.name),))
+
+
+def _is_under(path: Path, folder: Path | None) -> bool:
+    return folder is not None and (path == folder or folder in path.parents)
+
+
+def _folder_cases(root: Path, pattern: str, exclude: Path | None) -> list[Case]:
+    files = []
+    for f in sorted(root.rglob(pattern)):
+        rel = f.relative_to(root)
+        # hidden names are skipped (temp files, .DS_Store); OUTPUT_DIR inside the input is not input
+        if f.is_file() and not any(part.startswith(".") for part in rel.parts) and not _is_under(f.absolute(), exclude):
+            files.append(rel)
+    if files:
+        ids = [_id_from_relative(rel) for rel in files]
+        repeated = {i for i, n in Counter(ids).items() if n > 1}
+        # case.nii beside case.nii.gz: keep the full file name for those
+        ids = ["__".join(rel.parts) if i in repeated else i for i, rel in zip(ids, files)]
+        return [Case(i, str(root / rel)) for i, rel in zip(ids, files)]
+    try:
+        items = read_dicom_folder(root)
+    except InputError as exc:
+        raise InputError(root, f"no file matches {pattern!r} and no DICOM series was found") from exc
+    return [Case(it["case_id"], it["image"], it.get("series_uid")) for it in items]
+
+
+def discover_cases(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike], pattern: str = "*.nii*", exclude: str | os.PathLike | None = None
+) -> list[Case]:
+    """Cases from a file, a folder of NIfTI files matching ``pattern`` (recursive), or a folder of DICOM
+    series (when no file matches), or a list of those. Case ids: the path relative to the folder without
+    ``.nii[.gz]``, subfolders joined with ``__`` (``a/ct.nii.gz`` -> ``a__ct``). ``exclude``: a folder
+    (OUTPUT_DIR) whose files are never inputs."""
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    exclude = Path(exclude).absolute() if exclude is not None else None
+    cases: list[Case] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise InputError(p, "input not found")
+        if p.is_file():
+            cases.append(Case(strip_nifti_suffix(p.name) if is_nifti(p) else p.stem, str(p.absolute())))
+        else:
+            cases += _folder_cases(p.absolute(), pattern, exclude)
+    seen: dict[str, Case] = {}
+    for case in cases:
+        other = seen.setdefault(case.case_id, case)
+        if other is not case:
+            raise InputError(case.path, f"case id {case.case_id!r} is also the id of {other.path}: rename one")
+    if not cases:
+        raise InputError(paths[0] if paths else None, "no input cases")
+    return cases
+
+
+# ----------------------------------------------------------------------------------------- points
+
+
+def load_points(points: str | os.PathLike | dict | None) -> tuple[dict, str | None]:
+    """``points.json`` -> ``({case id or file name: entry}, source path)``; a dict passes through."""
+    if points is None:
+        return {}, None
+    if isinstance(points, dict):
+        return points, "points argument"
+    try:
+        data = json.loads(Path(points).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(points, f"cannot read points JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise InputError(points, 'expected {"<case id or file name>": {"points": [[i, j, k], ...], "labels": [1, ...]}}')
+    return data, str(points)
+
+
+def case_points(
+    case: Case, spec: dict, affine: np.ndarray, shape: Sequence[int], source: str | None
+) -> tuple[list[list[int]] | None, list[int] | None]:
+    """The case's clicks as IJK voxel indices and labels (1 lesion, 0 background; default all 1).
+
+    Entries give ``points`` (IJK) or ``points_world`` (RAS mm, mapped through the inverse affine)."""
+    entry = spec.get(case.case_id, spec.get(Path(case.path).name))
+    if entry is None:
+        return None, None
+    where = f"case {case.case_id}"
+    if "points" in entry:
+        ijk = np.asarray(entry["points"], dtype=np.float64)
+    elif "points_world" in entry:
+        world = np.asarray(entry["points_world"], dtype=np.float64)
+        if world.ndim != 2 or world.shape[1] != 3:
+            raise InputError(source, f"{where}: points_world must be a list of [x, y, z], got shape {world.shape}")
+        ijk = np.c_[world, np.ones(len(world))] @ np.linalg.inv(affine).T
+        ijk = ijk[:, :3]
+    else:
+        raise InputError(source, f"{where}: entry needs 'points' (IJK voxels) or 'points_world' (RAS mm)")
+    if ijk.ndim != 2 or ijk.shape[1] != 3 or not np.all(np.isfinite(ijk)):
+        raise InputError(source, f"{where}: points must be a list of [i, j, k], got {entry.get('points')}")
+    ijk = np.rint(ijk).astype(int)
+    outside = np.any((ijk < 0) | (ijk >= np.asarray(shape)), axis=1)
+    if outside.any():
+        raise InputError(source, f"{where}: point {ijk[outside][0].tolist()} lies outside the image (shape {tuple(shape)})")
+    labels = entry.get("labels", [1] * len(ijk))
+    if len(labels) != len(ijk) or any(lab not in (0, 1) for lab in labels):
+        raise InputError(source, f"{where}: labels must be 0/1, one per point ({len(ijk)} points, labels {labels})")
+    return ijk.tolist(), [int(lab) for lab in labels]
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedCase:
+    """A case read and pre-processed by a loader thread, ready for the predictor and the report."""
+
+    image: np.ndarray
+    affine: np.ndarray
+    meta: dict
+    lung: np.ndarray
+    zones: np.ndarray
+    points: list[list[int]] | None
+    point_labels: list[int] | None
+    load_s: float
+
+
+def load_case(case: Case, points_spec: dict | None = None, points_source: str | None = None) -> LoadedCase:
+    """Read + check a scan, compute its lung label and zone map, resolve its clicks."""
+    start = perf_counter()
+    image, affine, meta = load_volume(case.path, expect_ndim=3, series_uid=case.series_uid)
+    if min(image.shape) < 2:
+        raise InputError(case.path, f"shape {image.shape}: a single slice, not a 3D volume")
+    lung, zones = lung_regions(image, affine)
+    points, labels = case_points(case, points_spec or {}, affine, image.shape, points_source)
+    return LoadedCase(image, affine, meta, lung, zones, points, labels, perf_counter() - start)
+
+
+def prefetch(items: Iterable, load: Callable, workers: int) -> Iterator[tuple[Any, Future]]:
+    """Yield ``(item, future of load(item))`` in order while up to ``workers`` later items load in
+    background threads (file reading and zlib release the GIL). ``workers=0`` loads in the caller."""
+    items = iter(items)
+    if workers <= 0:
+        for item in items:
+            future: Future = Future()
+            try:
+                future.set_result(load(item))
+            except Exception as exc:  # delivered through the future, like a thread's error
+                future.set_exception(exc)
+            yield item, future
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="segreport-load")
+    try:
+        pending = deque((item, pool.submit(load, item)) for item in islice(items, workers))
+        while pending:
+            item, future = pending.popleft()
+            for nxt in islice(items, 1):
+                pending.append((nxt, pool.submit(load, nxt)))
+            yield item, future
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+def case_complete(case: Case, output_dir: Path) -> bool:
+    return all(p.is_file() for p in case.outputs(output_dir).values())
+
+
+def _remove_outputs(case: Case, output_dir: Path) -> None:
+    for path in case.outputs(output_dir).values():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _run_files(output_dir: Path) -> list[Path]:
+    names = ["summary.csv", "summary.json", "manifest.json"]
+    return [output_dir / n for n in names if (output_dir / n).exists()] + sorted(output_dir.glob("summary.rank*.json"))
+
+
+def check_outputs(cases: Sequence[Case], output_dir: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse to start when OUTPUT_DIR holds outputs, unless told to overwrite or resume."""
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other: overwrite re-runs every case, "
+                         "resume keeps the finished ones")
+    if overwrite or resume or not output_dir.exists():
+        return
+    existing = [p for case in cases for p in case.outputs(output_dir).values() if p.exists()]
+    existing += _run_files(output_dir)
+    if existing:
+        raise OutputExistsError(
+            f"{output_dir} already holds outputs of a previous run ({len(existing)} files, e.g. {existing[0].name}). "
+            "Pass --overwrite to replace them, or --resume to keep the finished cases and run the rest."
+        )
+
+
+def _remove_stale_temp_files(output_dir: Path) -> None:
+    """Temp files left by a killed run (a clean exit or an exception removes its own)."""
+    for path in output_dir.iterdir():
+        if _TEMP_NAME.match(path.name) and path.is_file():
+            path.unlink()
+
+
+def _check_prediction(prediction, shape: tuple[int, ...], model: str) -> Prediction:
+    if not isinstance(prediction, Prediction):
+        raise TypeError(f"predictor {model} returned {type(prediction).__name__}, expected a Prediction")
+    mask = prediction.mask
+    mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"predictor {model} returned a mask of shape {mask.shape} for an image of shape "
+                         f"{tuple(shape)}: masks must be on the input grid")
+    prediction.mask = (mask > 0).astype(np.uint8)
+    return prediction
+
+
+def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, output_dir: Path, model: str) -> dict:
+    """Mask, text report, preview, JSON report (last), each atomically. Returns the report."""
+    paths = case.outputs(output_dir)
+    meta = loaded.meta
+    # keep the input's NIfTI codes (0 -> 1: the affine nibabel gave us is then stated explicitly)
+    save_nifti(prediction.mask, loaded.affine, paths["seg"], dtype=np.uint8,
+               qform_code=meta.get("qform_code") or 1, sform_code=meta.get("sform_code") or 1)
+    points = None if loaded.points is None else {"ijk": loaded.points, "labels": loaded.point_labels}
+    report = build_report(prediction, loaded.image, loaded.affine, case_id=case.case_id, lung=loaded.lung,
+                          zone_map=loaded.zones, input_path=case.path, model=model, points=points)
+    write_text(format_report_text(report), paths["report_txt"])
+    save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=report["finding"],
+                 title=f"{case.case_id}  ({model})", lung=loaded.lung)
+    write_json(report, paths["report"])
+    return report
+
+
+def _error_message(exc: Exception, case: Case, stage: str) -> str:
+    if isinstance(exc, InputError):
+        return str(exc)  # already "<file>: <problem>"
+    return f"{case.path}: {stage} failed ({type(exc).__name__}: {exc})"
+
+
+def _row(case: Case, status: str, **values) -> dict:
+    row = {k: None for k in SUMMARY_FIELDS}
+    row.update(case_id=case.case_id, input=case.path, status=status, error="")
+    row.update(values)
+    return row
+
+
+def _skipped_row(case: Case, output_dir: Path) -> dict:
+    try:
+        report = json.loads(case.outputs(output_dir)["report"].read_text())
+    except (OSError, ValueError):
+        report = {}
+    return _row(case, "skipped", n_lesions=report.get("n_lesions"), total_volume_ml=report.get("total_volume_ml"),
+                finding=report.get("finding"))
+
+
+def run_case(case: Case, loading: Future, predictor, output_dir: Path, model: str, autocast) -> dict:
+    """Predict one loaded case and write its outputs; any error becomes a failed row, never a crash."""
+    start = perf_counter()
+    timings: dict[str, float] = {}
+    stage = "load"
+    try:
+        loaded: LoadedCase = loading.result()
+        timings.update(load_s=loaded.load_s, wait_s=perf_counter() - start)
+        stage, t = "predict", perf_counter()
+        kwargs = {} if loaded.points is None else {"points": loaded.points, "point_labels": loaded.point_labels}
+        with torch.inference_mode(), autocast():
+            prediction = predictor.predict(loaded.image, loaded.affine, **kwargs)
+        prediction = _check_prediction(prediction, loaded.image.shape, model)
+        timings["predict_s"] = perf_counter() - t
+        stage, t = "writing outputs", perf_counter()
+        report = write_case_outputs(case, loaded, prediction, output_dir, model)
+        timings["write_s"] = perf_counter() - t
+    except Exception as exc:
+        _remove_outputs(case, output_dir)  # all or nothing: no seg without its report
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # after an out-of-memory error the next case still gets the GPU
+        row = _row(case, "failed", error=_error_message(exc, case, stage), **_rounded(timings))
+        if not isinstance(exc, InputError):
+            row["traceback"] = traceback.format_exc()
+        log.warning("failed: %s", row["error"])
+        return row
+    return _row(case, "ok", n_lesions=report["n_lesions"], total_volume_ml=report["total_volume_ml"],
+                finding=report["finding"], **_rounded(timings))
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in timings.items()}
+
+
+def write_summary(summary: BatchSummary) -> None:
+    """``summary.json`` (all fields) and ``summary.csv`` (``SUMMARY_FIELDS``), atomically."""
+    write_json(summary.to_dict(), summary.output_dir / "summary.json")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(summary.cases)
+    write_text(buffer.getvalue(), summary.output_dir / "summary.csv")
+
+
+# --------------------------------------------------------------------------------------- manifest
+
+
+def checkpoint_info(path: str | os.PathLike | None) -> dict | None:
+    """Path, size and sha256 of a checkpoint file (None when there is none)."""
+    if not path or not Path(path).is_file():
+        return None if not path else {"path": str(path), "sha256": None, "note": "file not found"}
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(Path(path).absolute()), "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _versions() -> dict:
+    import monai
+    import nibabel
+
+    info = {"segreport": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__,
+            "nibabel": nibabel.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _previous_runs(path: Path) -> list[dict]:
+    """The manifests of the runs a resumed run continues (oldest first), so their history is kept."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):  # none, or unreadable: nothing to keep
+        return []
+    return previous.pop("previous_runs", []) + [previous]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+def run_batch(
+    predictor,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    workers: int = 1,
+    pattern: str = "*.nii*",
+    points: str | os.PathLike | dict | None = None,
+    device: str | torch.device | None = None,
+    bf16: bool = False,
+    manifest_extra: dict | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> BatchSummary:
+    """Run ``predictor`` over every case of ``inputs`` and write outputs to ``output_dir`` (module doc).
+
+    ``workers``: cases loaded ahead in background threads (0: load in this thread). ``points``: a
+    points.json path or dict (see :func:`case_points`). ``device``: for autocast and the manifest
+    (default: the predictor's ``device``). ``bf16``: run the predictor under bfloat16 autocast.
+    ``rank``/``world_size``: this process's shard (torchrun; the process group, when initialised, gives
+    the barriers; rank 0 writes the merged summary and the manifest). Raises :class:`InputError` when no
+    input is found and :class:`OutputExistsError` when outputs exist without ``overwrite``/``resume``;
+    per-case errors are recorded in the summary instead.
+    """
+    started = _now()
+    output_dir = Path(output_dir).absolute()
+    model = str(getattr(predictor, "name", type(predictor).__name__))
+    device = str(device or getattr(predictor, "device", None) or "cpu")
+    cases = discover_cases(inputs, pattern, exclude=output_dir)
+    check_outputs(cases, output_dir, overwrite, resume)
+    points_spec, points_source = load_points(points)
+    unused = set(points_spec) - {c.case_id for c in cases} - {Path(c.path).name for c in cases}
+    if unused:
+        log.warning("points for unknown cases ignored: %s", sorted(unused))
+    ctx = distributed.context(rank, world_size)
+    if world_size > 1 and not ctx.active:
+        raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group (run under "
+                         "torchrun; see segreport.pipelines.distributed): rank 0 must wait for the others to merge")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        _remove_stale_temp_files(output_dir)
+    # every rank has checked the folder before any rank writes to it
+    distributed.barrier(ctx)
+
+    manifest = {
+        "status": "running", "start_time": started, "end_time": None, "versions": _versions(),
+        "model": {"name": model, "class": f"{type(predictor).__module__}.{type(predictor).__qualname__}",
+                  "checkpoint": checkpoint_info(getattr(predictor, "checkpoint_path", None))},
+        "device": device, "bf16": bf16, "world_size": world_size,
+        "arguments": {"inputs": [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)],
+                      "output_dir": str(output_dir), "overwrite": overwrite, "resume": resume, "workers": workers,
+                      "pattern": pattern, "points": points_source},
+        "n_cases": len(cases),
+        **(manifest_extra or {}),
+    }
+    if rank == 0:
+        if resume:
+            manifest["previous_runs"] = _previous_runs(output_dir / "manifest.json")
+        write_json(manifest, output_dir / "manifest.json")
+
+    mine = distributed.shard(cases, rank, world_size)
+    rows: dict[str, dict] = {}
+    todo = []
+    for case in mine:
+        if resume and case_complete(case, output_dir):
+            rows[case.case_id] = _skipped_row(case, output_dir)
+        else:
+            todo.append(case)
+    summary = BatchSummary(output_dir)
+
+    def save_progress() -> None:
+        summary.cases = [rows[c.case_id] for c in mine if c.case_id in rows]
+        if world_size > 1:
+            write_json({"rank": rank, **summary.to_dict()}, distributed.rank_summary_path(output_dir, rank))
+        else:
+            write_summary(summary)
+
+    def autocast():
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+    status = "interrupted"
+    try:
+        save_progress()
+        bar = tqdm(total=len(todo), unit="case", desc=f"segreport rank {rank}" if world_size > 1 else "segreport",
+                   position=rank if world_size > 1 else None, dynamic_ncols=True, disable=not progress)
+        if len(todo) < len(mine):
+            log.info("resume: %d finished case(s) skipped", len(mine) - len(todo))
+        with logging_redirect_tqdm(), bar:
+            for case, loading in prefetch(todo, lambda c: load_case(c, points_spec, points_source), workers):
+                bar.set_postfix_str(case.case_id)  # the case being worked on
+                rows[case.case_id] = run_case(case, loading, predictor, output_dir, model, autocast)
+                save_progress()
+                bar.update()
+        status = "finished"
+    finally:
+        if world_size > 1 and status == "finished":
+            distributed.barrier(ctx)  # every shard done before rank 0 merges
+            if rank == 0:
+                summary = BatchSummary(output_dir, distributed.merge_rank_summaries(
+                    output_dir, world_size, [c.case_id for c in cases]))
+                write_summary(summary)
+        if rank == 0:
+            manifest.update(status=status, end_time=_now(), counts=summary.counts)
+            write_json(manifest, output_dir / "manifest.json")
+    if world_size > 1:
+        distributed.barrier(ctx)  # no rank exits (and gets torchrun to tear the group down) before the merge
+    return summary
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def load_bundle_predictor(
+    bundle: str | os.PathLike, checkpoint: str | None = None, device: str | None = None, bf16: bool = False
+) -> tuple[Any, dict]:
+    """Build the ``predictor`` of ``<bundle>/configs/inference.yaml`` with ``monai.bundle.ConfigParser``,
+    overriding the ``bundle_root``, ``checkpoint``, ``device`` and ``bf16`` ids the config defines.
+    Returns ``(predictor, bundle info for the manifest)``."""
+    from monai.bundle import ConfigParser
+
+    bundle = Path(bundle).absolute()
+    config = bundle / "configs" / "inference.yaml"
+    if not config.is_file():
+        raise BundleError(f"{config}: not found (is {bundle} a bundle folder?)")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    meta_file = bundle / "configs" / "metadata.json"
+    if meta_file.is_file():
+        parser.read_meta(str(meta_file))
+    overrides = {"bundle_root": str(bundle), "checkpoint": checkpoint and str(Path(checkpoint).absolute()),
+                 "device": device, "bf16": bf16 or None}
+    for key, value in overrides.items():
+        if value is not None and key in parser:
+            parser[key] = value
+    if checkpoint and "checkpoint" not in parser:
+        raise BundleError(f"{config} defines no 'checkpoint' id, so --checkpoint cannot be applied")
+    if "predictor" not in parser:
+        raise BundleError(f"{config} defines no 'predictor' (see segreport/pipelines/predictor.py)")
+    try:
+        ckpt = parser.get_parsed_content("checkpoint") if "checkpoint" in parser else None
+        if isinstance(ckpt, (str, os.PathLike)) and not Path(ckpt).is_file():
+            raise BundleError(f"checkpoint {ckpt} not found: train the bundle first or pass --checkpoint PATH")
+        predictor = parser.get_parsed_content("predictor")
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"{config}: cannot build the predictor ({type(exc).__name__}: {exc})") from exc
+    meta = parser.get("_meta_", {}) or {}
+    info = {"path": str(bundle), "name": meta.get("name", bundle.name), "version": meta.get("version"),
+            "checkpoint": checkpoint_info(ckpt if isinstance(ckpt, (str, os.PathLike)) else None)}
+    return predictor, info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="segreport infer",
+        description="Segment and report every CT in INPUT with a bundle's model (loaded once).",
+        epilog="Exit status: 0 all cases ok, 1 some case failed (see OUTPUT_DIR/summary.csv), 2 the run "
+               "could not start. Under torchrun the cases are sharded over the processes.",
+    )
+    p.add_argument("--bundle", required=True, help="bundle folder (reads configs/inference.yaml)")
+    p.add_argument("-i", "--input", required=True, help="NIfTI file, folder of .nii/.nii.gz (recursive), or DICOM folder")
+    p.add_argument("-o", "--output", required=True, help="OUTPUT_DIR; nothing is written outside it")
+    p.add_argument("--checkpoint", help="model weights (default: the bundle's)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the bundle's; under torchrun cuda -> cuda:LOCAL_RANK)")
+    p.add_argument("--points", help='clicks: {"<case id or file name>": {"points": [[i,j,k],...], "labels": [1,0,...]}} '
+                                    '(IJK voxels; or "points_world" in RAS mm)')
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    group.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
+    p.add_argument("--workers", type=int, default=1, help="cases loaded ahead in background threads (default 1; 0: none)")
+    p.add_argument("--pattern", default="*.nii*", help="file name filter in input folders (default '*.nii*')")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``segreport infer``: see the module docstring (exit codes 0 / 1 / 2)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world_size, local_rank = distributed.dist_env()
+    device = args.device
+    if world_size > 1:  # one device per process: cuda -> cuda:LOCAL_RANK
+        device = distributed.device_for_rank(device or ("cuda" if torch.cuda.is_available() else "cpu"), local_rank)
+    output_dir = Path(args.output).absolute()
+    ctx = distributed.DistContext()
+    try:
+        # cheap checks first, so a wrong path or a full OUTPUT_DIR is reported before the model loads
+        check_outputs(discover_cases(args.input, args.pattern, exclude=output_dir), output_dir, args.overwrite, args.resume)
+        load_points(args.points)
+        ctx = distributed.init_distributed(device)
+        predictor, bundle_info = load_bundle_predictor(args.bundle, args.checkpoint, device, args.bf16)
+        summary = run_batch(
+            predictor, args.input, output_dir, overwrite=args.overwrite, resume=args.resume, workers=args.workers,
+            pattern=args.pattern, points=args.points, device=device, bf16=args.bf16, rank=rank, world_size=world_size,
+            manifest_extra={"bundle": bundle_info, "command": ["segreport", "infer", *(argv or sys.argv[1:])]},
+            progress=not args.no_progress,
+        )
+    except (InputError, OutputExistsError, BundleError) as exc:
+        print(f"segreport infer: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup(ctx)
+    if rank != 0:
+        return 0  # rank 0 reports for the whole run
+    counts = summary.counts
+    print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped -> {output_dir}")
+    for row in summary.cases:
+        if row["status"] == "failed":
+            print(f"  FAILED {row['case_id']}: {row['error']}", file=sys.stderr)
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
