@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--cases", type=int, default=24)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    # one thread: on a small shared CPU two threads oversubscribe and ran 20x slower (measured)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "outputs" / "bench_medsegtext"))
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -40,7 +42,7 @@ def main() -> None:
     for name, overlay in VARIANTS.items():
         files = [str(CONFIGS / "train.yaml")] + [str(CONFIGS / f) for f in overlay]
         common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out / name), dataset_dir=data,
-                      image_size=a.image_size, seed=a.seed)
+                      image_size=a.image_size, seed=a.seed, num_threads=a.threads)
         t = time.perf_counter()
         run("training", config_file=files, epochs=a.epochs, val_interval=max(1, a.epochs // 3), **common)
         train_s = time.perf_counter() - t

@@ -32,7 +32,7 @@ def run_medsegtext(out: Path, data_dir: Path, epochs: int) -> dict:
     from monai.bundle import run
 
     bundle_out = out / "medsegtext"
-    common = dict(bundle_root=str(BUNDLES / "medsegtext"), output_dir=str(bundle_out), dataset_dir=str(data_dir))
+    common = dict(bundle_root=str(BUNDLES / "medsegtext"), output_dir=str(bundle_out), dataset_dir=str(data_dir), num_threads=1)
     t = _step(f"MedSegText: training {epochs} epochs (tiny configuration)")
     run("training", config_file=_configs("medsegtext", "train.yaml"), epochs=epochs, val_interval=epochs, **common)
     print(f"    trained in {time.perf_counter() - t:.0f} s")
