@@ -1,0 +1,777 @@
+"""Synthetic chest-CT phantom: the embedded default dataset, seeded, deterministic, with known truth.
+
+Each case is a chest CT in Hounsfield units (air -1000, fat -100, soft tissue ~40, lung ~-860 with
+vessels, bone 400-1000, small CT-like noise) on an anisotropic grid stored in a non-RAS orientation
+(default LPS voxel axes), with lung label (1 right, 2 left: the PATIENT's sides), lesion mask, lesion
+instance map, per-lesion attributes realised in the image and a finding sentence from
+:class:`segreport.transforms.findings.FindingsFromMask`, so text and masks always agree.
+
+How the attributes are realised (seed 001, Table 1) and how they are labelled:
+
+* **shape** by geometry: round-like = ellipsoid; irregular = union of 3-5 offset spheres (lobulated),
+  or a peripheral band for diffuse disease; wall thickening = ellipsoidal shell around an air cavity
+  (the mask is the wall); punctate/nodular = a small sphere. Shape is the generated geometry.
+* **density** = mean HU of the lesion core (the mask eroded by one voxel; the whole mask when that
+  leaves < 8 voxels) against a soft-tissue reference of :data:`SOFT_TISSUE_HU`: hypodense below it
+  by more than :data:`DENSITY_MARGIN`, hyperdense above it by more, isodense in between.
+* **heterogeneity** = robust spread (IQR / 1.349) of core HU above :data:`HETEROGENEITY_HU`:
+  heterogeneous lesions carry a mottled texture; vessels seen through ground glass do not count.
+* **surface** = edge ratio: (median HU of the one-voxel in-plane ring just outside the lesion minus
+  the lung background) / (core median minus background). Sharp edges give ~0; ill-defined margins are
+  rendered with a sigmoid halo and give ~0.5+; the cut is :data:`ILL_DEFINED_EDGE_RATIO`. The mask
+  of an ill-defined lesion ends at 80 % opacity, so an unlabelled haze surrounds it (also on the
+  neighbouring slice): that haze is what makes the margin ill-defined.
+* **invasion** = the lesion touches non-lung tissue (chest wall, mediastinum, diaphragm, spine).
+
+Density, heterogeneity, surface and invasion are MEASURED on the final image, so the labels describe
+what is there even when the generator missed its intention. Lesion types: ground-glass opacity
+(-600..-300 HU), consolidation (-100..50 HU, also the cavitating wall-thickening lesions), nodule
+(solid or calcified); a lesion whose core mean would leave its type's range is placed again.
+Diffuse disease (CT-2..CT-4, some CT-1) is peripheral, posterior-weighted ground glass, as in COVID-19. Severity CT-0..CT-4 is the percentage of lung voxels inside the lesion mask
+(:func:`segreport.vocab.severity_from_percent`); about 15 % of cases are lesion-free (CT-0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from scipy.special import expit
+
+from ..transforms.findings import FindingsFromMask
+from ..transforms.lung_regions import lung_zone_map
+from ..vocab import ATTRIBUTE_GROUPS, LUNG_LABELS, SEVERITY_BINS, severity_from_percent
+from .io import atomic_path, save_nifti
+from .splits import split_cases
+
+LESION_TYPES: tuple[str, ...] = ("ground-glass opacity", "consolidation", "nodule")
+TYPE_HU: dict[str, tuple[float, float]] = {  # mean-HU range each type must land in
+    "ground-glass opacity": (-600.0, -300.0),
+    "consolidation": (-100.0, 50.0),
+    "nodule": (-100.0, 600.0),
+}
+SOFT_TISSUE_HU = 40.0
+DENSITY_MARGIN = 50.0
+HETEROGENEITY_HU = 30.0
+ILL_DEFINED_EDGE_RATIO = 0.35
+LUNG_WINDOW = (-1350.0, 150.0)  # W 1500 / L -600, as MosMedData+ slices are windowed
+SEVERITY_SHARE = {"CT-0": 0.15, "CT-1": 0.35, "CT-2": 0.25, "CT-3": 0.15, "CT-4": 0.10}
+# lung-percentage targets for the diffuse cases, inside each severity bin
+_DIFFUSE_PERCENT = {"CT-1": (5.0, 20.0), "CT-2": (30.0, 45.0), "CT-3": (55.0, 70.0), "CT-4": (78.0, 88.0)}
+_CT1_DIFFUSE_CHANCE = 0.4  # other CT-1 cases only have focal lesions (well under 5 % of lung)
+# tissue codes of the in-memory tissue map (tests use it to check HU per tissue)
+TISSUES = {"air": 0, "fat": 1, "soft tissue": 2, "lung": 3, "bone": 4, "airway": 5}
+_MIN_LESION_VOXELS = 12
+_FINDINGS = FindingsFromMask()
+
+
+def _rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *keys])
+
+
+def _upsample2(f: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """Linear x2 upsampling along ``axis`` cropped to ``n`` samples (much faster than ndimage.zoom)."""
+    out = np.repeat(f, 2, axis=axis)
+    odd = [slice(None)] * f.ndim
+    odd[axis] = slice(1, None, 2)
+    out[tuple(odd)] = 0.5 * (f + np.roll(f, -1, axis=axis))
+    return np.take(out, np.arange(n), axis=axis)
+
+
+def _smooth_noise(rng: np.random.Generator, shape, sigma: Sequence[float]) -> np.ndarray:
+    """Unit-variance smooth random field, filtered at half in-plane resolution then upsampled (speed)."""
+    low = (-(-shape[0] // 2), -(-shape[1] // 2), shape[2])
+    f = ndimage.gaussian_filter(rng.standard_normal(low).astype(np.float32), (sigma[0] / 2, sigma[1] / 2, sigma[2]))
+    f = _upsample2(_upsample2(f, 0, shape[0]), 1, shape[1])
+    return f / max(float(f.std()), 1e-6)
+
+
+def _check_orientation(orientation: str) -> tuple[bool, bool, bool]:
+    """Which canonical (RAS) axes to flip to store ``orientation``; only axis flips are supported."""
+    codes = tuple(orientation.upper())
+    allowed = ("RL", "AP", "SI")
+    if len(codes) != 3 or any(c not in a for c, a in zip(codes, allowed)):
+        raise ValueError(f"orientation must be one of R/L, A/P, S/I per axis (e.g. 'LPS'), got {orientation!r}")
+    return tuple(c != "RAS"[d] for d, c in enumerate(codes))
+
+
+# ------------------------------------------------------------------------------------------ anatomy
+
+
+@dataclass
+class _Anatomy:
+    ct: np.ndarray  # float32 HU, canonical RAS voxel order (i -> patient right, j -> anterior, k -> superior)
+    lung: np.ndarray  # uint8, 1 right / 2 left
+    tissue: np.ndarray  # uint8 TISSUES codes
+    depth: np.ndarray  # float32, 0 at each lung's centre axis -> 1 at its outline (for peripheral disease)
+    body: np.ndarray  # bool
+
+
+def _anatomy(rng: np.random.Generator, shape, spacing) -> _Anatomy:
+    """Chest in canonical RAS voxel order; sizes are fractions of the field of view."""
+    nx, ny, nz = shape
+    fov = np.asarray(shape) * np.asarray(spacing)
+    bx, by = rng.uniform(-0.02, 0.02, 2) * fov[:2]  # the patient is never exactly centred
+    X = ((np.arange(nx) - (nx - 1) / 2) * spacing[0] - bx).astype(np.float32)[:, None, None]  # + = right
+    Y = ((np.arange(ny) - (ny - 1) / 2) * spacing[1] - by).astype(np.float32)[None, :, None]  # + = anterior
+    t = (np.arange(nz) / max(nz - 1, 1)).astype(np.float32)[None, None, :]  # 0 inferior .. 1 superior
+    zmm = (np.arange(nz) * spacing[2]).astype(np.float32)[None, None, :]
+
+    A = 0.44 * fov[0] * rng.uniform(0.96, 1.02)  # body half-width
+    B = 0.34 * fov[1] * rng.uniform(0.95, 1.02)  # body half-depth
+    fat = rng.uniform(0.05, 0.09) * B
+
+    def superellipse(x, y, a, b, p=2.4):
+        return (np.abs(x) / a) ** p + (np.abs(y) / b) ** p
+
+    body = superellipse(X, Y, A, B) <= 1
+    inner = superellipse(X, Y, A - fat, B - fat) <= 1
+    ribcage = superellipse(X, Y, A - fat - 0.03 * B, B - fat - 0.03 * B) <= 1
+
+    # mediastinum, heart and spine: the lungs fill the thoracic cavity around them
+    mediastinum = (np.abs(X + 0.03 * A) < 0.11 * A + 0.05 * A * np.clip(-Y / B, 0, 1)) & inner
+    heart = ((X + 0.1 * A) / (0.33 * A)) ** 2 + ((Y - 0.25 * B) / (0.45 * B)) ** 2 + ((t - 0.32) / 0.2) ** 2 <= 1
+    spine_c = (0.0, -0.68 * B)
+    r_vert = 0.13 * A
+    vert = (X - spine_c[0]) ** 2 + (Y - spine_c[1]) ** 2 <= r_vert**2
+    canal_c = spine_c[1] - r_vert - 0.06 * B
+    canal = X**2 + (Y - canal_c) ** 2 <= (0.05 * B) ** 2
+    arch = (X**2 + (Y - canal_c) ** 2 <= (0.09 * B) ** 2) & ~canal
+    spinous = (np.abs(X) < 0.025 * A) & (Y < canal_c) & (Y > -0.97 * B)
+    aorta_d = ((X + 0.14 * A) ** 2 + (Y + 0.45 * B) ** 2 <= (0.1 * B) ** 2) & (t < 0.78)
+    cavity = superellipse(X, Y, A - fat - 0.09 * B, B - fat - 0.09 * B) <= 1
+    carved = mediastinum | heart | vert | arch | spinous | aorta_d | ~cavity
+
+    # each lung: the hemithorax, narrowing to the apex, above its diaphragm dome
+    lung = np.zeros(shape, dtype=np.uint8)
+    depth = np.ones(shape, dtype=np.float32)
+    t_base, t_top = 0.08 + rng.uniform(0, 0.04), 0.97
+    taper = np.sqrt(np.clip((t_top - t) / 0.3, 0.0, 1.0))
+    for side, sign, dome in (("right", 1.0, 0.27), ("left", -1.0, 0.21)):  # the liver lifts the right dome
+        cx, cy = sign * 0.5 * A, -0.08 * B
+        q = ((X - cx) / (0.45 * A * taper + 1e-3)) ** 2 + ((Y - cy) / (0.88 * B * taper + 1e-3)) ** 2
+        floor = t_base + dome * np.clip(1 - q, 0, 1) - 0.05 * np.clip(-Y / B, 0, 1)  # deeper posterior recess
+        sel = (q <= 1) & (t > floor) & (t < t_top) & ~carved & (sign * X > 0)
+        lung[sel] = LUNG_LABELS[side]
+        depth[sel] = np.sqrt(q[sel])
+
+    def tube(cx, cy, r, t0, t1):
+        return ((X - cx) ** 2 + (Y - cy) ** 2 <= r**2) & (t >= t0) & (t <= t1)
+
+    vessels = (
+        tube(0.06 * A, 0.25 * B, 0.11 * B, 0.45, 0.76)  # ascending aorta
+        | tube(-0.09 * A, 0.3 * B, 0.1 * B, 0.5, 0.62)  # pulmonary trunk
+        | ((np.abs(X + 0.03 * A) < 0.12 * A) & (np.abs(Y + 0.1 * B) < 0.35 * B) & (np.abs(t - 0.78) < 0.025))  # arch
+    )
+    trachea = tube(0.0, -0.22 * B, 0.07 * B, 0.62, 1.0)
+    bronchi = np.zeros_like(trachea)
+    for sign in (1.0, -1.0):  # main bronchi run from the carina to each hilum
+        along = np.clip((0.62 - t) / 0.1, 0, 1)
+        bronchi |= ((X - sign * along * 0.3 * A) ** 2 + (Y + 0.2 * B) ** 2 <= (0.05 * B) ** 2) & (t > 0.5) & (t < 0.63)
+    airway = (trachea | bronchi) & inner
+
+    # ribs: sections of a ring inside the chest wall, rotating with height as oblique ribs do
+    theta = np.arctan2(Y, X)
+    ring = ribcage & ~(superellipse(X, Y, A - fat - 0.085 * B, B - fat - 0.085 * B) <= 1)
+    ribs = ring & (np.cos(7 * theta + 2 * np.pi * 3.2 * t) > 0.45) & (t > 0.1) & (np.abs(np.sin(theta)) < 0.97)
+    sternum = (np.abs(X) < 0.06 * A) & (Y > B - fat - 0.12 * B) & (Y < B - fat) & (t > 0.3)
+    disc = (zmm % 26.0) < 5.0  # intervertebral discs every ~26 mm
+    cortex = vert & ~((X - spine_c[0]) ** 2 + (Y - spine_c[1]) ** 2 <= (r_vert - 2.5) ** 2)
+
+    ct = np.full(shape, -1000.0, dtype=np.float32)
+    tissue = np.zeros(shape, dtype=np.uint8)
+
+    def paint(region, hu, code):
+        np.copyto(ct, hu, where=region)  # broadcasts 2D regions along z without index arrays
+        np.copyto(tissue, TISSUES[code], where=region)
+
+    paint(body, -100.0, "fat")
+    paint(inner, 45.0, "soft tissue")
+    paint(mediastinum & inner & (t > 0.15), -90.0, "fat")
+    paint((heart | vessels | aorta_d) & inner, 40.0, "soft tissue")
+    below = inner & (lung == 0) & (t < t_base + 0.3) & ~mediastinum  # upper abdomen: liver right
+    paint(below & (X > -0.15 * A), 60.0, "soft tissue")
+    paint(airway, -1000.0, "airway")
+    paint(vert, np.where(disc, 80.0, 420.0), "bone")
+    paint(cortex & ~disc, 900.0, "bone")
+    paint(arch | spinous, 750.0, "bone")
+    paint(canal & inner, 15.0, "soft tissue")
+    paint(ribs | (sternum & inner), 700.0, "bone")
+
+    # lung parenchyma (denser posteriorly, as gravity does) with vessels from two crossing noise fields
+    in_lung = lung > 0
+    paren = -875.0 + 40.0 * np.clip(-Y / B + 0.5, 0, 1.5)
+    n1 = _smooth_noise(rng, shape, (3.0, 3.0, 0.8))
+    n2 = _smooth_noise(rng, shape, (3.0, 3.0, 0.8))
+    eps = 0.25 * (1.3 - depth)  # thicker, denser vessels near the hila
+    vessel = in_lung & (np.abs(n1) < eps) & (np.abs(n2) < eps)
+    np.copyto(ct, paren, where=in_lung)
+    np.copyto(ct, 35.0, where=vessel)
+    np.copyto(tissue, TISSUES["lung"], where=in_lung)
+    # partial volume: soften in-plane edges a little, as a reconstruction kernel does
+    ct = ndimage.gaussian_filter(ct, (0.6, 0.6, 0.0))
+    return _Anatomy(ct=ct, lung=lung, tissue=tissue, depth=depth, body=np.broadcast_to(body, shape).copy())
+
+
+# ------------------------------------------------------------------------------------------ lesions
+
+
+@dataclass
+class _Lesion:
+    """A lesion the generator meant to draw; measurement decides its final labels."""
+
+    lesion_type: str
+    shape: str
+    heterogeneous: bool
+    ill_defined: bool
+    invasive: bool
+    base_hu: float
+    radius: float  # mm
+    zone: int  # target zone code 1..6
+
+
+def _sample_lesion(rng: np.random.Generator, scale: float) -> _Lesion:
+    """Draw what a focal lesion should look like; radii (mm) scale with the field of view."""
+    kind = rng.choice(LESION_TYPES, p=(0.35, 0.35, 0.3))
+    if kind == "nodule":
+        shape = rng.choice(("punctate/nodular", "round-like", "wall thickening"), p=(0.5, 0.35, 0.15))
+        calcified = rng.random() < 0.35 and shape != "wall thickening"
+        base = rng.uniform(220, 450) if calcified else rng.uniform(20, 60)
+        sizes = {"punctate/nodular": (3.5, 5.5), "round-like": (6.0, 10.0), "wall thickening": (9.0, 13.0)}
+        radius = rng.uniform(*sizes[shape])
+        het, ill, inv = rng.random() < 0.15, rng.random() < 0.15, rng.random() < 0.25
+    else:
+        ggo = kind == "ground-glass opacity"
+        shapes = (0.6, 0.4, 0.0) if ggo else (0.5, 0.3, 0.2)  # ground glass does not cavitate
+        shape = rng.choice(("irregular", "round-like", "wall thickening"), p=shapes)
+        base = rng.uniform(-530, -390) if ggo else rng.uniform(-40, 30)
+        radius = rng.uniform(9, 20) if shape != "wall thickening" else rng.uniform(10, 16)
+        het, ill, inv = rng.random() < 0.5, rng.random() < (0.75 if ggo else 0.45), rng.random() < 0.5
+    if shape == "wall thickening":  # a cavitating lesion: a soft-tissue wall around air
+        base = rng.uniform(-20, 40)
+    zone = int(rng.integers(1, 7))
+    return _Lesion(str(kind), str(shape), bool(het), bool(ill), bool(inv), float(base), float(radius * scale), zone)
+
+
+def _sdf(les: _Lesion, rng: np.random.Generator, x, y, z) -> tuple[np.ndarray, np.ndarray | None]:
+    """Approximate signed distance (mm, negative inside) of the lesion shape, and its cavity (if any)."""
+    r = les.radius
+    if les.shape == "irregular":  # lobulated: union of offset spheres
+        d = None
+        for _ in range(int(rng.integers(3, 6))):
+            c = rng.uniform(-0.55, 0.55, 3) * r
+            rk = rng.uniform(0.45, 0.75) * r
+            dk = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) - rk
+            d = dk if d is None else np.minimum(d, dk)
+        return d, None
+    radii = r * np.array([1.0, *rng.uniform(0.8, 1.2, 2)])
+    outer = (np.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2) - 1) * radii.min()
+    if les.shape != "wall thickening":
+        return outer, None
+    wall = rng.uniform(0.3, 0.4) * r
+    inner_r = radii - wall
+    inner = (np.sqrt((x / inner_r[0]) ** 2 + (y / inner_r[1]) ** 2 + (z / inner_r[2]) ** 2) - 1) * inner_r.min()
+    return np.maximum(outer, -inner), inner < 0
+
+
+def _weight(d: np.ndarray, ill_defined: bool) -> np.ndarray:
+    """Opacity from signed distance: a step (well-defined) or a sigmoid halo reaching past the mask."""
+    if not ill_defined:
+        return (d <= 0).astype(np.float32)
+    s = 1.3  # mm; the mask edge sits at opacity 0.8, the halo fades over ~5 mm outside it
+    return expit((s * np.log(4.0) - d) / s).astype(np.float32)
+
+
+def _texture(rng: np.random.Generator, shape, heterogeneous: bool) -> np.ndarray:
+    """Mottled HU texture (~75 HU spread, 1-2 voxel grain) for heterogeneous lesions, else zero."""
+    if not heterogeneous:
+        return np.zeros(shape, dtype=np.float32)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), (0.9, 0.9, 0.4))
+    return 75.0 * field / max(float(field.std()), 1e-6)
+
+
+def _blend(sub: np.ndarray, w: np.ndarray, les: _Lesion, texture, cavity=None) -> np.ndarray:
+    """``sub`` with the lesion blended in at opacity ``w``; ground glass keeps the vessels it covers."""
+    value = les.base_hu + texture
+    if les.lesion_type == "ground-glass opacity":
+        value = np.maximum(value, sub)
+    out = sub * (1 - w) + value * w
+    if cavity is not None:
+        out[cavity & (w > 0)] = -990.0
+    return out
+
+
+def _in_type_range(painted: np.ndarray, mask: np.ndarray, lesion_type: str) -> bool:
+    """Whether the lesion's core mean (the rule of :func:`measure_lesion`) sits inside its type's HU range."""
+    core = ndimage.binary_erosion(mask)
+    core = core if core.sum() >= 8 else mask
+    lo, hi = TYPE_HU[lesion_type]
+    return lo + 15 <= float(painted[core].mean()) <= hi - 15  # margin for the noise added later
+
+
+def _place_focal(rng, an: _Anatomy, ct, gen, occupied, les: _Lesion, gen_id, spacing, zone_map, boundary) -> bool:
+    """Try a few centres in the lesion's target zone; draw it at the first one that fits."""
+    spacing = np.asarray(spacing)
+    in_zone = np.flatnonzero((zone_map == les.zone) & (boundary if les.invasive else ~boundary))
+    if in_zone.size == 0:
+        return False
+    for attempt in range(20):
+        les_r = les.radius * (1.2 ** (attempt // 6))  # too few voxels on a coarse grid: grow
+        centre = np.array(np.unravel_index(rng.choice(in_zone), zone_map.shape))
+        halo = 6.0 if les.ill_defined else 1.5
+        half = np.ceil((les_r * 1.3 + halo) / spacing).astype(int)
+        lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, zone_map.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        x, y, z = ((g - c) * s for g, c, s in zip(np.ogrid[box], centre, spacing))  # mm from the centre
+        d, cavity = _sdf(replace(les, radius=les_r), rng, x, y, z)
+        d = np.broadcast_to(d, tuple(hi - lo))
+        cavity = None if cavity is None else np.broadcast_to(cavity, tuple(hi - lo))
+        lung_box = an.lung[box] > 0
+        mask = (d <= 0) & lung_box
+        reach = d <= halo
+        if mask.sum() < _MIN_LESION_VOXELS or (reach & occupied[box]).any():
+            continue
+        if not les.invasive and not lung_box[d <= min(spacing[:2]) * 1.5].all():
+            continue  # a non-invasive lesion keeps a rim of lung around it
+        w = _weight(d, les.ill_defined) * lung_box
+        painted = _blend(ct[box], w, les, _texture(rng, w.shape, les.heterogeneous), cavity)
+        if not _in_type_range(painted, mask, les.lesion_type):
+            continue  # a small blurred lesion is mostly rim: its mean slips out of its type's range
+        ct[box] = painted
+        gen[box][mask & (gen[box] == 0)] = gen_id
+        occupied[box] |= reach
+        return True
+    return False
+
+
+def _paint_diffuse(rng, an: _Anatomy, ct, gen, occupied, percent: float, gen_id0: int, zone_map) -> list[_Lesion]:
+    """Peripheral (subpleural, posterior-weighted) ground glass covering ``percent`` of the lungs."""
+    lung = an.lung
+    n_lung = int((lung > 0).sum())
+    sides = ["right", "left"]
+    if percent < 40 and rng.random() < 0.35:  # sometimes one lung only, when it can hold the volume
+        side = sides[int(rng.integers(2))]
+        if (lung == LUNG_LABELS[side]).sum() * 0.85 > percent / 100 * n_lung:
+            sides = [side]
+    side_voxels = sum(int((lung == LUNG_LABELS[s]).sum()) for s in sides)
+    fraction = min(0.95, percent / 100 * n_lung / side_voxels)
+    noise = _smooth_noise(rng, lung.shape, (4.0, 4.0, 1.2))
+    y_post = np.linspace(1, 0, lung.shape[1], dtype=np.float32)[None, :, None]  # 1 = posterior
+    made = []
+    for i, side in enumerate(sides):
+        box = ndimage.find_objects((lung == LUNG_LABELS[side]).astype(np.uint8))[0]  # work on this lung only
+        sel = lung[box] == LUNG_LABELS[side]
+        # which levels the disease favours: a run of 1-3 levels, all of them when it must be large
+        n_levels = 3 if fraction > 0.6 else int(rng.integers(max(1, int(np.ceil(fraction * 3 / 0.75))), 4))
+        first = int(rng.integers(0, 4 - n_levels))
+        codes = np.arange(first, first + n_levels) + (1 if side == "left" else 4)
+        off_level = ~np.isin(zone_map[box], codes)
+        wobble = 0.08 * min(1.0, fraction / 0.3)  # a thin band would break up under full-size wobble
+        score = an.depth[box] + 0.25 * y_post[:, box[1]] + wobble * noise[box] - 0.6 * off_level
+        thr = np.quantile(score[sel], 1 - fraction)
+        d = np.where(sel, (thr - score) * 45.0, 1e3).astype(np.float32)  # score units -> ~mm
+        # keep the confluent pieces only: crumbs would be "infected areas" nobody would count
+        pieces, n = ndimage.label(d <= 0, np.ones((3, 3, 3), bool))
+        sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+        keep = sizes >= max(4 * _MIN_LESION_VOXELS, 0.02 * sizes[1:].sum())
+        keep[0] = False
+        near_kept = ndimage.binary_dilation(keep[pieces], iterations=3)
+        les = _Lesion("ground-glass opacity", "irregular", bool(rng.random() < 0.5), True, True,
+                      float(rng.uniform(-520, -400)), 0.0, int(codes[0]))  # fmt: skip
+        w = _weight(np.where(keep[pieces] | ~(d <= 0), d, 1e3), les.ill_defined) * sel * near_kept
+        ct[box] = _blend(ct[box], w, les, _texture(rng, w.shape, les.heterogeneous))
+        gen[box][(w >= 0.8 - 1e-6) & (gen[box] == 0)] = gen_id0 + i  # opacity 0.8 is the mask edge
+        occupied[box] |= d <= 6.0
+        made.append(les)
+    return made
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def density_class(mean_hu: float) -> str:
+    """Density against the soft-tissue reference (:data:`SOFT_TISSUE_HU` +- :data:`DENSITY_MARGIN`)."""
+    if mean_hu < SOFT_TISSUE_HU - DENSITY_MARGIN:
+        return "hypodense"
+    if mean_hu > SOFT_TISSUE_HU + DENSITY_MARGIN:
+        return "hyperdense"
+    return "isodense"
+
+
+def measure_lesion(ct, lesion, lung, body, any_lesion, background: float) -> dict:
+    """Measured HU statistics, edge ratio and contact of one lesion (boolean mask, cropped arrays)."""
+    core = ndimage.binary_erosion(lesion)
+    if core.sum() < 8:
+        core = lesion
+    values = ct[core]
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    plane = np.zeros((3, 3, 3), dtype=bool)
+    plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    ring = ndimage.binary_dilation(lesion, plane) & ~lesion & lung & ~any_lesion
+    contrast = q50 - background
+    edge_ratio = float((np.median(ct[ring]) - background) / contrast) if ring.any() and abs(contrast) > 1 else 0.0
+    grown = ndimage.binary_dilation(lesion, ndimage.generate_binary_structure(3, 3))
+    return {
+        "mean_hu": round(float(values.mean()), 1),
+        "spread_hu": round(float((q75 - q25) / 1.349), 1),
+        "edge_ratio": round(edge_ratio, 3),
+        "touches_non_lung": bool((grown & body & ~lung).any()),
+    }
+
+
+# ------------------------------------------------------------------------------------------ one case
+
+
+@dataclass
+class PhantomCase:
+    """One generated case, arrays in the stored voxel order; ``meta`` is its case JSON."""
+
+    case_id: str
+    ct: np.ndarray  # int16 HU
+    label: np.ndarray  # uint8 0/1
+    lesions: np.ndarray  # uint16 instance ids (keys of meta["lesions"])
+    lung: np.ndarray  # uint8, 1 right / 2 left
+    tissue: np.ndarray  # uint8 TISSUES codes (not written; for checks)
+    affine: np.ndarray
+    meta: dict
+
+
+def _severity_plan(n_cases: int, rng: np.random.Generator) -> list[str]:
+    """Severities in :data:`SEVERITY_SHARE` proportions (largest remainder), shuffled."""
+    names = list(SEVERITY_SHARE)
+    quota = np.array([SEVERITY_SHARE[s] * n_cases for s in names])
+    counts = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - counts), kind="stable")[: n_cases - counts.sum()]:
+        counts[i] += 1
+    return [names[i] for i in rng.permutation(np.repeat(np.arange(len(names)), counts))]
+
+
+def _stored_affine(shape, spacing, flips, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(canonical RAS affine, affine of the stored flipped array); the table position varies a little."""
+    centre = np.array([rng.uniform(-15, 15), rng.uniform(-30, 10), rng.uniform(-220, -140)])
+    ras = np.diag([*spacing, 1.0])
+    ras[:3, 3] = centre - (np.asarray(shape) - 1) / 2 * np.asarray(spacing)
+    stored = ras.copy()
+    for d, f in enumerate(flips):
+        if f:
+            stored[:3, 3] += ras[:3, d] * (shape[d] - 1)
+            stored[:3, d] *= -1
+    return ras, stored
+
+
+def generate_case(
+    case_id: str,
+    severity: str,
+    seed: int,
+    index: int,
+    shape: Sequence[int] = (192, 192, 48),
+    spacing: Sequence[float] = (1.6, 1.6, 5.0),
+    orientation: str = "LPS",
+) -> PhantomCase:
+    """Generate one case (deterministic in ``seed``/``index``) aiming at ``severity`` (CT-0..CT-4)."""
+    shape, spacing = tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
+    flips = _check_orientation(orientation)
+    rng = _rng(seed, index)
+    an = _anatomy(rng, shape, spacing)
+    ras_affine, affine = _stored_affine(shape, spacing, flips, rng)
+    zone_map = lung_zone_map(an.lung, ras_affine)
+    boundary = (an.lung > 0) & ~ndimage.binary_erosion(an.lung > 0)
+    ct, gen = an.ct, np.zeros(shape, dtype=np.int32)
+    occupied = np.zeros(shape, dtype=bool)
+    scale = min(shape[0] * spacing[0], shape[1] * spacing[1]) / 307.0
+
+    planned: list[_Lesion] = []
+    diffuse = severity in _DIFFUSE_PERCENT and (severity != "CT-1" or rng.random() < _CT1_DIFFUSE_CHANCE)
+    if diffuse:
+        planned += _paint_diffuse(rng, an, ct, gen, occupied, rng.uniform(*_DIFFUSE_PERCENT[severity]), 1, zone_map)
+    n_focal = 0 if severity == "CT-0" else int(rng.integers(2, 5) if diffuse else rng.integers(3, 7))
+    for _ in range(n_focal):
+        les = _sample_lesion(rng, scale)
+        if _place_focal(rng, an, ct, gen, occupied, les, len(planned) + 1, spacing, zone_map, boundary):
+            planned.append(les)
+
+    # CT noise: slightly correlated in-plane, as reconstruction makes it
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), (0.7, 0.7, 0.0))
+    ct = ct + noise * (12.0 / max(float(noise.std()), 1e-6))
+    ct = np.clip(np.rint(ct), -1024, 3071).astype(np.int16)
+
+    def store(a):
+        return a[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+
+    ct, lung, tissue, gen, body = (store(a) for a in (ct, an.lung, an.tissue, gen, an.body))
+    found = _FINDINGS.describe((gen > 0).astype(np.uint8), lung=lung, affine=affine)
+    instances = found.instances.astype(np.uint16)
+    label = (instances > 0).astype(np.uint8)  # specks the findings ignore are not labelled either
+
+    lung_mask = lung > 0
+    background = float(np.median(ct[lung_mask & (instances == 0)]))
+    lesions_meta, volume_by_type = [], {}
+    for lf, box in zip(found.lesions, ndimage.find_objects(instances)):
+        box = tuple(slice(max(b.start - 2, 0), b.stop + 2) for b in box)
+        this = instances[box] == lf.id
+        source = planned[int(np.bincount(gen[box][this]).argmax()) - 1]
+        m = measure_lesion(ct[box], this, lung_mask[box], body[box], instances[box] > 0, background)
+        attrs = {
+            "shape": source.shape,
+            "invasion": ATTRIBUTE_GROUPS["invasion"][int(m["touches_non_lung"])],
+            "density": density_class(m["mean_hu"]),
+            "heterogeneity": "heterogeneous" if m["spread_hu"] > HETEROGENEITY_HU else "homogeneous",
+            "surface": "ill-defined margin" if m["edge_ratio"] > ILL_DEFINED_EDGE_RATIO else "well-defined",
+        }
+        volume_by_type[source.lesion_type] = volume_by_type.get(source.lesion_type, 0) + lf.voxels
+        lesions_meta.append({
+            "id": lf.id, "lesion_type": source.lesion_type, "voxels": lf.voxels,
+            "centroid": [round(c, 2) for c in lf.centroid], "zones": lf.zones, **attrs, "measurements": m,
+        })  # fmt: skip
+
+    percent = 100.0 * float(label.sum()) / max(int(lung_mask.sum()), 1)
+    meta = {
+        "case_id": case_id,
+        "shape": list(shape),
+        "spacing": list(spacing),
+        "orientation": "".join(nib.aff2axcodes(affine)),
+        "affine": np.round(affine, 4).tolist(),
+        "severity": severity_from_percent(percent),
+        "lung_involvement_percent": round(percent, 3),
+        "lesion_type": max(volume_by_type, key=volume_by_type.get) if volume_by_type else "none",
+        "text": found.text,
+        "n_areas": found.n_areas,
+        "zones": found.zones,
+        "lesions": lesions_meta,
+    }
+    return PhantomCase(case_id, ct, label, instances, lung.astype(np.uint8), tissue, affine, meta)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)  # level 6 costs 4x the time
+
+
+def _write_xlsx(path: Path, rows: Sequence[tuple[str, str]]) -> None:
+    """LViT text sheet (Image, Description), byte-identical across runs (fixed zip and core dates)."""
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(("Image", "Description"))
+    for row in rows:
+        ws.append(row)
+    with atomic_path(path) as tmp:
+        wb.save(tmp)
+        with zipfile.ZipFile(tmp) as z:
+            members = [(info.filename, z.read(info.filename)) for info in z.infolist()]
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in members:
+                if name == "docProps/core.xml":  # openpyxl stamps the save time here
+                    data = _fixed_core_dates(data)
+                z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
+
+
+def _fixed_core_dates(xml: bytes) -> bytes:
+    import re
+
+    return re.sub(rb"(<dcterms:(created|modified)[^>]*>)[^<]*", rb"\g<1>2000-01-01T00:00:00Z", xml)
+
+
+def _display_axial(slice2d: np.ndarray, axcodes: Sequence[str]) -> np.ndarray:
+    """Radiological display of an axial slice: anterior at the top, the patient's right on image left."""
+    out = slice2d[::-1] if axcodes[0] == "R" else slice2d  # columns must run right -> left
+    out = out[:, ::-1] if axcodes[1] == "A" else out  # rows must run anterior -> posterior
+    return out.T
+
+
+def lung_window(ct: np.ndarray) -> np.ndarray:
+    """8-bit lung-window image (W 1500 / L -600)."""
+    lo, hi = LUNG_WINDOW
+    return np.round(np.clip((ct.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
+def _export_slices(case: PhantomCase, folder: Path, slice_filter: str) -> list[tuple[str, str]]:
+    """PNG slices (lung window / mask 0-255) of one case into ``folder``; returns (name, sentence) rows."""
+    axcodes = nib.aff2axcodes(case.affine)
+    zone_map = lung_zone_map(case.lung, case.affine)  # zones of a slice come from its volume
+    rows = []
+    for k in range(case.ct.shape[2]):
+        keep = case.label[:, :, k].any() if slice_filter == "lesion" else case.lung[:, :, k].any()
+        if not keep:
+            continue
+        slice_affine = case.affine.copy()
+        slice_affine[:3, 3] += case.affine[:3, 2] * k
+        text = _FINDINGS(case.label[:, :, k], affine=slice_affine, zone_map=zone_map[:, :, k])
+        name = f"{case.case_id}_s{k:03d}.png"  # k: index along the NIfTI's third voxel axis
+        _write_png(folder / "img" / name, lung_window(_display_axial(case.ct[:, :, k], axcodes)))
+        _write_png(folder / "labelcol" / name, _display_axial(case.label[:, :, k], axcodes) * np.uint8(255))
+        rows.append((name, text))
+    return rows
+
+
+def generate_dataset(
+    out_dir: str | os.PathLike,
+    n_cases: int = 20,
+    seed: int = 0,
+    shape: Sequence[int] = (192, 192, 48),
+    spacing: Sequence[float] = (1.6, 1.6, 5.0),
+    orientation: str = "LPS",
+    export_2d: bool = True,
+    slice_filter: str = "lesion",
+) -> dict:
+    """Write the phantom dataset into ``out_dir`` and return a summary. Same seed -> same bytes.
+
+    Layout: ``imagesTr/ labelsTr/ lesionsTr/ lungsTr/`` (``<case>.nii.gz``), ``cases/<case>.json``,
+    MSD-style ``dataset.json``, ``splits.json``, and (``export_2d``) ``slices2d/{Train,Val,Test}_Folder/
+    {img,labelcol}/<case>_sNNN.png`` + ``<Split>_text.xlsx`` (LViT layout, split by case). NNN is the
+    index along the NIfTI's third voxel axis. ``slice_filter="lesion"`` exports the slices with lesion,
+    as MosMedData+ does; ``"lung"`` every slice with lung (negatives read "No pulmonary infection.").
+    """
+    if n_cases < 1:
+        raise ValueError(f"n_cases must be >= 1, got {n_cases}")
+    if slice_filter not in ("lung", "lesion"):
+        raise ValueError(f"slice_filter must be 'lung' or 'lesion', got {slice_filter!r}")
+    _check_orientation(orientation)
+    start = time.perf_counter()
+    out = Path(out_dir)
+    severities = _severity_plan(n_cases, _rng(seed, 10**6))
+    cases, training = [], []
+    for i, severity in enumerate(severities):
+        case = generate_case(f"case_{i:04d}", severity, seed, i, shape, spacing, orientation)
+        cid, meta = case.case_id, case.meta
+        folders = {"image": "imagesTr", "label": "labelsTr", "lung": "lungsTr", "lesions": "lesionsTr"}
+        paths = {key: f"{folder}/{cid}.nii.gz" for key, folder in folders.items()}
+        for key, array in (("image", case.ct), ("label", case.label), ("lung", case.lung), ("lesions", case.lesions)):
+            save_nifti(array, case.affine, out / paths[key])
+        _write_json(out / "cases" / f"{cid}.json", meta)
+        attributes = [{k: les[k] for k in ("id", "lesion_type", *ATTRIBUTE_GROUPS)} for les in meta["lesions"]]
+        training.append({
+            **paths, "case_id": cid, "text": meta["text"], "severity": meta["severity"],
+            "lesion_type": meta["lesion_type"], "attributes": attributes, "spacing": meta["spacing"],
+            "source": "phantom",
+        })  # fmt: skip
+        cases.append(case)
+
+    splits = split_cases(training, ratios=(0.7, 0.1, 0.2), seed=seed, stratify_by="severity")
+    _write_json(out / "splits.json", splits)
+    _write_json(out / "dataset.json", {
+        "name": "segreport-phantom",
+        "description": "Synthetic chest CT with lung lesions, lung labels, attributes and LViT-style findings",
+        "reference": "segreport.data.phantom",
+        "licence": "CC0 (generated)",
+        "tensorImageSize": "3D",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "lesion"},
+        "lung_labels": {"0": "background", **{str(v): f"{k} lung" for k, v in LUNG_LABELS.items()}},
+        "orientation": orientation.upper(),
+        "seed": seed,
+        "numTraining": len(training),
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    })  # fmt: skip
+
+    n_slices = {}
+    if export_2d:
+        by_id = {c.case_id: c for c in cases}
+        for split, folder in (("training", "Train"), ("validation", "Val"), ("test", "Test")):
+            target = out / "slices2d" / f"{folder}_Folder"
+            rows = [row for cid in splits[split] for row in _export_slices(by_id[cid], target, slice_filter)]
+            _write_xlsx(out / "slices2d" / f"{folder}_Folder" / f"{folder}_text.xlsx", rows)
+            n_slices[folder] = len(rows)
+    counts = {s: sum(c.meta["severity"] == s for c in cases) for s, _ in SEVERITY_BINS}
+    return {
+        "out_dir": str(out),
+        "n_cases": n_cases,
+        "case_ids": [c.case_id for c in cases],
+        "severity_counts": counts,
+        "splits": splits,
+        "n_slices": n_slices,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+# ------------------------------------------------------------------------------------------ preview
+
+
+_ZONE_COLOURS = np.array([  # upper/middle/lower left, then right: light blue-greens and warm tints
+    [0.3, 0.6, 1.0], [0.3, 0.9, 0.6], [0.9, 0.9, 0.3], [0.8, 0.4, 1.0], [1.0, 0.6, 0.3], [0.4, 0.9, 0.9],
+])  # fmt: skip
+
+
+def render_preview(dataset_dir: str | os.PathLike, out_png: str | os.PathLike, case_id: str | None = None) -> Path:
+    """A PNG of one case (default: the one with most lesions): three axial slices (upper/middle/lower
+    lung) and a coronal one in a lung window, zones tinted, lesions outlined red, the finding as caption."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(dataset_dir)
+    if case_id is None:
+        metas = [json.loads(p.read_text()) for p in sorted((root / "cases").glob("*.json"))]
+        if not metas:
+            raise FileNotFoundError(f"{root}: no cases/*.json; is this a phantom dataset?")
+        case_id = max(metas, key=lambda m: (m["n_areas"], len(m["zones"])))["case_id"]  # most to look at
+    meta = json.loads((root / "cases" / f"{case_id}.json").read_text())
+    img = nib.load(root / "imagesTr" / f"{case_id}.nii.gz")
+    # view in RAS voxel order; display code below then only has to flip
+    ornt = nib.orientations.io_orientation(img.affine)
+    ras = [nib.orientations.apply_orientation(np.asarray(nib.load(root / f / f"{case_id}.nii.gz").dataobj), ornt)
+           for f in ("imagesTr", "labelsTr", "lungsTr")]  # fmt: skip
+    ct, label, lung = ras
+    ras_affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
+    zones = lung_zone_map(lung, ras_affine)
+    sx, sy, sz = np.linalg.norm(ras_affine[:3, :3], axis=0)
+
+    ks = np.flatnonzero(lung.any(axis=(0, 1)))
+    picks = [int(ks[int(len(ks) * f)]) for f in (0.8, 0.5, 0.2)] if ks.size else [ct.shape[2] // 2] * 3
+    j = int(np.argmax(label.sum(axis=(0, 2)))) if label.any() else ct.shape[1] // 2
+
+    def overlay(ax, gray, zone, les, aspect):
+        ax.imshow(lung_window(gray), cmap="gray", aspect=aspect, interpolation="nearest")
+        tint = np.zeros((*zone.shape, 4))
+        tint[zone > 0, :3] = _ZONE_COLOURS[zone[zone > 0] - 1]
+        tint[zone > 0, 3] = 0.15
+        ax.imshow(tint, aspect=aspect, interpolation="nearest")
+        if les.any():
+            ax.contour(les, levels=[0.5], colors="red", linewidths=1.2)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, fontsize=12, va="center")
+        ax.text(0.95, 0.5, "L", color="yellow", transform=ax.transAxes, fontsize=12, va="center")
+
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.9), gridspec_kw={"width_ratios": [1, 1, 1, 1.1]})
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.1, wspace=0.04)
+    for ax, k, level in zip(axes[:3], picks, ("upper", "middle", "lower")):
+        disp = [a[::-1, ::-1, k].T for a in (ct, zones, label)]  # anterior up, patient right on the left
+        overlay(ax, *disp, aspect=sy / sx)
+        ax.set_title(f"axial k={k} ({level} lung)")
+    # coronal through the most lesioned row: superior up, patient right on the left
+    cor = [a[::-1, j, ::-1].T for a in (ct, zones, label)]
+    overlay(axes[3], *cor, aspect=sz / sx)
+    axes[3].set_title(f"coronal j={j}")
+    fig.suptitle(f"{case_id}  {meta['severity']} ({meta['lung_involvement_percent']:.1f}% of lung)  "
+                 f"orientation {meta['orientation']}  spacing {meta['spacing']}", fontsize=11)  # fmt: skip
+    fig.text(0.5, 0.025, meta["text"], ha="center", fontsize=12)
+    out = Path(out_png)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return out

@@ -1,0 +1,251 @@
+"""Lesion mask <-> LViT finding sentence, as MONAI transforms.
+
+Mask -> text rules (:class:`FindingsFromMask`):
+
+* **Areas** are connected components of the mask (full connectivity: 26 in 3D, 8 in 2D), components
+  smaller than ``min_size`` voxels ignored as specks; ids 1..N go by size, largest first.
+* **Zones** of a lesion: every zone holding at least ``zone_fraction`` (default 10 %) of its voxels,
+  and always the zone holding most. Any-overlap would name zones a lesion merely grazes by a voxel;
+  a strict majority would drop zones a large lesion clearly spans. Lesion voxels outside the lungs
+  take the zone of the nearest lung voxel (predicted masks leak over the pleura).
+* **Zone source**, first available: a zone map passed in (``zone_map``, e.g. a slice of the volume's
+  map, which is how 2D axial slices get their level); a lung label (1 right, 2 left) with its affine
+  (``z_extent`` from the volume for axial slices, see :mod:`.lung_regions`); else the **fallback** —
+  patient side by world x against the body's centre (``image`` in HU thresholded at ``body_threshold``,
+  largest component; the whole field of view when there is no image) and levels as world-z thirds of
+  the body's extent. The fallback is coarse (the body is longer than the lungs) and is meant for
+  masks that come without lungs, such as the MosMedData masks.
+* **Sides** are always the patient's, from the affine, never from an image half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+from monai.utils import ensure_tuple_rep
+from scipy import ndimage
+
+from ..text.findings import format_finding, parse_finding
+from ..vocab import LUNG_LABELS, ZONES
+from .lung_regions import affine_of, lung_zone_map, spatial_array, zone_codes
+
+
+@dataclass
+class LesionFinding:
+    """One connected lesion: id in :attr:`Findings.instances`, size, zones, world centroid (RAS+ mm)."""
+
+    id: int
+    voxels: int
+    zones: list[str]
+    centroid: tuple[float, float, float]
+
+
+@dataclass
+class Findings:
+    """Everything :class:`FindingsFromMask` derived from a mask; ``text`` is the LViT sentence."""
+
+    text: str
+    n_areas: int
+    zones: list[str]  # union over lesions, in vocab.ZONES order
+    lesions: list[LesionFinding]
+    instances: np.ndarray  # kept components relabelled 1..N, specks set to 0
+
+
+def body_mask(image, threshold: float = -500.0) -> np.ndarray:
+    """Largest connected region above ``threshold`` HU: the patient's body (drops table and noise)."""
+    above = spatial_array(image) > threshold
+    labels, n = ndimage.label(above)
+    if n == 0:
+        return above
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def _to_world(index, affine) -> np.ndarray:
+    """World points (N, 3) of voxel indices given as a tuple of 2 or 3 index arrays."""
+    ijk = np.zeros((len(index[0]), 3))
+    for d, ix in enumerate(index):
+        ijk[:, d] = ix
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def fallback_zone_codes(index, shape, affine, reference=None, z_extent: Sequence[float] | None = None) -> np.ndarray:
+    """Zones of voxels ``index`` (tuple of index arrays) without a lung label: side by world x about
+    the centre of ``reference`` (default: the field of view), level by world-z thirds of its extent
+    (or of ``z_extent`` = (zmin, zmax)). Only the asked voxels are computed: real masks are large."""
+    if reference is not None and np.any(reference):
+        ref = np.nonzero(spatial_array(reference))
+    else:  # the field of view: its corners bound z, its centre is the midline
+        grids = np.meshgrid(*[np.array([0.0, n - 1.0, (n - 1) / 2]) for n in shape], indexing="ij")
+        ref = tuple(g.ravel() for g in grids)
+    ref_world = _to_world(ref, affine)
+    midline = float(ref_world[:, 0].mean())
+    if z_extent is None:
+        z_extent = (float(ref_world[:, 2].min()), float(ref_world[:, 2].max()))
+    world = _to_world(index, affine)
+    sides = np.where(world[:, 0] < midline, LUNG_LABELS["left"], LUNG_LABELS["right"])
+    return zone_codes(sides, world[:, 2], {"left": z_extent, "right": z_extent})
+
+
+def _bounding_box(m: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the smallest box holding all of ``m`` (an empty box when ``m`` is empty)."""
+    box = []
+    for d in range(m.ndim):
+        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != d)))
+        box.append(slice(hit[0], hit[-1] + 1) if hit.size else slice(0, 0))
+    return tuple(box)
+
+
+def _voxel_sizes(affine: np.ndarray, ndim: int) -> np.ndarray:
+    return np.linalg.norm(affine[:3, :ndim], axis=0)
+
+
+class FindingsFromMask(Transform):
+    """Lesion mask (+ lung label or zone map) -> LViT finding sentence. Rules in the module docstring.
+
+    Call with ``mask`` (binary or instance map, 2D or 3D, channel-first allowed) and the optional
+    ``lung``, ``affine`` (else taken from the MetaTensor), ``zone_map``, ``z_extent``, ``image``.
+    :meth:`describe` returns the full :class:`Findings` (instances, per-lesion zones, centroids).
+    """
+
+    def __init__(
+        self, min_size: int = 5, zone_fraction: float = 0.1, all_word: bool = True, body_threshold: float = -500.0
+    ):
+        self.min_size = min_size
+        self.zone_fraction = zone_fraction
+        self.all_word = all_word
+        self.body_threshold = body_threshold
+
+    def _lesion_zones(self, index, shape, affine, lung, zone_map, z_extent, image) -> np.ndarray:
+        """Zone code of each lesion voxel ``index``; voxels outside the lungs take the nearest lung zone."""
+        if zone_map is None and lung is not None and (spatial_array(lung) > 0).any():
+            zone_map = lung_zone_map(lung, affine, z_extent)
+        if zone_map is None:
+            reference = None if image is None else body_mask(image, self.body_threshold)
+            extent = None
+            if z_extent is not None:
+                extent = (min(v[0] for v in z_extent.values()), max(v[1] for v in z_extent.values()))
+            return fallback_zone_codes(index, shape, affine, reference, extent)
+        zmap = spatial_array(zone_map).astype(np.uint8)
+        if zmap.shape != tuple(shape):
+            raise ValueError(f"zone/lung map shape {zmap.shape} differs from mask shape {tuple(shape)}")
+        codes = zmap[index]
+        if (codes == 0).any():  # voxels over the pleura (predicted masks leak)
+            if not zmap.any():
+                raise ValueError("zone map is empty: no lung to place the lesions in")
+            near = ndimage.distance_transform_edt(
+                zmap == 0, sampling=_voxel_sizes(affine, zmap.ndim), return_distances=False, return_indices=True
+            )
+            codes = zmap[tuple(n[index] for n in near)]
+        return codes
+
+    def describe(self, mask, lung=None, affine=None, zone_map=None, z_extent=None, image=None) -> Findings:
+        """Components, their zones and centroids, and the sentence (rules in the module docstring)."""
+        a = affine_of(mask, affine)
+        m = spatial_array(mask) > 0.5
+        instances = np.zeros(m.shape, dtype=np.int32)
+        box = _bounding_box(m)  # label only the lesions' box: real masks are mostly empty
+        labels, n = ndimage.label(m[box], ndimage.generate_binary_structure(m.ndim, m.ndim))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        kept = [c for c in np.argsort(-sizes[1:], kind="stable") + 1 if sizes[c] >= self.min_size]
+        if not kept:
+            return Findings(format_finding(0, ()), 0, [], [], instances)
+        relabel = np.zeros(n + 1, dtype=np.int32)
+        relabel[kept] = np.arange(1, len(kept) + 1)
+        instances[box] = relabel[labels]
+
+        index = tuple(ix + b.start for ix, b in zip(np.nonzero(instances[box]), box))
+        ids = instances[index]
+        codes = self._lesion_zones(index, m.shape, a, lung, zone_map, z_extent, image).astype(np.int64)
+        k = len(kept)
+        table = np.bincount(ids * 7 + codes, minlength=(k + 1) * 7).reshape(k + 1, 7)[1:, 1:]
+        world = _to_world(index, a)
+        counts_all = np.bincount(ids, minlength=k + 1)[1:]
+        centroids = np.stack([np.bincount(ids, weights=world[:, d], minlength=k + 1)[1:] for d in range(3)], 1)
+        centroids /= counts_all[:, None]
+
+        lesions, union = [], set()
+        for i in range(k):
+            counts = table[i]
+            hit = (counts >= self.zone_fraction * counts.sum()) | (np.arange(6) == counts.argmax())
+            zones = [z for z, h in zip(ZONES, hit) if h]
+            union.update(zones)
+            lesions.append(LesionFinding(i + 1, int(counts_all[i]), zones, tuple(float(v) for v in centroids[i])))
+        zones = [z for z in ZONES if z in union]
+        return Findings(format_finding(k, zones, self.all_word), k, zones, lesions, instances)
+
+    def __call__(self, mask, lung=None, affine=None, zone_map=None, z_extent=None, image=None) -> str:
+        return self.describe(mask, lung, affine, zone_map, z_extent, image).text
+
+
+def _affine_from(d: Mapping, key: str):
+    """The affine of ``d[key]``: None for a MetaTensor (it carries one), else from ``<key>_meta_dict``."""
+    if isinstance(d[key], MetaTensor):
+        return None
+    return d.get(f"{key}_meta_dict", {}).get("affine")
+
+
+class FindingsFromMaskd(MapTransform):
+    """Dictionary version of :class:`FindingsFromMask`: the mask under each key -> a sentence.
+
+    ``lung_key``/``zones_key``/``image_key`` name the optional lung label, zone map and CT (HU) of the
+    same item; missing ones are skipped (the fallback zones are used). Sentences go to ``output_keys``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        lung_key: str | None = "lung",
+        zones_key: str | None = None,
+        image_key: str | None = None,
+        output_keys: KeysCollection = "text",
+        min_size: int = 5,
+        zone_fraction: float = 0.1,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.lung_key, self.zones_key, self.image_key = lung_key, zones_key, image_key
+        self.output_keys = ensure_tuple_rep(output_keys, len(self.keys))
+        self.findings = FindingsFromMask(min_size=min_size, zone_fraction=zone_fraction)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = self.findings(
+                d[key],
+                lung=d.get(self.lung_key) if self.lung_key else None,
+                affine=_affine_from(d, key),
+                zone_map=d.get(self.zones_key) if self.zones_key else None,
+                image=d.get(self.image_key) if self.image_key else None,
+            )
+        return d
+
+
+class LungZonesFromText(Transform):
+    """Finding sentence -> six-zone multi-hot float tensor in :data:`vocab.ZONES` order (seed 004 labels)."""
+
+    def __call__(self, text: str) -> torch.Tensor:
+        return torch.tensor(parse_finding(text).multi_hot, dtype=torch.float32)
+
+
+class LungZonesFromTextd(MapTransform):
+    """Dictionary version of :class:`LungZonesFromText`; writes ``output_keys`` (default ``"<key>_zones"``)."""
+
+    def __init__(
+        self, keys: KeysCollection = "text", output_keys: KeysCollection | None = None, allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        default = tuple(f"{k}_zones" for k in self.keys)
+        self.output_keys = ensure_tuple_rep(output_keys, len(self.keys)) if output_keys else default
+        self.to_zones = LungZonesFromText()
+
+    def __call__(self, data):
+        d = dict(data)
+        for key, out_key in self.key_iterator(d, self.output_keys):
+            d[out_key] = self.to_zones(d[key])
+        return d
