@@ -7,5 +7,6 @@ from .intensity import WINDOWS, HUWindow, HUWindowd
 from .slicing import SliceDataset, VolumeToSlices, VolumeToSlicesd, axial_axis, stack_slices
 from .text import TokenizeText, TokenizeTextd, decode_tokens
 
-# Findings <-> mask and lung regions (findings.py, lung_regions.py) are owned by other engineers;
-# re-export FindingsFromMask(d), LungZonesFromText(d), LungZones(d) here once those modules are committed.
+from .findings import FindingsFromMask, FindingsFromMaskd, LungZonesFromText, LungZonesFromTextd
+from .lung_mask import lung_mask_from_ct, split_left_right
+from .lung_regions import LungZones, LungZonesd, lung_zone_map
