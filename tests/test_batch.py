@@ -447,6 +447,9 @@ def test_monai_bundle_run_with_the_batch_overlay(tmp_path):
                     checkpoint=str(bundle / "models" / "threshold.json"), input_dir=str(tmp_path / "in"), output_dir=str(out))
         run(**args)
         assert json.loads((out / "summary.json").read_text())["counts"]["ok"] == 1
+        manifest = json.loads((out / "manifest.json").read_text())
+        sha = hashlib.sha256((bundle / "models" / "threshold.json").read_bytes()).hexdigest()
+        assert manifest["bundle"]["checkpoint"]["sha256"] == sha
         (tmp_path / "in" / "broken.nii.gz").write_text("not an image")
         with pytest.raises(RuntimeError) as failed:  # MONAI wraps it: the process exits non-zero
             run(**args, resume=True)
