@@ -717,7 +717,7 @@ _ZONE_COLOURS = np.array([  # upper/middle/lower left, then right: light blue-gr
 
 
 def render_preview(dataset_dir: str | os.PathLike, out_png: str | os.PathLike, case_id: str | None = None) -> Path:
-    """A PNG of one case (default: the one with most lesions): three axial slices (upper/middle/lower
+    """A PNG of one case (default: the CT-1..CT-3 case with most lesions): three axial slices (upper/middle/lower
     lung) and a coronal one in a lung window, zones tinted, lesions outlined red, the finding as caption."""
     import matplotlib
 
@@ -729,7 +729,10 @@ def render_preview(dataset_dir: str | os.PathLike, out_png: str | os.PathLike, c
         metas = [json.loads(p.read_text()) for p in sorted((root / "cases").glob("*.json"))]
         if not metas:
             raise FileNotFoundError(f"{root}: no cases/*.json; is this a phantom dataset?")
-        case_id = max(metas, key=lambda m: (m["n_areas"], len(m["zones"])))["case_id"]  # most to look at
+        # a moderate case shows both lesions and normal lung (a CT-4 one is lesion almost everywhere);
+        # among those, the one with most separate lesions gives most to look at
+        moderate = [m for m in metas if m["severity"] in ("CT-1", "CT-2", "CT-3")] or metas
+        case_id = max(moderate, key=lambda m: (m["n_areas"], len(m["zones"])))["case_id"]
     meta = json.loads((root / "cases" / f"{case_id}.json").read_text())
     img = nib.load(root / "imagesTr" / f"{case_id}.nii.gz")
     # view in RAS voxel order; display code below then only has to flip
