@@ -1,0 +1,343 @@
+"""Interactive 3D lesion segmentation + structured attribute report (seed 001, Gu et al., MICCAI 2025).
+
+``LesionPromptNet`` = Vision-Prompt Hybrid Token Encode module (ViT image encoder E_I, point prompt
+encoder E_P with feature-space K-means point refinement, hybrid token encoder E_H) + Synergistic Task
+Integration Decode module (mask head H_seg, attribute head H_attr, inter-task feature synergy, eq. 3).
+
+The image side (``encode_image``) and the prompt side (``decode``) are separate calls so an interactive
+session encodes the ROI once and reruns only ``decode`` per click (see benchmarks/bench_click_latency.py).
+
+The paper gives no sizes. The ``paper`` configuration takes SAM-Med3D's ViT-B (128³ ROI, 16³ patches,
+768-wide, 12 blocks, global attention at 2/5/8/11, 384-wide prompt/decoder side), the closest published
+3D SAM, which the paper compares against; the ViT window, the K-means k and window p and the head
+depths are our choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import MLPBlock, TransformerBlock, UpSample
+from monai.networks.nets.vista3d import MLP, TwoWayTransformer
+from monai.utils import ensure_tuple_rep
+from torch import nn
+
+from segreport.networks.blocks.prompt import PAD_LABEL, PromptEncoder3D, kmeans_refine_points
+from segreport.networks.blocks.vit3d import ViTImageEncoder3D, channel_layer_norm_3d, self_attention_block
+from segreport.vocab import ATTRIBUTE_NUM_CLASSES
+
+__all__ = ["LesionPromptNet", "InterTaskSynergy", "AttributeHead", "CONFIGS"]
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # for tests and CPU smoke runs: 32³ ROI, 8³ token grid, 32-wide, 2 layers everywhere
+    "tiny": dict(
+        img_size=32, patch_size=4, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, window_size=4,
+        global_attn_indexes=(1,), embed_dim=32, mask_in_chans=16, token_depth=2, num_heads=2, mlp_dim=64,
+        mask_head_depth=1, iou_head_hidden=32,
+    ),
+    # SAM-Med3D ViT-B sizes (see module docstring); a GPU configuration
+    "paper": dict(
+        img_size=128, patch_size=16, encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, window_size=4,
+        global_attn_indexes=(2, 5, 8, 11), embed_dim=384, mask_in_chans=16, token_depth=2, num_heads=8,
+        mlp_dim=2048, mask_head_depth=2, iou_head_hidden=256,
+    ),
+}
+
+
+class InterTaskSynergy(nn.Module):
+    """Eq. 3: Z_seg = Attn(M, Proj(A)), Z_attr = Attn(A, Proj(M)), both from the same M and A.
+
+    Proj maps each task's features into a shared ``dim``-wide space; Attn is multi-head cross-attention
+    (``nn.MultiheadAttention``, because it takes a key padding mask: padding prompt tokens in A must not
+    be attended to). Each output is residual + LayerNorm so an uninformative exchange cannot erase
+    the task's own features.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dim: int | None = None):
+        super().__init__()
+        dim = dim or embed_dim
+        self.proj_m = nn.Linear(embed_dim, dim)
+        self.proj_a = nn.Linear(embed_dim, dim)
+        self.attn_seg = nn.MultiheadAttention(embed_dim, num_heads, kdim=dim, vdim=dim, batch_first=True)
+        self.attn_attr = nn.MultiheadAttention(embed_dim, num_heads, kdim=dim, vdim=dim, batch_first=True)
+        self.norm_seg = nn.LayerNorm(embed_dim)
+        self.norm_attr = nn.LayerNorm(embed_dim)
+
+    def forward(
+        self, m: torch.Tensor, a: torch.Tensor, a_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """m: (B, M, C) mask tokens; a: (B, T, C) attribute tokens; a_valid: (B, T) bool."""
+        pa, pm = self.proj_a(a), self.proj_m(m)
+        z_seg = self.attn_seg(m, pa, pa, key_padding_mask=~a_valid, need_weights=False)[0]
+        z_attr = self.attn_attr(a, pm, pm, need_weights=False)[0]
+        return self.norm_seg(m + z_seg), self.norm_attr(a + z_attr)
+
+
+class AttributeHead(nn.Module):
+    """H_attr up to A: a residual MLP block, then self-attention over the hybrid tokens.
+
+    Padding prompt tokens are masked out of the attention keys (MONAI ``SABlock`` takes a (B, T) mask on
+    its non-fused path) so the attributes do not depend on how many padding slots a batch carries.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, mlp_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.residual_mlp = MLPBlock(embed_dim, mlp_dim)
+        self.self_attn = self_attention_block(embed_dim, mlp_dim, num_heads, use_flash_attention=False)
+
+    def forward(self, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        a = z + self.residual_mlp(self.norm(z))
+        return self.self_attn(a, attn_mask=valid)
+
+
+class AttributeClassifier(nn.Module):
+    """FCN(A): masked mean over the valid tokens, then one linear classifier per attribute group.
+
+    The paper writes a sigmoid multi-label layer, but every group in its Table 1 is a set of mutually
+    exclusive classes (a lesion has exactly one shape, one density ...) and eq. 6 is categorical CE,
+    so each group gets its own softmax classifier; argmax per group is the report.
+    """
+
+    def __init__(self, embed_dim: int, groups: Mapping[str, int]):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.heads = nn.ModuleDict({name: nn.Linear(embed_dim, n) for name, n in groups.items()})
+
+    def forward(self, a: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = valid.unsqueeze(-1).to(a.dtype)
+        pooled = self.norm((a * w).sum(1) / w.sum(1).clamp(min=1))
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+
+class LesionPromptNet(nn.Module):
+    """Click-prompted 3D lesion segmentation with structured attributes (seed 001).
+
+    Args:
+        img_size: ROI size (D, H, W) the model takes; inputs are (B, in_channels, *img_size).
+        in_channels: image channels.
+        patch_size: ViT patch size; the image embedding grid is img_size / patch_size.
+        encoder_embed_dim, encoder_depth, encoder_num_heads, mlp_ratio: ViT width, blocks, heads.
+        window_size: local attention window (in tokens) of the non-global ViT blocks; 0 = all global.
+        global_attn_indexes: ViT blocks with global attention.
+        embed_dim: image-embedding / prompt / token width (the ViT neck projects to it).
+        mask_in_chans: hidden channels of the mask-prompt downscaler.
+        token_depth: two-way transformer layers of the hybrid token encoder E_H.
+        num_heads, mlp_dim: heads and MLP width of E_H, the heads and the synergy block.
+        mask_head_depth: transformer layers in which the mask tokens attend to the hybrid tokens (H_seg).
+        num_multimask_outputs: extra mask tokens for SAM-style ambiguity-aware output (0 = single mask).
+        iou_head_hidden: hidden width of the IoU prediction MLP.
+        attribute_groups: {group: number of classes}; default the five groups of ``segreport.vocab``.
+        point_refinement: enable feature-space K-means point refinement (eq. 1-2).
+        refine_window, refine_k, refine_iters: window p (in feature cells), clusters k, Lloyd steps.
+        synergy: enable inter-task feature synergy (eq. 3).
+        dropout_rate: ViT dropout.
+    """
+
+    def __init__(
+        self,
+        img_size: Sequence[int] | int = 128,
+        in_channels: int = 1,
+        patch_size: Sequence[int] | int = 16,
+        encoder_embed_dim: int = 768,
+        encoder_depth: int = 12,
+        encoder_num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        window_size: int = 4,
+        global_attn_indexes: Sequence[int] = (2, 5, 8, 11),
+        embed_dim: int = 384,
+        mask_in_chans: int = 16,
+        token_depth: int = 2,
+        num_heads: int = 8,
+        mlp_dim: int = 2048,
+        mask_head_depth: int = 2,
+        num_multimask_outputs: int = 0,
+        iou_head_hidden: int = 256,
+        attribute_groups: Mapping[str, int] | None = None,
+        point_refinement: bool = True,
+        refine_window: int = 3,
+        refine_k: int = 3,
+        refine_iters: int = 5,
+        synergy: bool = True,
+        dropout_rate: float = 0.0,
+    ):
+        super().__init__()
+        if embed_dim % 8:
+            raise ValueError(f"embed_dim must be a multiple of 8 (upscaling to embed_dim/8), got {embed_dim}")
+        self.img_size = ensure_tuple_rep(img_size, 3)
+        self.point_refinement = point_refinement
+        self.refine_window, self.refine_k, self.refine_iters = refine_window, refine_k, refine_iters
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.attribute_groups = dict(ATTRIBUTE_NUM_CLASSES if attribute_groups is None else attribute_groups)
+
+        # --- Vision-Prompt Hybrid Token Encode module
+        self.image_encoder = ViTImageEncoder3D(
+            img_size=self.img_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=encoder_embed_dim,
+            depth=encoder_depth,
+            num_heads=encoder_num_heads,
+            mlp_ratio=mlp_ratio,
+            window_size=window_size,
+            global_attn_indexes=global_attn_indexes,
+            out_channels=embed_dim,
+            dropout_rate=dropout_rate,
+        )
+        self.grid_size = self.image_encoder.grid_size
+        self.prompt_encoder = PromptEncoder3D(embed_dim, self.grid_size, self.img_size, mask_in_chans)
+        self.iou_token = nn.Embedding(1, embed_dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, embed_dim)
+        # E_H: SAM's two-way transformer (token self-attn, token->image and image->token cross-attn),
+        # reused from MONAI's VISTA3D port
+        self.token_encoder = TwoWayTransformer(
+            depth=token_depth, embedding_dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim
+        )
+
+        # --- Synergistic Task Integration Decode module
+        # H_seg: mask tokens attend to the hybrid tokens Z (prompt/IoU/mask tokens + image tokens)
+        self.mask_head_layers = nn.ModuleList(
+            TransformerBlock(embed_dim, mlp_dim, num_heads, with_cross_attention=True, use_flash_attention=True)
+            for _ in range(mask_head_depth)
+        )
+        self.attribute_head = AttributeHead(embed_dim, num_heads, mlp_dim)
+        self.synergy = InterTaskSynergy(embed_dim, num_heads) if synergy else None
+        # SAM's x4 upscaling of the image embedding (two stride-2 transposed convs) for the hypernetwork
+        self.output_upscaling = nn.Sequential(
+            UpSample(3, embed_dim, embed_dim // 4, scale_factor=2, mode="deconv"),
+            channel_layer_norm_3d(embed_dim // 4),
+            nn.GELU(),
+            UpSample(3, embed_dim // 4, embed_dim // 8, scale_factor=2, mode="deconv"),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(embed_dim, embed_dim, embed_dim // 8, 3) for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(embed_dim, iou_head_hidden, self.num_mask_tokens, 3)
+        self.attribute_classifier = AttributeClassifier(embed_dim, self.attribute_groups)
+
+    # ------------------------------------------------------------------ configurations
+    @classmethod
+    def from_config(cls, name: str, **overrides: Any) -> LesionPromptNet:
+        """Build a named configuration (``"tiny"`` or ``"paper"``), any argument overridable."""
+        if name not in CONFIGS:
+            raise ValueError(f"unknown LesionPromptNet config {name!r}; choose from {sorted(CONFIGS)}")
+        return cls(**{**CONFIGS[name], **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> LesionPromptNet:
+        return cls.from_config("tiny", **overrides)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> LesionPromptNet:
+        return cls.from_config("paper", **overrides)
+
+    # ------------------------------------------------------------------ API
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """E_I: (B, in_channels, *img_size) -> image embedding (B, embed_dim, *grid_size). Cache it per ROI."""
+        return self.image_encoder(image)
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        mask_prompt: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> dict[str, Any]:
+        """Prompt side: embedding + clicks (+ previous mask) -> mask, IoU and attribute predictions.
+
+        Args:
+            embedding: output of ``encode_image``; a batch of 1 is shared by all prompt sets.
+            points: (B, N, 3) ROI voxel coordinates along (D, H, W); None or N=0 for no clicks.
+            point_labels: (B, N): 1 positive, 0 negative, -1 padding (all -1 = no clicks).
+            mask_prompt: previous ``low_res_logits`` (B, 1, 4d, 4h, 4w), or a mask at any size.
+            multimask_output: return the ``num_multimask_outputs`` ambiguity masks instead of the single one.
+
+        Returns:
+            dict with ``mask_logits`` (B, M, *img_size), ``low_res_logits`` (B, M, 4d, 4h, 4w),
+            ``iou_pred`` (B, M), ``attr_logits`` {group: (B, classes)}, and ``points``/``point_labels``:
+            the prompts actually encoded (clicks, then k refined points per click).
+        """
+        points, point_labels = self._prepare_points(embedding, points, point_labels, mask_prompt)
+        b = points.shape[0]
+        if embedding.shape[0] != b:
+            embedding = embedding.expand(b, -1, -1, -1, -1)
+        if self.point_refinement:
+            extra, extra_labels = kmeans_refine_points(
+                embedding, points, point_labels, self.img_size, self.refine_window, self.refine_k, self.refine_iters
+            )
+            points, point_labels = torch.cat([points, extra], 1), torch.cat([point_labels, extra_labels], 1)
+
+        # E_H: hybrid tokens Z from [IoU token, mask tokens, prompt tokens] and the image tokens
+        sparse = self.prompt_encoder.embed_points(points, point_labels)
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight]).unsqueeze(0).expand(b, -1, -1)
+        tokens = torch.cat([output_tokens, sparse], 1)
+        src = embedding + self.prompt_encoder.embed_masks(mask_prompt, b)
+        pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1, -1)
+        hs, img = self.token_encoder(src, pos, tokens)  # (B, T, C), (B, d*h*w, C)
+        valid = torch.cat([torch.ones_like(output_tokens[..., 0], dtype=torch.bool), point_labels != PAD_LABEL], 1)
+
+        # H_seg: M = H_seg(M0, Z)
+        m = hs[:, 1 : 1 + self.num_mask_tokens]
+        context = torch.cat([hs, img + pos.flatten(2).transpose(1, 2)], 1)
+        for layer in self.mask_head_layers:
+            m = layer(m, context=context)
+        # H_attr: A = H_attr(Z) over the hybrid tokens
+        a = self.attribute_head(hs, valid)
+        if self.synergy is not None:
+            m, a = self.synergy(m, a, valid)
+
+        # mask: hypernetwork weights from the mask tokens x upscaled image embedding
+        d, h, w = self.grid_size
+        upscaled = self.output_upscaling(img.transpose(1, 2).reshape(b, -1, d, h, w))
+        hyper = torch.stack([mlp(m[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
+        low_res = (hyper @ upscaled.flatten(2)).reshape(b, self.num_mask_tokens, *upscaled.shape[2:])
+        iou_pred = self.iou_prediction_head(hs[:, 0])
+
+        sel = slice(1, None) if multimask_output and self.num_mask_tokens > 1 else slice(0, 1)
+        low_res, iou_pred = low_res[:, sel], iou_pred[:, sel]
+        if tuple(low_res.shape[2:]) == self.img_size:
+            mask_logits = low_res
+        else:
+            mask_logits = F.interpolate(low_res, size=self.img_size, mode="trilinear", align_corners=False)
+        return {
+            "mask_logits": mask_logits,
+            "low_res_logits": low_res,
+            "iou_pred": iou_pred,
+            "attr_logits": self.attribute_classifier(a, valid),
+            "points": points,
+            "point_labels": point_labels,
+        }
+
+    def forward(
+        self,
+        image: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        mask_prompt: torch.Tensor | None = None,
+        multimask_output: bool = False,
+    ) -> dict[str, Any]:
+        """``decode(encode_image(image), ...)``."""
+        return self.decode(self.encode_image(image), points, point_labels, mask_prompt, multimask_output)
+
+    def _prepare_points(
+        self,
+        embedding: torch.Tensor,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        mask_prompt: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalise the click inputs to float (B, N, 3) / long (B, N); no clicks -> N = 0."""
+        if (points is None) != (labels is None):
+            raise ValueError("give both points and point_labels, or neither")
+        if points is None:
+            b = mask_prompt.shape[0] if mask_prompt is not None else embedding.shape[0]
+            points = embedding.new_zeros((b, 0, 3))
+            labels = torch.zeros((b, 0), dtype=torch.long, device=embedding.device)
+        if embedding.shape[0] not in (1, points.shape[0]):
+            raise ValueError(f"embedding batch {embedding.shape[0]} does not match points batch {points.shape[0]}")
+        return points.to(embedding.dtype), labels.long()
