@@ -119,12 +119,14 @@ def save_preview(
         inst = _display(_instance_plane(instances, box, image.shape, axis, k), in_plane, ornt)
         ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         if inst.any():
+            # a faint fill keeps one-voxel lesions visible, where an outline has nothing to go round
+            ax.imshow(np.ma.masked_equal(inst > 0, False), cmap="autumn", alpha=0.25, aspect=aspect,
+                      interpolation="nearest")
             ax.contour(inst > 0, levels=[0.5], colors="#ff3030", linewidths=1.0)
-            # each lesion's report id just above-right of its outline, so the number hides no lesion
-            for i, box2d in enumerate(ndimage.find_objects(inst), start=1):
-                if box2d is not None:
-                    ax.text(box2d[1].stop + 0.5, box2d[0].start - 0.5, str(i), color="yellow", fontsize=8,
-                            ha="left", va="bottom", fontweight="bold")
+            # each lesion's report id just above its topmost voxel, so the number hides no lesion
+            for i in np.unique(inst[inst > 0]):
+                r, c = np.argwhere(inst == i)[0]
+                ax.text(c + 1, r - 1, str(i), color="yellow", fontsize=8, ha="left", va="bottom", fontweight="bold")
         ax.set_title(f"slice {k}   z {slice_z(k):+.0f} mm", color="white", fontsize=8)
         for text, x, y in (("R", 0.03, 0.5), ("L", 0.97, 0.5), ("A", 0.5, 0.96)):
             ax.text(x, y, text, color="#80c0ff", fontsize=8, ha="center", va="center", transform=ax.transAxes)
