@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--cases", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--epochs-3d", type=int, default=4)
     p.add_argument("--skip-3d", action="store_true")
     a = p.parse_args(argv)

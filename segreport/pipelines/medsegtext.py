@@ -396,11 +396,14 @@ class MedSegTextPredictor:
     name = "medsegtext"
 
     def __init__(self, network, tokenizer, checkpoint: str | None = None, device: str = "cpu", image_size: int = 224,
-                 batch_size: int = 16, max_length: int = 50, beam_size: int = 1, threshold: float = 0.5, bf16: bool = False):
+                 batch_size: int = 16, max_length: int = 50, beam_size: int = 1, threshold: float = 0.5, bf16: bool = False,
+                 checkpoint_path: str | None = None):
+        """``checkpoint`` loads weights into ``network``; ``checkpoint_path`` only records where weights
+        already loaded (e.g. by ``MedSegText.from_checkpoint``) came from, for the run manifest's hash."""
         self.device = torch.device(device)
         self.network = load_network(network, checkpoint, self.device)
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        self.checkpoint_path = checkpoint
+        self.checkpoint_path = checkpoint or checkpoint_path
         self.image_size, self.batch_size = image_size, batch_size
         self.max_length, self.beam_size, self.threshold, self.bf16 = max_length, beam_size, threshold, bf16
 
