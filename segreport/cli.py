@@ -21,8 +21,11 @@ def _synth(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs=3, default=(192, 192, 48), metavar=("X", "Y", "Z"))
     p.add_argument("--preview", default=None, help="preview PNG path (default: OUT/preview.png)")
+    p.add_argument("--slices", choices=("lung", "lesion"), default="lung",
+                   help="2D export: every lung slice (default; lesion-free ones read 'No pulmonary infection.') "
+                        "or lesion slices only, as MosMedData+")
     a = p.parse_args(argv)
-    summary = phantom.generate_dataset(a.out, n_cases=a.cases, seed=a.seed, shape=tuple(a.shape))
+    summary = phantom.generate_dataset(a.out, n_cases=a.cases, seed=a.seed, shape=tuple(a.shape), slice_filter=a.slices)
     preview = a.preview or f"{a.out}/preview.png"
     phantom.render_preview(a.out, preview)
     print(json.dumps(summary, indent=2, default=str))

@@ -54,7 +54,9 @@ def prepare_data(dataset_dir: str | os.PathLike, n_cases: int = 40, seed: int = 
     root = Path(dataset_dir)
     if not (root / "dataset.json").is_file() and not any(root.glob("*_Folder")):
         log.info("no dataset in %s: generating the synthetic chest-CT phantom (%d cases)", root, n_cases)
-        phantom.generate_dataset(root, n_cases=n_cases, seed=seed, shape=tuple(shape))
+        # lesion-free lung slices too ("No pulmonary infection."): a model run over whole volumes must
+        # have seen them, or it finds lesions on every slice (MosMedData+ itself has lesion slices only)
+        phantom.generate_dataset(root, n_cases=n_cases, seed=seed, shape=tuple(shape), slice_filter="lung")
     return str(root)
 
 
