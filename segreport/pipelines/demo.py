@@ -28,6 +28,16 @@ def _step(title: str):
     return time.perf_counter()
 
 
+def _showcase_volume(data_dir: Path) -> Path:
+    """A held-out test case with lesions (CT-1..CT-3), so the inference output has something to show."""
+    test = json.loads((data_dir / "splits.json").read_text()).get("test", [])
+    for case_id in test:
+        meta = json.loads((data_dir / "cases" / f"{case_id}.json").read_text())
+        if meta["severity"] in ("CT-1", "CT-2", "CT-3"):
+            return data_dir / "imagesTr" / f"{case_id}.nii.gz"
+    return data_dir / "imagesTr" / f"{test[0] if test else 'case_0000'}.nii.gz"
+
+
 def run_medsegtext(out: Path, data_dir: Path, epochs: int) -> dict:
     from monai.bundle import run
 
@@ -40,7 +50,7 @@ def run_medsegtext(out: Path, data_dir: Path, epochs: int) -> dict:
     run("evaluating", config_file=_configs("medsegtext", "train.yaml", "evaluate.yaml"), **common)
     metrics = json.loads((bundle_out / "eval" / "metrics.json").read_text())
     _step("MedSegText: inference on one CT volume")
-    volume = sorted((data_dir / "imagesTr").glob("*.nii.gz"))[-1]
+    volume = _showcase_volume(data_dir)
     run("inferring", config_file=_configs("medsegtext", "inference.yaml"), bundle_root=str(BUNDLES / "medsegtext"),
         output_dir=str(bundle_out), input_image=str(volume))
     return {"metrics": metrics, "outputs": str(bundle_out), "volume": str(volume)}
