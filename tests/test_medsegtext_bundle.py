@@ -110,3 +110,17 @@ def test_checkpoint_from_other_configuration_is_refused(trained):
     other = MedSegText.from_config("tiny", vocab_size=7, pad_id=0, bos_id=1, eos_id=2)
     with pytest.raises(ValueError, match="vocabulary"):
         other.load_checkpoint(out / "models" / "model_final.pt")
+
+
+def test_remove_small_lesions_uses_millilitres_not_voxels():
+    from segreport.pipelines.medsegtext import remove_small_lesions
+
+    mask = np.zeros((20, 20, 10), bool)
+    mask[2:6, 2:6, 2:6] = True  # 64 voxels
+    mask[12:14, 12:14, 2:4] = True  # 8 voxels
+    coarse = np.diag([2.0, 2.0, 5.0, 1.0])  # 20 mm^3 per voxel: 1.28 mL and 0.16 mL
+    out = remove_small_lesions(mask, coarse, min_ml=0.5)
+    assert out[3, 3, 3] == 1 and out[12, 12, 2] == 0
+    fine = np.diag([0.5, 0.5, 0.5, 1.0])  # the same voxels are now tiny: both go
+    assert not remove_small_lesions(mask, fine, min_ml=0.5).any()
+    assert remove_small_lesions(mask, coarse, min_ml=0).sum() == mask.sum()

@@ -386,6 +386,22 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 # -------------------------------------------------------------------------- volume inference
+def remove_small_lesions(mask: np.ndarray, affine: np.ndarray, min_ml: float) -> np.ndarray:
+    """Drop connected components smaller than ``min_ml`` millilitres (slice-wise models leave specks that
+    would each count as an "infected area"); a volume threshold, so it means the same at any spacing."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if min_ml <= 0 or not mask.any():
+        return mask.astype(np.uint8)
+    voxel_ml = abs(np.linalg.det(np.asarray(affine)[:3, :3])) / 1000.0
+    labels, n = ndimage.label(mask, np.ones((3,) * mask.ndim))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml
+    keep = sizes >= min_ml
+    keep[0] = False
+    return keep[labels].astype(np.uint8)
+
+
 class MedSegTextPredictor:
     """Slice-wise MedSegText on a 3D CT volume -> mask on the input grid + findings.
 
@@ -399,7 +415,7 @@ class MedSegTextPredictor:
 
     def __init__(self, network, tokenizer, checkpoint: str | None = None, device: str = "cpu", image_size: int = 224,
                  batch_size: int = 16, max_length: int = 50, beam_size: int = 1, threshold: float = 0.5, bf16: bool = False,
-                 checkpoint_path: str | None = None):
+                 checkpoint_path: str | None = None, min_lesion_ml: float = 0.5):
         """``checkpoint`` loads weights into ``network``; ``checkpoint_path`` only records where weights
         already loaded (e.g. by ``MedSegText.from_checkpoint``) came from, for the run manifest's hash."""
         self.device = torch.device(device)
@@ -408,6 +424,7 @@ class MedSegTextPredictor:
         self.checkpoint_path = checkpoint or checkpoint_path
         self.image_size, self.batch_size = image_size, batch_size
         self.max_length, self.beam_size, self.threshold, self.bf16 = max_length, beam_size, threshold, bf16
+        self.min_lesion_ml = min_lesion_ml
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None) -> Prediction:
@@ -429,7 +446,7 @@ class MedSegTextPredictor:
             if "tokens" in out:
                 for i, t in enumerate(decode_tokens(self.tokenizer, out["tokens"])):
                     texts[start + i] = t
-        mask = np.moveaxis((prob > self.threshold).astype(np.uint8), 0, axis)
+        mask = remove_small_lesions(np.moveaxis(prob > self.threshold, 0, axis), affine, self.min_lesion_ml)
         lung = split_left_right(lung_mask_from_ct(image), affine)
         case_finding = FindingsFromMask()(mask, lung, affine=affine)
         lesion_slices = [k for k in range(n) if np.take(mask, k, axis=axis).any()]
