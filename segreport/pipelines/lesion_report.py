@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.config import KeysCollection
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
 from monai.engines import PrepareBatch
 from monai.inferers import Inferer
-from monai.networks.nets import UNet, Classifier
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -65,6 +65,7 @@ from ..losses.lesion_report import LesionReportLoss
 from ..metrics.attributes import attribute_accuracy
 from ..metrics.segmentation import dice as dice_score, hd95
 from ..data.io import spacing_from_affine
+from ..networks.baselines3d import AttributeCNN, unet_baseline
 from ..networks.lesion_prompt import LesionPromptNet
 from ..transforms.attributes import IGNORE_INDEX, encode_attribute, encode_attributes
 from ..transforms.clicks import PAD_LABEL, interior_distance, sample_click
@@ -227,7 +228,10 @@ def load_datalists(
     if (root / "dataset.json").is_file():
         items = readers.read_msd(root / "dataset.json")
     else:
-        items = readers.read_nifti_folder(root / "imagesTr", root / "labelsTr")
+        images = sorted((root / "imagesTr").glob("*.nii*"))
+        # identical image/label names (MSD style, e.g. case_0000.nii.gz in both): no nnU-Net channel suffix
+        same_names = bool(images) and all((root / "labelsTr" / p.name).is_file() for p in images)
+        items = readers.read_nifti_folder(root / "imagesTr", root / "labelsTr", channel_suffix="" if same_names else "_0000")
         lesions_dir = root / "lesionsTr"
         for item in items:
             found = sorted(lesions_dir.glob(f"{item['case_id']}.nii*")) if lesions_dir.is_dir() else []
@@ -437,36 +441,23 @@ def make_loader(dataset, batch_size: int = 4, shuffle: bool = False, num_workers
 
 
 # ===================================================================================== networks
-class UNetBaseline(nn.Module):
-    """Seg-only baseline of Table 2: MONAI's 3D U-Net on the same ROI, no clicks, no attributes."""
+class DictOutput(nn.Module):
+    """Names a baseline's output like ``LesionPromptNet``'s (``mask_logits`` / ``attr_logits``), so the
+    loss, the click inferer (which just calls a network without ``decode``) and evaluation take any model."""
 
-    CONFIGS = {"tiny": dict(channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=1),
-               "paper": dict(channels=(32, 64, 128, 256, 320), strides=(2, 2, 2, 2), num_res_units=2)}
-
-    def __init__(self, config: str = "tiny", in_channels: int = 1):
+    def __init__(self, net: nn.Module, key: str):
         super().__init__()
-        self.unet = UNet(spatial_dims=3, in_channels=in_channels, out_channels=1, **self.CONFIGS[config])
+        self.net, self.key = net, key
 
     def forward(self, image: torch.Tensor) -> dict:
-        return {"mask_logits": self.unet(image)}
+        return {self.key: self.net(image)}
 
 
-class CNNAttributeBaseline(nn.Module):
-    """Attribute-only baseline of Table 3 ("Baseline(CNN)"): a 3D CNN classifier (MONAI ``Classifier``,
-    strided residual units) on the lesion ROI, one logit block per attribute group."""
-
-    CONFIGS = {"tiny": dict(channels=(8, 16, 32, 64), strides=(2, 2, 2, 2), num_res_units=1),
-               "paper": dict(channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2, 2), num_res_units=2)}
-
-    def __init__(self, roi_size: int | Sequence[int] = 32, config: str = "tiny", in_channels: int = 1):
-        super().__init__()
-        roi = tuple(np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)).tolist())
-        self.widths = [ATTRIBUTE_NUM_CLASSES[g] for g in ATTRIBUTE_NAMES]
-        self.cnn = Classifier(in_shape=(in_channels, *roi), classes=sum(self.widths), **self.CONFIGS[config])
-
-    def forward(self, image: torch.Tensor) -> dict:
-        logits = self.cnn(image).split(self.widths, dim=1)
-        return {"attr_logits": dict(zip(ATTRIBUTE_NAMES, logits))}
+# baseline sizes: "tiny" for CPU runs beside the tiny LesionPromptNet, "paper" = the modules' defaults
+BASELINE_CONFIGS = {
+    "unet": {"tiny": dict(features=(8, 8, 16, 32, 64, 8)), "paper": {}},
+    "cnn_attr": {"tiny": dict(block_inplanes=(8, 16, 32, 64)), "paper": {}},
+}
 
 
 MODELS = ("lesion_prompt", "unet", "cnn_attr")
@@ -483,7 +474,9 @@ def build_network(
     axcodes: str = "RAS",
     **overrides: Any,
 ) -> nn.Module:
-    """The bundle's network (``model``: ``lesion_prompt`` = seed 001's model, ``unet``, ``cnn_attr``).
+    """The bundle's network: ``lesion_prompt`` (seed 001's model) or a baseline of its comparison tables,
+    ``unet`` (Table 2, seg-only, no clicks) or ``cnn_attr`` (Table 3, attributes only), both from
+    :mod:`segreport.networks.baselines3d`.
 
     The full description (model, sizes, switches AND the pre-processing: spacing, window, axcodes)
     is kept on ``network.spec`` and saved inside every checkpoint (:class:`NetworkSpec`), so
@@ -495,9 +488,9 @@ def build_network(
         net = LesionPromptNet.from_config(config, img_size=int(roi_size), point_refinement=bool(point_refinement),
                                           synergy=bool(synergy), **overrides)
     elif model == "unet":
-        net = UNetBaseline(config, **overrides)
+        net = DictOutput(unet_baseline(**{**BASELINE_CONFIGS[model][config], **overrides}), "mask_logits")
     else:
-        net = CNNAttributeBaseline(int(roi_size), config, **overrides)
+        net = DictOutput(AttributeCNN(**{**BASELINE_CONFIGS[model][config], **overrides}), "attr_logits")
     net.spec = {
         "model": model, "config": config, "roi_size": int(roi_size), "point_refinement": bool(point_refinement),
         "synergy": bool(synergy), "spacing": [float(s) for s in spacing],
@@ -696,6 +689,11 @@ def _attribute_ce(logits: Mapping[str, torch.Tensor], targets: torch.Tensor) -> 
     return total, parts
 
 
+def engine_loss(output: Mapping) -> float:
+    """The trainer's loss for StatsHandler/TensorBoard (``from_engine`` yields a tuple for a dict output)."""
+    return float(output["loss"])
+
+
 def engine_output(output: Mapping) -> tuple[dict, dict]:
     """Engine output (not decollated) -> ``(pred, targets)`` for :class:`LesionReportScore`."""
     return output["pred"], output["label"]
@@ -705,35 +703,41 @@ class LesionReportScore(Metric):
     """Validation score for checkpoint selection: mean of lesion Dice and average attribute accuracy.
 
     Selecting on Dice alone would keep a model whose attribute head has collapsed (and vice versa);
-    a task a model does not have (U-Net: attributes; CNN: masks) is left out of the mean.
+    a task a model does not have (U-Net: attributes; CNN: masks) is left out of the mean. Kept as
+    sums, so ignite all-reduces them across ranks in distributed validation.
     """
 
+    @reinit__is_reduced
     def reset(self):
-        self.dices: list[float] = []
-        self.attr_pred: dict[str, list] = {g: [] for g in ATTRIBUTE_NAMES}
-        self.attr_true: list[np.ndarray] = []
+        self._dice_sum = torch.zeros((), dtype=torch.float64)
+        self._n_dice = torch.zeros((), dtype=torch.float64)
+        self._correct = torch.zeros(len(ATTRIBUTE_NAMES), dtype=torch.float64)
+        self._labelled = torch.zeros(len(ATTRIBUTE_NAMES), dtype=torch.float64)
 
+    @reinit__is_reduced
     def update(self, output):
         pred, targets = output
         if "mask_logits" in pred:
             p = (pred["mask_logits"][:, :1] > 0).cpu().numpy()
             g = (targets["label"] > 0.5).cpu().numpy()
-            self.dices += [dice_score(p[i, 0], g[i, 0]) for i in range(len(p))]
+            self._dice_sum += sum(dice_score(p[i, 0], g[i, 0]) for i in range(len(p)))
+            self._n_dice += len(p)
         if "attr_logits" in pred:
-            for group in ATTRIBUTE_NAMES:
-                self.attr_pred[group].append(pred["attr_logits"][group].argmax(-1).cpu().numpy())
-            self.attr_true.append(targets["attributes"].cpu().numpy())
+            true = targets["attributes"].cpu()
+            for i, group in enumerate(ATTRIBUTE_NAMES):
+                known = true[:, i] != IGNORE_INDEX
+                hit = pred["attr_logits"][group].argmax(-1).cpu() == true[:, i]
+                self._correct[i] += float((hit & known).sum())
+                self._labelled[i] += float(known.sum())
 
+    @sync_all_reduce("_dice_sum", "_n_dice", "_correct", "_labelled")
     def compute(self):
         parts = []
-        if self.dices:
-            parts.append(float(np.mean(self.dices)))
-        if self.attr_true:
-            true = np.concatenate(self.attr_true)
-            preds = {g: np.concatenate(v) for g, v in self.attr_pred.items()}
-            acc = attribute_accuracy(preds, {g: true[:, i] for i, g in enumerate(ATTRIBUTE_NAMES)})["average"]
-            if not math.isnan(acc):
-                parts.append(acc)
+        if self._n_dice > 0:
+            parts.append(float(self._dice_sum / self._n_dice))
+        labelled = self._labelled > 0
+        if labelled.any():  # mean over the groups that have labels, as attribute_accuracy's average
+            parts.append(float((self._correct[labelled] / self._labelled[labelled]).mean()))
         return float(np.mean(parts)) if parts else 0.0
 
 
@@ -783,15 +787,17 @@ def roi_to_original(roi_prob: torch.Tensor | np.ndarray, roi_affine, orig_affine
 def auto_roi_center(ct_hu: np.ndarray) -> tuple[np.ndarray, str]:
     """Where to put the ROI when nobody clicked: ``(IJK centre on the input grid, how it was found)``.
 
-    A coarse chest heuristic: inside the (hole-filled) lung mask, voxels denser than
-    ``LESION_DENSITY_HU`` (-500 HU) after a morphological opening (drops vessels and fissures) are
-    lesion candidates; the ROI goes to the centre of the largest candidate component. Without one,
-    to the centre of the lungs' bounding box; without lungs (not a chest scan), to the image centre.
+    A coarse chest heuristic: inside the (hole-filled) lung mask less a 2-voxel rim (partial volume
+    with the chest wall), voxels denser than ``LESION_DENSITY_HU`` (-500 HU) after a morphological
+    opening (drops vessels and fissures) are lesion candidates; the ROI goes to the centre of the
+    largest candidate component. Without one, to the centre of the lungs' bounding box; without
+    lungs (not a chest scan), to the image centre.
     """
     ct = np.asarray(ct_hu)
     lung = lung_mask_from_ct(ct)
     if lung.any():
-        candidates = ndimage.binary_opening(lung & (ct > LESION_DENSITY_HU), iterations=1)
+        core = ndimage.binary_erosion(lung, iterations=2)
+        candidates = ndimage.binary_opening(core & (ct > LESION_DENSITY_HU), iterations=1)
         components, n = ndimage.label(candidates, structure=_FULL_3D)
         if n:
             largest = components == int(np.argmax(np.bincount(components.ravel())[1:])) + 1
@@ -888,6 +894,7 @@ class InteractiveSession:
         self._roi_points: list[np.ndarray] = []
         self._embedding = self._prev_logits = None
         self._roi_affine = None
+        self._last: Prediction | None = None
         self.roi_center_source: str | None = None
 
     # ------------------------------------------------------------------------------ clicks
@@ -903,9 +910,10 @@ class InteractiveSession:
         if np.any(roi_pt < -0.5) or np.any(roi_pt > np.asarray(self.roi_size) - 0.5):
             log.warning("click %s lies outside the current ROI: ignored (reset() to start a new ROI)", ijk.tolist())
             self.ignored.append({"ijk": ijk.tolist(), "label": int(positive), "reason": "outside the ROI"})
-        else:
-            self.clicks.append((ijk, int(positive)))
-            self._roi_points.append(roi_pt)
+            self._last.extras["ignored_clicks"] = list(self.ignored)
+            return self._last  # nothing changed
+        self.clicks.append((ijk, int(positive)))
+        self._roi_points.append(roi_pt)
         return self._predict()
 
     def auto(self) -> Prediction:
@@ -955,7 +963,7 @@ class InteractiveSession:
         near = self.clicks[0][0] if self.clicks else map_points((np.asarray(self.roi_size) - 1) / 2, self._roi_affine, self.orig_affine)[0]
         anchor = interior_voxel(mask > 0, near)
         lesions = [] if anchor is None else [LesionAttributes(voxel=anchor, attributes=attrs)]
-        return Prediction(
+        self._last = Prediction(
             mask=mask,
             case_finding=attributes_sentence(attrs if anchor is not None else None),
             lesion_attributes=lesions,
@@ -967,6 +975,7 @@ class InteractiveSession:
                 "attributes": attrs,
             },
         )
+        return self._last
 
 
 class LesionReportPredictor:

@@ -1,0 +1,372 @@
+"""The interactive 3D lesion-report bundle (seed 001): data, click simulation, geometry, bad input, and
+train -> evaluate -> infer through MONAI's bundle runner on the tiny session phantom."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import segreport.pipelines.lesion_report as lr
+from segreport.errors import InputError
+from segreport.transforms.attributes import IGNORE_INDEX
+from segreport.vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "lesion_report_3d"
+CONFIGS = BUNDLE / "configs"
+# coarse spacing keeps the resampled phantom (96x96x24 at 3.2x3.2x10 mm) small; a 32³ ROI then spans 205 mm
+SPACING = [6.4, 6.4, 10.0]
+
+
+def _cfg(*names: str) -> list[str]:
+    return [str(CONFIGS / n) for n in names]
+
+
+# --------------------------------------------------------------------------------------- bundle files
+def test_metadata_validates_and_files_present(shared_data):
+    import jsonschema
+
+    schema = json.loads((shared_data / "monai_bundle_schema" / "meta_schema_20240725.json").read_text())
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    jsonschema.validate(meta, schema)
+    assert {"image", "points", "point_labels"} <= set(meta["network_data_format"]["inputs"])
+    for name in ("train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf",
+                 "train_unet_baseline.yaml", "train_cnn_attr_baseline.yaml", "ablation_vanilla.yaml",
+                 "ablation_refinement.yaml", "ablation_synergy.yaml", "ablation_full.yaml", "ablation_table.yaml"):
+        assert (CONFIGS / name).is_file(), name
+    assert (BUNDLE / "docs" / "README.md").is_file() and (BUNDLE / "LICENSE").is_file()
+
+
+@pytest.mark.parametrize("overlay, model, refinement, synergy", [
+    ("ablation_vanilla.yaml", "lesion_prompt", False, False),
+    ("ablation_refinement.yaml", "lesion_prompt", True, False),
+    ("ablation_synergy.yaml", "lesion_prompt", False, True),
+    ("ablation_full.yaml", "lesion_prompt", True, True),
+    ("train_unet_baseline.yaml", "unet", True, True),
+    ("train_cnn_attr_baseline.yaml", "cnn_attr", True, True),
+])
+def test_overlays_build_the_right_network(overlay, model, refinement, synergy):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(_cfg("train.yaml", overlay))
+    net = parser.get_parsed_content("network_def")
+    assert net.spec["model"] == model
+    if model == "lesion_prompt":
+        assert (net.point_refinement, net.synergy is not None) == (refinement, synergy)
+    # every overlay writes to its own folder, so runs never overwrite the default model
+    assert parser.get_parsed_content("output_dir") != parser.get_parsed_content("bundle_root") + "/outputs"
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_read_attribute_table_csv_missing_cell_and_errors(tmp_path):
+    table = tmp_path / "lesions.csv"
+    table.write_text(
+        "case_id,lesion_id,shape,invasion,density,heterogeneity,surface,lesion_type\n"
+        "a,1,round,no,hypo,homogenous,well-defined,cyst\n"
+        "a,2,irregular,yes,,heterogeneous,ill-defined,cyst\n"   # density not annotated
+        "b,,nodular,0,2,1,1,\n"                                  # case-level row, class indices
+    )
+    t = lr.read_attribute_table(table)
+    assert [r["id"] for r in t["a"]] == [1, 2] and t["b"][0]["id"] is None
+    assert t["a"][1]["density"] is None and t["a"][0]["lesion_type"] == "cyst"
+    target = lr.attribute_targets(t["a"], 2, "a")
+    assert target[ATTRIBUTE_NAMES.index("density")] == IGNORE_INDEX
+    assert target[ATTRIBUTE_NAMES.index("shape")] == ATTRIBUTE_GROUPS["shape"].index("irregular")
+    # the case-level row describes whatever lesion id the case's largest lesion has
+    assert lr.attribute_targets(t["b"], 7, "b").tolist() == [3, 0, 2, 1, 1]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("case_id,lesion_id,shape,invasion,density,heterogeneity,surface\na,1,triangular,no,hypo,homogeneous,well-defined\n")
+    with pytest.raises(InputError, match=r"bad\.csv: line 2: attribute 'shape': unknown value 'triangular'"):
+        lr.read_attribute_table(bad)
+    short = tmp_path / "short.csv"
+    short.write_text("case_id,shape\na,round\n")
+    with pytest.raises(InputError, match=r"missing column\(s\) \['invasion'"):
+        lr.read_attribute_table(short)
+
+
+def test_read_attribute_table_json_mapping(tmp_path):
+    path = tmp_path / "lesions.json"
+    path.write_text(json.dumps({"c": [{"id": 3, "shape": "round-like", "invasion": None, "density": "isodense",
+                                       "heterogeneity": "homogeneous", "surface": "well-defined"}]}))
+    t = lr.read_attribute_table(path)
+    assert t == {"c": [{"id": 3, "shape": "round-like", "invasion": None, "density": "isodense",
+                        "heterogeneity": "homogeneous", "surface": "well-defined"}]}
+
+
+def test_missing_attributes_become_ignore_index_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="segreport.lesion_report"):
+        target = lr.attribute_targets([{"id": 1, "shape": "round-like"}], 2, "case_x")
+    assert target.tolist() == [IGNORE_INDEX] * 5
+    assert "case_x lesion 2: no attributes" in caplog.text
+
+
+def test_select_lesion_uses_instances_then_components():
+    label = np.zeros((10, 10, 10), np.uint8)
+    inst = np.zeros_like(label)
+    inst[1:3, 1:3, 1:3] = 4  # 8 voxels
+    inst[5:9, 5:9, 5:9] = 2  # 64 voxels, the largest
+    label[inst > 0] = 1
+    mask, lesion_id = lr.select_lesion(label, inst)
+    assert lesion_id == 2 and mask.sum() == 64
+    mask, comp = lr.select_lesion(label)
+    assert comp == 2 and mask.sum() == 64  # second component in scan order
+    assert lr.select_lesion(np.zeros_like(label)) is None
+
+
+def test_nifti_folder_with_table_skips_lesion_free_case_with_reason(phantom_dir, tmp_path, caplog):
+    """A user dataset (imagesTr/labelsTr, no instance maps) + attribute CSV; an empty label is skipped and logged."""
+    cases = json.loads((phantom_dir / "dataset.json").read_text())["training"]
+    with_lesion = [c for c in cases if c["attributes"]][:4]
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    rows = ["case_id,lesion_id,shape,invasion,density,heterogeneity,surface"]
+    for c in with_lesion:
+        for sub in ("imagesTr", "labelsTr"):
+            shutil.copy(phantom_dir / c[{"imagesTr": "image", "labelsTr": "label"}[sub]], tmp_path / sub)
+        a = c["attributes"][0]
+        rows.append(",".join([c["case_id"], ""] + [a[g] for g in ATTRIBUTE_NAMES]))
+    empty = nib.load(tmp_path / "labelsTr" / f"{with_lesion[0]['case_id']}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(empty.shape, np.uint8), empty.affine), tmp_path / "labelsTr" / f"{with_lesion[0]['case_id']}.nii.gz")
+    (tmp_path / "attrs.csv").write_text("\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="segreport.lesion_report"):
+        dl = lr.load_datalists(tmp_path, attribute_table=tmp_path / "attrs.csv", ratios=(2, 1, 1))
+    assert dl["skipped"] == [{"case_id": with_lesion[0]["case_id"], "reason": "label has no lesion voxels (nothing to click on, no attributes)"}]
+    assert f"skipping case {with_lesion[0]['case_id']}" in caplog.text
+    used = {it["case_id"] for s in ("training", "validation", "test") for it in dl[s]}
+    assert used == {c["case_id"] for c in with_lesion[1:]}
+    item = lr.training_transforms(32, SPACING)(dict(dl["training"][0]))
+    assert item["image"].shape == (1, 32, 32, 32) and item["label"].sum() > 0
+    assert (item["attr_target"] >= 0).all()  # the case-level row was matched
+
+
+# ----------------------------------------------------------------------------------- click simulation
+class _StubNet(torch.nn.Module):
+    """Records the prompts; predicts ``fill`` everywhere (1 -> false positives, 0 -> false negatives)."""
+
+    def __init__(self, fill: float):
+        super().__init__()
+        self.fill, self.calls = fill, []
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def encode_image(self, image):
+        return image
+
+    def decode(self, embedding, points=None, point_labels=None, mask_prompt=None):
+        self.calls.append((points, point_labels, mask_prompt))
+        logits = torch.full_like(embedding, 10.0 if self.fill else -10.0) + self.w
+        return {"mask_logits": logits, "low_res_logits": logits, "attr_logits": {}}
+
+    def forward(self, image, points=None, point_labels=None, mask_prompt=None):
+        return self.decode(image, points, point_labels, mask_prompt)
+
+
+def _blob_batch():
+    label = torch.zeros(2, 1, 12, 12, 12)
+    label[:, :, 3:8, 4:9, 5:10] = 1
+    return torch.rand(2, 1, 12, 12, 12), label
+
+
+def test_click_simulation_first_positive_inside_then_corrections():
+    image, label = _blob_batch()
+    net = _StubNet(fill=1.0)  # everything predicted: the error is false positives -> negative clicks
+    out = lr.SimulatedClicksInferer(train=False, n_clicks=3)(image, net, label)
+    points, labels, mask_prompt = net.calls[-1]
+    assert labels.tolist() == [[1, 0, 0], [1, 0, 0]]
+    first = points[0, 0].long()
+    assert label[0, 0][tuple(first)] == 1  # the first click is inside the lesion
+    assert all(label[0, 0][tuple(p.long())] == 0 for p in points[0, 1:])  # corrections in the FP region
+    assert mask_prompt is not None and out["n_clicks"].tolist() == [3, 3]
+
+    net = _StubNet(fill=0.0)  # nothing predicted: false negatives -> positive clicks
+    lr.SimulatedClicksInferer(train=False, n_clicks=2)(image, net, label)
+    assert net.calls[-1][1].tolist() == [[1, 1], [1, 1]]
+
+
+def test_prompt_dropout_trains_without_clicks_and_never_starts_negative():
+    image, label = _blob_batch()
+    net = _StubNet(fill=1.0)
+    lr.SimulatedClicksInferer(train=True, max_rounds=0, prompt_dropout=1.0)(image, net, label)
+    assert net.calls[-1][0] is None and net.calls[-1][2] is None  # no click, no mask prompt
+    for seed in range(4):  # dropped samples get a POSITIVE first click in their first correction round
+        net = _StubNet(fill=1.0)
+        inf = lr.SimulatedClicksInferer(train=True, max_rounds=3, prompt_dropout=1.0, seed=seed)
+        inf(image, net, label)
+        labels = net.calls[-1][1]
+        if labels is not None:
+            assert (labels[:, 0] == 1).all()
+
+
+# ------------------------------------------------------------------------------------------- geometry
+def test_roi_to_original_equals_monai_inverse(phantom_dir):
+    """ROI -> original grid through affines == paste_back + inverting orientation/resampling (MONAI)."""
+    item = {"image": str(phantom_dir / "imagesTr" / "case_0000.nii.gz"), "label": str(phantom_dir / "labelsTr" / "case_0000.nii.gz")}
+    loaded = lr.load_transforms(select=False)(item)
+    spatial = lr.spatial_transforms(32, [2.0, 2.0, 4.0])
+    roi = spatial(dict(loaded))
+    theirs = spatial.inverse({"image": roi["image"], "label": roi["label"].float()})
+    shape = loaded["label"].shape[1:]
+    assert theirs["image"].shape[1:] == shape
+    np.testing.assert_allclose(np.asarray(theirs["image"].affine), np.asarray(loaded["image"].affine), atol=1e-6)
+    # the image went in bilinear, so MONAI's inverse is bilinear too: same values
+    ours = lr.roi_to_original(roi["image"][0], roi["image"].affine, loaded["image"].affine, shape)
+    np.testing.assert_allclose(ours, np.asarray(theirs["image"][0]), atol=1e-4)
+    # the label went in nearest (MONAI inverts it with nearest, we interpolate): masks agree up to ties at 0.5
+    ours = lr.roi_to_original(roi["label"][0].float(), roi["label"].affine, loaded["label"].affine, shape) > 0.5
+    ref = np.asarray(theirs["label"][0]) > 0.5
+    assert ours.sum() > 100 and (ours != ref).sum() <= 0.01 * ref.sum()
+
+
+def test_auto_roi_center_finds_dense_blob_in_lung():
+    ct = np.full((70, 60, 30), -1000.0, np.float32)
+    ct[5:65, 5:55, :] = 40.0  # body
+    ct[10:28, 10:50, 3:27] = -850.0  # right lung
+    ct[42:60, 10:50, 3:27] = -850.0  # left lung, a 14-voxel mediastinum between them
+    ct[48:56, 20:28, 10:18] = -100.0  # consolidation in the left lung
+    ct[12:26, 30, 5:25] = 40.0  # a vessel: thin, removed by the opening
+    center, source = lr.auto_roi_center(ct)
+    np.testing.assert_allclose(center, [51.5, 23.5, 13.5], atol=1.0)
+    assert "lesion-density component" in source
+    assert "image centre" in lr.auto_roi_center(np.zeros((8, 8, 8)))[1]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.fixture(scope="module")
+def untrained_predictor():
+    torch.manual_seed(0)
+    return lr.LesionReportPredictor(lr.build_network(spacing=SPACING))
+
+
+def _toy_ct(shape=(40, 44, 20)):
+    ct = np.full(shape, -850.0, np.float32)
+    ct[15:25, 15:25, 8:12] = -50.0
+    affine = np.diag([-3.0, -3.0, 8.0, 1.0])  # LPS storage
+    return ct, affine
+
+
+def test_click_outside_image_names_point_and_shape(untrained_predictor):
+    ct, affine = _toy_ct()
+    with pytest.raises(InputError, match=r"click point \[50\.0, 2\.0, 3\.0\] lies outside the image of shape \(40, 44, 20\)"):
+        untrained_predictor.predict(ct, affine, points=[[50, 2, 3]], point_labels=[1])
+    session = untrained_predictor.session()
+    session.set_image(ct, affine)
+    with pytest.raises(InputError, match=r"world point .* lies outside the image of shape \(40, 44, 20\)"):
+        session.click([1000.0, 0.0, 0.0], world=True)
+
+
+def test_negative_first_click_is_refused(untrained_predictor):
+    ct, affine = _toy_ct()
+    with pytest.raises(InputError, match="first click must be positive"):
+        untrained_predictor.predict(ct, affine, points=[[20, 20, 10]], point_labels=[0])
+
+
+def test_image_smaller_than_roi_is_padded(untrained_predictor):
+    ct, affine = _toy_ct((9, 7, 3))  # 27 x 21 x 24 mm, far less than the 32³ ROI at 6.4 x 6.4 x 10 mm
+    ct[3:6, 3:5, 1] = -50.0
+    pred = untrained_predictor.predict(ct, affine, points=[[4, 3, 1]], point_labels=[1])
+    assert pred.mask.shape == (9, 7, 3) and pred.mask.dtype == np.uint8
+    auto = untrained_predictor.predict(ct, affine)
+    assert auto.mask.shape == (9, 7, 3) and auto.extras["roi_center_source"].startswith("auto")
+
+
+def test_world_click_equals_ijk_click_and_embedding_is_cached(untrained_predictor):
+    ct, affine = _toy_ct()
+    a, b = untrained_predictor.session(), untrained_predictor.session()
+    a.set_image(ct, affine)
+    b.set_image(ct, affine)
+    pa = a.click([20, 20, 10])
+    world = (affine @ [20, 20, 10, 1])[:3]
+    pb = b.click(world, world=True)
+    np.testing.assert_array_equal(pa.mask, pb.mask)
+    a.click([22, 19, 10], positive=False)
+    p3 = a.click([18, 21, 9])
+    assert a.n_encodes == 1 and len(p3.extras["clicks"]) == 3  # three clicks, one image encoding
+    for group, att in p3.extras["attributes"].items():
+        assert abs(sum(att["probs"].values()) - 1.0) < 1e-3 and att["label"] in ATTRIBUTE_GROUPS[group]
+
+
+# --------------------------------------------------------------------------------- through the bundle
+@pytest.fixture(scope="module")
+def trained(phantom_dir, tmp_path_factory):
+    """One epoch of `monai.bundle run training`, then `evaluating`, exactly as the bundle README says."""
+    from monai.bundle import run
+
+    out = tmp_path_factory.mktemp("lesion_report_3d")
+    common = dict(bundle_root=str(BUNDLE), output_dir=str(out), dataset_dir=str(phantom_dir), spacing=SPACING,
+                  max_rounds=1, batch_size=2)
+    run("training", config_file=_cfg("train.yaml"), epochs=1, **common)
+    run("evaluating", config_file=_cfg("train.yaml", "evaluate.yaml"), max_clicks=3, **common)
+    return out
+
+
+def test_training_writes_checkpoints_with_spec_and_logs(trained):
+    for name in ("model.pt", "model_final.pt"):
+        state = torch.load(trained / "models" / name, weights_only=True)
+        assert set(state) == {"model", "spec"} and state["spec"]["spacing"] == SPACING
+    assert any((trained / "logs").iterdir())
+    net = lr.load_trained(trained / "models" / "model.pt")
+    assert net.spec["model"] == "lesion_prompt" and net.point_refinement and net.synergy is not None
+
+
+def test_evaluation_writes_metrics_curve_and_per_case(trained):
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    test = metrics["test"]
+    assert len(test["dice_per_click"]) == 4  # 0..3 clicks
+    assert 0.0 <= test["dice"] <= 1.0 and test["hd95_mm"] >= 0.0
+    assert set(test["attribute_accuracy"]) == set(ATTRIBUTE_NAMES)
+    assert 1 <= test["noc_85"] <= 3
+    assert metrics["skipped_cases"] and all(s["reason"] for s in metrics["skipped_cases"])
+    rows = list(csv.DictReader(open(trained / "eval" / "per_case.csv")))
+    assert len(rows) == test["n_cases"] and {"dice", "hd95_mm", "dice_roi_3", "noc_80", "shape_pred"} <= set(rows[0])
+    assert (trained / "eval" / "dice_vs_clicks.png").stat().st_size > 1000
+    assert list((trained / "eval" / "panels").glob("*.png"))
+
+
+def test_inference_bundle_returns_mask_on_input_grid_with_attributes(trained, phantom_dir, tmp_path):
+    from monai.bundle import run
+
+    volume = phantom_dir / "imagesTr" / "case_0000.nii.gz"
+    lesions = np.asarray(nib.load(phantom_dir / "lesionsTr" / "case_0000.nii.gz").dataobj)
+    click = np.argwhere(lesions == 1)[len(np.argwhere(lesions == 1)) // 2].tolist()
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({"case_0000": {"points": [click], "labels": [1]}}))
+    run("inferring", config_file=_cfg("inference.yaml"), bundle_root=str(BUNDLE), output_dir=str(trained),
+        input_image=str(volume), points=str(points), prediction_dir=str(tmp_path / "pred"))
+    seg = nib.load(tmp_path / "pred" / "case_0000_seg.nii.gz")
+    ref = nib.load(volume)
+    assert seg.shape == ref.shape
+    np.testing.assert_allclose(seg.affine, ref.affine, atol=1e-5)
+    report = json.loads((tmp_path / "pred" / "case_0000_report.json").read_text())
+    assert report["finding"].startswith("Shape:") or report["finding"] == "No lesion segmented."
+
+
+def test_evaluate_baselines_without_clicks(phantom_dir, tmp_path):
+    dl = lr.load_datalists(phantom_dir)
+    dl = {"test": dl["test"][:1]}
+    unet = lr.evaluate(lr.build_network("unet", spacing=SPACING), dl, tmp_path / "unet", splits=("test",))
+    assert "dice" in unet["test"] and "dice_per_click" not in unet["test"] and "attribute_accuracy" not in unet["test"]
+    cnn = lr.evaluate(lr.build_network("cnn_attr", spacing=SPACING), dl, tmp_path / "cnn", splits=("test",))
+    assert "dice" not in cnn["test"] and 0.0 <= cnn["test"]["attribute_accuracy_average"] <= 1.0
+
+
+def test_ablation_table_reads_eval_outputs(tmp_path):
+    for name, d in (("vanilla", 0.5), ("full", 0.6)):
+        folder = tmp_path / name / "eval"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"test": {
+            "dice": d, "hd95_mm": 4.0, "dice_per_click": [0.1, d, 0.6, 0.65, 0.7, 0.72],
+            "attribute_accuracy": {g: 0.7 for g in ATTRIBUTE_NAMES}, "attribute_accuracy_average": 0.7, "noc_85": 7.0}}))
+    rows = lr.write_ablation_table({"vanilla": tmp_path / "vanilla", "full": tmp_path / "full" / "eval"}, tmp_path / "table")
+    assert [r["method"] for r in rows] == ["vanilla", "full"] and rows[1]["dsc"] == 0.6 and rows[1]["dice_5_clicks"] == 0.72
+    assert "| test | full | 0.600 |" in (tmp_path / "table" / "ablation.md").read_text()
+    with pytest.raises(InputError, match="no metrics.json for ablation run 'missing'"):
+        lr.write_ablation_table({"missing": tmp_path / "nope"}, tmp_path / "table")
