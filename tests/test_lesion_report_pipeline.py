@@ -110,17 +110,26 @@ def test_missing_attributes_become_ignore_index_with_a_warning(caplog):
     assert "case_x lesion 2: no attributes" in caplog.text
 
 
-def test_select_lesion_uses_instances_then_components():
-    label = np.zeros((10, 10, 10), np.uint8)
+def test_select_lesiond_largest_or_requested_lesion_with_its_attributes():
+    label = np.zeros((1, 10, 10, 10), np.float32)
     inst = np.zeros_like(label)
-    inst[1:3, 1:3, 1:3] = 4  # 8 voxels
-    inst[5:9, 5:9, 5:9] = 2  # 64 voxels, the largest
+    inst[0, 1:3, 1:3, 1:3] = 4  # 8 voxels
+    inst[0, 5:9, 5:9, 5:9] = 2  # 64 voxels, the largest
     label[inst > 0] = 1
-    mask, lesion_id = lr.select_lesion(label, inst)
-    assert lesion_id == 2 and mask.sum() == 64
-    mask, comp = lr.select_lesion(label)
-    assert comp == 2 and mask.sum() == 64  # second component in scan order
-    assert lr.select_lesion(np.zeros_like(label)) is None
+    attrs = [{"id": 4, "shape": "punctate/nodular", "invasion": "no", "density": "hyperdense",
+              "heterogeneity": "homogeneous", "surface": "well-defined"},
+             {"id": None, "shape": "irregular", "invasion": "yes", "density": "hypodense",
+              "heterogeneity": "heterogeneous", "surface": "ill-defined"}]  # case-level: the largest lesion
+    select = lr.SelectLesiond("label")
+    d = select({"label": torch.from_numpy(label), "lesions": torch.from_numpy(inst), "attributes": attrs})
+    assert d["lesion_id"] == 2 and d["label"].sum() == 64 and "lesions" not in d
+    assert d["attr_target"].tolist() == [1, 1, 0, 1, 1]
+    d = select({"label": torch.from_numpy(label), "lesions": torch.from_numpy(inst), "attributes": attrs, "lesion_id": 4})
+    assert d["label"].sum() == 8 and d["attr_target"].tolist() == [3, 0, 2, 0, 0]
+    d = select({"label": torch.from_numpy(label)})  # no instance map: components in scan order
+    assert d["lesion_id"] == 2 and d["label"].sum() == 64 and (d["attr_target"] == IGNORE_INDEX).all()
+    with pytest.raises(InputError, match="label has no lesion voxels"):
+        select({"label": torch.zeros(1, 4, 4, 4)})
 
 
 def test_nifti_folder_with_table_skips_lesion_free_case_with_reason(phantom_dir, tmp_path, caplog):
@@ -147,6 +156,22 @@ def test_nifti_folder_with_table_skips_lesion_free_case_with_reason(phantom_dir,
     item = lr.training_transforms(32, SPACING)(dict(dl["training"][0]))
     assert item["image"].shape == (1, 32, 32, 32) and item["label"].sum() > 0
     assert (item["attr_target"] >= 0).all()  # the case-level row was matched
+
+
+def test_all_lesions_gives_one_item_per_lesion_split_by_case(phantom_dir):
+    largest = lr.load_datalists(phantom_dir)
+    every = lr.load_datalists(phantom_dir, lesions="all", min_lesion_voxels=20)
+    for split in ("training", "test"):
+        assert {it["case_id"] for it in every[split]} <= {it["case_id"] for it in largest[split]}
+    items = every["training"]
+    assert len(items) > len(largest["training"]) and all("lesion_id" in it for it in items)
+    case = json.loads((phantom_dir / "cases" / f"{items[0]['case_id']}.json").read_text())
+    sizes = {les["id"]: les["voxels"] for les in case["lesions"]}
+    ids = [it["lesion_id"] for it in items if it["case_id"] == case["case_id"]]
+    assert ids == sorted(i for i, v in sizes.items() if v >= 20)
+    smallest = min(ids, key=sizes.get)
+    d = lr.load_transforms()(dict(next(it for it in items if it["lesion_id"] == smallest and it["case_id"] == case["case_id"])))
+    assert int(d["label"].sum()) == sizes[smallest]  # that lesion, not the largest
 
 
 # ----------------------------------------------------------------------------------- click simulation

@@ -207,12 +207,38 @@ def drop_lesion_free(items: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     return kept, skipped
 
 
+LESION_TARGETS = ("largest", "all")
+
+
+def expand_lesions(items: Sequence[dict], min_voxels: int = 20) -> list[dict]:
+    """One item per lesion (``lesion_id`` set) instead of one per case; lesions under ``min_voxels``
+    voxels (on the original grid) are left out, with one logged line per case saying how many."""
+    import nibabel as nib
+
+    out = []
+    for item in items:
+        label = np.asarray(nib.load(item["label"]).dataobj)
+        inst = np.asarray(nib.load(item["lesions"]).dataobj) if item.get("lesions") else None
+        try:
+            _, counts = lesion_ids(label, inst)
+        except ValueError as exc:
+            raise InputError(item.get("lesions"), str(exc)) from None
+        keep = [int(i) for i in np.flatnonzero(counts >= min_voxels)]
+        small = int(np.count_nonzero((counts > 0) & (counts < min_voxels)))
+        if small:
+            log.warning("case %s: %d lesion(s) under %d voxels not used as targets", item.get("case_id"), small, min_voxels)
+        out += [{**item, "lesion_id": i} for i in keep]
+    return out
+
+
 def load_datalists(
     dataset_dir: str | os.PathLike,
     attribute_table: str | os.PathLike | None = None,
     ratios: Sequence[float] = PAPER_RATIOS,
     seed: int = 0,
     holdout_lesion_types: Sequence[str] = (),
+    lesions: str = "largest",
+    min_lesion_voxels: int = 20,
 ) -> dict[str, list]:
     """Case-level splits of a 3D dataset: ``training``, ``validation``, ``test`` (+ ``zeroshot``) and
     ``skipped`` (``{case_id, reason}`` of lesion-free cases).
@@ -222,8 +248,13 @@ def load_datalists(
     ``attribute_table``: CSV/JSON per lesion (:func:`read_attribute_table`), overriding attributes in
     the dataset. ``holdout_lesion_types``: the zero-shot protocol (Sec. 3.1): cases whose
     ``lesion_type`` is listed never enter training/validation and form the ``zeroshot`` split.
-    With no validation case left (tiny data sets) validation reuses the training cases, with a warning.
+    ``lesions``: ``largest`` (the paper: one item per case, its largest lesion) or ``all`` (one item per
+    lesion of at least ``min_lesion_voxels`` voxels, split still by case; more and more varied
+    attribute targets from multi-lesion scans). With no validation case left (tiny data sets)
+    validation reuses the training cases, with a warning.
     """
+    if lesions not in LESION_TARGETS:
+        raise ValueError(f"lesions must be one of {LESION_TARGETS}, got {lesions!r}")
     root = Path(dataset_dir)
     if (root / "dataset.json").is_file():
         items = readers.read_msd(root / "dataset.json")
@@ -262,45 +293,39 @@ def load_datalists(
     if not out.get("validation"):
         log.warning("no validation case (only %d usable cases): validating on the training cases", len(items))
         out["validation"] = list(out["training"])
+    if lesions == "all":
+        out = {name: expand_lesions(split, min_lesion_voxels) for name, split in out.items()}
     out["skipped"] = skipped
     return out
 
 
 # ================================================================================ pre-processing
-def select_lesion(label: np.ndarray, instances: np.ndarray | None = None) -> tuple[np.ndarray, int] | None:
-    """The largest lesion as ``(mask, id)``, or None when there is none.
-
-    With an instance map the lesion is the instance with most voxels inside the label and ``id`` its
-    instance value (the key of its attributes); without one, the largest connected component of the
-    label (full 3D connectivity) and ``id`` its component number in scan order.
-    """
+def lesion_ids(label: np.ndarray, instances: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(id map, voxels per id)`` of the lesions in ``label``: the instance map restricted to the label,
+    or, without one, its connected components (full 3D connectivity) numbered in scan order."""
     fg = np.asarray(label) > 0
     if instances is not None:
-        inst = np.asarray(instances).astype(np.int64) * fg
-        counts = np.bincount(inst.ravel())
-        counts[0] = 0
-        if counts.max(initial=0) > 0:
-            lesion_id = int(np.argmax(counts))
-            return np.asarray(instances) == lesion_id, lesion_id
-        if fg.any():
+        ids = np.asarray(instances).astype(np.int64) * fg
+        if fg.any() and not ids.any():
             raise ValueError("the lesion instance map does not overlap the label")
-        return None
-    components, n = ndimage.label(fg, structure=_FULL_3D)
-    if n == 0:
-        return None
-    lesion_id = int(np.argmax(np.bincount(components.ravel())[1:])) + 1
-    return components == lesion_id, lesion_id
+    else:
+        ids = ndimage.label(fg, structure=_FULL_3D)[0]
+    counts = np.bincount(ids.ravel())
+    counts[0] = 0
+    return ids, counts
 
 
-def attribute_targets(attributes: Sequence[Mapping] | None, lesion_id: int, case_id: str | None = None) -> torch.Tensor:
+def attribute_targets(attributes: Sequence[Mapping] | None, lesion_id: int, case_id: str | None = None,
+                      largest: bool = True) -> torch.Tensor:
     """(5,) class indices of lesion ``lesion_id`` in ``ATTRIBUTE_NAMES`` order; unknown -> IGNORE_INDEX.
 
-    The row whose ``id`` matches wins; else a case-level row (``id`` None). Missing rows or groups
-    are ignored by the loss and logged, so a half-annotated dataset still trains.
+    The row whose ``id`` matches wins; else, for the case's ``largest`` lesion, a case-level row
+    (``id`` None). Missing rows or groups are ignored by the loss and logged, so a half-annotated
+    dataset still trains.
     """
     rows = list(attributes or [])
     row = next((r for r in rows if r.get("id") is not None and int(r["id"]) == lesion_id), None)
-    if row is None:
+    if row is None and largest:
         row = next((r for r in rows if r.get("id") is None), None)
     if row is None:
         log.warning("case %s lesion %s: no attributes; its attribute loss is ignored", case_id, lesion_id)
@@ -313,7 +338,9 @@ def attribute_targets(attributes: Sequence[Mapping] | None, lesion_id: int, case
 
 
 class SelectLesiond(MapTransform):
-    """Make the largest lesion THE lesion of the item: label := its mask, plus its attribute targets.
+    """Make one lesion THE lesion of the item: label := its mask, plus its attribute targets.
+
+    The lesion is the item's ``id_key`` when set (:func:`expand_lesions`), else the largest one.
 
     Runs on the original grid (before resampling), so the instance map is never interpolated.
     Writes ``label`` (that lesion only: other lesions are background, as an annotator clicking this
@@ -341,16 +368,19 @@ class SelectLesiond(MapTransform):
             label = d[key]
             inst = d.pop(self.instance_key, None)
             inst_np = None if inst is None else np.asarray(inst)[0]
+            wanted = d.get(self.id_key)
             try:
-                found = select_lesion(np.asarray(label)[0], inst_np)
+                ids, counts = lesion_ids(np.asarray(label)[0], inst_np)
             except ValueError as exc:
                 raise InputError(_filename(label), str(exc)) from None
-            if found is None:
-                raise InputError(_filename(label), "label has no lesion voxels: no lesion to centre the ROI on")
-            mask, lesion_id = found
-            d[key] = _like(label, mask[None].astype(np.float32))
+            largest = int(np.argmax(counts)) if counts.max(initial=0) > 0 else None
+            lesion_id = largest if wanted is None else int(wanted)
+            if lesion_id is None or lesion_id >= len(counts) or counts[lesion_id] == 0:
+                problem = "label has no lesion voxels" if wanted is None else f"label has no lesion {wanted}"
+                raise InputError(_filename(label), f"{problem}: no lesion to centre the ROI on")
+            d[key] = _like(label, (ids == lesion_id)[None].astype(np.float32))
             d[self.id_key] = lesion_id
-            d[self.attr_key] = attribute_targets(d.get(self.attributes_key), lesion_id, d.get("case_id"))
+            d[self.attr_key] = attribute_targets(d.get(self.attributes_key), lesion_id, d.get("case_id"), lesion_id == largest)
         return d
 
 

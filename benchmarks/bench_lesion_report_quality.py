@@ -1,0 +1,136 @@
+"""Quality of the interactive 3D lesion-report model against its baselines, same data and training budget.
+
+Trains, through the bundle's own configs (``monai.bundle.run``), on one synthetic chest-CT phantom:
+
+* the full model (``train.yaml``: point refinement + feature synergy, simulated clicks),
+* the MONAI 3D U-Net seg-only baseline (``train_unet_baseline.yaml``),
+* the 3D CNN attribute baseline (``train_cnn_attr_baseline.yaml``),
+
+each for the same epochs, batch size and cases, then evaluates them on the same test split
+(``evaluate.yaml``) and reports, measured in this one run:
+
+* Dice of the full model after 1..5 simulated clicks (does it rise with clicks?),
+* Dice on the original grid of the full model at 1 click vs the U-Net (no clicks),
+* attribute accuracy (per group, average) of the full model vs the CNN,
+* wall-clock training time of each on this CPU.
+
+Writes ``benchmarks/results/lesion_report_quality.json``. Numbers are reported as they come out; the
+``checks`` say which of the issue's expectations held in this run.
+
+    python benchmarks/bench_lesion_report_quality.py --quick     # a few minutes on 2 CPU cores
+    python benchmarks/bench_lesion_report_quality.py --cases 60 --epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "lesion_report_3d" / "configs"
+MODELS = {  # name -> overlays on train.yaml
+    "full": [],
+    "unet": ["train_unet_baseline.yaml"],
+    "cnn_attr": ["train_cnn_attr_baseline.yaml"],
+}
+
+
+def _configs(*names: str) -> list[str]:
+    return [str(CONFIGS / n) for n in ("train.yaml", *names)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small phantom and budget: a few minutes on 2 CPU cores")
+    p.add_argument("--cases", type=int, default=None, help="phantom cases (default 40, quick 24)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs for every model (default 20, quick 8)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-clicks", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--work-dir", default="outputs/bench_lesion_report")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lesion_report_quality.json"))
+    a = p.parse_args(argv)
+    cases = a.cases or (24 if a.quick else 40)
+    epochs = a.epochs or (8 if a.quick else 20)
+
+    import torch
+    from monai.bundle import run
+
+    from segreport.data import phantom
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    work = Path(a.work_dir).resolve()
+    data = work / f"phantom_{cases}_{a.seed}"
+    # a full chest on a coarse grid (2.4 x 2.4 x 7.5 mm) keeps generation and resampling quick on a CPU;
+    # the model sees it at 2.4 x 2.4 x 5 mm, so the 32³ ROI spans 77 x 77 x 160 mm
+    spacing = [2.4, 2.4, 5.0]
+    t = time.perf_counter()
+    if not (data / "dataset.json").is_file():
+        phantom.generate_dataset(data, n_cases=cases, seed=a.seed, shape=(128, 128, 32), spacing=(2.4, 2.4, 7.5), export_2d=False)
+    print(f"phantom: {cases} cases in {data} ({time.perf_counter() - t:.0f} s)", flush=True)
+
+    results: dict = {}
+    for name, overlays in MODELS.items():
+        out = work / name
+        common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out), dataset_dir=str(data), spacing=spacing,
+                      batch_size=a.batch_size, seed=a.seed)
+        t = time.perf_counter()
+        run("training", config_file=_configs(*overlays), epochs=epochs, **common)
+        train_s = time.perf_counter() - t
+        run("evaluating", config_file=_configs("evaluate.yaml", *overlays), max_clicks=a.max_clicks, eval_splits=["test"], **common)
+        metrics = json.loads((out / "eval" / "metrics.json").read_text())["test"]
+        results[name] = {"train_seconds": round(train_s, 1), "test": metrics}
+        print(f"{name}: trained in {train_s:.0f} s; test {json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)})}", flush=True)
+
+    full, unet, cnn = (results[k]["test"] for k in ("full", "unet", "cnn_attr"))
+    curve = full["dice_per_click"]
+    summary = {
+        "full_dice_roi_by_clicks": {str(k): curve[k] for k in range(1, min(6, len(curve)))},
+        "full_dice_1_click_original_grid": full["dice"],
+        "unet_dice_original_grid": unet["dice"],
+        "full_hd95_mm_1_click": full["hd95_mm"],
+        "unet_hd95_mm": unet["hd95_mm"],
+        "full_attribute_accuracy": full["attribute_accuracy"],
+        "cnn_attribute_accuracy": cnn["attribute_accuracy"],
+        "full_attribute_accuracy_average": full["attribute_accuracy_average"],
+        "cnn_attribute_accuracy_average": cnn["attribute_accuracy_average"],
+        "train_seconds": {k: v["train_seconds"] for k, v in results.items()},
+        "train_time_ratio_full_vs_unet": round(results["full"]["train_seconds"] / results["unet"]["train_seconds"], 2),
+    }
+    last = min(5, len(curve) - 1)
+    checks = {
+        "dice_rises_1_to_5_clicks": curve[last] > curve[1],
+        "full_not_worse_than_unet_at_1_click": full["dice"] >= unet["dice"],
+        "attributes_beat_cnn": full["attribute_accuracy_average"] > cnn["attribute_accuracy_average"],
+    }
+    report = {
+        "benchmark": "lesion_report_quality",
+        "command": "python benchmarks/bench_lesion_report_quality.py" + (" --quick" if a.quick else "")
+                   + ("" if a.cases is None else f" --cases {a.cases}") + ("" if a.epochs is None else f" --epochs {a.epochs}"),
+        "settings": {"cases": cases, "epochs": epochs, "batch_size": a.batch_size, "max_clicks": a.max_clicks,
+                     "seed": a.seed, "phantom_shape": [128, 128, 32], "phantom_spacing_mm": [2.4, 2.4, 7.5],
+                     "model_spacing_mm": spacing, "roi": 32, "model_config": "tiny",
+                     "test_cases": full["n_cases"]},
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__, "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "summary": summary,
+        "checks": checks,
+        "results": results,
+    }
+    out_path = Path(a.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=float))
+    os.replace(tmp, out_path)
+    print(json.dumps({"summary": summary, "checks": checks}, indent=2, default=float))
+    print(f"written: {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
