@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.config import KeysCollection
-from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
+from monai.data import MetaTensor
 from monai.engines import PrepareBatch
 from monai.inferers import Inferer
 from monai.transforms import (
@@ -72,8 +72,9 @@ from ..transforms.clicks import PAD_LABEL, interior_distance, sample_click
 from ..transforms.crop import CropLargestLesion, CropLargestLesiond
 from ..transforms.intensity import HUWindowd
 from ..transforms.lung_mask import lung_mask_from_ct
-from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES, ATTRIBUTE_NUM_CLASSES
+from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 from .predictor import LesionAttributes, Prediction
+from .loaders import make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
 
 log = logging.getLogger("segreport.lesion_report")
 
@@ -183,7 +184,7 @@ def _has_lesion(item: Mapping) -> bool:
 
     try:
         return bool(np.any(np.asarray(nib.load(item["label"]).dataobj) > 0))
-    except Exception as exc:  # a broken label is reported like an empty one, with the reason
+    except Exception as exc:  # nibabel raises many error types for a broken file: name the file
         raise InputError(item["label"], f"cannot read label ({type(exc).__name__}: {exc})") from exc
 
 
@@ -456,18 +457,6 @@ def training_transforms(roi_size: int | Sequence[int], spacing: Sequence[float],
     return Compose(steps).flatten()  # flat: CacheDataset caches up to the first random (or nested) transform
 
 
-def make_dataset(items: list[dict], transform, cache: bool = True):
-    """CacheDataset (deterministic pre-processing done once) or a plain Dataset."""
-    return CacheDataset(items, transform, progress=False) if cache else Dataset(items, transform)
-
-
-def make_loader(dataset, batch_size: int = 4, shuffle: bool = False, num_workers: int = 0, distributed: bool = False):
-    sampler = None
-    if distributed:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler, shuffle = DistributedSampler(dataset, shuffle=shuffle), False
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers)
 
 
 # ===================================================================================== networks

@@ -16,7 +16,6 @@ from typing import Sequence
 import numpy as np
 import torch
 from ignite.metrics import Metric
-from monai.data import CacheDataset, DataLoader, Dataset
 from monai.engines import PrepareBatch
 from monai.transforms import (
     Compose,
@@ -42,6 +41,7 @@ from ..transforms.lung_regions import lung_zone_map
 from ..transforms.slicing import VolumeToSlicesd, axial_axis
 from ..transforms.text import TokenizeTextd, decode_tokens
 from .predictor import Prediction
+from .loaders import make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
 
 log = logging.getLogger("segreport.medsegtext")
 
@@ -188,17 +188,6 @@ class _PathOrArray:
         return self.rest(dict(item))
 
 
-def make_dataset(items: list[dict], transform, cache: bool = True):
-    return CacheDataset(items, transform, progress=False) if cache else Dataset(items, transform)
-
-
-def make_loader(dataset, batch_size: int = 8, shuffle: bool = False, num_workers: int = 0, distributed: bool = False):
-    sampler = None
-    if distributed:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler, shuffle = DistributedSampler(dataset, shuffle=shuffle), False
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers)
 
 
 # ------------------------------------------------------------------------------- engine pieces

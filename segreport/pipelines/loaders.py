@@ -1,0 +1,20 @@
+"""Dataset and loader factories shared by every bundle's YAML (one place for caching and DDP sampling)."""
+
+from __future__ import annotations
+
+from monai.data import CacheDataset, DataLoader, Dataset
+
+
+def make_dataset(items: list[dict], transform, cache: bool = True):
+    """CacheDataset (deterministic pre-processing done once) or a plain Dataset."""
+    return CacheDataset(items, transform, progress=False) if cache else Dataset(items, transform)
+
+
+def make_loader(dataset, batch_size: int = 8, shuffle: bool = False, num_workers: int = 0, distributed: bool = False):
+    """A DataLoader; ``distributed`` swaps shuffling for a DistributedSampler (multi-GPU configs)."""
+    sampler = None
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler, shuffle = DistributedSampler(dataset, shuffle=shuffle), False
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers)
