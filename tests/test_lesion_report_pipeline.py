@@ -351,7 +351,7 @@ def test_evaluation_writes_metrics_curve_and_per_case(trained):
     assert 1 <= test["noc_85"] <= 3
     assert metrics["skipped_cases"] and all(s["reason"] for s in metrics["skipped_cases"])
     rows = list(csv.DictReader(open(trained / "eval" / "per_case.csv")))
-    assert len(rows) == test["n_cases"] and {"dice", "hd95_mm", "dice_roi_3", "noc_80", "shape_pred"} <= set(rows[0])
+    assert len(rows) == test["n_items"] == test["n_cases"] and {"dice", "hd95_mm", "dice_roi_3", "noc_80", "shape_pred"} <= set(rows[0])
     assert (trained / "eval" / "dice_vs_clicks.png").stat().st_size > 1000
     assert list((trained / "eval" / "panels").glob("*.png"))
 
@@ -384,14 +384,18 @@ def test_evaluate_baselines_without_clicks(phantom_dir, tmp_path):
 
 
 def test_ablation_table_reads_eval_outputs(tmp_path):
-    for name, d in (("vanilla", 0.5), ("full", 0.6)):
-        folder = tmp_path / name / "eval"
+    from monai.bundle import run
+
+    for name, d in (("vanilla", 0.5), ("refinement", 0.55), ("synergy", 0.56), ("full", 0.6)):
+        folder = tmp_path / "outputs" / name / "eval"
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps({"test": {
             "dice": d, "hd95_mm": 4.0, "dice_per_click": [0.1, d, 0.6, 0.65, 0.7, 0.72],
             "attribute_accuracy": {g: 0.7 for g in ATTRIBUTE_NAMES}, "attribute_accuracy_average": 0.7, "noc_85": 7.0}}))
-    rows = lr.write_ablation_table({"vanilla": tmp_path / "vanilla", "full": tmp_path / "full" / "eval"}, tmp_path / "table")
-    assert [r["method"] for r in rows] == ["vanilla", "full"] and rows[1]["dsc"] == 0.6 and rows[1]["dice_5_clicks"] == 0.72
-    assert "| test | full | 0.600 |" in (tmp_path / "table" / "ablation.md").read_text()
+    run("tabulating", config_file=_cfg("ablation_table.yaml"), bundle_root=str(tmp_path))
+    rows = json.loads((tmp_path / "outputs" / "ablation" / "ablation.json").read_text())
+    assert [r["method"] for r in rows] == ["vanilla", "+point refinement", "+feature synergy", "full"]
+    assert rows[3]["dsc"] == 0.6 and rows[3]["dice_5_clicks"] == 0.72
+    assert "| test | full | 0.600 |" in (tmp_path / "outputs" / "ablation" / "ablation.md").read_text()
     with pytest.raises(InputError, match="no metrics.json for ablation run 'missing'"):
         lr.write_ablation_table({"missing": tmp_path / "nope"}, tmp_path / "table")

@@ -457,8 +457,6 @@ def training_transforms(roi_size: int | Sequence[int], spacing: Sequence[float],
     return Compose(steps).flatten()  # flat: CacheDataset caches up to the first random (or nested) transform
 
 
-
-
 # ===================================================================================== networks
 class DictOutput(nn.Module):
     """Names a baseline's output like ``LesionPromptNet``'s (``mask_logits`` / ``attr_logits``), so the
@@ -1077,8 +1075,9 @@ def evaluate(
     ``max_clicks``; Dice in the ROI after 0..``max_clicks`` clicks gives the curve and the number of
     clicks to reach each threshold (NoC; ``max_clicks`` when never reached, the usual convention).
     DSC and HD95 (mm) are measured on the ORIGINAL grid against the whole target lesion, after
-    ``report_clicks`` clicks (default 1: the minimal interaction; baselines have no clicks), and the
-    attribute accuracy per group and its average from the same prediction. ``splits`` absent from
+    ``report_clicks`` clicks (default 1: the minimal interaction; baselines have no clicks), so a
+    lesion larger than the ROI costs Dice; ``dice_roi`` is the same prediction scored inside the ROI.
+    The attribute accuracy per group and its average come from the same prediction. ``splits`` absent from
     ``datalists`` (no ``zeroshot`` without a hold-out) are skipped.
     """
     if checkpoint:
@@ -1126,6 +1125,7 @@ def evaluate(
                 pred_orig = roi_to_original(chosen["prob"], d["image"].affine, orig_affine, orig_shape) > 0.5
                 row["dice"] = round(dice_score(pred_orig, target_orig), 4)
                 row["hd95_mm"] = round(hd95(pred_orig, target_orig, spacing_from_affine(orig_affine)), 3)
+                row["dice_roi"] = round(chosen["dice"], 4)  # inside the ROI: what any ROI model can reach
                 seg_rows.append(row)
                 if panels_left > 0:
                     _save_panel(out / "panels" / f"{split}_{row['case_id']}.png", d["image"][0], gt_roi,
@@ -1139,7 +1139,8 @@ def evaluate(
                     row[f"{g}_true"] = ATTRIBUTE_GROUPS[g][true[i]] if true[i] != IGNORE_INDEX else ""
                     row[f"{g}_pred"] = ATTRIBUTE_GROUPS[g][int(chosen["attr"][g])]
             rows.append(row)
-        metrics[split] = _split_metrics(seg_rows, attr_pred, attr_true, per_click, attr_acc_click, noc_thresholds, max_clicks, len(items))
+        metrics[split] = {"n_items": len(items), "n_cases": len({it.get("case_id") for it in items}),  # items = lesions
+                          **_split_metrics(seg_rows, attr_pred, attr_true, per_click, attr_acc_click, noc_thresholds, max_clicks)}
         if per_click:
             curves[split] = metrics[split]["dice_per_click"]
     if not any(s in metrics for s in splits):
@@ -1182,12 +1183,13 @@ def _single_prediction(net: nn.Module, image: torch.Tensor, gt: np.ndarray) -> d
     return res
 
 
-def _split_metrics(seg_rows, attr_pred, attr_true, per_click, attr_acc_click, noc_thresholds, max_clicks, n_items) -> dict:
-    m: dict[str, Any] = {"n_cases": n_items}
+def _split_metrics(seg_rows, attr_pred, attr_true, per_click, attr_acc_click, noc_thresholds, max_clicks) -> dict:
+    m: dict[str, Any] = {}
     if seg_rows:
         d = np.array([r["dice"] for r in seg_rows])
         h = np.array([r["hd95_mm"] for r in seg_rows], dtype=float)
-        m.update(dice=float(d.mean()), dice_std=float(d.std()), hd95_mm=float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"))
+        m.update(dice=float(d.mean()), dice_std=float(d.std()), hd95_mm=float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"),
+                 dice_roi=float(np.mean([r["dice_roi"] for r in seg_rows])))
     if per_click:
         curve = np.array(per_click).mean(0)
         m["dice_per_click"] = [round(float(v), 4) for v in curve]  # index = number of clicks (0 = none)
@@ -1268,9 +1270,6 @@ def _save_fig(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     os.replace(tmp, path)
-
-
-ABLATION_ORDER = ("vanilla", "+point refinement", "+feature synergy", "full")
 
 
 def write_ablation_table(runs: Mapping[str, str | os.PathLike], output_dir: str | os.PathLike) -> list[dict]:
