@@ -11,16 +11,23 @@ The paper gives no sizes. The ``paper`` configuration takes SAM-Med3D's ViT-B (1
 768-wide, 12 blocks, global attention at 2/5/8/11, 384-wide prompt/decoder side), the closest published
 3D SAM, which the paper compares against; the ViT window, the K-means k and window p and the head
 depths are our choices.
+
+``high_res_features`` (our addition, off in the paper configuration, switchable): the paper says only
+that the mask tokens are "upsampled". A plain ViT has no fine-scale features, so the mask comes from
+an image embedding at 1/patch resolution upscaled x4. SAM2's mask decoder adds backbone features at
+the two upscaling resolutions; here a small conv stem on the ROI supplies them (a ViT has no
+multi-scale backbone to take them from). They are computed in ``encode_image``, so a new click still
+costs only ``decode``. Measured on the synthetic phantom, see the bundle's docs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import MLPBlock, TransformerBlock, UpSample
+from monai.networks.blocks import Convolution, MLPBlock, TransformerBlock, UpSample
 from monai.networks.nets.vista3d import MLP, TwoWayTransformer
 from monai.utils import ensure_tuple_rep
 from torch import nn
@@ -29,7 +36,7 @@ from segreport.networks.blocks.prompt import PAD_LABEL, PromptEncoder3D, kmeans_
 from segreport.networks.blocks.vit3d import ViTImageEncoder3D, channel_layer_norm_3d, self_attention_block
 from segreport.vocab import ATTRIBUTE_NUM_CLASSES
 
-__all__ = ["LesionPromptNet", "InterTaskSynergy", "AttributeHead", "CONFIGS"]
+__all__ = ["LesionPromptNet", "ImageEmbedding", "InterTaskSynergy", "AttributeHead", "CONFIGS"]
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # for tests and CPU smoke runs: 32³ ROI, 8³ token grid, 32-wide, 2 layers everywhere
@@ -45,6 +52,59 @@ CONFIGS: dict[str, dict[str, Any]] = {
         mlp_dim=2048, mask_head_depth=2, iou_head_hidden=256,
     ),
 }
+
+
+class ImageEmbedding(NamedTuple):
+    """What ``encode_image`` returns and ``decode`` takes: cache it once per ROI.
+
+    ``grid``: (B, embed_dim, *grid_size) image embedding; ``high_res``: ``(s0, s1)`` stem features at
+    4x and 2x the grid (``embed_dim/8`` and ``embed_dim/4`` channels), or None when the option is off.
+    """
+
+    grid: torch.Tensor
+    high_res: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.grid.shape[0]
+
+    def expand(self, b: int) -> ImageEmbedding:
+        """The same embedding for ``b`` prompt sets (a view: no copy)."""
+        grow = lambda t: t if t.shape[0] == b else t.expand(b, *t.shape[1:])  # noqa: E731
+        return ImageEmbedding(grow(self.grid), None if self.high_res is None else tuple(grow(t) for t in self.high_res))
+
+    def select(self, index: slice | int) -> ImageEmbedding:
+        """Rows ``index`` of the batch (e.g. ``select(slice(0, 1))`` for the first image)."""
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return ImageEmbedding(self.grid[index], None if self.high_res is None else tuple(t[index] for t in self.high_res))
+
+
+class HighResStem(nn.Module):
+    """SAM2-style high-resolution features for the mask upscaling, from the ROI itself.
+
+    s0 at 4x the ViT grid (stride patch/4; the ROI's full resolution when patch = 4) with
+    ``embed_dim/8`` channels and s1 at 2x the grid with ``embed_dim/4``: the two resolutions of the
+    mask head's upscaling, where SAM2 adds its backbone's stride-4/8 features.
+    """
+
+    def __init__(self, in_channels: int, patch_size: Sequence[int], embed_dim: int):
+        super().__init__()
+        if any(p % 4 for p in patch_size):
+            raise ValueError(f"high_res_features needs a patch size divisible by 4, got {tuple(patch_size)}")
+        stride = tuple(p // 4 for p in patch_size)
+        c0, c1 = embed_dim // 8, embed_dim // 4
+        conv = dict(spatial_dims=3, act="GELU", norm=("instance", {"affine": True}))
+        # to the s0 grid: a 3³ conv at full resolution, else a patchify conv (kernel = stride, as the ViT's)
+        first = dict(kernel_size=3) if max(stride) == 1 else dict(kernel_size=stride, strides=stride, padding=0)
+        self.s0 = nn.Sequential(
+            Convolution(in_channels=in_channels, out_channels=c0, **first, **conv),
+            Convolution(in_channels=c0, out_channels=c0, kernel_size=3, **conv),
+        )
+        self.s1 = Convolution(in_channels=c0, out_channels=c1, strides=2, kernel_size=3, **conv)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s0 = self.s0(image)
+        return s0, self.s1(s0)
 
 
 class InterTaskSynergy(nn.Module):
@@ -134,6 +194,7 @@ class LesionPromptNet(nn.Module):
         point_refinement: enable feature-space K-means point refinement (eq. 1-2).
         refine_window, refine_k, refine_iters: window p (in feature cells), clusters k, Lloyd steps.
         synergy: enable inter-task feature synergy (eq. 3).
+        high_res_features: add a conv stem's features to the mask upscaling, as SAM2 (module docstring).
         dropout_rate: ViT dropout.
     """
 
@@ -162,6 +223,7 @@ class LesionPromptNet(nn.Module):
         refine_k: int = 3,
         refine_iters: int = 5,
         synergy: bool = True,
+        high_res_features: bool = False,
         dropout_rate: float = 0.0,
     ):
         super().__init__()
@@ -188,6 +250,8 @@ class LesionPromptNet(nn.Module):
             dropout_rate=dropout_rate,
         )
         self.grid_size = self.image_encoder.grid_size
+        patch = ensure_tuple_rep(patch_size, 3)
+        self.high_res_stem = HighResStem(in_channels, patch, embed_dim) if high_res_features else None
         self.prompt_encoder = PromptEncoder3D(embed_dim, self.grid_size, self.img_size, mask_in_chans)
         self.iou_token = nn.Embedding(1, embed_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, embed_dim)
@@ -236,13 +300,14 @@ class LesionPromptNet(nn.Module):
         return cls.from_config("paper", **overrides)
 
     # ------------------------------------------------------------------ API
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """E_I: (B, in_channels, *img_size) -> image embedding (B, embed_dim, *grid_size). Cache it per ROI."""
-        return self.image_encoder(image)
+    def encode_image(self, image: torch.Tensor) -> ImageEmbedding:
+        """E_I: (B, in_channels, *img_size) -> :class:`ImageEmbedding` (grid (B, embed_dim, *grid_size)
+        [+ high-resolution stem features]). Cache it per ROI."""
+        return ImageEmbedding(self.image_encoder(image), None if self.high_res_stem is None else self.high_res_stem(image))
 
     def decode(
         self,
-        embedding: torch.Tensor,
+        embedding: ImageEmbedding,
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         mask_prompt: torch.Tensor | None = None,
@@ -251,7 +316,8 @@ class LesionPromptNet(nn.Module):
         """Prompt side: embedding + clicks (+ previous mask) -> mask, IoU and attribute predictions.
 
         Args:
-            embedding: output of ``encode_image``; a batch of 1 is shared by all prompt sets.
+            embedding: output of ``encode_image`` (a bare grid tensor is accepted when the model has no
+                high-resolution features); a batch of 1 is shared by all prompt sets.
             points: (B, N, 3) ROI voxel coordinates along (D, H, W); None or N=0 for no clicks.
             point_labels: (B, N): 1 positive, 0 negative, -1 padding (all -1 = no clicks).
             mask_prompt: previous ``low_res_logits`` (B, 1, 4d, 4h, 4w), or a mask at any size.
@@ -262,10 +328,15 @@ class LesionPromptNet(nn.Module):
             ``iou_pred`` (B, M), ``attr_logits`` {group: (B, classes)}, and ``points``/``point_labels``:
             the prompts actually encoded (clicks, then k refined points per click).
         """
-        points, point_labels = self._prepare_points(embedding, points, point_labels, mask_prompt)
+        if isinstance(embedding, torch.Tensor):
+            embedding = ImageEmbedding(embedding)
+        if (embedding.high_res is None) != (self.high_res_stem is None):
+            raise ValueError("this embedding was not made by this model's encode_image (high-resolution features differ)")
+        points, point_labels = self._prepare_points(embedding.grid, points, point_labels, mask_prompt)
         b = points.shape[0]
-        if embedding.shape[0] != b:
-            embedding = embedding.expand(b, -1, -1, -1, -1)
+        embedding = embedding.expand(b)
+        high_res = embedding.high_res
+        embedding = embedding.grid
         if self.point_refinement:
             extra, extra_labels = kmeans_refine_points(
                 embedding, points, point_labels, self.img_size, self.refine_window, self.refine_k, self.refine_iters
@@ -293,7 +364,13 @@ class LesionPromptNet(nn.Module):
 
         # mask: hypernetwork weights from the mask tokens x upscaled image embedding
         d, h, w = self.grid_size
-        upscaled = self.output_upscaling(img.transpose(1, 2).reshape(b, -1, d, h, w))
+        img = img.transpose(1, 2).reshape(b, -1, d, h, w)
+        if high_res is None:
+            upscaled = self.output_upscaling(img)
+        else:  # SAM2: dc1(src) + feat_s1 -> norm, act -> dc2 + feat_s0 -> act
+            dc1, ln1, act1, dc2, act2 = self.output_upscaling
+            s0, s1 = high_res
+            upscaled = act2(dc2(act1(ln1(dc1(img) + s1))) + s0)
         hyper = torch.stack([mlp(m[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
         low_res = (hyper @ upscaled.flatten(2)).reshape(b, self.num_mask_tokens, *upscaled.shape[2:])
         iou_pred = self.iou_prediction_head(hs[:, 0])

@@ -486,6 +486,7 @@ def build_network(
     roi_size: int = 32,
     point_refinement: bool = True,
     synergy: bool = True,
+    high_res_features: bool = False,
     spacing: Sequence[float] = (1.5, 1.5, 2.5),
     window: str | Sequence[float] = "lung",
     axcodes: str = "RAS",
@@ -503,14 +504,14 @@ def build_network(
         raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
     if model == "lesion_prompt":
         net = LesionPromptNet.from_config(config, img_size=int(roi_size), point_refinement=bool(point_refinement),
-                                          synergy=bool(synergy), **overrides)
+                                          synergy=bool(synergy), high_res_features=bool(high_res_features), **overrides)
     elif model == "unet":
         net = DictOutput(unet_baseline(**{**BASELINE_CONFIGS[model][config], **overrides}), "mask_logits")
     else:
         net = DictOutput(AttributeCNN(**{**BASELINE_CONFIGS[model][config], **overrides}), "attr_logits")
     net.spec = {
         "model": model, "config": config, "roi_size": int(roi_size), "point_refinement": bool(point_refinement),
-        "synergy": bool(synergy), "spacing": [float(s) for s in spacing],
+        "synergy": bool(synergy), "high_res_features": bool(high_res_features), "spacing": [float(s) for s in spacing],
         "window": window if isinstance(window, str) else [float(w) for w in window], "axcodes": axcodes,
         **overrides,
     }  # fmt: skip
