@@ -18,8 +18,9 @@ each for the same epochs, batch size and cases, then evaluates them on the same 
 Writes ``benchmarks/results/lesion_report_quality.json``. Numbers are reported as they come out; the
 ``checks`` say which of the issue's expectations held in this run.
 
-    python benchmarks/bench_lesion_report_quality.py --quick     # a few minutes on 2 CPU cores
-    python benchmarks/bench_lesion_report_quality.py --cases 60 --epochs 30
+    python benchmarks/bench_lesion_report_quality.py --quick     # 40 cases x 30 epochs: ~11 min on 1 CPU thread
+    python benchmarks/bench_lesion_report_quality.py             # 60 cases x 60 epochs
+    python benchmarks/bench_lesion_report_quality.py --quick --set high_res_features=false  # a full-model variant
 """
 
 from __future__ import annotations
@@ -45,9 +46,24 @@ def _configs(*names: str) -> list[str]:
     return [str(CONFIGS / n) for n in ("train.yaml", *names)]
 
 
+def majority_class_reference(per_case_csv: Path) -> dict:
+    """Attribute accuracy of always answering each group's most frequent TEST class (an optimistic
+    reference: a real majority predictor would have to guess it from the training split)."""
+    import csv
+    from collections import Counter
+
+    rows = list(csv.DictReader(open(per_case_csv)))
+    acc = {}
+    for group in ("shape", "invasion", "density", "heterogeneity", "surface"):
+        truth = [r[f"{group}_true"] for r in rows if r.get(f"{group}_true")]
+        if truth:
+            acc[group] = Counter(truth).most_common(1)[0][1] / len(truth)
+    return {"per_group": acc, "average": sum(acc.values()) / len(acc) if acc else float("nan")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small phantom and budget: a few minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="smaller phantom and budget: about 11 minutes on one CPU thread")
     p.add_argument("--cases", type=int, default=None, help="phantom cases (default 60, quick 40)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs for every model (default 60, quick 30)")
     p.add_argument("--lesions", default="all", choices=("all", "largest"),
@@ -55,9 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-clicks", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train.yaml override for the full model only (VALUE is JSON), e.g. high_res_features=false")
     p.add_argument("--work-dir", default="outputs/bench_lesion_report")
     p.add_argument("--out", default=None, help="default benchmarks/results/lesion_report_quality[_largest].json")
     a = p.parse_args(argv)
+    full_overrides = {}
+    for kv in a.set:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            p.error(f"--set wants KEY=VALUE, got {kv!r}")
+        full_overrides[key] = json.loads(value)
     cases = a.cases or (40 if a.quick else 60)
     epochs = a.epochs or (30 if a.quick else 60)
 
@@ -80,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {}
     for name, overlays in MODELS.items():
-        out = work / name
+        out = work / (name if name != "full" or not full_overrides else "full_" + "_".join(f"{k}-{v}" for k, v in full_overrides.items()))
+        if name == "full":
+            full_dir = out
         common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out), dataset_dir=str(data), spacing=spacing,
                       batch_size=a.batch_size, seed=a.seed, target_lesions=a.lesions)
         t = time.perf_counter()
+        if name == "full":
+            common.update(full_overrides)
         run("training", config_file=_configs(*overlays), epochs=epochs, **common)
         train_s = time.perf_counter() - t
         run("evaluating", config_file=_configs("evaluate.yaml", *overlays), max_clicks=a.max_clicks, eval_splits=["test"], **common)
@@ -105,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "cnn_attribute_accuracy": cnn["attribute_accuracy"],
         "full_attribute_accuracy_average": full["attribute_accuracy_average"],
         "cnn_attribute_accuracy_average": cnn["attribute_accuracy_average"],
+        "majority_class_attribute_accuracy": majority_class_reference(full_dir / "eval" / "per_case.csv"),
         "train_seconds": {k: v["train_seconds"] for k, v in results.items()},
         "train_time_ratio_full_vs_unet": round(results["full"]["train_seconds"] / results["unet"]["train_seconds"], 2),
     }
@@ -118,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "lesion_report_quality",
         "command": "python benchmarks/bench_lesion_report_quality.py" + (" --quick" if a.quick else "")
                    + ("" if a.cases is None else f" --cases {a.cases}") + ("" if a.epochs is None else f" --epochs {a.epochs}")
-                   + ("" if a.lesions == "all" else f" --lesions {a.lesions}"),
+                   + ("" if a.lesions == "all" else f" --lesions {a.lesions}") + "".join(f" --set {kv}" for kv in a.set),
         "settings": {"cases": cases, "epochs": epochs, "batch_size": a.batch_size, "max_clicks": a.max_clicks,
-                     "seed": a.seed, "target_lesions": a.lesions, "phantom_shape": [128, 128, 32], "phantom_spacing_mm": [2.4, 2.4, 7.5],
+                     "seed": a.seed, "target_lesions": a.lesions, "full_model_overrides": full_overrides, "phantom_shape": [128, 128, 32], "phantom_spacing_mm": [2.4, 2.4, 7.5],
                      "model_spacing_mm": spacing, "roi": 32, "model_config": "tiny",
                      "test_lesions": full["n_items"], "test_cases": full["n_cases"]},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),

@@ -64,10 +64,6 @@ class ImageEmbedding(NamedTuple):
     grid: torch.Tensor
     high_res: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @property
-    def batch_size(self) -> int:
-        return self.grid.shape[0]
-
     def expand(self, b: int) -> ImageEmbedding:
         """The same embedding for ``b`` prompt sets (a view: no copy)."""
         grow = lambda t: t if t.shape[0] == b else t.expand(b, *t.shape[1:])  # noqa: E731
@@ -334,12 +330,10 @@ class LesionPromptNet(nn.Module):
             raise ValueError("this embedding was not made by this model's encode_image (high-resolution features differ)")
         points, point_labels = self._prepare_points(embedding.grid, points, point_labels, mask_prompt)
         b = points.shape[0]
-        embedding = embedding.expand(b)
-        high_res = embedding.high_res
-        embedding = embedding.grid
+        grid, high_res = embedding.expand(b)
         if self.point_refinement:
             extra, extra_labels = kmeans_refine_points(
-                embedding, points, point_labels, self.img_size, self.refine_window, self.refine_k, self.refine_iters
+                grid, points, point_labels, self.img_size, self.refine_window, self.refine_k, self.refine_iters
             )
             points, point_labels = torch.cat([points, extra], 1), torch.cat([point_labels, extra_labels], 1)
 
@@ -347,7 +341,7 @@ class LesionPromptNet(nn.Module):
         sparse = self.prompt_encoder.embed_points(points, point_labels)
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight]).unsqueeze(0).expand(b, -1, -1)
         tokens = torch.cat([output_tokens, sparse], 1)
-        src = embedding + self.prompt_encoder.embed_masks(mask_prompt, b)
+        src = grid + self.prompt_encoder.embed_masks(mask_prompt, b)
         pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1, -1)
         hs, img = self.token_encoder(src, pos, tokens)  # (B, T, C), (B, d*h*w, C)
         valid = torch.cat([torch.ones_like(output_tokens[..., 0], dtype=torch.bool), point_labels != PAD_LABEL], 1)
