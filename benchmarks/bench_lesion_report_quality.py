@@ -21,6 +21,7 @@ Writes ``benchmarks/results/lesion_report_quality.json``. Numbers are reported a
     python benchmarks/bench_lesion_report_quality.py --quick     # 40 cases x 30 epochs: ~11 min on 1 CPU thread
     python benchmarks/bench_lesion_report_quality.py             # 60 cases x 60 epochs
     python benchmarks/bench_lesion_report_quality.py --quick --set high_res_features=false  # a full-model variant
+    python benchmarks/bench_lesion_report_quality.py --quick --ablation  # + Tables 2-3's ablation variants
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ MODELS = {  # name -> overlays on train.yaml
     "full": [],
     "unet": ["train_unet_baseline.yaml"],
     "cnn_attr": ["train_cnn_attr_baseline.yaml"],
+}
+ABLATION = {  # --ablation: Tables 2-3's other variants (row name -> overlay); "full" is the run above
+    "vanilla": "ablation_vanilla.yaml",
+    "+point refinement": "ablation_refinement.yaml",
+    "+feature synergy": "ablation_synergy.yaml",
 }
 
 
@@ -71,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-clicks", type=int, default=5)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--ablation", action="store_true",
+                   help="also train the vanilla / +refinement / +synergy variants and write the ablation table")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="train.yaml override for the full model only (VALUE is JSON), e.g. high_res_features=false")
     p.add_argument("--work-dir", default="outputs/bench_lesion_report")
@@ -103,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"phantom: {cases} cases in {data} ({time.perf_counter() - t:.0f} s)", flush=True)
 
     results: dict = {}
-    for name, overlays in MODELS.items():
-        out = work / (name if name != "full" or not full_overrides else "full_" + "_".join(f"{k}-{v}" for k, v in full_overrides.items()))
+    runs = dict(MODELS)
+    if a.ablation:
+        runs.update({name: [overlay] for name, overlay in ABLATION.items()})
+    for name, overlays in runs.items():
+        folder = ABLATION[name].removesuffix(".yaml") if name in ABLATION else name
+        out = work / (folder if name != "full" or not full_overrides else "full_" + "_".join(f"{k}-{v}" for k, v in full_overrides.items()))
         if name == "full":
             full_dir = out
         common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out), dataset_dir=str(data), spacing=spacing,
@@ -143,11 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         "full_not_worse_than_unet_at_1_click": full["dice_roi"] >= unet["dice_roi"] and full["dice"] >= unet["dice"],
         "attributes_beat_cnn": full["attribute_accuracy_average"] > cnn["attribute_accuracy_average"],
     }
+    ablation = None
+    if a.ablation:
+        from segreport.pipelines.lesion_report import write_ablation_table
+
+        ablation = write_ablation_table({n: work / ABLATION[n].removesuffix(".yaml") / "eval" for n in ABLATION} | {"full": full_dir / "eval"},
+                                        work / "ablation")
     report = {
         "benchmark": "lesion_report_quality",
         "command": "python benchmarks/bench_lesion_report_quality.py" + (" --quick" if a.quick else "")
                    + ("" if a.cases is None else f" --cases {a.cases}") + ("" if a.epochs is None else f" --epochs {a.epochs}")
-                   + ("" if a.lesions == "all" else f" --lesions {a.lesions}") + "".join(f" --set {kv}" for kv in a.set),
+                   + ("" if a.lesions == "all" else f" --lesions {a.lesions}") + (" --ablation" if a.ablation else "")
+                   + "".join(f" --set {kv}" for kv in a.set),
         "settings": {"cases": cases, "epochs": epochs, "batch_size": a.batch_size, "max_clicks": a.max_clicks,
                      "seed": a.seed, "target_lesions": a.lesions, "full_model_overrides": full_overrides, "phantom_shape": [128, 128, 32], "phantom_spacing_mm": [2.4, 2.4, 7.5],
                      "model_spacing_mm": spacing, "roi": 32, "model_config": "tiny",
@@ -156,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "summary": summary,
         "checks": checks,
+        "ablation": ablation,
         "results": results,
     }
     out_path = Path(a.out or REPO / "benchmarks" / "results" / f"lesion_report_quality{'' if a.lesions == 'all' else '_' + a.lesions}.json")
