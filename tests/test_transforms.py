@@ -235,6 +235,18 @@ def test_first_click_inside_gt_at_max_distance_2d_and_3d():
     assert sample_click(gt3, rng=0) == ((5, 6, 7), 1)
 
 
+def test_click_on_a_thin_lesion_goes_to_its_centre_not_its_rim():
+    # 2 slices thick: every voxel is 1 voxel from the background, so the interior distance ties everywhere
+    gt = np.zeros((12, 12, 6), bool)
+    gt[3:8, 4:9, 2:4] = True
+    for seed in range(5):
+        (point, _) = sample_click(gt, rng=seed)
+        assert point[:2] == (5, 6) and point[2] in (2, 3)
+    # spacing in mm decides which axis is "thin": 1 x 1 x 5 mm makes the in-plane centre the unique farthest
+    (point, _) = sample_click(gt, rng=0, spacing=(1.0, 1.0, 5.0))
+    assert point[:2] == (5, 6)
+
+
 def test_correction_click_fn_positive_fp_negative():
     gt = np.zeros((30, 30), bool)
     gt[5:25, 5:25] = True

@@ -522,6 +522,11 @@ def _unwrap(network: nn.Module) -> nn.Module:
     return getattr(network, "module", network)  # DistributedDataParallel / DataParallel
 
 
+def _spacing(net: nn.Module) -> list[float] | None:
+    """The model's voxel size (mm) from its ``spec``, i.e. the ROI's; None for a bare network."""
+    return (getattr(net, "spec", None) or {}).get("spacing")
+
+
 def is_interactive(network: nn.Module) -> bool:
     """Whether the network takes clicks (``encode_image`` + ``decode``), i.e. is not a baseline."""
     net = _unwrap(network)
@@ -578,11 +583,15 @@ class LesionBatch(PrepareBatch):
 
 
 class ClickSet:
-    """The clicks of each sample of a batch, in ROI voxel coordinates, grown round by round."""
+    """The clicks of each sample of a batch, in ROI voxel coordinates, grown round by round.
 
-    def __init__(self, batch_size: int):
+    ``spacing``: the ROI's voxel size (mm), so "most interior" is measured in mm on anisotropic grids.
+    """
+
+    def __init__(self, batch_size: int, spacing: Sequence[float] | None = None):
         self.points: list[list[tuple[int, ...]]] = [[] for _ in range(batch_size)]
         self.labels: list[list[int]] = [[] for _ in range(batch_size)]
+        self.spacing = spacing
 
     def add(self, b: int, click: tuple[tuple[int, ...], int] | None) -> None:
         if click is not None:
@@ -594,7 +603,7 @@ class ClickSet:
         else a correction in the larger error region (FN -> positive, FP -> negative, eq. 4)."""
         for b in range(len(self.points)):
             first = not self.labels[b] or pred is None
-            self.add(b, sample_click(gt[b], None if first else pred[b], rng=rng, jitter=jitter))
+            self.add(b, sample_click(gt[b], None if first else pred[b], rng=rng, jitter=jitter, spacing=self.spacing))
 
     def counts(self) -> list[int]:
         return [len(lab) for lab in self.labels]
@@ -650,14 +659,14 @@ class SimulatedClicksInferer(Inferer):
         net = _unwrap(network)
         gt = (label[:, 0] > 0.5).cpu().numpy()
         b = inputs.shape[0]
-        clicks = ClickSet(b)
+        clicks = ClickSet(b, _spacing(net))
         if self.train:
             keep = self.rng.random(b) >= self.prompt_dropout
             rounds = int(self.rng.integers(0, self.max_rounds + 1))
         else:
             keep, rounds = np.ones(b, dtype=bool), max(self.n_clicks - 1, 0)
         for i in np.flatnonzero(keep):
-            clicks.add(i, sample_click(gt[i], rng=self.rng, jitter=self.jitter))
+            clicks.add(i, sample_click(gt[i], rng=self.rng, jitter=self.jitter, spacing=clicks.spacing))
         prev = None
         if rounds:
             with torch.no_grad():
@@ -1129,7 +1138,7 @@ def evaluate(
                 row["dice_roi"] = round(chosen["dice"], 4)  # inside the ROI: what any ROI model can reach
                 seg_rows.append(row)
                 if panels_left > 0:
-                    _save_panel(out / "panels" / f"{split}_{row['case_id']}.png", d["image"][0], gt_roi,
+                    _save_panel(out / "panels" / f"{split}_{row['case_id']}_lesion{row['lesion_id']}.png", d["image"][0], gt_roi,
                                 traj if interactive else [chosen], row)
                     panels_left -= 1
             if chosen.get("attr") is not None:
@@ -1157,11 +1166,11 @@ def evaluate(
 def _click_trajectory(net: nn.Module, image: torch.Tensor, gt: np.ndarray, max_clicks: int) -> list[dict]:
     """Prediction after 0..max_clicks deterministic simulated clicks (one encode, decode per click)."""
     embedding = net.encode_image(image)
-    clicks = ClickSet(1)
+    clicks = ClickSet(1, _spacing(net))
     prev, traj = None, []
     for k in range(max_clicks + 1):
         if k == 1:
-            clicks.add(0, sample_click(gt, rng=0))  # a fixed seed breaks exact ties reproducibly
+            clicks.add(0, sample_click(gt, spacing=clicks.spacing))  # jitter 0: deterministic, the most central
         elif k > 1:
             clicks.add_next(gt[None], (traj[-1]["prob"].numpy() > 0.5)[None], 0, 0.0)
         out = net.decode(embedding, *clicks.tensors(image.device), mask_prompt=prev)

@@ -54,8 +54,9 @@ def sample_click(
     a click in the larger of the false-negative (label 1) / false-positive (label 0) regions, ties
     going to false negatives. The click is at the maximal interior distance (``spacing`` in mm for
     anisotropic voxels); ``jitter`` in [0, 1) widens the candidates to voxels within that fraction of
-    the maximum, one drawn with ``rng`` (a numpy Generator/RandomState or a seed). Exact ties are
-    also broken with ``rng``.
+    the maximum, one drawn with ``rng`` (a numpy Generator/RandomState or a seed). With ``jitter`` 0,
+    exact ties go to the tied voxel nearest their centroid: in a lesion two slices thick every voxel
+    is one voxel from the background, and a random tie would put the "most interior" click on its rim.
 
     Returns None when there is nothing to click: an empty ``gt`` without ``pred``, or a perfect
     ``pred``. Callers decide what that means (:class:`SimulateClicksd` adds no point).
@@ -75,7 +76,12 @@ def sample_click(
         return None
     dist = interior_distance(region, spacing)
     candidates = np.argwhere(dist >= dist.max() * (1.0 - jitter))
-    pick = candidates[int(_as_rng(rng).choice(len(candidates)))]
+    if jitter == 0.0 and len(candidates) > 1:
+        scale = np.ones(candidates.shape[1]) if spacing is None else np.asarray(spacing, dtype=float)
+        d2 = (((candidates - candidates.mean(0)) * scale) ** 2).sum(1)
+        pick = candidates[int(np.argmin(d2))]  # first in scan order among equally central voxels
+    else:
+        pick = candidates[int(_as_rng(rng).choice(len(candidates)))]
     return tuple(int(c) for c in pick), label
 
 
