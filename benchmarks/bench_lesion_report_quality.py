@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = dict(MODELS)
     if a.ablation:
         runs.update({name: [overlay] for name, overlay in ABLATION.items()})
+    run_dirs = {name: work / (overlays[0].removesuffix(".yaml") if name in ABLATION else name) for name, overlays in runs.items()}
+    if full_overrides:  # a variant of the full model must not overwrite the default's outputs
+        run_dirs["full"] = work / ("full_" + "_".join(f"{k}-{v}" for k, v in full_overrides.items()))
     for name, overlays in runs.items():
-        folder = ABLATION[name].removesuffix(".yaml") if name in ABLATION else name
-        out = work / (folder if name != "full" or not full_overrides else "full_" + "_".join(f"{k}-{v}" for k, v in full_overrides.items()))
-        if name == "full":
-            full_dir = out
+        out = run_dirs[name]
         common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out), dataset_dir=str(data), spacing=spacing,
                       batch_size=a.batch_size, seed=a.seed, target_lesions=a.lesions)
         t = time.perf_counter()
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "cnn_attribute_accuracy": cnn["attribute_accuracy"],
         "full_attribute_accuracy_average": full["attribute_accuracy_average"],
         "cnn_attribute_accuracy_average": cnn["attribute_accuracy_average"],
-        "majority_class_attribute_accuracy": majority_class_reference(full_dir / "eval" / "per_case.csv"),
+        "majority_class_attribute_accuracy": majority_class_reference(run_dirs["full"] / "eval" / "per_case.csv"),
         "train_seconds": {k: v["train_seconds"] for k, v in results.items()},
         "train_time_ratio_full_vs_unet": round(results["full"]["train_seconds"] / results["unet"]["train_seconds"], 2),
     }
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.ablation:
         from segreport.pipelines.lesion_report import write_ablation_table
 
-        ablation = write_ablation_table({n: work / ABLATION[n].removesuffix(".yaml") / "eval" for n in ABLATION} | {"full": full_dir / "eval"},
-                                        work / "ablation")
+        ablation = write_ablation_table({n: run_dirs[n] / "eval" for n in (*ABLATION, "full")}, work / "ablation")
     report = {
         "benchmark": "lesion_report_quality",
         "command": "python benchmarks/bench_lesion_report_quality.py" + (" --quick" if a.quick else "")

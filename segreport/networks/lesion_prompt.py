@@ -64,15 +64,18 @@ class ImageEmbedding(NamedTuple):
     grid: torch.Tensor
     high_res: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _map(self, fn) -> ImageEmbedding:
+        """``fn`` applied to every tensor (the grid and, when present, the stem features)."""
+        return ImageEmbedding(fn(self.grid), None if self.high_res is None else tuple(fn(t) for t in self.high_res))
+
     def expand(self, b: int) -> ImageEmbedding:
         """The same embedding for ``b`` prompt sets (a view: no copy)."""
-        grow = lambda t: t if t.shape[0] == b else t.expand(b, *t.shape[1:])  # noqa: E731
-        return ImageEmbedding(grow(self.grid), None if self.high_res is None else tuple(grow(t) for t in self.high_res))
+        return self._map(lambda t: t if t.shape[0] == b else t.expand(b, *t.shape[1:]))
 
     def select(self, index: slice | int) -> ImageEmbedding:
         """Rows ``index`` of the batch (e.g. ``select(slice(0, 1))`` for the first image)."""
         index = slice(index, index + 1) if isinstance(index, int) else index
-        return ImageEmbedding(self.grid[index], None if self.high_res is None else tuple(t[index] for t in self.high_res))
+        return self._map(lambda t: t[index])
 
 
 class HighResStem(nn.Module):
