@@ -17,6 +17,7 @@ from segreport.data.phantom import (
     TISSUES,
     TYPE_HU,
     _sample_lesion,
+    ensure_dataset,
     generate_case,
     generate_dataset,
     lung_window,
@@ -52,6 +53,20 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     assert a == b and any(k.endswith(".xlsx") for k in a) and any(k.endswith(".png") for k in a)
     generate_dataset(tmp_path / "c", seed=6, export_2d=False, **kw)
     assert _digest(tmp_path / "c")["imagesTr/case_0000.nii.gz"] != a["imagesTr/case_0000.nii.gz"]
+
+
+def test_ensure_dataset_generates_once_and_never_over_user_data(tmp_path):
+    kw = dict(n_cases=2, shape=(64, 64, 16), spacing=(4.8, 4.8, 15.0), export_2d=False)
+    user = tmp_path / "mine"
+    (user / "imagesTr").mkdir(parents=True)  # someone's own dataset: must be left alone
+    assert ensure_dataset(user, ("dataset.json", "imagesTr"), **kw) == str(user)
+    assert not (user / "dataset.json").exists() and not any((user / "imagesTr").iterdir())
+    fresh = tmp_path / "fresh"
+    ensure_dataset(fresh, ("dataset.json", "imagesTr"), seed=5, **kw)
+    first = _digest(fresh)
+    assert "dataset.json" in first and len([k for k in first if k.startswith("imagesTr/")]) == 2
+    ensure_dataset(fresh, ("dataset.json", "imagesTr"), seed=6, **kw)  # present now: not regenerated
+    assert _digest(fresh) == first
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ Diffuse disease (CT-2..CT-4, some CT-1) is peripheral, posterior-weighted ground
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import zipfile
@@ -52,6 +53,8 @@ from ..transforms.lung_regions import lung_zone_map
 from ..vocab import ATTRIBUTE_GROUPS, LUNG_LABELS, SEVERITY_BINS, severity_from_percent
 from .io import atomic_path, save_nifti
 from .splits import split_cases
+
+log = logging.getLogger(__name__)
 
 LESION_TYPES: tuple[str, ...] = ("ground-glass opacity", "consolidation", "nodule")
 TYPE_HU: dict[str, tuple[float, float]] = {  # mean-HU range each type must land in
@@ -706,6 +709,17 @@ def generate_dataset(
         "n_slices": n_slices,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def ensure_dataset(out_dir: str | os.PathLike, present: Sequence[str] = ("dataset.json",), n_cases: int = 20, **kwargs) -> str:
+    """``out_dir``, generated with :func:`generate_dataset` (``n_cases``, ``kwargs``) unless a dataset
+    is already there: any entry matching one of the ``present`` glob patterns. What a bundle's
+    ``prepare`` step calls, so it runs with no argument on a fresh machine and never overwrites data."""
+    root = Path(out_dir)
+    if not any(next(root.glob(pattern), None) for pattern in present):
+        log.info("no dataset in %s: generating the synthetic chest-CT phantom (%d cases)", root, n_cases)
+        generate_dataset(root, n_cases=n_cases, **kwargs)
+    return str(root)
 
 
 # ------------------------------------------------------------------------------------------ preview

@@ -91,12 +91,9 @@ def prepare_data(
     shape: Sequence[int] = (192, 192, 48),
     spacing: Sequence[float] = (1.6, 1.6, 5.0),
 ) -> str:
-    """Generate the synthetic chest-CT phantom into ``dataset_dir`` unless a dataset is already there."""
-    root = Path(dataset_dir)
-    if not (root / "dataset.json").is_file() and not (root / "imagesTr").is_dir():
-        log.info("no dataset in %s: generating the synthetic chest-CT phantom (%d cases)", root, n_cases)
-        phantom.generate_dataset(root, n_cases=n_cases, seed=seed, shape=tuple(shape), spacing=tuple(spacing))
-    return str(root)
+    """Generate the synthetic chest-CT phantom into ``dataset_dir`` unless a dataset (MSD json or imagesTr/) is there."""
+    return phantom.ensure_dataset(dataset_dir, ("dataset.json", "imagesTr"), n_cases=n_cases, seed=seed,
+                                  shape=tuple(shape), spacing=tuple(spacing))
 
 
 _ID_COLUMNS = ("lesion_id", "id")

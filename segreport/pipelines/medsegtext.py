@@ -50,14 +50,11 @@ SPLIT_FOLDERS = {"training": "Train", "validation": "Val", "test": "Test"}
 
 # ----------------------------------------------------------------------------------------- data
 def prepare_data(dataset_dir: str | os.PathLike, n_cases: int = 40, seed: int = 0, shape: Sequence[int] = (192, 192, 48)) -> str:
-    """Generate the synthetic phantom into ``dataset_dir`` unless a dataset is already there."""
-    root = Path(dataset_dir)
-    if not (root / "dataset.json").is_file() and not any(root.glob("*_Folder")):
-        log.info("no dataset in %s: generating the synthetic chest-CT phantom (%d cases)", root, n_cases)
-        # lesion-free lung slices too ("No pulmonary infection."): a model run over whole volumes must
-        # have seen them, or it finds lesions on every slice (MosMedData+ itself has lesion slices only)
-        phantom.generate_dataset(root, n_cases=n_cases, seed=seed, shape=tuple(shape), slice_filter="lung")
-    return str(root)
+    """Generate the synthetic phantom into ``dataset_dir`` unless a dataset (MSD json or LViT folders) is there."""
+    # lesion-free lung slices too ("No pulmonary infection."): a model run over whole volumes must
+    # have seen them, or it finds lesions on every slice (MosMedData+ itself has lesion slices only)
+    return phantom.ensure_dataset(dataset_dir, ("dataset.json", "*_Folder"), n_cases=n_cases, seed=seed,
+                                  shape=tuple(shape), slice_filter="lung")
 
 
 def _lvit_root(dataset_dir: Path) -> Path:
