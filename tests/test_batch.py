@@ -37,6 +37,7 @@ from segreport.pipelines.batch import (
     run_batch,
 )
 from segreport.pipelines.predictor import LesionAttributes, Prediction
+from segreport.pipelines.report import lung_regions
 from segreport.transforms.lung_mask import lung_mask_from_ct
 from segreport.vocab import ATTRIBUTE_GROUPS
 from test_report import LOWER_RIGHT, UPPER_LEFT, make_chest
@@ -61,10 +62,11 @@ class ThresholdPredictor:
             threshold = json.loads(Path(checkpoint).read_text())["threshold"]
         self.threshold, self.min_voxels = float(threshold), min_voxels
         self.checkpoint_path, self.device = checkpoint, device
-        self.calls = 0
+        self.calls, self.lungs = 0, []
 
-    def predict(self, image, affine, points=None, point_labels=None) -> Prediction:
+    def predict(self, image, affine, points=None, point_labels=None, lung=None) -> Prediction:
         self.calls += 1
+        self.lungs.append(lung)
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(self.device)
         smooth = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)[0, 0].float().cpu().numpy()
         lung = ndimage.binary_erosion(lung_mask_from_ct(image))
@@ -101,10 +103,10 @@ class InterruptingPredictor(ThresholdPredictor):
         super().__init__(**kwargs)
         self.stop_at = stop_at
 
-    def predict(self, image, affine, points=None, point_labels=None):
+    def predict(self, image, affine, points=None, point_labels=None, lung=None):
         if self.calls + 1 == self.stop_at:
             raise KeyboardInterrupt
-        return super().predict(image, affine, points, point_labels)
+        return super().predict(image, affine, points, point_labels, lung)
 
 
 def write_bundle(root: Path, threshold: float = -500.0) -> Path:
@@ -393,7 +395,7 @@ def test_points_select_lesions_ijk_and_world(tmp_path):
 
 def test_wrong_shape_prediction_fails_the_case_with_a_clear_message(tmp_path):
     class Shrinking(ThresholdPredictor):
-        def predict(self, image, affine, points=None, point_labels=None):
+        def predict(self, image, affine, points=None, point_labels=None, lung=None):
             pred = super().predict(image, affine)
             pred.mask = pred.mask[:-1]
             return pred
@@ -425,6 +427,8 @@ def test_interrupted_run_leaves_whole_cases_and_resume_finishes(tmp_path):
     predictor = ThresholdPredictor()
     summary = run_batch(predictor, tmp_path / "in", out, resume=True, bf16=True, progress=False)
     assert [r["status"] for r in summary.cases] == ["skipped", "ok", "ok"] and predictor.calls == 2
+    # the loader's lung label reaches the model, so a predictor needing one does not threshold the CT again
+    assert all(np.array_equal(lung, lung_regions(ct, affine)[0]) for lung in predictor.lungs)
     report = json.loads((out / "b_report.json").read_text())
     assert report["extras"] == {"inference_mode": True, "autocast_bf16": True}  # --bf16 reaches the model
 

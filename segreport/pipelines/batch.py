@@ -402,7 +402,7 @@ def run_case(case: Case, loading: Future, predictor, output_dir: Path, model: st
         stage, t = "predict", perf_counter()
         kwargs = {} if loaded.points is None else {"points": loaded.points, "point_labels": loaded.point_labels}
         with torch.inference_mode(), autocast():
-            prediction = predictor.predict(loaded.image, loaded.affine, **kwargs)
+            prediction = predictor.predict(loaded.image, loaded.affine, lung=loaded.lung, **kwargs)
         prediction = _check_prediction(prediction, loaded.image.shape, model)
         timings["predict_s"] = perf_counter() - t
         stage, t = "writing outputs", perf_counter()

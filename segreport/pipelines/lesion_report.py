@@ -808,17 +808,18 @@ def roi_to_original(roi_prob: torch.Tensor | np.ndarray, roi_affine, orig_affine
     return out
 
 
-def auto_roi_center(ct_hu: np.ndarray) -> tuple[np.ndarray, str]:
+def auto_roi_center(ct_hu: np.ndarray, lung: np.ndarray | None = None) -> tuple[np.ndarray, str]:
     """Where to put the ROI when nobody clicked: ``(IJK centre on the input grid, how it was found)``.
 
     A coarse chest heuristic: inside the (hole-filled) lung mask less a 2-voxel rim (partial volume
     with the chest wall), voxels denser than ``LESION_DENSITY_HU`` (-500 HU) after a morphological
     opening (drops vessels and fissures) are lesion candidates; the ROI goes to the centre of the
     largest candidate component. Without one, to the centre of the lungs' bounding box; without
-    lungs (not a chest scan), to the image centre.
+    lungs (not a chest scan), to the image centre. ``lung``: a lung mask or label of ``ct_hu`` already
+    made (any non-zero is lung); by default thresholded from the CT.
     """
     ct = np.asarray(ct_hu)
-    lung = lung_mask_from_ct(ct)
+    lung = lung_mask_from_ct(ct) if lung is None else np.asarray(lung) > 0
     if lung.any():
         core = ndimage.binary_erosion(lung, iterations=2)
         candidates = ndimage.binary_opening(core & (ct > LESION_DENSITY_HU), iterations=1)
@@ -940,11 +941,12 @@ class InteractiveSession:
         self._roi_points.append(roi_pt)
         return self._predict()
 
-    def auto(self) -> Prediction:
-        """Zero clicks: ROI from :func:`auto_roi_center`, the model alone (trained with prompt dropout)."""
+    def auto(self, lung: np.ndarray | None = None) -> Prediction:
+        """Zero clicks: ROI from :func:`auto_roi_center` (``lung``: the image's lung mask, if made
+        already), the model alone (trained with prompt dropout)."""
         self._require_image()
         self.reset()
-        center, source = auto_roi_center(self._ct)
+        center, source = auto_roi_center(self._ct, lung)
         self._place_roi(map_points(center, self.orig_affine, self._volume.affine)[0], f"auto: {source}")
         return self._predict()
 
@@ -1024,13 +1026,13 @@ class LesionReportPredictor:
     def session(self) -> InteractiveSession:
         return InteractiveSession(self.network, self.device, self.threshold)
 
-    def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None) -> Prediction:
+    def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None, lung=None) -> Prediction:
         if not is_interactive(self.network):
-            return self._predict_baseline(image, affine)
+            return self._predict_baseline(image, affine, lung)
         session = self.session()
         session.set_image(image, affine)
         if points is None or len(points) == 0:
-            return session.auto()
+            return session.auto(lung)
         labels = [1] * len(points) if point_labels is None else list(point_labels)
         if len(labels) != len(points):
             raise InputError(None, f"{len(points)} points but {len(labels)} point labels")
@@ -1040,12 +1042,12 @@ class LesionReportPredictor:
         return prediction
 
     @torch.inference_mode()
-    def _predict_baseline(self, image: np.ndarray, affine: np.ndarray) -> Prediction:
+    def _predict_baseline(self, image: np.ndarray, affine: np.ndarray, lung: np.ndarray | None = None) -> Prediction:
         spec = self.network.spec
         ct = np.asarray(image, dtype=np.float32)
         volume = volume_transforms(spec["spacing"], spec["window"], spec["axcodes"], keys=("image",))(
             {"image": MetaTensor(torch.from_numpy(ct[None]), affine=torch.as_tensor(_as_affine(affine)))})["image"]
-        center, source = auto_roi_center(ct)
+        center, source = auto_roi_center(ct, lung)
         roi = CropLargestLesion(spec["roi_size"])(volume, center=np.rint(map_points(center, affine, volume.affine)[0]))
         out = self.network(roi.as_tensor()[None].float().to(self.device))
         mask = np.zeros(ct.shape, dtype=np.uint8)

@@ -413,7 +413,7 @@ class MedSegTextPredictor:
         self.min_lesion_ml = min_lesion_ml
 
     @torch.inference_mode()
-    def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None) -> Prediction:
+    def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None, lung=None) -> Prediction:
         axis = axial_axis(affine)
         windowed = np.asarray(HUWindow(preset="lung")(image[None].astype(np.float32)))[0]
         slices = np.moveaxis(windowed, axis, 0)  # (n_slices, a, b) in the input's own in-plane order
@@ -433,7 +433,8 @@ class MedSegTextPredictor:
                 for i, t in enumerate(decode_tokens(self.tokenizer, out["tokens"])):
                     texts[start + i] = t
         mask = remove_small_lesions(np.moveaxis(prob > self.threshold, 0, axis), affine, self.min_lesion_ml)
-        lung = split_left_right(lung_mask_from_ct(image), affine)
+        if lung is None:
+            lung = split_left_right(lung_mask_from_ct(image), affine)
         case_finding = FindingsFromMask()(mask, lung, affine=affine)
         lesion_slices = [k for k in range(n) if np.take(mask, k, axis=axis).any()]
         return Prediction(

@@ -42,6 +42,9 @@ class Predictor(Protocol):
         affine: np.ndarray,
         points: Sequence[Sequence[float]] | None = None,
         point_labels: Sequence[int] | None = None,
+        lung: np.ndarray | None = None,
     ) -> Prediction:
-        """``image``: 3D CT in HU, input voxel order; ``affine``: voxel->RAS mm; ``points``: IJK clicks."""
+        """``image``: 3D CT in HU, input voxel order; ``affine``: voxel->RAS mm; ``points``: IJK clicks;
+        ``lung``: the image's lung label (1 right, 2 left) when the caller already made it (the batch
+        loader does), so a predictor that needs one does not threshold the CT again."""
         ...
