@@ -69,7 +69,7 @@ class UNetSlicePredictor:
 
     @torch.inference_mode()
     def predict(self, image, affine, points=None, point_labels=None):
-        from segreport.pipelines.predictor import Prediction
+        from segreport.inference.predictor import Prediction
         from segreport.transforms.slicing import axial_axis
 
         axis = axial_axis(affine)

@@ -1,7 +1,7 @@
 """Batch inference: real predictor over mixed folders (synthetic, real CT, DICOM, broken files), geometry,
 summaries, manifest, resume/overwrite, atomic outputs, prefetch, points, CLI, monai.bundle route, torchrun.
 
-The predictor here is a real (simple) model that obeys the contract in segreport/pipelines/predictor.py:
+The predictor here is a real (simple) model that obeys the contract in segreport/inference/predictor.py:
 dense tissue inside the lung mask, found with torch smoothing + a HU threshold, with per-lesion
 density attributes. The bundle folders written by the tests wire it with ``_target_`` like a real
 bundle, so the CLI and the config route are exercised end to end.
@@ -36,7 +36,7 @@ from segreport.pipelines.batch import (
     prefetch,
     run_batch,
 )
-from segreport.pipelines.predictor import LesionAttributes, Prediction
+from segreport.inference.predictor import LesionAttributes, Prediction
 from segreport.pipelines.report import lung_regions
 from segreport.transforms.lung_mask import lung_mask_from_ct
 from segreport.vocab import ATTRIBUTE_GROUPS

@@ -14,7 +14,7 @@ import pytest
 from nibabel.orientations import axcodes2ornt, io_orientation
 from PIL import Image
 
-from segreport.pipelines.predictor import LesionAttributes, Prediction
+from segreport.inference.predictor import LesionAttributes, Prediction
 from segreport.pipelines.preview import _display, pick_slices, save_preview
 from segreport.transforms.slicing import axial_axis
 from segreport.pipelines.report import (

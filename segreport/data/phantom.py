@@ -722,6 +722,17 @@ def ensure_dataset(out_dir: str | os.PathLike, present: Sequence[str] = ("datase
     return str(root)
 
 
+# any of these in a folder means "a dataset is here": it is never generated over (a user's data)
+DATASET_MARKERS = ("dataset.json", "*_Folder", "slices2d", "imagesTr", "labelsTr")
+
+
+def ensure_default(out_dir: str | os.PathLike, n_cases: int = 40, seed: int = 0) -> str:
+    """The one default phantom every bundle trains on, whichever runs first: 192x192x48 at the default
+    spacing, every lung slice in the 2D export (lesion-free ones too: a model run over whole volumes
+    must have seen them). A folder that already holds a dataset (:data:`DATASET_MARKERS`) is left alone."""
+    return ensure_dataset(out_dir, DATASET_MARKERS, n_cases=n_cases, seed=seed, slice_filter="lung")
+
+
 # ------------------------------------------------------------------------------------------ preview
 
 

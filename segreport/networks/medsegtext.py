@@ -8,8 +8,6 @@ logits under teacher forcing, or generated ids).
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from os import PathLike
 from typing import Any
 
@@ -85,8 +83,8 @@ class MedSegText(nn.Module):
         has_text = mode != "segmentation"
         if has_text and None in (vocab_size, pad_id, bos_id, eos_id):
             raise ValueError(f"mode={mode!r} needs vocab_size, pad_id, bos_id and eos_id (from the tokenizer)")
-        # Everything needed to rebuild this model; stored in checkpoints. The weights path is left
-        # out: a checkpoint already holds the encoder weights.
+        # Everything needed to rebuild this model: the network part of a checkpoint's spec
+        # (segreport.models.medsegtext). The weights path is left out: a checkpoint holds those weights.
         self.config: dict[str, Any] = dict(
             vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id, mode=mode, encoder=encoder,
             encoder_kwargs=dict(encoder_kwargs or {}), in_channels=in_channels, out_channels=out_channels,
@@ -205,141 +203,3 @@ class MedSegText(nn.Module):
             memory = self.text_decoder.encode_memory(features[-1])
             out["tokens"] = self.text_decoder.generate(memory, max_length, beam_size, length_penalty, use_cache)
         return out
-
-    # ---- checkpoints -----------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        """The config travels inside ``state_dict()`` (key ``_extra_state``), so any saver,
-        including MONAI's ``CheckpointSaver`` that writes bare state dicts, keeps it."""
-        return {"config": self.config}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Nothing to restore: this instance already has its architecture, and
-        ``load_checkpoint`` compares shapes and vocabularies before loading."""
-
-    def save_checkpoint(self, path: str | PathLike, **extra: Any) -> None:
-        """Write ``{"config", "state_dict", **extra}`` atomically (temp file + rename)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"config": self.config, "state_dict": self.state_dict(), **extra}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | PathLike,
-        vocab_size: int | None = None,
-        map_location: str | torch.device = "cpu",
-        **overrides: Any,
-    ) -> MedSegText:
-        """Rebuild the model a checkpoint was saved from and load it. Pass the tokenizer's
-        ``vocab_size`` to have a mismatch reported before anything is built."""
-        checkpoint = _read(path, map_location)
-        config = _stored_config(checkpoint)
-        if config is None:
-            raise ValueError(
-                f"{path}: the checkpoint carries no MedSegText config; build the model with the settings it "
-                "was trained with (e.g. MedSegText.from_config('tiny', ...)) and call load_checkpoint(path)"
-            )
-        if vocab_size is not None and config["vocab_size"] is not None and vocab_size != config["vocab_size"]:
-            raise ValueError(
-                f"{path}: checkpoint was trained with a vocabulary of {config['vocab_size']} tokens but the "
-                f"tokenizer has {vocab_size}. Use the tokenizer saved with this checkpoint (same vocabulary "
-                "and special tokens), or train a new text decoder for this tokenizer."
-            )
-        model = cls.from_config(config, **overrides).to(map_location)
-        model._load_state(path, checkpoint)
-        return model
-
-    def load_checkpoint(
-        self, path: str | PathLike, map_location: str | torch.device = "cpu", strict: bool = True
-    ) -> dict[str, Any]:
-        """Load weights saved by ``save_checkpoint`` or any saver of ``state_dict()``; returns the
-        checkpoint. One from another configuration raises a ``ValueError`` that lists the
-        mismatching keys and says which configuration fits."""
-        checkpoint = _read(path, map_location)
-        self._load_state(path, checkpoint, strict)
-        return checkpoint
-
-    def _load_state(self, path: str | PathLike, checkpoint: dict[str, Any], strict: bool = True) -> None:
-        state = dict(checkpoint.get("state_dict", checkpoint))
-        # State dicts saved without the config (other tools, older files) still load: the config
-        # is only needed to rebuild a model, and this one is already built.
-        state.setdefault("_extra_state", self.get_extra_state())
-        own = self.state_dict()
-        emb = "text_decoder.embed.weight"
-        if emb in state and emb in own and state[emb].shape[0] != own[emb].shape[0]:
-            raise ValueError(
-                f"{path}: vocabulary mismatch: the checkpoint's text embedding has {state[emb].shape[0]} tokens, "
-                f"this model {own[emb].shape[0]} (vocab_size). Build the model with vocab_size="
-                f"{state[emb].shape[0]} and the tokenizer the checkpoint was trained with."
-            )
-        shapes = [
-            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in own
-            if k in state and torch.is_tensor(own[k]) and state[k].shape != own[k].shape
-        ]
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        if shapes or (strict and (missing or unexpected)):
-            lines = [f"{path}: checkpoint does not fit this MedSegText (mode={self.mode!r}, "
-                     f"encoder={self.config['encoder']!r}, d_model={self.config['d_model']})."]
-            for title, keys in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
-                if keys:
-                    lines.append(f"  {title} ({len(keys)}): " + "; ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
-            lines.append("  " + _fitting_config_hint(checkpoint, state))
-            raise ValueError("\n".join(lines))
-        self.load_state_dict(state, strict=strict)
-
-
-def _read(path: str | PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(checkpoint).__name__}")
-    return checkpoint
-
-
-def _stored_config(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The config saved beside the weights or inside the state dict's extra state."""
-    if "config" in checkpoint:
-        return checkpoint["config"]
-    extra = checkpoint.get("state_dict", checkpoint).get("_extra_state")
-    return extra.get("config") if isinstance(extra, dict) else None
-
-
-def _fitting_config_hint(checkpoint: dict[str, Any], state: dict[str, Any]) -> str:
-    """Say which configuration would load this checkpoint."""
-    config = _stored_config(checkpoint)
-    if config is not None:
-        return (f"It was saved from config {config}; rebuild it with MedSegText.from_checkpoint(path) "
-                "or MedSegText.from_config(config).")
-    shapes = {k: v.shape for k, v in state.items() if torch.is_tensor(v)}
-    text = _text_ids(state)
-    for name, preset in MEDSEGTEXT_CONFIGS.items():
-        for mode in MODES:
-            if (mode == "segmentation") != (text is None):
-                continue
-            # Built on the meta device: shapes only, no memory or init cost.
-            with torch.device("meta"):
-                model = MedSegText.from_config(preset, mode=mode, **(text or {}))
-            own = {k: v.shape for k, v in model.state_dict().items() if torch.is_tensor(v)}
-            if own == shapes:
-                return f"It fits MedSegText.from_config({name!r}, mode={mode!r}, ...)."
-    return "No named configuration fits it; it was saved from a custom configuration."
-
-
-def _text_ids(state: dict[str, Any]) -> dict[str, int] | None:
-    """Placeholder special ids for the vocabulary size read off a state dict (shapes only)."""
-    emb = state.get("text_decoder.embed.weight")
-    if emb is None:
-        return None
-    n = emb.shape[0]
-    return dict(vocab_size=n, pad_id=0, bos_id=min(1, n - 1), eos_id=min(2, n - 1))

@@ -62,7 +62,7 @@ from ..data.io import is_nifti, load_volume, save_nifti, strip_nifti_suffix
 from ..data.readers import read_dicom_folder
 from ..errors import InputError
 from . import distributed
-from .predictor import Prediction
+from ..inference.predictor import Prediction
 from .preview import save_preview
 from .report import build_report, format_report_text, lung_regions, write_json, write_text
 
@@ -617,7 +617,7 @@ def load_bundle_predictor(
     if checkpoint and "checkpoint" not in parser:
         raise BundleError(f"{config} defines no 'checkpoint' id, so --checkpoint cannot be applied")
     if "predictor" not in parser:
-        raise BundleError(f"{config} defines no 'predictor' (see segreport/pipelines/predictor.py)")
+        raise BundleError(f"{config} defines no 'predictor' (see segreport/inference/predictor.py)")
     try:
         ckpt = parser.get_parsed_content("checkpoint") if "checkpoint" in parser else None
         if isinstance(ckpt, (str, os.PathLike)) and not Path(ckpt).is_file():

@@ -117,3 +117,11 @@ def merge_rank_summaries(output_dir: str | os.PathLike, world_size: int, case_id
         rows += json.loads(path.read_text())["cases"]
     position = {case_id: i for i, case_id in enumerate(case_ids)}
     return sorted(rows, key=lambda r: position.get(r["case_id"], len(position)))
+
+
+def training_device() -> torch.device:
+    """The device of this training process: ``cuda:LOCAL_RANK`` under torchrun (the GPU index on this
+    node; the global rank is wrong on every node but the first), ``cuda`` alone, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")

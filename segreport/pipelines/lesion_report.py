@@ -73,7 +73,7 @@ from ..transforms.crop import CropLargestLesion, CropLargestLesiond
 from ..transforms.intensity import HUWindowd
 from ..transforms.lung_mask import lung_mask_from_ct
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
-from .predictor import LesionAttributes, Prediction
+from ..inference.predictor import LesionAttributes, Prediction
 from .loaders import make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
 
 log = logging.getLogger("segreport.lesion_report")
@@ -1005,7 +1005,7 @@ class InteractiveSession:
 
 
 class LesionReportPredictor:
-    """The batch ``Predictor`` (segreport.pipelines.predictor) for the 3D lesion-report bundle.
+    """The batch ``Predictor`` (segreport.inference.predictor) for the 3D lesion-report bundle.
 
     With clicks, they are replayed in order through an :class:`InteractiveSession` (each decode sees
     the previous mask, as in training); without, the zero-click ROI is used (:meth:`InteractiveSession.auto`).

@@ -18,3 +18,8 @@ def make_loader(dataset, batch_size: int = 8, shuffle: bool = False, num_workers
 
         sampler, shuffle = DistributedSampler(dataset, shuffle=shuffle), False
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers)
+
+
+def engine_loss(output) -> float:
+    """The trainer's loss for StatsHandler/TensorBoard (``from_engine`` yields a tuple for a dict output)."""
+    return float(output["loss"])

@@ -1,4 +1,7 @@
-"""MedSegText pipeline pieces: data, batches, loss, validation metric, evaluation and volume inference.
+"""MedSegText pipeline pieces: data, batches, loss, validation metric and evaluation.
+
+Volume inference is the shared slice-wise predictor (segreport.inference.slicewise), built from a
+checkpoint by segreport.models.medsegtext.
 
 The bundle YAMLs (bundles/medsegtext/configs) only wire these with MONAI's SupervisedTrainer,
 SupervisedEvaluator and handlers; everything with logic lives here so it is importable and tested.
@@ -15,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import ignite.distributed as idist
 from ignite.metrics import Metric
 from monai.engines import PrepareBatch
 from monai.transforms import (
@@ -38,9 +42,9 @@ from ..transforms.findings import FindingsFromMask
 from ..transforms.intensity import HUWindow
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
 from ..transforms.lung_regions import lung_zone_map
+from ..transforms.orientation import display_to_file_index, to_display
 from ..transforms.slicing import VolumeToSlicesd, axial_axis
 from ..transforms.text import TokenizeTextd, decode_tokens
-from .predictor import Prediction
 from .loaders import make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
 
 log = logging.getLogger("segreport.medsegtext")
@@ -106,41 +110,37 @@ def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, neg_rati
     image, affine, _ = load_volume(case["image"])
     label = (load_volume(case["label"])[0] > 0).astype(np.uint8) if case.get("label") else np.zeros(image.shape, np.uint8)
     lung = load_volume(case["lung"])[0].astype(np.uint8) if case.get("lung") else split_left_right(lung_mask_from_ct(image), affine)
-    volume = {
-        "image": np.asarray(HUWindow(preset="lung")(image[None])),
-        "label": label[None],
-        "zones": lung_zone_map(lung, affine)[None],
-        "image_meta_dict": {"affine": affine},
-        "case_id": case["case_id"],
-    }
+    windowed = np.asarray(HUWindow(preset="lung")(image[None]))[0]
+    # the display orientation (radiological, transforms.orientation) inference shows the model too
+    shown = to_display(np.stack([windowed, label, lung_zone_map(lung, affine)]).astype(np.float32), affine)
+    file_index = display_to_file_index(shown, affine, axial_axis(affine))
+    arrays = np.asarray(shown.as_tensor())
+    volume = {"image": arrays[0:1], "label": arrays[1:2].round(), "zones": arrays[2:3].round(),
+              "image_meta_dict": {"affine": np.asarray(shown.affine)}, "case_id": case["case_id"]}
     findings = FindingsFromMask()
     in_plane = np.eye(3)  # the zone map already carries sides and levels; centroids are not needed here
 
     def finding(item: dict) -> str:
-        return findings(item["label"][0], affine=in_plane, zone_map=item["zones"][0])
+        return findings(item["label"][0], affine=in_plane, zone_map=item["zones"][0].astype(np.uint8))
 
-    slicer = VolumeToSlicesd(keys=("image", "label", "zones"), mode=mode, neg_ratio=neg_ratio, seed=seed, finding_fn=finding)
+    slicer = VolumeToSlicesd(keys=("image", "label", "zones"), mode=mode, neg_ratio=neg_ratio, seed=seed,
+                             finding_fn=finding, axis=2)
     return [
         {"image": it["image"].astype(np.float32), "label": it["label"].astype(np.float32), "text": it["text"],
-         "case_id": it["case_id"], "slice_index": it["slice_index"]}
+         "case_id": it["case_id"], "slice_index": int(file_index[it["slice_index"]])}
         for it in slicer(volume)
     ]
 
 
-def build_tokenizer(train_items: list[dict], output_dir: str | os.PathLike, tokenizer_path: str | None = None):
-    """A word-level tokenizer built from the training findings (saved beside the checkpoints), or a local one."""
+def build_tokenizer(train_items: list[dict], tokenizer_path: str | None = None):
+    """A word-level tokenizer built from the training findings (deterministic: the same texts give the
+    same ids), or a local Hugging Face tokenizer folder. It is saved inside every checkpoint's spec."""
     if tokenizer_path:
         return load_tokenizer(tokenizer_path)
-    out = Path(output_dir) / "tokenizer"
-    if (out / "tokenizer.json").is_file():
-        return load_tokenizer(out)
     texts = [it["text"] for it in train_items if it.get("text")]
     if not texts:
-        raise InputError(output_dir, "no training texts to build a vocabulary from")
-    tok = build_word_tokenizer(texts)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(out))
-    return tok
+        raise InputError(None, "no training texts to build a vocabulary from")
+    return build_word_tokenizer(texts)
 
 
 def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, train: bool = False) -> Compose:
@@ -267,12 +267,21 @@ class SegTextScore(Metric):
             self.refs += decode_tokens(self.tokenizer, targets["tokens"])
 
     def compute(self):
+        inter, total, refs, hyps = self.inter, self.total, self.refs, self.hyps
+        if idist.get_world_size() > 1:  # every rank scores its own shard: reduce, so rank 0 selects on all
+            inter, total = (float(v) for v in idist.all_reduce(torch.tensor([inter, total], dtype=torch.float64)))
+            refs, hyps = _gather_texts(refs), _gather_texts(hyps)
         parts = []
-        if self.total > 0 or self.inter > 0:
-            parts.append(2 * self.inter / max(self.total, 1e-8))
-        if self.hyps:
-            parts.append(text_metrics(self.refs, self.hyps)["bleu4"])
+        if total > 0 or inter > 0:
+            parts.append(2 * inter / max(total, 1e-8))
+        if hyps:
+            parts.append(text_metrics(refs, hyps)["bleu4"])
         return float(np.mean(parts)) if parts else 0.0
+
+
+def _gather_texts(texts: list[str]) -> list[str]:
+    """Every rank's sentences, rank order (one newline-joined string per rank: ignite gathers strings)."""
+    return [t for joined in idist.all_gather("\n".join(texts)) for t in (joined.split("\n") if joined else [])]
 
 
 def engine_output(output):
@@ -280,36 +289,29 @@ def engine_output(output):
     return output["pred"], output["label"]
 
 
-# ----------------------------------------------------------------------------- model loading
-def load_network(network, checkpoint: str | os.PathLike | None, device: str | torch.device = "cpu"):
-    """Load trained weights into ``network`` (a MedSegText), with the model's own clear mismatch errors."""
-    network = network.to(device)
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise InputError(checkpoint, "checkpoint not found: train first (python -m monai.bundle run training ...) or pass --checkpoint")
-        network.load_checkpoint(checkpoint, map_location=device)
-    return network.eval()
-
-
 # ------------------------------------------------------------------------------- evaluation
 @torch.inference_mode()
 def evaluate(
-    network,
-    tokenizer,
+    checkpoint: str | os.PathLike,
     items: list[dict],
     output_dir: str | os.PathLike,
-    checkpoint: str | None = None,
-    image_size: int = 224,
-    max_length: int = 50,
     beam_size: int = 1,
     batch_size: int = 8,
     device: str = "cpu",
     n_panels: int = 8,
 ) -> dict:
-    """Dice/IoU (per slice and per case), BLEU-1..4, METEOR, ROUGE-L -> metrics.json, per_sample.csv, panels."""
+    """Dice/IoU (per slice and per case), BLEU-1..4, METEOR, ROUGE-L -> metrics.json, per_sample.csv, panels.
+
+    The model, its image size, decoding length and tokenizer all come from the checkpoint's spec.
+    """
+    from ..models.medsegtext import trained
+    from ..models.spec import read_checkpoint
     from .panels import save_panel
 
-    network = load_network(network, checkpoint, device)
+    spec, weights = read_checkpoint(checkpoint)
+    network, tokenizer = trained(spec, weights)
+    network = network.to(device)
+    image_size, max_length = spec["preprocessing"]["image_size"], spec["inference"]["max_length"]
     out = Path(output_dir)
     (out / "panels").mkdir(parents=True, exist_ok=True)
     loader = make_loader(make_dataset(items, slice_transforms(tokenizer, image_size, max_length), cache=False), batch_size)
@@ -369,77 +371,3 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
-
-
-# -------------------------------------------------------------------------- volume inference
-def remove_small_lesions(mask: np.ndarray, affine: np.ndarray, min_ml: float) -> np.ndarray:
-    """Drop connected components smaller than ``min_ml`` millilitres (slice-wise models leave specks that
-    would each count as an "infected area"); a volume threshold, so it means the same at any spacing."""
-    from scipy import ndimage
-
-    mask = np.asarray(mask, dtype=bool)
-    if min_ml <= 0 or not mask.any():
-        return mask.astype(np.uint8)
-    voxel_ml = abs(np.linalg.det(np.asarray(affine)[:3, :3])) / 1000.0
-    labels, n = ndimage.label(mask, np.ones((3,) * mask.ndim))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml
-    keep = sizes >= min_ml
-    keep[0] = False
-    return keep[labels].astype(np.uint8)
-
-
-class MedSegTextPredictor:
-    """Slice-wise MedSegText on a 3D CT volume -> mask on the input grid + findings.
-
-    The case-level finding is formed from the predicted 3D mask's geometry (connected components,
-    patient sides from the affine, zones from a lung mask thresholded from the CT), not from the
-    decoder: the decoder sees one slice at a time and cannot count lesions across slices. The
-    decoder's per-slice sentences are reported too, with whether their sides agree with the mask.
-    """
-
-    name = "medsegtext"
-
-    def __init__(self, network, tokenizer, checkpoint: str | None = None, device: str = "cpu", image_size: int = 224,
-                 batch_size: int = 16, max_length: int = 50, beam_size: int = 1, threshold: float = 0.5, bf16: bool = False,
-                 checkpoint_path: str | None = None, min_lesion_ml: float = 0.5):
-        """``checkpoint`` loads weights into ``network``; ``checkpoint_path`` only records where weights
-        already loaded (e.g. by ``MedSegText.from_checkpoint``) came from, for the run manifest's hash."""
-        self.device = torch.device(device)
-        self.network = load_network(network, checkpoint, self.device)
-        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
-        self.checkpoint_path = checkpoint or checkpoint_path
-        self.image_size, self.batch_size = image_size, batch_size
-        self.max_length, self.beam_size, self.threshold, self.bf16 = max_length, beam_size, threshold, bf16
-        self.min_lesion_ml = min_lesion_ml
-
-    @torch.inference_mode()
-    def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None, lung=None) -> Prediction:
-        axis = axial_axis(affine)
-        windowed = np.asarray(HUWindow(preset="lung")(image[None].astype(np.float32)))[0]
-        slices = np.moveaxis(windowed, axis, 0)  # (n_slices, a, b) in the input's own in-plane order
-        n, shape2d = slices.shape[0], slices.shape[1:]
-        prob = np.zeros((n, *shape2d), dtype=np.float32)
-        texts: dict[int, str] = {}
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        for start in range(0, n, self.batch_size):
-            chunk = torch.from_numpy(slices[start:start + self.batch_size]).unsqueeze(1).to(self.device)
-            x = torch.nn.functional.interpolate(chunk, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-            with autocast:
-                out = predict_slices(self.network, x, self.max_length, self.beam_size)
-            if "seg_logits" in out:
-                logits = torch.nn.functional.interpolate(out["seg_logits"].float(), size=shape2d, mode="bilinear", align_corners=False)
-                prob[start:start + len(chunk)] = torch.sigmoid(logits)[:, 0].cpu().numpy()
-            if "tokens" in out:
-                for i, t in enumerate(decode_tokens(self.tokenizer, out["tokens"])):
-                    texts[start + i] = t
-        mask = remove_small_lesions(np.moveaxis(prob > self.threshold, 0, axis), affine, self.min_lesion_ml)
-        if lung is None:
-            lung = split_left_right(lung_mask_from_ct(image), affine)
-        case_finding = FindingsFromMask()(mask, lung, affine=affine)
-        lesion_slices = [k for k in range(n) if np.take(mask, k, axis=axis).any()]
-        return Prediction(
-            mask=mask,
-            case_finding=case_finding,
-            slice_findings={k: texts[k] for k in lesion_slices if k in texts},
-            extras={"case_finding_source": "predicted mask geometry (components, affine sides, CT lung zones)"},
-        )

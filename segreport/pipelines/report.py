@@ -31,7 +31,7 @@ from ..transforms.findings import body_mask
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
 from ..transforms.lung_regions import lung_zone_map
 from ..vocab import LEVELS, LUNG_LABELS, SIDES, ZONES, severity_from_percent
-from .predictor import Prediction
+from ..inference.predictor import Prediction
 
 # A zone is listed for a lesion when it holds at least this share of its voxels (FindingsFromMask's rule).
 ZONE_FRACTION = 0.1

@@ -91,3 +91,23 @@ def decode_tokens(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int] | torch
     if eos is not None and eos in ids:
         ids = ids[: ids.index(eos)]
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def tokenizer_to_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """The tokenizer's ``save_pretrained`` files as ``{name: text}``: it travels inside a checkpoint's
+    spec, so a checkpoint never needs a tokenizer folder beside it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_text(encoding="utf-8") for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
+    """Inverse of :func:`tokenizer_to_files`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
+        return load_tokenizer(tmp)

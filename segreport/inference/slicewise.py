@@ -1,0 +1,79 @@
+"""Slice-wise inference of any 2D model over a 3D CT, model-free.
+
+volume (HU, file voxel order) -> display orientation (:mod:`segreport.transforms.orientation`) -> HU
+window -> batches of axial slices resized to the model's image size -> probabilities resized back ->
+inverse orientation -> mask on the file's own grid. Because every slice is shown to the model in the
+same radiological orientation, the answer does not depend on how the file stores its voxels.
+
+The model side is two callables: ``forward(images (B,1,S,S) in [0,1], **prompts) -> {"seg_logits"
+(B,1,S,S), optionally "tokens"}`` and, for models that write, ``decode(tokens) -> list[str]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..transforms.intensity import HUWindow
+from ..transforms.orientation import display_to_file_index, from_display, to_display
+from ..transforms.postprocess import remove_small_lesions
+from ..transforms.slicing import axial_axis
+from .predictor import Prediction
+
+log = logging.getLogger("segreport.inference")
+
+
+class SliceWisePredictor:
+    """A :class:`~segreport.inference.predictor.Predictor` for 2D models (see the module docstring).
+
+    ``image_size``, ``window`` and ``threshold``/``min_lesion_ml`` come from the checkpoint's spec;
+    ``batch_size``, ``bf16`` and ``device`` are run-time choices.
+    """
+
+    def __init__(self, name: str, forward: Callable[..., dict], image_size: int, window: str = "lung",
+                 decode: Callable[[torch.Tensor], list[str]] | None = None, device: str | torch.device = "cpu",
+                 batch_size: int = 16, threshold: float = 0.5, min_lesion_ml: float = 0.5, bf16: bool = False,
+                 extras: dict | None = None):
+        self.name, self.forward, self.decode = name, forward, decode
+        self.image_size, self.window = int(image_size), window
+        self.device, self.batch_size, self.bf16 = torch.device(device), int(batch_size), bool(bf16)
+        self.threshold, self.min_lesion_ml = float(threshold), float(min_lesion_ml)
+        self.extras = dict(extras or {})
+        self.checkpoint_path: str | None = None
+
+    def probabilities(self, image: np.ndarray, affine: np.ndarray, **prompts) -> tuple[np.ndarray, dict[int, str]]:
+        """Lesion probability on the file grid and the model's sentence per file axial slice index."""
+        windowed = np.asarray(HUWindow(preset=self.window)(np.asarray(image, dtype=np.float32)[None]))
+        shown = to_display(windowed, affine)  # (1, rows, cols, n)
+        slices = shown[0].as_tensor().permute(2, 0, 1).contiguous()  # (n, rows, cols)
+        n, size2d = slices.shape[0], tuple(slices.shape[1:])
+        prob = torch.zeros((n, *size2d), dtype=torch.float32)
+        texts: dict[int, str] = {}
+        file_index = display_to_file_index(shown, affine, axial_axis(affine))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        for start in range(0, n, self.batch_size):
+            chunk = slices[start:start + self.batch_size, None].to(self.device)
+            x = F.interpolate(chunk, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+            with torch.inference_mode(), autocast:
+                out = self.forward(x, **prompts)
+            if "seg_logits" in out:
+                logits = F.interpolate(out["seg_logits"].float(), size=size2d, mode="bilinear", align_corners=False)
+                prob[start:start + len(chunk)] = torch.sigmoid(logits)[:, 0].cpu()
+            if "tokens" in out and self.decode is not None:
+                for i, text in enumerate(self.decode(out["tokens"])):
+                    texts[int(file_index[start + i])] = text
+        return from_display(prob.permute(1, 2, 0)[None], shown)[0], texts
+
+    def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None, lung=None, **prompts) -> Prediction:
+        if points is not None and len(points):
+            log.warning("%s takes no clicks: %d point(s) ignored", self.name, len(points))
+        prob, texts = self.probabilities(image, affine, **prompts)
+        mask = remove_small_lesions(prob > self.threshold, affine, self.min_lesion_ml)
+        axis = axial_axis(affine)
+        lesion_slices = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        return Prediction(mask=mask, slice_findings={int(k): texts[int(k)] for k in lesion_slices if int(k) in texts},
+                          extras=dict(self.extras))

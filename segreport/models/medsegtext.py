@@ -1,0 +1,55 @@
+"""MedSegText (seed 000) adapter: its spec in a checkpoint, and the slice-wise predictor built from it."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from ..inference.slicewise import SliceWisePredictor
+from ..networks.medsegtext import MedSegText
+from ..text.tokenizers import decode_tokens, tokenizer_from_files, tokenizer_to_files
+from ..transforms.orientation import DISPLAY_AXCODES
+from .spec import build_network, load_weights, make_spec
+
+KIND = "medsegtext"
+TARGET = "segreport.networks.MedSegText"
+
+
+def spec_for(network: MedSegText, tokenizer, image_size: int, max_length: int, window: str = "lung",
+             threshold: float = 0.5, min_lesion_ml: float = 0.5, training: Mapping | None = None) -> dict:
+    """Everything inference needs: the network's config, the 2D pre-processing, the tokenizer itself."""
+    net = getattr(network, "module", network)
+    return make_spec(
+        KIND, TARGET, net.config,
+        preprocessing={"axcodes": DISPLAY_AXCODES, "window": window, "image_size": int(image_size), "channels": 1},
+        inference={"max_length": int(max_length), "threshold": float(threshold), "min_lesion_ml": float(min_lesion_ml)},
+        tokenizer=None if tokenizer is None else tokenizer_to_files(tokenizer),
+        training=training,
+    )
+
+
+def trained(spec: Mapping, weights: Mapping) -> tuple[MedSegText, Any]:
+    """(network with weights, tokenizer or None) of a MedSegText spec."""
+    network = load_weights(build_network(spec), weights)
+    tokenizer = tokenizer_from_files(spec["tokenizer"]) if spec.get("tokenizer") else None
+    return network.eval(), tokenizer
+
+
+def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", batch_size: int = 16, bf16: bool = False,
+              beam_size: int = 1, threshold: float | None = None, min_lesion_ml: float | None = None) -> SliceWisePredictor:
+    network, tokenizer = trained(spec, weights)
+    network = network.to(device)
+    inf, pre = spec["inference"], spec["preprocessing"]
+
+    def forward(images: torch.Tensor) -> dict:
+        return network.predict(images, max_length=inf["max_length"], beam_size=beam_size)
+
+    return SliceWisePredictor(
+        KIND, forward, image_size=pre["image_size"], window=pre["window"],
+        decode=None if tokenizer is None else (lambda ids: decode_tokens(tokenizer, ids)), device=device,
+        batch_size=batch_size, bf16=bf16,
+        threshold=inf["threshold"] if threshold is None else threshold,
+        min_lesion_ml=inf["min_lesion_ml"] if min_lesion_ml is None else min_lesion_ml,
+        extras={"slice_findings_source": "MedSegText text decoder, one sentence per axial slice"},
+    )

@@ -1,0 +1,112 @@
+"""The checkpoint contract: weights plus a **spec** that says everything needed to use them.
+
+A bundle checkpoint is ``{"model": state_dict, "spec": spec}`` (MONAI's ``CheckpointSaver`` writes it
+from ``save_dict={"model": network, "spec": SpecState(spec)}``), read with ``weights_only=True``. The
+spec is plain data::
+
+    {"format": "segreport-spec", "version": 1,
+     "kind": "medsegtext" | "lesion_report_3d" | ...,           # which adapter in segreport.models
+     "network": {"_target_": "segreport.networks.MedSegText", "args": {...}},
+     "preprocessing": {...},   # orientation, spacing, HU window, 2D image size or 3D ROI
+     "tokenizer": {file name: text} | None,                    # the tokenizer itself, not a path
+     "inference": {...},       # thresholds, minimum lesion size, decoding length
+     "training": {...}}        # provenance: dataset, cases, command (what the report states)
+
+so inference repeats no model or pre-processing setting (:func:`segreport.models.load`).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.utils import optional_import
+from torch import nn
+
+from ..errors import InputError
+
+SPEC_FORMAT, SPEC_VERSION = "segreport-spec", 1
+CONVERT_HINT = ("re-save it with a spec: python -m segreport.models.convert OLD.pt NEW.pt --config "
+                "bundles/<name>/configs/train.yaml (the training config it was made with, same overrides)")
+
+
+class SpecState:
+    """A ``CheckpointSaver`` ``save_dict`` entry that writes the spec beside the weights."""
+
+    def __init__(self, spec: Mapping):
+        self.spec = dict(spec)
+
+    def state_dict(self) -> dict:
+        return dict(self.spec)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.spec = dict(state)
+
+
+def make_spec(kind: str, target: str, args: Mapping, preprocessing: Mapping, inference: Mapping | None = None,
+              tokenizer: Mapping[str, str] | None = None, training: Mapping | None = None) -> dict:
+    return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "kind": kind,
+            "network": {"_target_": target, "args": dict(args)}, "preprocessing": dict(preprocessing),
+            "tokenizer": None if tokenizer is None else dict(tokenizer), "inference": dict(inference or {}),
+            "training": dict(training or {})}
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+    """``(spec, weights)`` of a bundle checkpoint; every way it can be wrong is an :class:`InputError`
+    naming the file and the problem (not found, not a checkpoint, truncated, pickled code, no spec)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found: train first (python -m monai.bundle run training ...) or pass --checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refuses arbitrary objects: never run them
+        raise InputError(path, f"checkpoint holds more than weights and a spec, refused for safety ({str(err).splitlines()[0]})") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise InputError(path, f"not a readable PyTorch checkpoint (truncated or another kind of file?): {err}") from err
+    if not isinstance(state, Mapping) or not isinstance(state.get("spec"), Mapping) or "model" not in state:
+        raise InputError(path, f"checkpoint has no segreport spec (saved by an older version or another tool): {CONVERT_HINT}")
+    spec = dict(state["spec"])
+    if spec.get("format") != SPEC_FORMAT:
+        raise InputError(path, f"checkpoint spec is not a {SPEC_FORMAT} (old layout?): {CONVERT_HINT}")
+    if int(spec.get("version", 0)) > SPEC_VERSION:
+        raise InputError(path, f"checkpoint spec version {spec['version']} is newer than this segreport ({SPEC_VERSION}): upgrade segreport")
+    return spec, dict(state["model"])
+
+
+def build_network(spec: Mapping) -> nn.Module:
+    """The network a spec describes, randomly initialised (its ``_target_`` called with ``args``)."""
+    target = spec["network"]["_target_"]
+    module, _, name = target.rpartition(".")
+    factory, found = optional_import(module, name=name)
+    if not found:
+        raise InputError(None, f"the checkpoint's network {target!r} cannot be imported")
+    return factory(**spec["network"]["args"])
+
+
+def load_weights(network: nn.Module, weights: Mapping[str, torch.Tensor], path: Any = None) -> nn.Module:
+    """Load ``weights`` strictly, listing shape mismatches and missing/unexpected keys on failure."""
+    net = getattr(network, "module", network)
+    own = net.state_dict()
+    shapes = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in weights and torch.is_tensor(v) and weights[k].shape != v.shape]
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if shapes or missing or unexpected:
+        lines = [f"weights do not fit {type(net).__name__}"]
+        for title, keys in (("shape mismatches", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+            if keys:
+                lines.append(f"{title} ({len(keys)}): " + "; ".join(keys[:6]) + (" ..." if len(keys) > 6 else ""))
+        raise InputError(path, "; ".join(lines))
+    net.load_state_dict(weights)
+    return network
+
+
+def network_from_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """``(network with its trained weights, spec)``."""
+    spec, weights = read_checkpoint(path, map_location)
+    return load_weights(build_network(spec), weights, path), spec
