@@ -1,0 +1,186 @@
+"""The prompt session: one person, one image, clicks one after another, for any promptable 3D model.
+
+A promptable model has ``encode_image(roi) -> embedding`` and ``decode(embedding, points, labels,
+mask_prompt) -> {"mask_logits", "low_res_logits", "iou_pred", "attr_logits"}``, and a ``spec`` with its
+pre-processing (``spacing``, ``window``, ``axcodes``; ROI size from ``img_size``). This is what the batch
+runner and a MONAI Label app call: ``set_image`` once, then ``click`` as often as wanted; the embedding
+is cached, so a click only reruns the prompt side.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from torch import nn
+
+from ..errors import InputError
+from ..transforms.crop import CropLargestLesion
+from ..transforms.volume import volume_transforms
+from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
+from .geometry import as_affine, auto_roi_center, interior_voxel, map_points, roi_to_original
+from .predictor import LesionAttributes, Prediction
+
+log = logging.getLogger("segreport.session")
+
+
+def is_promptable(network: nn.Module) -> bool:
+    """Whether the network takes clicks (``encode_image`` + ``decode``)."""
+    net = getattr(network, "module", network)
+    return hasattr(net, "encode_image") and hasattr(net, "decode")
+
+
+def attribute_probabilities(attr_logits: Mapping[str, torch.Tensor], index: int = 0) -> dict[str, dict]:
+    """``{group: {"label", "prob", "probs": {class: p}}}`` of one batch item (softmax per group)."""
+    out = {}
+    for group in ATTRIBUTE_NAMES:
+        p = torch.softmax(attr_logits[group][index].float(), -1).cpu().numpy()
+        names = ATTRIBUTE_GROUPS[group]
+        best = int(np.argmax(p))
+        out[group] = {"label": names[best], "prob": round(float(p[best]), 4),
+                      "probs": {n: round(float(v), 4) for n, v in zip(names, p)}}
+    return out
+
+
+def attributes_sentence(attributes: Mapping[str, Mapping] | None) -> str:
+    """The structured report (Table 1 template) as one line: "Shape: irregular. Invasion: ..."."""
+    if not attributes:
+        return "No lesion segmented."
+    return " ".join(f"{g.capitalize()}: {attributes[g]['label']}." for g in ATTRIBUTE_NAMES if g in attributes)
+
+
+class PromptSession:
+    """One radiologist and one image: ``set_image`` once, then ``click`` as often as wanted.
+
+    This is what MONAI Label (or any viewer) calls. The first click must be positive (it says "this
+    lesion") and places the ROI, centred on it; the ROI is encoded once and its embedding cached, so
+    every later click only reruns the prompt side (``decode``) with all clicks so far and the previous
+    mask as the dense prompt. Later clicks outside the ROI cannot change it: they are ignored with a
+    warning (listed in ``extras["ignored_clicks"]``); ``reset()`` starts over on the same image.
+    :meth:`auto` runs with no click (ROI from :func:`auto_roi_center`); a later first click re-centres.
+
+    Clicks are IJK voxel indices of the image given to ``set_image`` (what 3D Slicer/OHIF send), or
+    world RAS mm with ``world=True``. A click outside the image raises :class:`InputError` naming the
+    point and the image shape; a negative first click raises it too.
+    """
+
+    def __init__(self, network: nn.Module, device: str | torch.device = "cpu", threshold: float = 0.5):
+        net = getattr(network, "module", network)
+        if not is_promptable(net):
+            raise TypeError(f"{type(net).__name__} takes no clicks (no encode_image/decode): run it without a session")
+        spec = getattr(net, "spec", {})
+        self.network = net.to(device).eval()
+        self.device = torch.device(device)
+        self.threshold = threshold
+        self.roi_size = tuple(int(s) for s in net.img_size)
+        self.volume_tf = volume_transforms(spec.get("spacing", (1.5, 1.5, 2.5)), spec.get("window", "lung"), spec.get("axcodes", "RAS"), keys=("image",))
+        self.n_encodes = 0  # how often the image encoder ran (the cache is what makes clicks cheap)
+        self._ct: np.ndarray | None = None
+
+    # ------------------------------------------------------------------------------- image
+    def set_image(self, ct: np.ndarray, affine: np.ndarray, source: str | None = None) -> None:
+        """A 3D CT in HU (input voxel order) and its voxel -> RAS affine; resampled and windowed once."""
+        ct = np.asarray(ct, dtype=np.float32)
+        if ct.ndim != 3:
+            raise InputError(source, f"expected a 3D CT, got shape {ct.shape}")
+        self._ct, self.source = ct, source
+        self.orig_affine, self.shape = as_affine(affine), tuple(ct.shape)
+        self._volume = self.volume_tf({"image": MetaTensor(torch.from_numpy(ct[None]), affine=torch.as_tensor(self.orig_affine))})["image"]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget clicks, ROI and cached embedding (keeps the pre-processed image)."""
+        self.clicks: list[tuple[np.ndarray, int]] = []  # (original IJK, label)
+        self.ignored: list[dict] = []
+        self._roi_points: list[np.ndarray] = []
+        self._embedding = self._prev_logits = None
+        self._roi_affine = None
+        self._last: Prediction | None = None
+        self.roi_center_source: str | None = None
+
+    # ------------------------------------------------------------------------------ clicks
+    def click(self, point: Sequence[float], positive: bool = True, world: bool = False) -> Prediction:
+        """Add one click and return the updated mask (input grid) and attributes."""
+        self._require_image()
+        ijk = self._check_point(point, world)
+        if not self.clicks and not positive:
+            raise InputError(self.source, f"the first click must be positive (on the lesion); got a negative click at {ijk.tolist()}")
+        if not self.clicks:  # the first click (re)places the ROI, centred on it
+            self._place_roi(map_points(ijk, self.orig_affine, self._volume.affine)[0], "first click")
+        roi_pt = map_points(ijk, self.orig_affine, self._roi_affine)[0]
+        if np.any(roi_pt < -0.5) or np.any(roi_pt > np.asarray(self.roi_size) - 0.5):
+            log.warning("click %s lies outside the current ROI: ignored (reset() to start a new ROI)", ijk.tolist())
+            self.ignored.append({"ijk": ijk.tolist(), "label": int(positive), "reason": "outside the ROI"})
+            self._last.extras["ignored_clicks"] = list(self.ignored)
+            return self._last  # nothing changed
+        self.clicks.append((ijk, int(positive)))
+        self._roi_points.append(roi_pt)
+        return self._predict()
+
+    def auto(self, lung: np.ndarray | None = None) -> Prediction:
+        """Zero clicks: ROI from :func:`auto_roi_center` (``lung``: the image's lung mask, if made
+        already), the model alone (trained with prompt dropout)."""
+        self._require_image()
+        self.reset()
+        center, source = auto_roi_center(self._ct, lung)
+        self._place_roi(map_points(center, self.orig_affine, self._volume.affine)[0], f"auto: {source}")
+        return self._predict()
+
+    def _require_image(self) -> None:
+        if self._ct is None:
+            raise RuntimeError("call set_image(ct, affine) first")
+
+    def _check_point(self, point: Sequence[float], world: bool) -> np.ndarray:
+        p = np.asarray(point, dtype=np.float64).reshape(-1)
+        if p.size != 3 or not np.all(np.isfinite(p)):
+            raise InputError(self.source, f"a click is 3 finite coordinates, got {list(np.asarray(point).reshape(-1))}")
+        ijk = map_points(p, np.eye(4), self.orig_affine)[0] if world else p
+        idx = np.rint(ijk)
+        if np.any(idx < 0) or np.any(idx >= np.asarray(self.shape)):
+            what = f"world point {p.tolist()} (voxel {np.round(ijk, 1).tolist()})" if world else f"point {p.tolist()}"
+            raise InputError(self.source, f"click {what} lies outside the image of shape {self.shape}")
+        return ijk
+
+    def _place_roi(self, center_vox: np.ndarray, source: str) -> None:
+        cropper = CropLargestLesion(self.roi_size)
+        roi = cropper(self._volume, center=np.rint(center_vox))
+        self._roi_affine = as_affine(roi.affine)
+        with torch.inference_mode():
+            self._embedding = self.network.encode_image(roi.as_tensor()[None].float().to(self.device))
+        self.n_encodes += 1
+        self._prev_logits = None
+        self.roi_center_source = source
+
+    @torch.inference_mode()
+    def _predict(self) -> Prediction:
+        pts = labels = None
+        if self._roi_points:
+            pts = torch.tensor(np.stack(self._roi_points), dtype=torch.float32, device=self.device)[None]
+            labels = torch.tensor([lab for _, lab in self.clicks], dtype=torch.long, device=self.device)[None]
+        out = self.network.decode(self._embedding, pts, labels, mask_prompt=self._prev_logits)
+        self._prev_logits = out["low_res_logits"]
+        prob = torch.sigmoid(out["mask_logits"][0, 0].float())
+        mask = (roi_to_original(prob, self._roi_affine, self.orig_affine, self.shape) > self.threshold).astype(np.uint8)
+        attrs = attribute_probabilities(out["attr_logits"])
+        near = self.clicks[0][0] if self.clicks else map_points((np.asarray(self.roi_size) - 1) / 2, self._roi_affine, self.orig_affine)[0]
+        anchor = interior_voxel(mask > 0, near)
+        lesions = [] if anchor is None else [LesionAttributes(voxel=anchor, attributes=attrs)]
+        self._last = Prediction(
+            mask=mask,
+            case_finding=attributes_sentence(attrs if anchor is not None else None),
+            lesion_attributes=lesions,
+            extras={
+                "clicks": [{"ijk": [round(float(v), 2) for v in p], "label": lab} for p, lab in self.clicks],
+                "ignored_clicks": list(self.ignored),
+                "roi_center_source": self.roi_center_source,
+                "iou_pred": round(float(out["iou_pred"][0, 0]), 4),
+                "attributes": attrs,
+            },
+        )
+        return self._last
+
+
+InteractiveSession = PromptSession  # the name the 3D bundle's docs and earlier code use
