@@ -15,7 +15,12 @@ import pytest
 import torch
 
 import segreport.pipelines.lesion_report as lr
+import segreport.models.lesion_report_3d as m3d
+import segreport.pipelines.click_training as ct
+import segreport.pipelines.lesion_report_eval as lre
+from segreport.inference import geometry
 from segreport.errors import InputError
+from segreport.models import network_from_checkpoint
 from segreport.transforms.attributes import IGNORE_INDEX
 from segreport.vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 
@@ -204,7 +209,7 @@ def _blob_batch():
 def test_click_simulation_first_positive_inside_then_corrections():
     image, label = _blob_batch()
     net = _StubNet(fill=1.0)  # everything predicted: the error is false positives -> negative clicks
-    out = lr.SimulatedClicksInferer(train=False, n_clicks=3)(image, net, label)
+    out = ct.SimulatedClicksInferer(train=False, n_clicks=3)(image, net, label)
     points, labels, mask_prompt = net.calls[-1]
     assert labels.tolist() == [[1, 0, 0], [1, 0, 0]]
     first = points[0, 0].long()
@@ -213,18 +218,18 @@ def test_click_simulation_first_positive_inside_then_corrections():
     assert mask_prompt is not None and out["n_clicks"].tolist() == [3, 3]
 
     net = _StubNet(fill=0.0)  # nothing predicted: false negatives -> positive clicks
-    lr.SimulatedClicksInferer(train=False, n_clicks=2)(image, net, label)
+    ct.SimulatedClicksInferer(train=False, n_clicks=2)(image, net, label)
     assert net.calls[-1][1].tolist() == [[1, 1], [1, 1]]
 
 
 def test_prompt_dropout_trains_without_clicks_and_never_starts_negative():
     image, label = _blob_batch()
     net = _StubNet(fill=1.0)
-    lr.SimulatedClicksInferer(train=True, max_rounds=0, prompt_dropout=1.0)(image, net, label)
+    ct.SimulatedClicksInferer(train=True, max_rounds=0, prompt_dropout=1.0)(image, net, label)
     assert net.calls[-1][0] is None and net.calls[-1][2] is None  # no click, no mask prompt
     for seed in range(4):  # dropped samples get a POSITIVE first click in their first correction round
         net = _StubNet(fill=1.0)
-        inf = lr.SimulatedClicksInferer(train=True, max_rounds=3, prompt_dropout=1.0, seed=seed)
+        inf = ct.SimulatedClicksInferer(train=True, max_rounds=3, prompt_dropout=1.0, seed=seed)
         inf(image, net, label)
         labels = net.calls[-1][1]
         if labels is not None:
@@ -243,10 +248,10 @@ def test_roi_to_original_equals_monai_inverse(phantom_dir):
     assert theirs["image"].shape[1:] == shape
     np.testing.assert_allclose(np.asarray(theirs["image"].affine), np.asarray(loaded["image"].affine), atol=1e-6)
     # the image went in bilinear, so MONAI's inverse is bilinear too: same values
-    ours = lr.roi_to_original(roi["image"][0], roi["image"].affine, loaded["image"].affine, shape)
+    ours = geometry.roi_to_original(roi["image"][0], roi["image"].affine, loaded["image"].affine, shape)
     np.testing.assert_allclose(ours, np.asarray(theirs["image"][0]), atol=1e-4)
     # the label went in nearest (MONAI inverts it with nearest, we interpolate): masks agree up to ties at 0.5
-    ours = lr.roi_to_original(roi["label"][0].float(), roi["label"].affine, loaded["label"].affine, shape) > 0.5
+    ours = geometry.roi_to_original(roi["label"][0].float(), roi["label"].affine, loaded["label"].affine, shape) > 0.5
     ref = np.asarray(theirs["label"][0]) > 0.5
     assert ours.sum() > 100 and (ours != ref).sum() <= 0.01 * ref.sum()
 
@@ -258,17 +263,17 @@ def test_auto_roi_center_finds_dense_blob_in_lung():
     ct[42:60, 10:50, 3:27] = -850.0  # left lung, a 14-voxel mediastinum between them
     ct[48:56, 20:28, 10:18] = -100.0  # consolidation in the left lung
     ct[12:26, 30, 5:25] = 40.0  # a vessel: thin, removed by the opening
-    center, source = lr.auto_roi_center(ct)
+    center, source = geometry.auto_roi_center(ct)
     np.testing.assert_allclose(center, [51.5, 23.5, 13.5], atol=1.0)
     assert "lesion-density component" in source
-    assert "image centre" in lr.auto_roi_center(np.zeros((8, 8, 8)))[1]
+    assert "image centre" in geometry.auto_roi_center(np.zeros((8, 8, 8)))[1]
 
 
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.fixture(scope="module")
 def untrained_predictor():
     torch.manual_seed(0)
-    return lr.LesionReportPredictor(lr.build_network(spacing=SPACING))
+    return m3d.LesionReportPredictor(m3d.build_network(spacing=SPACING))
 
 
 def _toy_ct(shape=(40, 44, 20)):
@@ -326,8 +331,8 @@ def trained(phantom_dir, tmp_path_factory):
     from monai.bundle import run
 
     out = tmp_path_factory.mktemp("lesion_report_3d")
-    common = dict(bundle_root=str(BUNDLE), output_dir=str(out), dataset_dir=str(phantom_dir), spacing=SPACING,
-                  max_rounds=1, batch_size=2)
+    common = dict(bundle_root=str(BUNDLE), output_dir=str(out), ckpt_dir=str(out / "models"), dataset_dir=str(phantom_dir),
+                  spacing=SPACING, max_rounds=1, batch_size=2)
     run("training", config_file=_cfg("train.yaml"), epochs=1, **common)
     run("evaluating", config_file=_cfg("train.yaml", "evaluate.yaml"), max_clicks=3, **common)
     return out
@@ -336,9 +341,10 @@ def trained(phantom_dir, tmp_path_factory):
 def test_training_writes_checkpoints_with_spec_and_logs(trained):
     for name in ("model.pt", "model_final.pt"):
         state = torch.load(trained / "models" / name, weights_only=True)
-        assert set(state) == {"model", "spec"} and state["spec"]["spacing"] == SPACING
+        assert set(state) == {"model", "spec"} and state["spec"]["preprocessing"]["spacing"] == SPACING
+        assert state["spec"]["kind"] == "lesion_report_3d" and state["spec"]["network"]["args"]["spacing"] == SPACING
     assert any((trained / "logs").iterdir())
-    net = lr.load_trained(trained / "models" / "model.pt")
+    net, _ = network_from_checkpoint(trained / "models" / "model.pt")
     assert net.spec["model"] == "lesion_prompt" and net.point_refinement and net.synergy is not None
 
 
@@ -364,7 +370,7 @@ def test_inference_bundle_returns_mask_on_input_grid_with_attributes(trained, ph
     click = np.argwhere(lesions == 1)[len(np.argwhere(lesions == 1)) // 2].tolist()
     points = tmp_path / "points.json"
     points.write_text(json.dumps({"case_0000": {"points": [click], "labels": [1]}}))
-    run("inferring", config_file=_cfg("inference.yaml"), bundle_root=str(BUNDLE), output_dir=str(trained),
+    run("inferring", config_file=_cfg("inference.yaml"), bundle_root=str(BUNDLE), checkpoint=str(trained / "models" / "model.pt"),
         input_image=str(volume), points=str(points), prediction_dir=str(tmp_path / "pred"))
     seg = nib.load(tmp_path / "pred" / "case_0000_seg.nii.gz")
     ref = nib.load(volume)
@@ -377,9 +383,9 @@ def test_inference_bundle_returns_mask_on_input_grid_with_attributes(trained, ph
 def test_evaluate_baselines_without_clicks(phantom_dir, tmp_path):
     dl = lr.load_datalists(phantom_dir)
     dl = {"test": dl["test"][:1]}
-    unet = lr.evaluate(lr.build_network("unet", spacing=SPACING), dl, tmp_path / "unet", splits=("test",))
+    unet = lre.evaluate(m3d.build_network("unet", spacing=SPACING), dl, tmp_path / "unet", splits=("test",))
     assert "dice" in unet["test"] and "dice_per_click" not in unet["test"] and "attribute_accuracy" not in unet["test"]
-    cnn = lr.evaluate(lr.build_network("cnn_attr", spacing=SPACING), dl, tmp_path / "cnn", splits=("test",))
+    cnn = lre.evaluate(m3d.build_network("cnn_attr", spacing=SPACING), dl, tmp_path / "cnn", splits=("test",))
     assert "dice" not in cnn["test"] and 0.0 <= cnn["test"]["attribute_accuracy_average"] <= 1.0
 
 
@@ -398,4 +404,4 @@ def test_ablation_table_reads_eval_outputs(tmp_path):
     assert rows[3]["dsc"] == 0.6 and rows[3]["dice_5_clicks"] == 0.72
     assert "| test | full | 0.600 |" in (tmp_path / "outputs" / "ablation" / "ablation.md").read_text()
     with pytest.raises(InputError, match="no metrics.json for ablation run 'missing'"):
-        lr.write_ablation_table({"missing": tmp_path / "nope"}, tmp_path / "table")
+        lre.write_ablation_table({"missing": tmp_path / "nope"}, tmp_path / "table")

@@ -231,34 +231,6 @@ def test_bad_inputs_get_clear_errors():
         model.eval().generate(torch.randn(1, 1, 64, 64), max_length=51)
 
 
-# -------------------------------------------------------------------------------- checkpoints
-def test_checkpoint_round_trip_and_mismatch_errors(tmp_path):
-    model = tiny().eval()
-    x, tokens = torch.randn(2, 1, 64, 64), tokens_batch()
-    model.save_checkpoint(tmp_path / "m.pt", epoch=3)
-    # MONAI's CheckpointSaver writes a bare state_dict(); the config rides in its extra state.
-    torch.save(model.state_dict(), tmp_path / "bare.pt")
-    for name in ("m.pt", "bare.pt"):
-        loaded = MedSegText.from_checkpoint(tmp_path / name).eval()
-        assert loaded.config == model.config
-        for key, value in model(x, tokens).items():
-            assert torch.equal(loaded(x, tokens)[key], value)
-
-    with pytest.raises(ValueError, match=r"vocabulary of 12 tokens but the tokenizer has 13"):
-        MedSegText.from_checkpoint(tmp_path / "m.pt", vocab_size=13)
-    with pytest.raises(ValueError, match=r"vocabulary mismatch.*vocab_size=12"):
-        MedSegText.tiny(VOCAB + 1, PAD, BOS, EOS).load_checkpoint(tmp_path / "m.pt")
-    with pytest.raises(ValueError, match=r"(?s)shape mismatches .*text_decoder.*from_checkpoint"):
-        tiny(d_model=64).load_checkpoint(tmp_path / "m.pt")
-
-    # without a stored config, the error names the preset that fits
-    state = {k: v for k, v in model.state_dict().items() if k != "_extra_state"}
-    torch.save(state, tmp_path / "anon.pt")
-    with pytest.raises(ValueError, match=r"(?s)unexpected keys .*seg_decoder.*fits MedSegText.from_config\('tiny', mode='joint'"):
-        tiny("text").load_checkpoint(tmp_path / "anon.pt")
-    tiny().load_checkpoint(tmp_path / "anon.pt")  # a config-less state dict still loads where it fits
-
-
 def test_encoder_loads_rgb_timm_weights_into_a_one_channel_stem(tmp_path):
     torch.manual_seed(0)
     rgb = timm.create_model("convnext_atto", pretrained=False, in_chans=3, **TINY_ENCODER).eval()

@@ -39,16 +39,22 @@ def trained(phantom_dir, tmp_path_factory):
     from monai.bundle import run
 
     out = tmp_path_factory.mktemp("medsegtext")
-    common = dict(bundle_root=str(BUNDLE), output_dir=str(out), dataset_dir=str(phantom_dir), image_size=32)
+    common = dict(bundle_root=str(BUNDLE), output_dir=str(out), ckpt_dir=str(out / "models"), dataset_dir=str(phantom_dir),
+                  image_size=32)
     run("training", config_file=[str(CONFIGS / "train.yaml")], epochs=1, val_interval=1, **common)
     return out, common
 
 
-def test_training_writes_checkpoints_logs_and_tokenizer(trained):
+def test_training_writes_checkpoints_with_spec_and_logs(trained):
+    import torch
+
     out, _ = trained
     assert (out / "models" / "model_final.pt").is_file()
-    assert (out / "models" / "model.pt").is_file()  # best by the Dice/BLEU-4 key metric
-    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    state = torch.load(out / "models" / "model.pt", weights_only=True)  # best by the Dice/BLEU-4 key metric
+    spec = state["spec"]
+    assert spec["kind"] == "medsegtext" and spec["preprocessing"]["image_size"] == 32
+    assert spec["preprocessing"]["axcodes"] == "PLS" and "tokenizer.json" in spec["tokenizer"]
+    assert not (out / "tokenizer").exists()  # the tokenizer travels in the checkpoint, not beside it
     assert any((out / "logs").iterdir())  # TensorBoard events
 
 
@@ -73,7 +79,7 @@ def test_volume_inference_returns_mask_on_input_grid(trained, phantom_dir):
     out, _ = trained
     volume = sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0]
     run("inferring", config_file=[str(CONFIGS / "inference.yaml")], bundle_root=str(BUNDLE), output_dir=str(out),
-        input_image=str(volume), image_size=32)
+        checkpoint=str(out / "models" / "model.pt"), input_image=str(volume))
     case = volume.name.replace(".nii.gz", "")
     seg = nib.load(out / "inference" / f"{case}_seg.nii.gz")
     ref = nib.load(volume)
@@ -103,17 +109,40 @@ def test_volume_datalists_split_by_case_and_describe_each_slice(phantom_dir):
             assert not parsed.n_areas and not parsed.zones, it["text"]
 
 
+def test_infer_with_only_a_checkpoint_uses_its_image_size(trained, phantom_dir, tmp_path):
+    """`segreport infer --bundle ... --checkpoint X` needs nothing else, and a model trained at 32² is
+    inferred at 32², not at the 64² the bundle's train.yaml defaults to."""
+    from segreport.cli import main
+    from segreport.models import load
+
+    out, _ = trained
+    ckpt = tmp_path / "elsewhere" / "weights.pt"  # no tokenizer or outputs folder beside it
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((out / "models" / "model.pt").read_bytes())
+    assert load(ckpt).image_size == 32
+    volume = sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0]
+    code = main(["infer", "--bundle", str(BUNDLE), "--checkpoint", str(ckpt), "-i", str(volume), "-o", str(tmp_path / "o"),
+                 "--no-progress"])
+    assert code == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["model"]["checkpoint"]["path"] == str(ckpt.absolute())
+
+
 def test_checkpoint_from_other_configuration_is_refused(trained):
+    from segreport.errors import InputError
+    from segreport.models import load_weights
+    from segreport.models.spec import read_checkpoint
     from segreport.networks import MedSegText
 
     out, _ = trained
+    _, weights = read_checkpoint(out / "models" / "model_final.pt")
     other = MedSegText.from_config("tiny", vocab_size=7, pad_id=0, bos_id=1, eos_id=2)
-    with pytest.raises(ValueError, match="vocabulary"):
-        other.load_checkpoint(out / "models" / "model_final.pt")
+    with pytest.raises(InputError, match="shape mismatches .*text_decoder.embed.weight"):
+        load_weights(other, weights)
 
 
 def test_remove_small_lesions_uses_millilitres_not_voxels():
-    from segreport.pipelines.medsegtext import remove_small_lesions
+    from segreport.transforms.postprocess import remove_small_lesions
 
     mask = np.zeros((20, 20, 10), bool)
     mask[2:6, 2:6, 2:6] = True  # 64 voxels

@@ -50,6 +50,8 @@ from scipy.special import expit
 
 from ..transforms.findings import FindingsFromMask
 from ..transforms.lung_regions import lung_zone_map
+from ..transforms.orientation import display_slices
+from ..transforms.slicing import axial_axis
 from ..vocab import ATTRIBUTE_GROUPS, LUNG_LABELS, SEVERITY_BINS, severity_from_percent
 from .io import atomic_path, save_nifti
 from .splits import split_cases
@@ -597,13 +599,6 @@ def _fixed_core_dates(xml: bytes) -> bytes:
     return re.sub(rb"(<dcterms:(created|modified)[^>]*>)[^<]*", rb"\g<1>2000-01-01T00:00:00Z", xml)
 
 
-def _display_axial(slice2d: np.ndarray, axcodes: Sequence[str]) -> np.ndarray:
-    """Radiological display of an axial slice: anterior at the top, the patient's right on image left."""
-    out = slice2d[::-1] if axcodes[0] == "R" else slice2d  # columns must run right -> left
-    out = out[:, ::-1] if axcodes[1] == "A" else out  # rows must run anterior -> posterior
-    return out.T
-
-
 def lung_window(ct: np.ndarray) -> np.ndarray:
     """8-bit lung-window image (W 1500 / L -600)."""
     lo, hi = LUNG_WINDOW
@@ -612,19 +607,21 @@ def lung_window(ct: np.ndarray) -> np.ndarray:
 
 def _export_slices(case: PhantomCase, folder: Path, slice_filter: str) -> list[tuple[str, str]]:
     """PNG slices (lung window / mask 0-255) of one case into ``folder``; returns (name, sentence) rows."""
-    axcodes = nib.aff2axcodes(case.affine)
     zone_map = lung_zone_map(case.lung, case.affine)  # zones of a slice come from its volume
+    # the one display orientation of every 2D path (radiological: transforms.orientation)
+    ct_shown, file_index = display_slices(case.ct, case.affine)
+    label_shown, _ = display_slices(case.label, case.affine)
+    axis = axial_axis(case.affine)
     rows = []
-    for k in range(case.ct.shape[2]):
-        keep = case.label[:, :, k].any() if slice_filter == "lesion" else case.lung[:, :, k].any()
+    for j, k in enumerate(file_index):
+        label_k, lung_k = np.take(case.label, k, axis=axis), np.take(case.lung, k, axis=axis)
+        keep = label_k.any() if slice_filter == "lesion" else lung_k.any()
         if not keep:
             continue
-        slice_affine = case.affine.copy()
-        slice_affine[:3, 3] += case.affine[:3, 2] * k
-        text = _FINDINGS(case.label[:, :, k], affine=slice_affine, zone_map=zone_map[:, :, k])
-        name = f"{case.case_id}_s{k:03d}.png"  # k: index along the NIfTI's third voxel axis
-        _write_png(folder / "img" / name, lung_window(_display_axial(case.ct[:, :, k], axcodes)))
-        _write_png(folder / "labelcol" / name, _display_axial(case.label[:, :, k], axcodes) * np.uint8(255))
+        text = _FINDINGS(label_k, affine=np.eye(4), zone_map=np.take(zone_map, k, axis=axis))
+        name = f"{case.case_id}_s{k:03d}.png"  # k: index along the NIfTI's axial voxel axis
+        _write_png(folder / "img" / name, lung_window(ct_shown[j]))
+        _write_png(folder / "labelcol" / name, label_shown[j].astype(np.uint8) * np.uint8(255))
         rows.append((name, text))
     return rows
 

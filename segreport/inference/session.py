@@ -99,6 +99,7 @@ class PromptSession:
         self._embedding = self._prev_logits = None
         self._roi_affine = None
         self._last: Prediction | None = None
+        self._last_prob: torch.Tensor | None = None
         self.roi_center_source: str | None = None
 
     # ------------------------------------------------------------------------------ clicks
@@ -128,6 +129,13 @@ class PromptSession:
         center, source = auto_roi_center(self._ct, lung)
         self._place_roi(map_points(center, self.orig_affine, self._volume.affine)[0], f"auto: {source}")
         return self._predict()
+
+    def probability(self) -> np.ndarray:
+        """The last prediction's lesion probability on the input grid (0 outside the ROI): soft output
+        for viewers, and what the threshold is applied to."""
+        if self._last_prob is None:
+            raise RuntimeError("no prediction yet: click() or auto() first")
+        return roi_to_original(self._last_prob, self._roi_affine, self.orig_affine, self.shape)
 
     def _require_image(self) -> None:
         if self._ct is None:
@@ -163,6 +171,7 @@ class PromptSession:
         out = self.network.decode(self._embedding, pts, labels, mask_prompt=self._prev_logits)
         self._prev_logits = out["low_res_logits"]
         prob = torch.sigmoid(out["mask_logits"][0, 0].float())
+        self._last_prob = prob
         mask = (roi_to_original(prob, self._roi_affine, self.orig_affine, self.shape) > self.threshold).astype(np.uint8)
         attrs = attribute_probabilities(out["attr_logits"])
         near = self.clicks[0][0] if self.clicks else map_points((np.asarray(self.roi_size) - 1) / 2, self._roi_affine, self.orig_affine)[0]

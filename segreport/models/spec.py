@@ -62,6 +62,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint not found: train first (python -m monai.bundle run training ...) or pass --checkpoint")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else cannot be one of ours
+        raise InputError(path, "not a readable PyTorch checkpoint (truncated, or another kind of file?)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only refuses arbitrary objects: never run them
