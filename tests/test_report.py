@@ -160,7 +160,7 @@ def test_empty_mask_and_min_voxels():
     mask[10, 10, 5] = 1  # one speck and one 2x2x2 cube
     mask[20:22, 20:22, 8:10] = 1
     instances, box = label_lesions(mask, min_voxels=2)
-    assert instances.max() == 1 and box == (slice(10, 22), slice(10, 22), slice(5, 10))
+    assert instances.max() == 1 and box == (slice(20, 22), slice(20, 22), slice(8, 10))  # the kept lesions' box
 
 
 def test_write_json_is_strict_and_atomic(tmp_path):

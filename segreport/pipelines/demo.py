@@ -42,7 +42,9 @@ def run_medsegtext(out: Path, data_dir: Path, epochs: int) -> dict:
     from monai.bundle import run
 
     bundle_out = out / "medsegtext"
-    common = dict(bundle_root=str(BUNDLES / "medsegtext"), output_dir=str(bundle_out), dataset_dir=str(data_dir), num_threads=1)
+    # weights under the demo folder (a bundle trained for real writes bundles/<name>/models/model.pt)
+    common = dict(bundle_root=str(BUNDLES / "medsegtext"), output_dir=str(bundle_out), ckpt_dir=str(bundle_out / "models"),
+                  dataset_dir=str(data_dir), num_threads=1)
     t = _step(f"MedSegText: training {epochs} epochs (tiny configuration)")
     run("training", config_file=_configs("medsegtext", "train.yaml"), epochs=epochs, val_interval=epochs, **common)
     print(f"    trained in {time.perf_counter() - t:.0f} s")
@@ -52,7 +54,7 @@ def run_medsegtext(out: Path, data_dir: Path, epochs: int) -> dict:
     _step("MedSegText: inference on one CT volume")
     volume = _showcase_volume(data_dir)
     run("inferring", config_file=_configs("medsegtext", "inference.yaml"), bundle_root=str(BUNDLES / "medsegtext"),
-        output_dir=str(bundle_out), input_image=str(volume))
+        output_dir=str(bundle_out), checkpoint=str(bundle_out / "models" / "model.pt"), input_image=str(volume))
     return {"metrics": metrics, "outputs": str(bundle_out), "volume": str(volume)}
 
 
@@ -63,13 +65,16 @@ def run_lesion_report_3d(out: Path, data_dir: Path, epochs: int) -> dict | None:
     from monai.bundle import run
 
     bundle_out = out / "lesion_report_3d"
-    common = dict(bundle_root=str(bundle), output_dir=str(bundle_out), dataset_dir=str(data_dir))
+    common = dict(bundle_root=str(bundle), output_dir=str(bundle_out), ckpt_dir=str(bundle_out / "models"), dataset_dir=str(data_dir))
     t = _step(f"Interactive 3D lesion report: training {epochs} epochs (tiny configuration)")
     run("training", config_file=_configs("lesion_report_3d", "train.yaml"), epochs=epochs, **common)
     print(f"    trained in {time.perf_counter() - t:.0f} s")
     _step("Interactive 3D lesion report: evaluating (Dice per click, attributes)")
     run("evaluating", config_file=_configs("lesion_report_3d", "train.yaml", "evaluate.yaml"), **common)
     metrics_file = bundle_out / "eval" / "metrics.json"
+    _step("Interactive 3D lesion report: inference on one CT volume (no click: automatic ROI)")
+    run("inferring", config_file=_configs("lesion_report_3d", "inference.yaml"), bundle_root=str(bundle),
+        output_dir=str(bundle_out), checkpoint=str(bundle_out / "models" / "model.pt"), input_image=str(_showcase_volume(data_dir)))
     return {"metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None, "outputs": str(bundle_out)}
 
 
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = out / "phantom"
     t = _step(f"Synthetic chest-CT phantom: {a.cases} cases -> {data_dir}")
     # with lesion-free lung slices, so MedSegText learns "no infection" before it runs over volumes
-    summary = phantom.generate_dataset(data_dir, n_cases=a.cases, seed=a.seed, slice_filter="lung")
+    summary = phantom.generate_dataset(data_dir, n_cases=a.cases, seed=a.seed, slice_filter="lung")  # as ensure_default
     preview = out / "phantom_preview.png"
     phantom.render_preview(data_dir, preview)
     print(json.dumps(summary, indent=2, default=str)[:1500])
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("dice_case_mean", "dice_slice_mean", "bleu4", "meteor", "rouge_l")
     print("  MedSegText test split: " + ", ".join(f"{k}={m['metrics'][k]:.3f}" for k in keys if k in m["metrics"]))
     if results.get("lesion_report_3d"):
-        print(f"  3D lesion report:      {results['lesion_report_3d']['outputs']}")
+        print(f"  3D lesion report:      {results['lesion_report_3d']['outputs']}  (models/, eval/, inference/)")
+    print(f"  use a trained model:   segreport infer --bundle bundles/medsegtext --checkpoint {m['outputs']}/models/model.pt -i CT_FOLDER -o OUT")
     (out / "demo_summary.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"  summary:               {out / 'demo_summary.json'}")
     return 0

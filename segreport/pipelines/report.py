@@ -7,10 +7,11 @@ its voxel bounding box, its HU mean/std, and where it lies: the patient's lung s
 
 Location comes from a lung label thresholded from the CT (:func:`lung_mask_from_ct` +
 :func:`split_left_right`, sides from the affine) and its zone map (craniocaudal thirds of each lung in
-world z). Lesion voxels outside that mask are common (a consolidation touching the chest wall is not a
-hole the lung mask fills, predicted masks leak over the pleura), so they are placed by the same
-geometry extended outward: side by world x against the lung midline, level by world z against that
-lung's extent. Without any lung in the scan, only the side is given, against the body's centre.
+world z), through the ONE geometry of findings, :class:`FindingsFromMask`: the case sentence, each
+lesion's zones and the consistency check of the model's own sentences all come from the same
+:func:`describe_lesions` call, so they cannot disagree. Lesion voxels outside the lung mask (predicted
+masks leak over the pleura) take the zone of the nearest lung voxel. Without any lung in the scan,
+only the side is given, against the body's centre.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import numpy as np
 from scipy import ndimage
 
 from ..data.io import atomic_path
-from ..text.findings import format_finding
-from ..transforms.findings import body_mask
+from ..transforms.findings import Findings, FindingsFromMask, label_components
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
 from ..transforms.lung_regions import lung_zone_map
-from ..vocab import LEVELS, LUNG_LABELS, SIDES, ZONES, severity_from_percent
+from ..vocab import LUNG_LABELS, SIDES, severity_from_percent
 from ..inference.predictor import Prediction
+from . import consistency
 
 # A zone is listed for a lesion when it holds at least this share of its voxels (FindingsFromMask's rule).
 ZONE_FRACTION = 0.1
@@ -52,79 +53,23 @@ def _to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
 
 
-def _box_world_extent(box: tuple[slice, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """World (min, max) xyz over the corners of a voxel box: exact for axis-aligned affines."""
-    corners = np.array(np.meshgrid(*[(s.start, s.stop - 1) for s in box], indexing="ij")).reshape(3, -1).T
-    world = _to_world(affine, corners)
-    return world.min(axis=0), world.max(axis=0)
-
-
-def _mask_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of a boolean mask (None when empty)."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
 def label_lesions(mask: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, tuple[slice, ...] | None]:
-    """Lesions = connected components (26-connectivity) of ``mask`` >= ``min_voxels``, numbered 1..N by
-    size, largest first (ties in scan order). Returns the instance map over the mask's bounding box and
-    that box (None for an empty mask): working in the box keeps a 512x512x300 scan cheap."""
-    box = _mask_box(np.asarray(mask) > 0)
-    if box is None:
+    """The report's lesions (:func:`transforms.findings.label_components`: ids 1..N by size) over the
+    mask's bounding box, and that box (None for an empty mask): previews stay cheap on big scans."""
+    instances, n = label_components(mask, min_voxels)
+    if not n:
         return np.zeros((0, 0, 0), dtype=np.int32), None
-    labels, n = ndimage.label(np.asarray(mask)[box] > 0, ndimage.generate_binary_structure(3, 3))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    order = [c for c in np.argsort(-sizes[1:], kind="stable") + 1 if sizes[c] >= min_voxels]
-    relabel = np.zeros(n + 1, dtype=np.int32)
-    relabel[order] = np.arange(1, len(order) + 1)
-    return relabel[labels], box
+    box = ndimage.find_objects((instances > 0).astype(np.uint8))[0]
+    return instances[box], box
 
 
-class _Locator:
-    """Zone of lesion voxels outside the lung mask, by the lung geometry extended outward (module doc)."""
-
-    def __init__(self, lung: np.ndarray, affine: np.ndarray, image: np.ndarray):
-        self.affine = affine
-        boxes = ndimage.find_objects(lung, max_label=max(LUNG_LABELS.values()))
-        self.z_extent: dict[str, tuple[float, float]] = {}
-        xs = []
-        for side in SIDES:
-            box = boxes[LUNG_LABELS[side] - 1]
-            if box is not None:
-                lo, hi = _box_world_extent(box, affine)
-                self.z_extent[side] = (lo[2], hi[2])
-                xs += [lo[0], hi[0]]
-        self.has_lung = bool(xs)
-        if self.has_lung:  # split_left_right's midline: the centre of the lungs' world-x extent
-            self.midline = 0.5 * (min(xs) + max(xs))
-        else:
-            body = body_mask(image)
-            centre = np.array(ndimage.center_of_mass(body)) if body.any() else (np.array(image.shape) - 1) / 2
-            self.midline = float(_to_world(affine, centre[None])[0, 0])
-
-    def sides(self, world: np.ndarray) -> np.ndarray:
-        return np.where(world[:, 0] > self.midline, "right", "left")  # RAS+: +x is the patient's right
-
-    def zones(self, world: np.ndarray) -> np.ndarray:
-        """Zone codes 1..6 (0 where the scan has no lung to measure levels against)."""
-        out = np.zeros(len(world), dtype=np.uint8)
-        sides = self.sides(world)
-        for side in SIDES:
-            extent = self.z_extent.get(side) or next(iter(self.z_extent.values()), None)
-            sel = sides == side
-            if extent is None or not sel.any():
-                continue
-            lo, hi = extent
-            level = np.floor(len(LEVELS) * (hi - world[sel, 2]) / max(hi - lo, 1e-6))
-            level = np.clip(level, 0, len(LEVELS) - 1).astype(int)
-            codes = np.array([ZONES.index(f"{lv}_{side}") + 1 for lv in LEVELS], dtype=np.uint8)
-            out[sel] = codes[level]
-        return out
+def describe_lesions(mask: np.ndarray, image: np.ndarray, affine: np.ndarray, lung: np.ndarray, zone_map: np.ndarray,
+                     min_voxels: int = 1) -> Findings:
+    """The one geometry of findings of a report: components, per-lesion zones and the case sentence
+    (:class:`FindingsFromMask`); without lungs in the scan, its fallback (sides about the body)."""
+    has_lung = bool(np.any(lung))
+    return FindingsFromMask(min_size=min_voxels, zone_fraction=ZONE_FRACTION).describe(
+        mask, affine=affine, zone_map=zone_map if has_lung else None, image=None if has_lung else image)
 
 
 def lesion_statistics(
@@ -135,6 +80,7 @@ def lesion_statistics(
     zone_map: np.ndarray,
     lesion_attributes=(),
     min_voxels: int = 1,
+    findings: Findings | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Per-lesion statistics (module docstring) and the attribute sets no lesion contains.
 
@@ -142,87 +88,70 @@ def lesion_statistics(
     anchor voxel. Returns ``(lesions, unmatched_attributes)``.
     """
     affine = np.asarray(affine, dtype=np.float64)
-    instances, box = label_lesions(mask, min_voxels)
-    unmatched = []
-    if box is None or not instances.any():
-        unmatched = [{"voxel": [int(v) for v in a.voxel], "attributes": a.attributes, "reason": "no lesion found"}
-                     for a in lesion_attributes]
-        return [], unmatched
+    findings = findings or describe_lesions(mask, image, affine, lung, zone_map, min_voxels)
+    if not findings.lesions:
+        return [], [{"voxel": [int(v) for v in a.voxel], "attributes": a.attributes, "reason": "no lesion found"}
+                    for a in lesion_attributes]
+    box = ndimage.find_objects((findings.instances > 0).astype(np.uint8))[0]
     offset = np.array([s.start for s in box])
-    img, lung_c, zones_c = (np.asarray(a)[box] for a in (image, lung, zone_map))
-    ids = np.arange(1, int(instances.max()) + 1)
-    sizes = np.bincount(instances.ravel(), minlength=len(ids) + 1)
-
+    instances, img, lung_c = findings.instances[box], np.asarray(image)[box], np.asarray(lung)[box]
+    ids = np.arange(1, len(findings.lesions) + 1)
     sel = instances > 0
     lesion_ids = instances[sel]
-    lesion_zones = zones_c[sel].copy()
-    outside = lesion_zones == 0
-    locator = _Locator(lung, affine, image)
-    if outside.any():
-        world = _to_world(affine, np.argwhere(sel)[outside] + offset)
-        lesion_zones[outside] = locator.zones(world)
-    zone_table = np.bincount(lesion_ids * 7 + lesion_zones, minlength=(len(ids) + 1) * 7).reshape(-1, 7)[1:]
+    sizes = np.bincount(lesion_ids, minlength=len(ids) + 1)
     in_lung = np.bincount(lesion_ids, weights=(lung_c[sel] > 0), minlength=len(ids) + 1)[1:]
     centroids = np.array(ndimage.center_of_mass(sel, instances, ids)) + offset
     hu = img[sel].astype(np.float64)
-    n = len(ids) + 1
-    hu_mean = np.bincount(lesion_ids, weights=hu, minlength=n)[1:] / sizes[1:]
-    hu_std = np.sqrt(np.bincount(lesion_ids, weights=(hu - hu_mean[lesion_ids - 1]) ** 2, minlength=n)[1:] / sizes[1:])
+    hu_mean = np.bincount(lesion_ids, weights=hu, minlength=len(ids) + 1)[1:] / sizes[1:]
+    hu_std = np.sqrt(np.bincount(lesion_ids, weights=(hu - hu_mean[lesion_ids - 1]) ** 2, minlength=len(ids) + 1)[1:] / sizes[1:])
     boxes = ndimage.find_objects(instances)
     ml = voxel_volume_ml(affine)
+    has_lung = bool(np.any(lung))
 
     lesions = []
-    for i, lesion_id in enumerate(ids):
-        voxels = int(sizes[lesion_id])
-        counts = zone_table[i]
-        world_centroid = _to_world(affine, centroids[i][None])[0]
-        if counts[1:].any():
-            zone = ZONES[int(np.argmax(counts[1:]))]
-            side = zone.split("_")[1]
-            zones = {ZONES[z - 1]: round(float(counts[z] / voxels), 3) for z in range(1, 7) if counts[z]}
-        else:  # no lung in the scan: the side still follows the body's midline
-            zone, zones = None, {}
-            side = str(locator.sides(world_centroid[None])[0])
+    for i, found in enumerate(findings.lesions):
+        counts = found.zone_voxels
+        main_zone = max(counts, key=counts.get)
         lesions.append({
-            "id": int(lesion_id),
-            "voxels": voxels,
-            "volume_ml": round(voxels * ml, 4),
-            "centroid_ras_mm": [round(float(v), 2) for v in world_centroid],
+            "id": found.id,
+            "voxels": found.voxels,
+            "volume_ml": round(found.voxels * ml, 4),
+            "centroid_ras_mm": [round(float(v), 2) for v in found.centroid],
             "centroid_voxel": [round(float(v), 2) for v in centroids[i]],
             "bbox_voxel": {"min": [int(s.start + o) for s, o in zip(boxes[i], offset)],
                            "max": [int(s.stop - 1 + o) for s, o in zip(boxes[i], offset)]},
             "hu_mean": round(float(hu_mean[i]), 1),
             "hu_std": round(float(hu_std[i]), 1),
-            "side": side,
-            "zone": zone,
-            "zones": zones,
-            "in_lung_fraction": round(float(in_lung[i] / voxels), 3),
+            "side": main_zone.split("_")[1],
+            # without lungs only the side is known (about the body's midline), not a lung zone
+            "zone": main_zone if has_lung else None,
+            "zones": {z: round(c / found.voxels, 3) for z, c in counts.items()} if has_lung else {},
+            "in_lung_fraction": round(float(in_lung[i] / found.voxels), 3),
             "attributes": None,
         })
 
+    unmatched = []
     for att in lesion_attributes:
         voxel = [int(round(float(v))) for v in att.voxel]
         lesion_id = 0
-        if len(voxel) == 3:
-            local = np.array(voxel) - offset
-            if np.all(local >= 0) and np.all(local < instances.shape):
-                lesion_id = int(instances[tuple(local)])
+        if len(voxel) == 3 and all(0 <= v < n for v, n in zip(voxel, findings.instances.shape)):
+            lesion_id = int(findings.instances[tuple(voxel)])
         if lesion_id == 0:
-            unmatched.append({"voxel": voxel, "attributes": att.attributes, "reason": "voxel is in no lesion"})
+            reason = "voxel is in no lesion"
         elif lesions[lesion_id - 1]["attributes"] is not None:
-            unmatched.append({"voxel": voxel, "attributes": att.attributes,
-                              "reason": f"lesion {lesion_id} already has attributes"})
+            reason = f"lesion {lesion_id} already has attributes"
         else:
             lesions[lesion_id - 1]["attributes"] = att.attributes
+            continue
+        unmatched.append({"voxel": voxel, "attributes": att.attributes, "reason": reason})
     return lesions, unmatched
 
 
-def finding_from_lesions(lesions: list[dict]) -> str:
-    """LViT sentence from the lesion list, for models that give no case finding of their own."""
-    zones = {z for les in lesions for z, f in les["zones"].items() if f >= ZONE_FRACTION or z == les["zone"]}
-    if lesions and not zones:
-        return f"{len(lesions)} lesion(s); no lung found in the scan to place them."
-    return format_finding(len(lesions), zones)
+def case_finding(findings: Findings, has_lung: bool) -> str:
+    """The case sentence from the report's own lesion geometry, for models that write none."""
+    if findings.lesions and not has_lung:
+        return f"{len(findings.lesions)} lesion(s); no lung found in the scan to place them."
+    return findings.text
 
 
 def build_report(
@@ -243,16 +172,24 @@ def build_report(
     if lung is None or zone_map is None:
         lung, zone_map = lung_regions(image, affine)
     mask = np.asarray(prediction.mask)
-    lesions, unmatched = lesion_statistics(mask, image, affine, lung, zone_map, prediction.lesion_attributes, min_voxels)
+    findings = describe_lesions(mask, image, affine, lung, zone_map, min_voxels)
+    lesions, unmatched = lesion_statistics(mask, image, affine, lung, zone_map, prediction.lesion_attributes,
+                                           min_voxels, findings)
     ml = voxel_volume_ml(affine)
     lung_ml = {side: round(float(np.count_nonzero(lung == LUNG_LABELS[side]) * ml), 2) for side in SIDES}
     lung_voxels = np.count_nonzero(lung)
     involved = np.count_nonzero((mask > 0) & (lung > 0))
     percent = 100.0 * involved / lung_voxels if lung_voxels else None
+    mask_finding = case_finding(findings, bool(lung_voxels))
     if prediction.case_finding:
         finding, source = prediction.case_finding, "model"
     else:
-        finding, source = finding_from_lesions(lesions), "lesion geometry (report.finding_from_lesions)"
+        finding, source = mask_finding, "lesion geometry (report.describe_lesions)"
+    # the model's own sentences against its own mask: the case sentence (when it writes one) and any
+    # text it was guided by or wrote, e.g. one per slice
+    sentences = {"case finding": prediction.case_finding} if prediction.case_finding else {}
+    sentences.update({f"guide text {i}": t for i, t in enumerate(prediction.extras.get("guide_texts", []))})
+    consistent = consistency.check(prediction.slice_findings, findings, affine, sentences)
     return {
         "case_id": case_id,
         "input": input_path,
@@ -266,6 +203,8 @@ def build_report(
         },
         "finding": finding,
         "finding_source": source,
+        "mask_finding": mask_finding,
+        "consistency": consistent,
         "slice_findings": {str(k): v for k, v in sorted(prediction.slice_findings.items())},
         "n_lesions": len(lesions),
         "total_volume_ml": round(sum(les["volume_ml"] for les in lesions), 4),
@@ -308,6 +247,7 @@ def format_report_text(report: dict) -> str:
         "",
         f"FINDING: {report['finding']}",
     ]
+    lines += consistency.warning_lines(report.get("consistency") or {})
     if lung["involvement_percent"] is not None:
         lines.append(f"Lung involvement: {lung['involvement_percent']:.1f} % ({lung['severity']})")
     lines += ["", f"Lesions: {report['n_lesions']}, total {report['total_volume_ml']:.2f} mL"]

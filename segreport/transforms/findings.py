@@ -38,12 +38,14 @@ from .lung_regions import affine_of, lung_zone_map, spatial_array, zone_codes
 
 @dataclass
 class LesionFinding:
-    """One connected lesion: id in :attr:`Findings.instances`, size, zones, world centroid (RAS+ mm)."""
+    """One connected lesion: id in :attr:`Findings.instances`, size, zones (those named by the rules),
+    world centroid (RAS+ mm) and how many of its voxels fall in each zone (all zones, for reports)."""
 
     id: int
     voxels: int
     zones: list[str]
     centroid: tuple[float, float, float]
+    zone_voxels: dict[str, int]
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Findings:
     zones: list[str]  # union over lesions, in vocab.ZONES order
     lesions: list[LesionFinding]
     instances: np.ndarray  # kept components relabelled 1..N, specks set to 0
+    voxel_zones: np.ndarray  # zone code (1..6) of every kept lesion voxel, 0 elsewhere: slices of it give 2D findings
 
 
 def body_mask(image, threshold: float = -500.0) -> np.ndarray:
@@ -99,6 +102,22 @@ def _bounding_box(m: np.ndarray) -> tuple[slice, ...]:
         hit = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != d)))
         box.append(slice(hit[0], hit[-1] + 1) if hit.size else slice(0, 0))
     return tuple(box)
+
+
+def label_components(mask, min_size: int = 1) -> tuple[np.ndarray, int]:
+    """Lesions = connected components (full connectivity) of ``mask`` with at least ``min_size`` voxels,
+    numbered 1..N by size, largest first (ties in scan order). The one labelling every report, preview
+    and finding uses. Only the mask's bounding box is labelled: real masks are mostly empty."""
+    m = spatial_array(mask) > 0.5
+    instances = np.zeros(m.shape, dtype=np.int32)
+    box = _bounding_box(m)
+    labels, n = ndimage.label(m[box], ndimage.generate_binary_structure(m.ndim, m.ndim))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    kept = [c for c in np.argsort(-sizes[1:], kind="stable") + 1 if sizes[c] >= min_size]
+    relabel = np.zeros(n + 1, dtype=np.int32)
+    relabel[kept] = np.arange(1, len(kept) + 1)
+    instances[box] = relabel[labels]
+    return instances, len(kept)
 
 
 def _voxel_sizes(affine: np.ndarray, ndim: int) -> np.ndarray:
@@ -147,22 +166,16 @@ class FindingsFromMask(Transform):
     def describe(self, mask, lung=None, affine=None, zone_map=None, z_extent=None, image=None) -> Findings:
         """Components, their zones and centroids, and the sentence (rules in the module docstring)."""
         a = affine_of(mask, affine)
-        m = spatial_array(mask) > 0.5
-        instances = np.zeros(m.shape, dtype=np.int32)
-        box = _bounding_box(m)  # label only the lesions' box: real masks are mostly empty
-        labels, n = ndimage.label(m[box], ndimage.generate_binary_structure(m.ndim, m.ndim))
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        kept = [c for c in np.argsort(-sizes[1:], kind="stable") + 1 if sizes[c] >= self.min_size]
-        if not kept:
-            return Findings(format_finding(0, ()), 0, [], [], instances)
-        relabel = np.zeros(n + 1, dtype=np.int32)
-        relabel[kept] = np.arange(1, len(kept) + 1)
-        instances[box] = relabel[labels]
+        instances, k = label_components(mask, self.min_size)
+        if not k:
+            return Findings(format_finding(0, ()), 0, [], [], instances, np.zeros(instances.shape, np.uint8))
+        m, box = instances > 0, _bounding_box(instances > 0)
 
         index = tuple(ix + b.start for ix, b in zip(np.nonzero(instances[box]), box))
         ids = instances[index]
         codes = self._lesion_zones(index, m.shape, a, lung, zone_map, z_extent, image).astype(np.int64)
-        k = len(kept)
+        voxel_zones = np.zeros(m.shape, dtype=np.uint8)
+        voxel_zones[index] = codes
         table = np.bincount(ids * 7 + codes, minlength=(k + 1) * 7).reshape(k + 1, 7)[1:, 1:]
         world = _to_world(index, a)
         counts_all = np.bincount(ids, minlength=k + 1)[1:]
@@ -175,9 +188,10 @@ class FindingsFromMask(Transform):
             hit = (counts >= self.zone_fraction * counts.sum()) | (np.arange(6) == counts.argmax())
             zones = [z for z, h in zip(ZONES, hit) if h]
             union.update(zones)
-            lesions.append(LesionFinding(i + 1, int(counts_all[i]), zones, tuple(float(v) for v in centroids[i])))
+            lesions.append(LesionFinding(i + 1, int(counts_all[i]), zones, tuple(float(v) for v in centroids[i]),
+                                         {z: int(c) for z, c in zip(ZONES, counts) if c}))
         zones = [z for z in ZONES if z in union]
-        return Findings(format_finding(k, zones, self.all_word), k, zones, lesions, instances)
+        return Findings(format_finding(k, zones, self.all_word), k, zones, lesions, instances, voxel_zones)
 
     def __call__(self, mask, lung=None, affine=None, zone_map=None, z_extent=None, image=None) -> str:
         return self.describe(mask, lung, affine, zone_map, z_extent, image).text
