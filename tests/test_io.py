@@ -242,3 +242,23 @@ def test_volume_fingerprint(shared_data):
     assert fp["max_shape"] == [122, 101, 30] and fp["min_shape"] == [117, 91, 20]
     liver = fp["foreground_intensity"]  # label 5 = liver: soft tissue HU
     assert 20 < liver["median"] < 150 and liver["percentile_00_5"] < liver["median"] < liver["percentile_99_5"]
+
+
+def test_training_reader_is_the_inference_reader(phantom_dir, tmp_path, shared_data):
+    """LoadVolumed (training) gives load_volume's array and affine, and its errors name the file."""
+    from segreport.data.reader import LoadVolumed
+
+    path = phantom_dir / "imagesTr" / "case_0001.nii.gz"
+    item = LoadVolumed(keys="image", image_only=True, ensure_channel_first=True)({"image": str(path)})
+    array, affine, _ = load_volume(path)
+    np.testing.assert_array_equal(item["image"][0].numpy(), array)
+    np.testing.assert_allclose(item["image"].affine.numpy(), affine)
+    dicom = shared_data / "totalsegmentator" / "example_ct_dicom"
+    d = LoadVolumed(keys="image", image_only=True, ensure_channel_first=True)({"image": str(dicom)})
+    np.testing.assert_allclose(d["image"].affine.numpy(), load_volume(dicom)[1])  # LPS -> RAS as at inference
+    bad = tmp_path / "nan.nii.gz"
+    data = array.copy()
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, affine), bad)
+    with pytest.raises(InputError, match=r"nan\.nii\.gz: 1 voxels are NaN or infinite"):
+        LoadVolumed(keys="image")({"image": str(bad)})

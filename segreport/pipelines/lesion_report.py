@@ -37,11 +37,13 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch
-from monai.transforms import Compose, EnsureTyped, LoadImaged, MapTransform, RandSpatialCropd, SelectItemsd
+from monai.transforms import Compose, EnsureTyped, MapTransform, RandSpatialCropd, SelectItemsd
 from scipy import ndimage
 from torch import nn
 
 from ..data import phantom, readers, splits as splits_mod
+from ..data.io import load_volume
+from ..data.reader import LoadVolumed
 from ..errors import InputError
 from ..losses.lesion_report import LesionReportLoss
 from ..metrics.segmentation import dice as dice_score
@@ -150,13 +152,8 @@ def read_attribute_table(path: str | os.PathLike) -> dict[str, list[dict]]:
 
 
 def _has_lesion(item: Mapping) -> bool:
-    """Whether the item's label holds any lesion voxel (read lazily with nibabel, no resampling)."""
-    import nibabel as nib
-
-    try:
-        return bool(np.any(np.asarray(nib.load(item["label"]).dataobj) > 0))
-    except Exception as exc:  # nibabel raises many error types for a broken file: name the file
-        raise InputError(item["label"], f"cannot read label ({type(exc).__name__}: {exc})") from exc
+    """Whether the item's label holds any lesion voxel (the one reader: a broken file is named)."""
+    return bool(np.any(load_volume(item["label"])[0] > 0))
 
 
 def drop_lesion_free(items: Sequence[dict]) -> tuple[list[dict], list[dict]]:
@@ -185,12 +182,10 @@ LESION_TARGETS = ("largest", "all")
 def expand_lesions(items: Sequence[dict], min_voxels: int = 20) -> list[dict]:
     """One item per lesion (``lesion_id`` set) instead of one per case; lesions under ``min_voxels``
     voxels (on the original grid) are left out, with one logged line per case saying how many."""
-    import nibabel as nib
-
     out = []
     for item in items:
-        label = np.asarray(nib.load(item["label"]).dataobj)
-        inst = np.asarray(nib.load(item["lesions"]).dataobj) if item.get("lesions") else None
+        label = load_volume(item["label"])[0]
+        inst = load_volume(item["lesions"])[0] if item.get("lesions") else None
         try:
             _, counts = lesion_ids(label, inst)
         except ValueError as exc:
@@ -369,7 +364,8 @@ def _like(ref, array: np.ndarray):
 
 def load_transforms(select: bool = True) -> Compose:
     """Load CT, label and instance map channel-first in their file voxel order (+ :class:`SelectLesiond`)."""
-    steps = [LoadImaged(keys=["image", "label", "lesions"], image_only=True, ensure_channel_first=True, allow_missing_keys=True)]
+    # the project's one reader (data.reader): inference's checks and DICOM handling apply to training too
+    steps = [LoadVolumed(keys=["image", "label", "lesions"], image_only=True, ensure_channel_first=True, allow_missing_keys=True)]
     if select:
         steps.append(SelectLesiond("label"))
     return Compose(steps)
