@@ -20,9 +20,8 @@ from segreport.data.phantom import (
     ensure_dataset,
     generate_case,
     generate_dataset,
-    lung_window,
-    render_preview,
 )
+from segreport.data.phantom_export import lung_window, render_preview
 from segreport.text.findings import parse_finding
 from segreport.transforms.findings import FindingsFromMask
 from segreport.transforms.lung_regions import lung_zone_map, world_grid

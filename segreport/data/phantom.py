@@ -33,27 +33,24 @@ Diffuse disease (CT-2..CT-4, some CT-1) is peripheral, posterior-weighted ground
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import nibabel as nib
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 from scipy.special import expit
 
 from ..transforms.findings import FindingsFromMask
 from ..transforms.lung_regions import lung_zone_map
-from ..transforms.orientation import display_slices
-from ..transforms.slicing import axial_axis
 from ..vocab import ATTRIBUTE_GROUPS, LUNG_LABELS, SEVERITY_BINS, severity_from_percent
-from .io import atomic_path, save_nifti
+from .io import save_nifti
+from .phantom_anatomy import TISSUES, _Anatomy, _anatomy, _smooth_noise  # noqa: F401  (TISSUES: public)
+from .phantom_export import LUNG_WINDOW, _export_slices, _write_json, _write_xlsx, render_preview  # noqa: F401
 from .splits import split_cases
 
 log = logging.getLogger(__name__)
@@ -68,36 +65,16 @@ SOFT_TISSUE_HU = 40.0
 DENSITY_MARGIN = 50.0
 HETEROGENEITY_HU = 30.0
 ILL_DEFINED_EDGE_RATIO = 0.35
-LUNG_WINDOW = (-1350.0, 150.0)  # W 1500 / L -600, as MosMedData+ slices are windowed
 SEVERITY_SHARE = {"CT-0": 0.15, "CT-1": 0.35, "CT-2": 0.25, "CT-3": 0.15, "CT-4": 0.10}
 # lung-percentage targets for the diffuse cases, inside each severity bin
 _DIFFUSE_PERCENT = {"CT-1": (5.0, 20.0), "CT-2": (30.0, 45.0), "CT-3": (55.0, 70.0), "CT-4": (78.0, 88.0)}
 _CT1_DIFFUSE_CHANCE = 0.4  # other CT-1 cases only have focal lesions (well under 5 % of lung)
-# tissue codes of the in-memory tissue map (tests use it to check HU per tissue)
-TISSUES = {"air": 0, "fat": 1, "soft tissue": 2, "lung": 3, "bone": 4, "airway": 5}
 _MIN_LESION_VOXELS = 12
 _FINDINGS = FindingsFromMask()
 
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, *keys])
-
-
-def _upsample2(f: np.ndarray, axis: int, n: int) -> np.ndarray:
-    """Linear x2 upsampling along ``axis`` cropped to ``n`` samples (much faster than ndimage.zoom)."""
-    out = np.repeat(f, 2, axis=axis)
-    odd = [slice(None)] * f.ndim
-    odd[axis] = slice(1, None, 2)
-    out[tuple(odd)] = 0.5 * (f + np.roll(f, -1, axis=axis))
-    return np.take(out, np.arange(n), axis=axis)
-
-
-def _smooth_noise(rng: np.random.Generator, shape, sigma: Sequence[float]) -> np.ndarray:
-    """Unit-variance smooth random field, filtered at half in-plane resolution then upsampled (speed)."""
-    low = (-(-shape[0] // 2), -(-shape[1] // 2), shape[2])
-    f = ndimage.gaussian_filter(rng.standard_normal(low).astype(np.float32), (sigma[0] / 2, sigma[1] / 2, sigma[2]))
-    f = _upsample2(_upsample2(f, 0, shape[0]), 1, shape[1])
-    return f / max(float(f.std()), 1e-6)
 
 
 def _check_orientation(orientation: str) -> tuple[bool, bool, bool]:
@@ -107,124 +84,6 @@ def _check_orientation(orientation: str) -> tuple[bool, bool, bool]:
     if len(codes) != 3 or any(c not in a for c, a in zip(codes, allowed)):
         raise ValueError(f"orientation must be one of R/L, A/P, S/I per axis (e.g. 'LPS'), got {orientation!r}")
     return tuple(c != "RAS"[d] for d, c in enumerate(codes))
-
-
-# ------------------------------------------------------------------------------------------ anatomy
-
-
-@dataclass
-class _Anatomy:
-    ct: np.ndarray  # float32 HU, canonical RAS voxel order (i -> patient right, j -> anterior, k -> superior)
-    lung: np.ndarray  # uint8, 1 right / 2 left
-    tissue: np.ndarray  # uint8 TISSUES codes
-    depth: np.ndarray  # float32, 0 at each lung's centre axis -> 1 at its outline (for peripheral disease)
-    body: np.ndarray  # bool
-
-
-def _anatomy(rng: np.random.Generator, shape, spacing) -> _Anatomy:
-    """Chest in canonical RAS voxel order; sizes are fractions of the field of view."""
-    nx, ny, nz = shape
-    fov = np.asarray(shape) * np.asarray(spacing)
-    bx, by = rng.uniform(-0.02, 0.02, 2) * fov[:2]  # the patient is never exactly centred
-    X = ((np.arange(nx) - (nx - 1) / 2) * spacing[0] - bx).astype(np.float32)[:, None, None]  # + = right
-    Y = ((np.arange(ny) - (ny - 1) / 2) * spacing[1] - by).astype(np.float32)[None, :, None]  # + = anterior
-    t = (np.arange(nz) / max(nz - 1, 1)).astype(np.float32)[None, None, :]  # 0 inferior .. 1 superior
-    zmm = (np.arange(nz) * spacing[2]).astype(np.float32)[None, None, :]
-
-    A = 0.44 * fov[0] * rng.uniform(0.96, 1.02)  # body half-width
-    B = 0.34 * fov[1] * rng.uniform(0.95, 1.02)  # body half-depth
-    fat = rng.uniform(0.05, 0.09) * B
-
-    def superellipse(x, y, a, b, p=2.4):
-        return (np.abs(x) / a) ** p + (np.abs(y) / b) ** p
-
-    body = superellipse(X, Y, A, B) <= 1
-    inner = superellipse(X, Y, A - fat, B - fat) <= 1
-    ribcage = superellipse(X, Y, A - fat - 0.03 * B, B - fat - 0.03 * B) <= 1
-
-    # mediastinum, heart and spine: the lungs fill the thoracic cavity around them
-    mediastinum = (np.abs(X + 0.03 * A) < 0.11 * A + 0.05 * A * np.clip(-Y / B, 0, 1)) & inner
-    heart = ((X + 0.1 * A) / (0.33 * A)) ** 2 + ((Y - 0.25 * B) / (0.45 * B)) ** 2 + ((t - 0.32) / 0.2) ** 2 <= 1
-    spine_c = (0.0, -0.68 * B)
-    r_vert = 0.13 * A
-    vert = (X - spine_c[0]) ** 2 + (Y - spine_c[1]) ** 2 <= r_vert**2
-    canal_c = spine_c[1] - r_vert - 0.06 * B
-    canal = X**2 + (Y - canal_c) ** 2 <= (0.05 * B) ** 2
-    arch = (X**2 + (Y - canal_c) ** 2 <= (0.09 * B) ** 2) & ~canal
-    spinous = (np.abs(X) < 0.025 * A) & (Y < canal_c) & (Y > -0.97 * B)
-    aorta_d = ((X + 0.14 * A) ** 2 + (Y + 0.45 * B) ** 2 <= (0.1 * B) ** 2) & (t < 0.78)
-    cavity = superellipse(X, Y, A - fat - 0.09 * B, B - fat - 0.09 * B) <= 1
-    carved = mediastinum | heart | vert | arch | spinous | aorta_d | ~cavity
-
-    # each lung: the hemithorax, narrowing to the apex, above its diaphragm dome
-    lung = np.zeros(shape, dtype=np.uint8)
-    depth = np.ones(shape, dtype=np.float32)
-    t_base, t_top = 0.08 + rng.uniform(0, 0.04), 0.97
-    taper = np.sqrt(np.clip((t_top - t) / 0.3, 0.0, 1.0))
-    for side, sign, dome in (("right", 1.0, 0.27), ("left", -1.0, 0.21)):  # the liver lifts the right dome
-        cx, cy = sign * 0.5 * A, -0.08 * B
-        q = ((X - cx) / (0.45 * A * taper + 1e-3)) ** 2 + ((Y - cy) / (0.88 * B * taper + 1e-3)) ** 2
-        floor = t_base + dome * np.clip(1 - q, 0, 1) - 0.05 * np.clip(-Y / B, 0, 1)  # deeper posterior recess
-        sel = (q <= 1) & (t > floor) & (t < t_top) & ~carved & (sign * X > 0)
-        lung[sel] = LUNG_LABELS[side]
-        depth[sel] = np.sqrt(q[sel])
-
-    def tube(cx, cy, r, t0, t1):
-        return ((X - cx) ** 2 + (Y - cy) ** 2 <= r**2) & (t >= t0) & (t <= t1)
-
-    vessels = (
-        tube(0.06 * A, 0.25 * B, 0.11 * B, 0.45, 0.76)  # ascending aorta
-        | tube(-0.09 * A, 0.3 * B, 0.1 * B, 0.5, 0.62)  # pulmonary trunk
-        | ((np.abs(X + 0.03 * A) < 0.12 * A) & (np.abs(Y + 0.1 * B) < 0.35 * B) & (np.abs(t - 0.78) < 0.025))  # arch
-    )
-    trachea = tube(0.0, -0.22 * B, 0.07 * B, 0.62, 1.0)
-    bronchi = np.zeros_like(trachea)
-    for sign in (1.0, -1.0):  # main bronchi run from the carina to each hilum
-        along = np.clip((0.62 - t) / 0.1, 0, 1)
-        bronchi |= ((X - sign * along * 0.3 * A) ** 2 + (Y + 0.2 * B) ** 2 <= (0.05 * B) ** 2) & (t > 0.5) & (t < 0.63)
-    airway = (trachea | bronchi) & inner
-
-    # ribs: sections of a ring inside the chest wall, rotating with height as oblique ribs do
-    theta = np.arctan2(Y, X)
-    ring = ribcage & ~(superellipse(X, Y, A - fat - 0.085 * B, B - fat - 0.085 * B) <= 1)
-    ribs = ring & (np.cos(7 * theta + 2 * np.pi * 3.2 * t) > 0.45) & (t > 0.1) & (np.abs(np.sin(theta)) < 0.97)
-    sternum = (np.abs(X) < 0.06 * A) & (Y > B - fat - 0.12 * B) & (Y < B - fat) & (t > 0.3)
-    disc = (zmm % 26.0) < 5.0  # intervertebral discs every ~26 mm
-    cortex = vert & ~((X - spine_c[0]) ** 2 + (Y - spine_c[1]) ** 2 <= (r_vert - 2.5) ** 2)
-
-    ct = np.full(shape, -1000.0, dtype=np.float32)
-    tissue = np.zeros(shape, dtype=np.uint8)
-
-    def paint(region, hu, code):
-        np.copyto(ct, hu, where=region)  # broadcasts 2D regions along z without index arrays
-        np.copyto(tissue, TISSUES[code], where=region)
-
-    paint(body, -100.0, "fat")
-    paint(inner, 45.0, "soft tissue")
-    paint(mediastinum & inner & (t > 0.15), -90.0, "fat")
-    paint((heart | vessels | aorta_d) & inner, 40.0, "soft tissue")
-    below = inner & (lung == 0) & (t < t_base + 0.3) & ~mediastinum  # upper abdomen: liver right
-    paint(below & (X > -0.15 * A), 60.0, "soft tissue")
-    paint(airway, -1000.0, "airway")
-    paint(vert, np.where(disc, 80.0, 420.0), "bone")
-    paint(cortex & ~disc, 900.0, "bone")
-    paint(arch | spinous, 750.0, "bone")
-    paint(canal & inner, 15.0, "soft tissue")
-    paint(ribs | (sternum & inner), 700.0, "bone")
-
-    # lung parenchyma (denser posteriorly, as gravity does) with vessels from two crossing noise fields
-    in_lung = lung > 0
-    paren = -875.0 + 40.0 * np.clip(-Y / B + 0.5, 0, 1.5)
-    n1 = _smooth_noise(rng, shape, (3.0, 3.0, 0.8))
-    n2 = _smooth_noise(rng, shape, (3.0, 3.0, 0.8))
-    eps = 0.25 * (1.3 - depth)  # thicker, denser vessels near the hila
-    vessel = in_lung & (np.abs(n1) < eps) & (np.abs(n2) < eps)
-    np.copyto(ct, paren, where=in_lung)
-    np.copyto(ct, 35.0, where=vessel)
-    np.copyto(tissue, TISSUES["lung"], where=in_lung)
-    # partial volume: soften in-plane edges a little, as a reconstruction kernel does
-    ct = ndimage.gaussian_filter(ct, (0.6, 0.6, 0.0))
-    return _Anatomy(ct=ct, lung=lung, tissue=tissue, depth=depth, body=np.broadcast_to(body, shape).copy())
 
 
 # ------------------------------------------------------------------------------------------ lesions
@@ -556,76 +415,6 @@ def generate_case(
     return PhantomCase(case_id, ct, label, instances, lung.astype(np.uint8), tissue, affine, meta)
 
 
-# ------------------------------------------------------------------------------------------ writing
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)  # level 6 costs 4x the time
-
-
-def _write_xlsx(path: Path, rows: Sequence[tuple[str, str]]) -> None:
-    """LViT text sheet (Image, Description), byte-identical across runs (fixed zip and core dates)."""
-    import openpyxl
-
-    wb = openpyxl.Workbook()
-    ws = wb.active
-    ws.append(("Image", "Description"))
-    for row in rows:
-        ws.append(row)
-    with atomic_path(path) as tmp:
-        wb.save(tmp)
-        with zipfile.ZipFile(tmp) as z:
-            members = [(info.filename, z.read(info.filename)) for info in z.infolist()]
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            for name, data in members:
-                if name == "docProps/core.xml":  # openpyxl stamps the save time here
-                    data = _fixed_core_dates(data)
-                z.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
-
-
-def _fixed_core_dates(xml: bytes) -> bytes:
-    import re
-
-    return re.sub(rb"(<dcterms:(created|modified)[^>]*>)[^<]*", rb"\g<1>2000-01-01T00:00:00Z", xml)
-
-
-def lung_window(ct: np.ndarray) -> np.ndarray:
-    """8-bit lung-window image (W 1500 / L -600)."""
-    lo, hi = LUNG_WINDOW
-    return np.round(np.clip((ct.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
-
-
-def _export_slices(case: PhantomCase, folder: Path, slice_filter: str) -> list[tuple[str, str]]:
-    """PNG slices (lung window / mask 0-255) of one case into ``folder``; returns (name, sentence) rows."""
-    zone_map = lung_zone_map(case.lung, case.affine)  # zones of a slice come from its volume
-    # the one display orientation of every 2D path (radiological: transforms.orientation)
-    ct_shown, file_index = display_slices(case.ct, case.affine)
-    label_shown, _ = display_slices(case.label, case.affine)
-    axis = axial_axis(case.affine)
-    rows = []
-    for j, k in enumerate(file_index):
-        label_k, lung_k = np.take(case.label, k, axis=axis), np.take(case.lung, k, axis=axis)
-        keep = label_k.any() if slice_filter == "lesion" else lung_k.any()
-        if not keep:
-            continue
-        text = _FINDINGS(label_k, affine=np.eye(4), zone_map=np.take(zone_map, k, axis=axis))
-        name = f"{case.case_id}_s{k:03d}.png"  # k: index along the NIfTI's axial voxel axis
-        _write_png(folder / "img" / name, lung_window(ct_shown[j]))
-        _write_png(folder / "labelcol" / name, label_shown[j].astype(np.uint8) * np.uint8(255))
-        rows.append((name, text))
-    return rows
-
-
 def generate_dataset(
     out_dir: str | os.PathLike,
     n_cases: int = 20,
@@ -728,75 +517,3 @@ def ensure_default(out_dir: str | os.PathLike, n_cases: int = 40, seed: int = 0)
     spacing, every lung slice in the 2D export (lesion-free ones too: a model run over whole volumes
     must have seen them). A folder that already holds a dataset (:data:`DATASET_MARKERS`) is left alone."""
     return ensure_dataset(out_dir, DATASET_MARKERS, n_cases=n_cases, seed=seed, slice_filter="lung")
-
-
-# ------------------------------------------------------------------------------------------ preview
-
-
-_ZONE_COLOURS = np.array([  # upper/middle/lower left, then right: light blue-greens and warm tints
-    [0.3, 0.6, 1.0], [0.3, 0.9, 0.6], [0.9, 0.9, 0.3], [0.8, 0.4, 1.0], [1.0, 0.6, 0.3], [0.4, 0.9, 0.9],
-])  # fmt: skip
-
-
-def render_preview(dataset_dir: str | os.PathLike, out_png: str | os.PathLike, case_id: str | None = None) -> Path:
-    """A PNG of one case (default: the CT-1..CT-3 case with most lesions): three axial slices (upper/middle/lower
-    lung) and a coronal one in a lung window, zones tinted, lesions outlined red, the finding as caption."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    root = Path(dataset_dir)
-    if case_id is None:
-        metas = [json.loads(p.read_text()) for p in sorted((root / "cases").glob("*.json"))]
-        if not metas:
-            raise FileNotFoundError(f"{root}: no cases/*.json; is this a phantom dataset?")
-        # a moderate case shows both lesions and normal lung (a CT-4 one is lesion almost everywhere);
-        # among those, the one with most separate lesions gives most to look at
-        moderate = [m for m in metas if m["severity"] in ("CT-1", "CT-2", "CT-3")] or metas
-        case_id = max(moderate, key=lambda m: (m["n_areas"], len(m["zones"])))["case_id"]
-    meta = json.loads((root / "cases" / f"{case_id}.json").read_text())
-    img = nib.load(root / "imagesTr" / f"{case_id}.nii.gz")
-    # view in RAS voxel order; display code below then only has to flip
-    ornt = nib.orientations.io_orientation(img.affine)
-    ras = [nib.orientations.apply_orientation(np.asarray(nib.load(root / f / f"{case_id}.nii.gz").dataobj), ornt)
-           for f in ("imagesTr", "labelsTr", "lungsTr")]  # fmt: skip
-    ct, label, lung = ras
-    ras_affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
-    zones = lung_zone_map(lung, ras_affine)
-    sx, sy, sz = np.linalg.norm(ras_affine[:3, :3], axis=0)
-
-    ks = np.flatnonzero(lung.any(axis=(0, 1)))
-    picks = [int(ks[int(len(ks) * f)]) for f in (0.8, 0.5, 0.2)] if ks.size else [ct.shape[2] // 2] * 3
-    j = int(np.argmax(label.sum(axis=(0, 2)))) if label.any() else ct.shape[1] // 2
-
-    def overlay(ax, gray, zone, les, aspect):
-        ax.imshow(lung_window(gray), cmap="gray", aspect=aspect, interpolation="nearest")
-        tint = np.zeros((*zone.shape, 4))
-        tint[zone > 0, :3] = _ZONE_COLOURS[zone[zone > 0] - 1]
-        tint[zone > 0, 3] = 0.15
-        ax.imshow(tint, aspect=aspect, interpolation="nearest")
-        if les.any():
-            ax.contour(les, levels=[0.5], colors="red", linewidths=1.2)
-        ax.set_xticks([]), ax.set_yticks([])
-        ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, fontsize=12, va="center")
-        ax.text(0.95, 0.5, "L", color="yellow", transform=ax.transAxes, fontsize=12, va="center")
-
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.9), gridspec_kw={"width_ratios": [1, 1, 1, 1.1]})
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.1, wspace=0.04)
-    for ax, k, level in zip(axes[:3], picks, ("upper", "middle", "lower")):
-        disp = [a[::-1, ::-1, k].T for a in (ct, zones, label)]  # anterior up, patient right on the left
-        overlay(ax, *disp, aspect=sy / sx)
-        ax.set_title(f"axial k={k} ({level} lung)")
-    # coronal through the most lesioned row: superior up, patient right on the left
-    cor = [a[::-1, j, ::-1].T for a in (ct, zones, label)]
-    overlay(axes[3], *cor, aspect=sz / sx)
-    axes[3].set_title(f"coronal j={j}")
-    fig.suptitle(f"{case_id}  {meta['severity']} ({meta['lung_involvement_percent']:.1f}% of lung)  "
-                 f"orientation {meta['orientation']}  spacing {meta['spacing']}", fontsize=11)  # fmt: skip
-    fig.text(0.5, 0.025, meta["text"], ha="center", fontsize=12)
-    out = Path(out_png)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out

@@ -43,14 +43,13 @@ import platform
 import re
 import sys
 import traceback
-from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import islice
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -58,22 +57,18 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import __version__
-from ..data.io import is_nifti, load_volume, save_nifti, strip_nifti_suffix
-from ..data.readers import read_dicom_folder
+from ..data.io import save_nifti
 from ..errors import InputError
 from . import distributed
 from ..inference.predictor import Prediction
 from .preview import save_preview
-from .report import build_report, format_report_text, lung_regions, write_json, write_text
+from .cases import (  # noqa: F401  (re-exported: the batch runner's public names)
+    OUTPUT_SUFFIXES, Case, LoadedCase, case_points, discover_cases, load_case, load_points, prefetch,
+)
+from .report import build_report, format_report_text, write_json, write_text
 
 log = logging.getLogger("segreport.batch")
 
-OUTPUT_SUFFIXES: dict[str, str] = {
-    "seg": "_seg.nii.gz",
-    "report_txt": "_report.txt",
-    "preview": "_preview.png",
-    "report": "_report.json",  # last in this order: written last, so its presence means "complete"
-}
 SUMMARY_FIELDS: tuple[str, ...] = (
     "case_id", "input", "status", "error", "n_lesions", "total_volume_ml", "finding",
     "load_s", "wait_s", "predict_s", "write_s",
@@ -92,18 +87,6 @@ class BundleError(RuntimeError):
 
 class BatchFailedError(RuntimeError):
     """Raised by :meth:`BatchSummary.raise_if_failed` (the ``monai.bundle run`` route's non-zero exit)."""
-
-
-@dataclass(frozen=True)
-class Case:
-    """One scan to run: ``path`` is a file or, for DICOM, a series folder (``series_uid`` picks one)."""
-
-    case_id: str
-    path: str
-    series_uid: str | None = None
-
-    def outputs(self, output_dir: str | os.PathLike) -> dict[str, Path]:
-        return {kind: Path(output_dir) / f"{self.case_id}{suffix}" for kind, suffix in OUTPUT_SUFFIXES.items()}
 
 
 @dataclass
@@ -135,168 +118,6 @@ class BatchSummary:
             raise BatchFailedError(f"{self.n_failed} of {len(self.cases)} cases failed (see "
                                    f"{self.output_dir / 'summary.csv'}):\n  " + "\n  ".join(failed))
         return self
-
-
-# ------------------------------------------------------------------------------------------ cases
-
-
-def _id_from_relative(rel: Path) -> str:
-    # subfolders become part of the id so same-named files in different folders stay apart
-    return "__".join(rel.parent.parts + (strip_nifti_suffix(rel.name),))
-
-
-def _is_under(path: Path, folder: Path | None) -> bool:
-    return folder is not None and (path == folder or folder in path.parents)
-
-
-def _folder_cases(root: Path, pattern: str, exclude: Path | None) -> list[Case]:
-    files = []
-    for f in sorted(root.rglob(pattern)):
-        rel = f.relative_to(root)
-        # hidden names are skipped (temp files, .DS_Store); OUTPUT_DIR inside the input is not input
-        if f.is_file() and not any(part.startswith(".") for part in rel.parts) and not _is_under(f.absolute(), exclude):
-            files.append(rel)
-    if files:
-        ids = [_id_from_relative(rel) for rel in files]
-        repeated = {i for i, n in Counter(ids).items() if n > 1}
-        # case.nii beside case.nii.gz: keep the full file name for those
-        ids = ["__".join(rel.parts) if i in repeated else i for i, rel in zip(ids, files)]
-        return [Case(i, str(root / rel)) for i, rel in zip(ids, files)]
-    try:
-        items = read_dicom_folder(root)
-    except InputError as exc:
-        raise InputError(root, f"no file matches {pattern!r} and no DICOM series was found") from exc
-    return [Case(it["case_id"], it["image"], it.get("series_uid")) for it in items]
-
-
-def discover_cases(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike], pattern: str = "*.nii*", exclude: str | os.PathLike | None = None
-) -> list[Case]:
-    """Cases from a file, a folder of NIfTI files matching ``pattern`` (recursive), or a folder of DICOM
-    series (when no file matches), or a list of those. Case ids: the path relative to the folder without
-    ``.nii[.gz]``, subfolders joined with ``__`` (``a/ct.nii.gz`` -> ``a__ct``). ``exclude``: a folder
-    (OUTPUT_DIR) whose files are never inputs."""
-    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    exclude = Path(exclude).absolute() if exclude is not None else None
-    cases: list[Case] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise InputError(p, "input not found")
-        if p.is_file():
-            cases.append(Case(strip_nifti_suffix(p.name) if is_nifti(p) else p.stem, str(p.absolute())))
-        else:
-            cases += _folder_cases(p.absolute(), pattern, exclude)
-    seen: dict[str, Case] = {}
-    for case in cases:
-        other = seen.setdefault(case.case_id, case)
-        if other is not case:
-            raise InputError(case.path, f"case id {case.case_id!r} is also the id of {other.path}: rename one")
-    if not cases:
-        raise InputError(paths[0] if paths else None, "no input cases")
-    return cases
-
-
-# ----------------------------------------------------------------------------------------- points
-
-
-def load_points(points: str | os.PathLike | dict | None) -> tuple[dict, str | None]:
-    """``points.json`` -> ``({case id or file name: entry}, source path)``; a dict passes through."""
-    if points is None:
-        return {}, None
-    if isinstance(points, dict):
-        return points, "points argument"
-    try:
-        data = json.loads(Path(points).read_text())
-    except (OSError, ValueError) as exc:
-        raise InputError(points, f"cannot read points JSON ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise InputError(points, 'expected {"<case id or file name>": {"points": [[i, j, k], ...], "labels": [1, ...]}}')
-    return data, str(points)
-
-
-def case_points(
-    case: Case, spec: dict, affine: np.ndarray, shape: Sequence[int], source: str | None
-) -> tuple[list[list[int]] | None, list[int] | None]:
-    """The case's clicks as IJK voxel indices and labels (1 lesion, 0 background; default all 1).
-
-    Entries give ``points`` (IJK) or ``points_world`` (RAS mm, mapped through the inverse affine)."""
-    entry = spec.get(case.case_id, spec.get(Path(case.path).name))
-    if entry is None:
-        return None, None
-    where = f"case {case.case_id}"
-    if "points" in entry:
-        ijk = np.asarray(entry["points"], dtype=np.float64)
-    elif "points_world" in entry:
-        world = np.asarray(entry["points_world"], dtype=np.float64)
-        if world.ndim != 2 or world.shape[1] != 3:
-            raise InputError(source, f"{where}: points_world must be a list of [x, y, z], got shape {world.shape}")
-        ijk = np.c_[world, np.ones(len(world))] @ np.linalg.inv(affine).T
-        ijk = ijk[:, :3]
-    else:
-        raise InputError(source, f"{where}: entry needs 'points' (IJK voxels) or 'points_world' (RAS mm)")
-    if ijk.ndim != 2 or ijk.shape[1] != 3 or not np.all(np.isfinite(ijk)):
-        raise InputError(source, f"{where}: points must be a list of [i, j, k], got {entry.get('points')}")
-    ijk = np.rint(ijk).astype(int)
-    outside = np.any((ijk < 0) | (ijk >= np.asarray(shape)), axis=1)
-    if outside.any():
-        raise InputError(source, f"{where}: point {ijk[outside][0].tolist()} lies outside the image (shape {tuple(shape)})")
-    labels = entry.get("labels", [1] * len(ijk))
-    if len(labels) != len(ijk) or any(lab not in (0, 1) for lab in labels):
-        raise InputError(source, f"{where}: labels must be 0/1, one per point ({len(ijk)} points, labels {labels})")
-    return ijk.tolist(), [int(lab) for lab in labels]
-
-
-# ---------------------------------------------------------------------------------------- loading
-
-
-@dataclass
-class LoadedCase:
-    """A case read and pre-processed by a loader thread, ready for the predictor and the report."""
-
-    image: np.ndarray
-    affine: np.ndarray
-    meta: dict
-    lung: np.ndarray
-    zones: np.ndarray
-    points: list[list[int]] | None
-    point_labels: list[int] | None
-    load_s: float
-
-
-def load_case(case: Case, points_spec: dict | None = None, points_source: str | None = None) -> LoadedCase:
-    """Read + check a scan, compute its lung label and zone map, resolve its clicks."""
-    start = perf_counter()
-    image, affine, meta = load_volume(case.path, expect_ndim=3, series_uid=case.series_uid)
-    if min(image.shape) < 2:
-        raise InputError(case.path, f"shape {image.shape}: a single slice, not a 3D volume")
-    lung, zones = lung_regions(image, affine)
-    points, labels = case_points(case, points_spec or {}, affine, image.shape, points_source)
-    return LoadedCase(image, affine, meta, lung, zones, points, labels, perf_counter() - start)
-
-
-def prefetch(items: Iterable, load: Callable, workers: int) -> Iterator[tuple[Any, Future]]:
-    """Yield ``(item, future of load(item))`` in order while up to ``workers`` later items load in
-    background threads (file reading and zlib release the GIL). ``workers=0`` loads in the caller."""
-    items = iter(items)
-    if workers <= 0:
-        for item in items:
-            future: Future = Future()
-            try:
-                future.set_result(load(item))
-            except Exception as exc:  # delivered through the future, like a thread's error
-                future.set_exception(exc)
-            yield item, future
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="segreport-load")
-    try:
-        pending = deque((item, pool.submit(load, item)) for item in islice(items, workers))
-        while pending:
-            item, future = pending.popleft()
-            for nxt in islice(items, 1):
-                pending.append((nxt, pool.submit(load, nxt)))
-            yield item, future
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------- outputs
