@@ -85,7 +85,8 @@ class UNetSlicePredictor:
 
 
 def write_medsegtext_bundle(root: Path) -> Path:
-    """Copy of the MedSegText bundle configs + an untrained tiny checkpoint and tokenizer."""
+    """Copy of the MedSegText bundle configs + an untrained tiny checkpoint (its spec holds the tokenizer)."""
+    from segreport.models.medsegtext import spec_for
     from segreport.networks import MedSegText
     from segreport.text.tokenizers import build_word_tokenizer
 
@@ -93,11 +94,12 @@ def write_medsegtext_bundle(root: Path) -> Path:
     for name in ("inference.yaml", "metadata.json"):
         shutil.copy(REPO / "bundles" / "medsegtext" / "configs" / name, root / "configs" / name)
     tokenizer = build_word_tokenizer(FINDINGS)
-    tokenizer.save_pretrained(str(root / "outputs" / "tokenizer"))
     torch.manual_seed(0)
     model = MedSegText.tiny(vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id,
                             bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
-    model.save_checkpoint(root / "outputs" / "models" / "model.pt")
+    (root / "models").mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "spec": spec_for(model, tokenizer, image_size=64, max_length=50)},
+               root / "models" / "model.pt")
     return root
 
 

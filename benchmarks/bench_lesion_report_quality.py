@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs["full"] = work / ("full_" + "_".join(f"{k}-{v}" for k, v in full_overrides.items()))
     for name, overlays in runs.items():
         out = run_dirs[name]
-        common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out), dataset_dir=str(data), spacing=spacing,
+        common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out), ckpt_dir=str(out / "models"), dataset_dir=str(data), spacing=spacing,
                       batch_size=a.batch_size, seed=a.seed, target_lesions=a.lesions)
         t = time.perf_counter()
         if name == "full":
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     ablation = None
     if a.ablation:
-        from segreport.pipelines.lesion_report import write_ablation_table
+        from segreport.pipelines.lesion_report_eval import write_ablation_table
 
         ablation = write_ablation_table({n: run_dirs[n] / "eval" for n in (*ABLATION, "full")}, work / "ablation")
     report = {

@@ -34,14 +34,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from monai.bundle import run
 
-    from segreport.pipelines.medsegtext import prepare_data
+    from segreport.data.phantom import ensure_default
 
     out = Path(a.out)
-    data = prepare_data(out / "phantom", n_cases=a.cases, seed=a.seed, shape=(192, 192, 48))
+    data = ensure_default(out / "phantom", n_cases=a.cases, seed=a.seed)
     results = {}
     for name, overlay in VARIANTS.items():
         files = [str(CONFIGS / "train.yaml")] + [str(CONFIGS / f) for f in overlay]
-        common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out / name), dataset_dir=data,
+        common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out / name), ckpt_dir=str(out / name / "models"), dataset_dir=data,
                       image_size=a.image_size, seed=a.seed, num_threads=a.threads)
         t = time.perf_counter()
         run("training", config_file=files, epochs=a.epochs, val_interval=max(1, a.epochs // 3), **common)

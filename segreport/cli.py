@@ -2,6 +2,7 @@
 
   segreport synth --out DIR [--cases N] [--seed S] [--shape X Y Z]   synthetic chest-CT phantom
   segreport infer --bundle bundles/<name> -i INPUT -o OUTPUT_DIR ...  batch inference (see --help)
+  segreport evaluate -p PRED_DIR -g LABEL_DIR [--dataset dataset.json]  score predictions (Dice, HD95, text, attributes)
   segreport demo [--out DIR]                                         the `make demo` job
 """
 
@@ -33,9 +34,28 @@ def _synth(argv: list[str]) -> int:
     return 0
 
 
+def _evaluate(argv: list[str]) -> int:
+    from .errors import InputError
+    from .inference.evaluate_folder import evaluate_folder
+
+    p = argparse.ArgumentParser(prog="segreport evaluate", description="Score a folder of segreport predictions against labels.")
+    p.add_argument("-p", "--predictions", required=True, help="folder with <case>_seg.nii.gz (+ <case>_report.json)")
+    p.add_argument("-g", "--ground-truth", required=True, help="folder with <case>.nii.gz labels")
+    p.add_argument("--dataset", help="dataset.json (MSD layout) with reference 'text', 'lesions' and 'attributes'")
+    p.add_argument("-o", "--output", help="where metrics.json and per_case.csv go (default: the predictions folder)")
+    a = p.parse_args(argv)
+    try:
+        metrics = evaluate_folder(a.predictions, a.ground_truth, a.output, a.dataset)
+    except InputError as exc:
+        print(f"segreport evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in metrics.items() if k in ("n_cases", "n_scored", "n_failed", "dice", "hd95_mm")}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"synth", "infer", "demo"}
+    commands = {"synth", "infer", "evaluate", "demo"}
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -46,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         from .pipelines.batch import main as infer_main
 
         return infer_main(rest)
+    if cmd == "evaluate":
+        return _evaluate(rest)
     from .pipelines.demo import main as demo_main
 
     return demo_main(rest)

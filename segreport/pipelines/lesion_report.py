@@ -5,7 +5,7 @@ SupervisedTrainer / SupervisedEvaluator and handlers; everything with logic live
 
 Stages (nnU-Net style, each callable on its own):
 
-* **data**: :func:`prepare_data` (phantom when the folder is empty), :func:`read_attribute_table`
+* **data**: the shared default phantom (:func:`segreport.data.phantom.ensure_default`), :func:`read_attribute_table`
   (user CSV/JSON per lesion), :func:`load_datalists` (lesion-free cases skipped with a logged reason,
   60/20/20 case split as the paper, optional zero-shot hold-out of lesion types);
 * **pre-processing**: :func:`load_transforms` + :func:`spatial_transforms` — load CT/label/instance
@@ -60,18 +60,6 @@ _FULL_3D = ndimage.generate_binary_structure(3, 3)  # same connectivity as CropL
 
 
 # ============================================================================================ data
-def prepare_data(
-    dataset_dir: str | os.PathLike,
-    n_cases: int = 40,
-    seed: int = 0,
-    shape: Sequence[int] = (192, 192, 48),
-    spacing: Sequence[float] = (1.6, 1.6, 5.0),
-) -> str:
-    """Generate the synthetic chest-CT phantom into ``dataset_dir`` unless a dataset (MSD json or imagesTr/) is there."""
-    return phantom.ensure_dataset(dataset_dir, ("dataset.json", "imagesTr"), n_cases=n_cases, seed=seed,
-                                  shape=tuple(shape), spacing=tuple(spacing))
-
-
 _ID_COLUMNS = ("lesion_id", "id")
 
 

@@ -3,7 +3,6 @@ accuracy, zero-shot split, panels and the ablation table (Tables 2-3)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -30,6 +29,8 @@ from ..transforms.clicks import sample_click
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 from .click_training import ClickSet, _spacing
 from .lesion_report import load_transforms, spatial_transforms
+from .report import write_json
+from .tables import write_csv
 
 log = logging.getLogger("segreport.lesion_report")
 
@@ -127,8 +128,8 @@ def evaluate(
         raise InputError(None, f"nothing to evaluate: no case in splits {list(splits)}")
     if curves:
         _plot_curve(curves, out / "dice_vs_clicks.png", spec)
-    _write_csv(out / "per_case.csv", rows)
-    _write_json(out / "metrics.json", metrics)
+    write_csv(out / "per_case.csv", rows)
+    write_json(metrics, out / "metrics.json")
     log.info("evaluation: %s", {s: {k: v for k, v in metrics[s].items() if isinstance(v, float)} for s in splits if s in metrics})
     return metrics
 
@@ -279,8 +280,8 @@ def write_ablation_table(runs: Mapping[str, str | os.PathLike], output_dir: str 
             rows.append(row)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "ablation.json", rows)
-    _write_csv(out / "ablation.csv", rows)
+    write_json(rows, out / "ablation.json")
+    write_csv(out / "ablation.csv", rows)
     cols = list(rows[0]) if rows else []
 
     def cell(v):
@@ -291,26 +292,3 @@ def write_ablation_table(runs: Mapping[str, str | os.PathLike], output_dir: str 
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out / "ablation.md")
     return rows
-
-
-def _write_json(path: Path, obj) -> None:
-    def default(x):
-        if isinstance(x, np.ndarray):
-            return x.tolist()
-        if isinstance(x, (np.integer, np.floating)):
-            return x.item()
-        return str(x)
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=default))
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)

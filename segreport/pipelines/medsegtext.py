@@ -9,8 +9,6 @@ SupervisedEvaluator and handlers; everything with logic lives here so it is impo
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 from pathlib import Path
@@ -46,6 +44,8 @@ from ..transforms.orientation import display_to_file_index, to_display
 from ..transforms.slicing import VolumeToSlicesd, axial_axis
 from ..transforms.text import TokenizeTextd, decode_tokens
 from .loaders import make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
+from .report import write_json
+from .tables import write_csv
 
 log = logging.getLogger("segreport.medsegtext")
 
@@ -53,14 +53,6 @@ SPLIT_FOLDERS = {"training": "Train", "validation": "Val", "test": "Test"}
 
 
 # ----------------------------------------------------------------------------------------- data
-def prepare_data(dataset_dir: str | os.PathLike, n_cases: int = 40, seed: int = 0, shape: Sequence[int] = (192, 192, 48)) -> str:
-    """Generate the synthetic phantom into ``dataset_dir`` unless a dataset (MSD json or LViT folders) is there."""
-    # lesion-free lung slices too ("No pulmonary infection."): a model run over whole volumes must
-    # have seen them, or it finds lesions on every slice (MosMedData+ itself has lesion slices only)
-    return phantom.ensure_dataset(dataset_dir, ("dataset.json", "*_Folder"), n_cases=n_cases, seed=seed,
-                                  shape=tuple(shape), slice_filter="lung")
-
-
 def _lvit_root(dataset_dir: Path) -> Path:
     return dataset_dir / "slices2d" if (dataset_dir / "slices2d").is_dir() else dataset_dir
 
@@ -344,30 +336,14 @@ def evaluate(
             for name in ("dice", "iou"):
                 metrics[f"{name}_{'slice' if level == 'item' else 'case'}_mean"] = scores[name]["mean"]
                 metrics[f"{name}_{'slice' if level == 'item' else 'case'}_std"] = scores[name]["std"]
-        _write_csv(out / "per_case.csv", seg.case_rows())
+        write_csv(out / "per_case.csv", seg.case_rows())
     if any(hyps):
         scores = text_metrics(refs, hyps, per_sample=True)
         per_sample = scores.pop("per_sample")
         metrics.update(scores)
         for row, s in zip(rows, per_sample):
             row.update(s)
-    _write_json(out / "metrics.json", metrics)
-    _write_csv(out / "per_sample.csv", rows)
+    write_json(metrics, out / "metrics.json")
+    write_csv(out / "per_sample.csv", rows)
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     return metrics
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
