@@ -16,6 +16,7 @@ from segreport.models.convert import convert
 from segreport.networks import MedSegText
 from segreport.text.tokenizers import build_word_tokenizer
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 TEXTS = ["Unilateral pulmonary infection, one infected area, lower left lung.", "No pulmonary infection."]
 
 
@@ -84,3 +85,15 @@ def test_convert_old_3d_checkpoint_and_refuse_a_double_conversion(tmp_path):
     assert spec["kind"] == "lesion_report_3d" and load(tmp_path / "new.pt").network.spec == net.spec
     with pytest.raises(InputError, match="already has a segreport spec"):
         convert(tmp_path / "new.pt", tmp_path / "again.pt")
+
+
+def test_a_bundle_refuses_another_bundles_checkpoint(tmp_path, phantom_dir, capsys):
+    from segreport.cli import main
+
+    net = m3d.build_network(roi_size=32)
+    torch.save({"model": net.state_dict(), "spec": m3d.spec_for(net)}, tmp_path / "m3.pt")
+    code = main(["infer", "--bundle", str(REPO / "bundles" / "medsegtext"), "--checkpoint", str(tmp_path / "m3.pt"),
+                 "-i", str(phantom_dir / "imagesTr"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "m3.pt: checkpoint is a 'lesion_report_3d' model, not 'medsegtext'" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

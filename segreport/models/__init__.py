@@ -30,10 +30,14 @@ def adapter(kind: str, source=None):
     return importlib.import_module(ADAPTERS[kind])
 
 
-def load(path: str | os.PathLike, device: str = "cpu", **overrides):
-    """A ready predictor for the checkpoint at ``path``. ``overrides`` are run-time settings only
-    (batch size, bf16, thresholds), never the model's pre-processing, which the spec fixes."""
+def load(path: str | os.PathLike, device: str = "cpu", kind: str | None = None, **overrides):
+    """A ready predictor for the checkpoint at ``path``. ``kind``: the model kind the caller expects (a
+    bundle's inference config names its own), refused with a clear error otherwise. ``overrides`` are
+    run-time settings only (batch size, bf16, thresholds), never the pre-processing the spec fixes."""
     spec, weights = read_checkpoint(path, map_location="cpu")
+    if kind is not None and spec["kind"] != kind:
+        raise InputError(path, f"checkpoint is a {spec['kind']!r} model, not {kind!r}: use the {spec['kind']} bundle "
+                               f"(bundles/{spec['kind']}) or a {kind} checkpoint")
     predictor = adapter(spec["kind"], path).predictor(spec, weights, device=device, **overrides)
     predictor.checkpoint_path = str(path)
     predictor.spec = spec

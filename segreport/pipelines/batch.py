@@ -447,7 +447,13 @@ def load_bundle_predictor(
     except BundleError:
         raise
     except Exception as exc:
-        raise BundleError(f"{config}: cannot build the predictor ({type(exc).__name__}: {exc})") from exc
+        # MONAI wraps every failure in "Failed to evaluate ConfigExpression ...": report the real cause
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, InputError):  # already "<file>: <problem>"
+            raise BundleError(str(cause)) from exc
+        raise BundleError(f"{config}: cannot build the predictor ({type(cause).__name__}: {cause})") from exc
     meta = parser.get("_meta_", {}) or {}
     info = {"path": str(bundle), "name": meta.get("name", bundle.name), "version": meta.get("version"),
             "checkpoint": checkpoint_info(ckpt if isinstance(ckpt, (str, os.PathLike)) else None)}
