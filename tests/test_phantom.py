@@ -287,3 +287,17 @@ def test_preview_renders(phantom_dir, tmp_path):
         assert im.size[0] > 1000 and im.size[1] > 300
     with pytest.raises(FileNotFoundError):
         render_preview(tmp_path, tmp_path / "x.png")
+
+
+def test_default_phantom_never_lands_beside_user_files(tmp_path):
+    from segreport.data.phantom import ensure_default
+    from segreport.errors import InputError
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "scan.nii.gz").write_bytes(b"not mine to overwrite")
+    with pytest.raises(InputError, match="refusing to generate the phantom"):
+        ensure_default(user, n_cases=2)
+    assert sorted(p.name for p in user.iterdir()) == ["scan.nii.gz"]
+    (user / "imagesTr").mkdir()  # a dataset layout: used as it is, nothing written
+    assert ensure_default(user, n_cases=2) == str(user) and sorted(p.name for p in user.iterdir()) == ["imagesTr", "scan.nii.gz"]

@@ -45,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
+from ..errors import InputError
 from ..transforms.findings import FindingsFromMask
 from ..transforms.lung_regions import lung_zone_map
 from ..vocab import ATTRIBUTE_GROUPS, LUNG_LABELS, SEVERITY_BINS, severity_from_percent
@@ -515,5 +516,11 @@ DATASET_MARKERS = ("dataset.json", "*_Folder", "slices2d", "imagesTr", "labelsTr
 def ensure_default(out_dir: str | os.PathLike, n_cases: int = 40, seed: int = 0) -> str:
     """The one default phantom every bundle trains on, whichever runs first: 192x192x48 at the default
     spacing, every lung slice in the 2D export (lesion-free ones too: a model run over whole volumes
-    must have seen them). A folder that already holds a dataset (:data:`DATASET_MARKERS`) is left alone."""
+    must have seen them). A folder that already holds a dataset (:data:`DATASET_MARKERS`) is used as it
+    is; the phantom is only ever written into a missing or empty folder, never beside a user's files."""
+    root = Path(out_dir)
+    has_dataset = any(next(root.glob(pattern), None) for pattern in DATASET_MARKERS)
+    if root.is_dir() and not has_dataset and any(root.iterdir()):
+        raise InputError(root, "holds files but no dataset this package reads (dataset.json, imagesTr/ + labelsTr/, "
+                               "or the LViT *_Folder layout); refusing to generate the phantom into it")
     return ensure_dataset(out_dir, DATASET_MARKERS, n_cases=n_cases, seed=seed, slice_filter="lung")
