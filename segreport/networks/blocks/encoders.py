@@ -7,6 +7,7 @@ from os import PathLike
 from typing import Any
 
 import timm
+from timm.models import adapt_input_conv
 import torch
 from torch import nn
 
@@ -24,15 +25,9 @@ def adapt_stem_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     the response the pretrained network had to that replicated slice (averaging would shrink it by
     3 and shift the statistics the following LayerNorm and blocks were trained on). For other channel
     counts the RGB kernels are tiled and rescaled by ``C_in / in_channels`` so a replicated input
-    keeps the same response (the rule timm uses).
+    keeps the same response: timm's ``adapt_input_conv``, which this calls.
     """
-    c_in = weight.shape[1]
-    if in_channels == c_in:
-        return weight
-    if in_channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    repeats = -(-in_channels // c_in)
-    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (c_in / in_channels)
+    return adapt_input_conv(in_channels, weight, base_chans=weight.shape[1])  # timm's own implementation of that rule
 
 
 class ConvNeXtEncoder(nn.Module):
