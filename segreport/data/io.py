@@ -96,6 +96,11 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise InputError(path, f"not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
         raise InputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None:  # RGB/RGBA NIfTI (structured voxels)
+        raise InputError(path, f"{len(dtype.fields)}-component voxels ({dtype}): a colour image, not a scalar CT")
+    if np.issubdtype(dtype, np.complexfloating):  # casting would silently drop the imaginary part
+        raise InputError(path, f"complex-valued voxels ({dtype}): not a CT magnitude image")
     try:
         # dataobj is lazy: a truncated .nii.gz only fails here, when the voxels are decompressed
         array = np.asarray(img.dataobj, dtype=np.float32)
