@@ -119,7 +119,7 @@ def write_unet_bundle(root: Path) -> Path:
 
 def make_bundle(root: Path) -> tuple[Path, str]:
     """The MedSegText bundle when it builds and predicts, else the UNet fallback; and its description."""
-    from segreport.pipelines.batch import load_bundle_predictor
+    from segreport.pipelines.infer_cli import load_bundle_predictor
 
     try:
         bundle = write_medsegtext_bundle(root / "medsegtext")
@@ -196,7 +196,8 @@ def bench_throughput(bundle: Path, folder: Path, work: Path, env: dict) -> dict:
 
 
 def bench_prefetch(bundle: Path, folder: Path, work: Path) -> dict:
-    from segreport.pipelines.batch import load_bundle_predictor, run_batch
+    from segreport.pipelines.batch import run_batch
+from segreport.pipelines.infer_cli import load_bundle_predictor
 
     predictor, _ = load_bundle_predictor(bundle, device="cpu")
     times = {}
@@ -216,7 +217,8 @@ def bench_prefetch(bundle: Path, folder: Path, work: Path) -> dict:
 
 MEMORY_SCRIPT = """
 import json, resource, sys
-from segreport.pipelines.batch import load_bundle_predictor, run_batch
+from segreport.pipelines.batch import run_batch
+from segreport.pipelines.infer_cli import load_bundle_predictor
 predictor, _ = load_bundle_predictor(sys.argv[1], device="cpu")
 setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 summary = run_batch(predictor, sys.argv[2], sys.argv[3], workers=1, progress=False)

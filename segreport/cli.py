@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "synth":
         return _synth(rest)
     if cmd == "infer":
-        from .pipelines.batch import main as infer_main
+        from .pipelines.infer_cli import main as infer_main
 
         return infer_main(rest)
     if cmd == "evaluate":

@@ -37,3 +37,7 @@ def severity_from_percent(percent: float) -> str:
         if percent < upper:
             return name
     return "CT-4"
+
+# The one minimum lesion size (mL, from the affine's voxel volume) below which a predicted component is a
+# speck, not a lesion: applied to every model's mask before its report, and the default of every spec.
+MIN_LESION_ML = 0.5

@@ -34,6 +34,8 @@ class SliceWisePredictor:
     ``batch_size``, ``bf16`` and ``device`` are run-time choices.
     """
 
+    takes_points = False  # a 2D model takes no clicks: the batch report says any given were ignored
+
     def __init__(self, name: str, forward: Callable[..., dict], image_size: int, window: str = "lung",
                  decode: Callable[[torch.Tensor], list[str]] | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 16, threshold: float = 0.5, min_lesion_ml: float = 0.5, bf16: bool = False,

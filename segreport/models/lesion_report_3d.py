@@ -128,6 +128,10 @@ class LesionReportPredictor:
         self.threshold = threshold
         self.checkpoint_path: str | None = None
 
+    @property
+    def takes_points(self) -> bool:
+        return is_interactive(self.network)  # the baselines run on the automatic ROI only
+
     def session(self) -> PromptSession:
         return PromptSession(self.network, self.device, self.threshold)
 

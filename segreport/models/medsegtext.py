@@ -10,6 +10,7 @@ from ..inference.slicewise import SliceWisePredictor
 from ..networks.medsegtext import MedSegText
 from ..text.tokenizers import decode_tokens, tokenizer_from_files, tokenizer_to_files
 from ..transforms.orientation import DISPLAY_AXCODES
+from ..vocab import MIN_LESION_ML
 from .spec import build_network, load_weights, make_spec
 
 KIND = "medsegtext"
@@ -17,7 +18,7 @@ TARGET = "segreport.networks.MedSegText"
 
 
 def spec_for(network: MedSegText, tokenizer, image_size: int, max_length: int, window: str = "lung",
-             threshold: float = 0.5, min_lesion_ml: float = 0.5, training: Mapping | None = None) -> dict:
+             threshold: float = 0.5, min_lesion_ml: float = MIN_LESION_ML, training: Mapping | None = None) -> dict:
     """Everything inference needs: the network's config, the 2D pre-processing, the tokenizer itself."""
     net = getattr(network, "module", network)
     return make_spec(

@@ -58,13 +58,17 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import __version__
 from ..data.io import save_nifti
+from ..transforms.postprocess import remove_small_lesions
+from ..vocab import MIN_LESION_ML
 from ..errors import InputError
 from . import distributed
 from ..inference.predictor import Prediction
 from .preview import save_preview
 from .cases import (  # noqa: F401  (re-exported: the batch runner's public names)
-    OUTPUT_SUFFIXES, Case, LoadedCase, case_points, discover_cases, load_case, load_points, prefetch,
+    OUTPUT_SUFFIXES, Case, LoadedCase, case_points, discover_cases, input_fingerprint, load_case, load_points, prefetch,
+    select_series,
 )
+from .run_lock import RunLock, RunLockedError
 from .report import build_report, format_report_text, write_json, write_text
 
 log = logging.getLogger("segreport.batch")
@@ -123,8 +127,17 @@ class BatchSummary:
 # ---------------------------------------------------------------------------------------- outputs
 
 
-def case_complete(case: Case, output_dir: Path) -> bool:
-    return all(p.is_file() for p in case.outputs(output_dir).values())
+def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = None) -> bool:
+    """Done = every output present AND its report was made from this very input (same fingerprint)
+    by this very checkpoint (same sha256): a replaced input or another model is redone on --resume."""
+    paths = case.outputs(output_dir)
+    if not all(p.is_file() for p in paths.values()):
+        return False
+    try:
+        made_from = json.loads(paths["report"].read_text()).get("provenance") or {}
+    except (OSError, ValueError):
+        return False
+    return made_from.get("input_fingerprint") == input_fingerprint(case) and made_from.get("checkpoint_sha256") == checkpoint_sha256
 
 
 def _remove_outputs(case: Case, output_dir: Path) -> None:
@@ -173,16 +186,33 @@ def _check_prediction(prediction, shape: tuple[int, ...], model: str) -> Predict
     return prediction
 
 
-def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, output_dir: Path, model: str) -> dict:
+@dataclass
+class RunSettings:
+    """What every case of one run shares: the model's name and checkpoint hash (recorded in each report,
+    checked on --resume), whether the model takes clicks, and the minimum lesion size."""
+
+    model: str
+    checkpoint_sha256: str | None = None
+    takes_points: bool = True
+    min_lesion_ml: float = MIN_LESION_ML
+
+
+def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, output_dir: Path,
+                       settings: RunSettings) -> dict:
     """Mask, text report, preview, JSON report (last), each atomically. Returns the report."""
     paths = case.outputs(output_dir)
     meta = loaded.meta
+    model = settings.model
     # keep the input's NIfTI codes (0 -> 1: the affine nibabel gave us is then stated explicitly)
     save_nifti(prediction.mask, loaded.affine, paths["seg"], dtype=np.uint8,
                qform_code=meta.get("qform_code") or 1, sform_code=meta.get("sform_code") or 1)
     points = None if loaded.points is None else {"ijk": loaded.points, "labels": loaded.point_labels}
+    if points is not None and not settings.takes_points:
+        points["ignored"] = f"{model} takes no clicks: the points did not change this result"
     report = build_report(prediction, loaded.image, loaded.affine, case_id=case.case_id, lung=loaded.lung,
                           zone_map=loaded.zones, input_path=case.path, model=model, points=points)
+    report["provenance"] = {"input_fingerprint": input_fingerprint(case), "checkpoint_sha256": settings.checkpoint_sha256,
+                            "min_lesion_ml": settings.min_lesion_ml}
     write_text(format_report_text(report), paths["report_txt"])
     save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=report["finding"],
                  title=f"{case.case_id}  ({model})", lung=loaded.lung)
@@ -212,7 +242,7 @@ def _skipped_row(case: Case, output_dir: Path) -> dict:
                 finding=report.get("finding"))
 
 
-def run_case(case: Case, loading: Future, predictor, output_dir: Path, model: str, autocast) -> dict:
+def run_case(case: Case, loading: Future, predictor, output_dir: Path, settings: RunSettings, autocast) -> dict:
     """Predict one loaded case and write its outputs; any error becomes a failed row, never a crash."""
     start = perf_counter()
     timings: dict[str, float] = {}
@@ -224,10 +254,12 @@ def run_case(case: Case, loading: Future, predictor, output_dir: Path, model: st
         kwargs = {} if loaded.points is None else {"points": loaded.points, "point_labels": loaded.point_labels}
         with torch.inference_mode(), autocast():
             prediction = predictor.predict(loaded.image, loaded.affine, lung=loaded.lung, **kwargs)
-        prediction = _check_prediction(prediction, loaded.image.shape, model)
+        prediction = _check_prediction(prediction, loaded.image.shape, settings.model)
+        # one minimum lesion size for every model: specks are never lesions in a report
+        prediction.mask = remove_small_lesions(prediction.mask, loaded.affine, settings.min_lesion_ml)
         timings["predict_s"] = perf_counter() - t
         stage, t = "writing outputs", perf_counter()
-        report = write_case_outputs(case, loaded, prediction, output_dir, model)
+        report = write_case_outputs(case, loaded, prediction, output_dir, settings)
         timings["write_s"] = perf_counter() - t
     except Exception as exc:
         _remove_outputs(case, output_dir)  # all or nothing: no seg without its report
@@ -314,6 +346,9 @@ def run_batch(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    allow_non_ct: bool = False,
+    min_lesion_ml: float = MIN_LESION_ML,
+    series_uid: str | None = None,
 ) -> BatchSummary:
     """Run ``predictor`` over every case of ``inputs`` and write outputs to ``output_dir`` (module doc).
 
@@ -321,15 +356,19 @@ def run_batch(
     points.json path or dict (see :func:`case_points`). ``device``: for autocast and the manifest
     (default: the predictor's ``device``). ``bf16``: run the predictor under bfloat16 autocast.
     ``rank``/``world_size``: this process's shard (torchrun; the process group, when initialised, gives
-    the barriers; rank 0 writes the merged summary and the manifest). Raises :class:`InputError` when no
-    input is found and :class:`OutputExistsError` when outputs exist without ``overwrite``/``resume``;
-    per-case errors are recorded in the summary instead.
+    the barriers; rank 0 writes the merged summary and the manifest). ``allow_non_ct``: skip the CT
+    plausibility checks (data.plausibility). ``min_lesion_ml``: components below it are removed from every
+    mask before its report. ``series_uid``: run only that DICOM series. Raises :class:`InputError` when no input is found, :class:`OutputExistsError`
+    when outputs exist without ``overwrite``/``resume`` and :class:`RunLockedError` when another run is
+    writing to ``output_dir``; per-case errors are recorded in the summary instead.
     """
     started = _now()
     output_dir = Path(output_dir).absolute()
     model = str(getattr(predictor, "name", type(predictor).__name__))
     device = str(device or getattr(predictor, "device", None) or "cpu")
     cases = discover_cases(inputs, pattern, exclude=output_dir)
+    if series_uid:  # one DICOM series of several
+        cases = select_series(cases, series_uid, inputs)
     check_outputs(cases, output_dir, overwrite, resume)
     points_spec, points_source = load_points(points)
     unused = set(points_spec) - {c.case_id for c in cases} - {Path(c.path).name for c in cases}
@@ -340,19 +379,35 @@ def run_batch(
         raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group (run under "
                          "torchrun; see segreport.pipelines.distributed): rank 0 must wait for the others to merge")
     output_dir.mkdir(parents=True, exist_ok=True)
+    # one run per folder: rank 0 holds the lock for the whole (sharded) run
+    with RunLock(output_dir) if rank == 0 else contextlib.nullcontext():
+        return _run(predictor, cases, inputs, output_dir, started=started, model=model, device=device, overwrite=overwrite,
+                    resume=resume, workers=workers, pattern=pattern, points_spec=points_spec, points_source=points_source,
+                    bf16=bf16, manifest_extra=manifest_extra, rank=rank, world_size=world_size, progress=progress,
+                    ctx=ctx, allow_non_ct=allow_non_ct, min_lesion_ml=min_lesion_ml)
+
+
+def _run(predictor, cases, inputs, output_dir: Path, *, started, model, device, overwrite, resume, workers, pattern,
+         points_spec, points_source, bf16, manifest_extra, rank, world_size, progress, ctx, allow_non_ct,
+         min_lesion_ml) -> BatchSummary:
+    """The body of :func:`run_batch`, run while holding the folder's lock."""
     if rank == 0:
         _remove_stale_temp_files(output_dir)
     # every rank has checked the folder before any rank writes to it
     distributed.barrier(ctx)
 
+    checkpoint = checkpoint_info(getattr(predictor, "checkpoint_path", None))
+    settings = RunSettings(model, (checkpoint or {}).get("sha256"), bool(getattr(predictor, "takes_points", True)),
+                           float(min_lesion_ml))
     manifest = {
         "status": "running", "start_time": started, "end_time": None, "versions": _versions(),
         "model": {"name": model, "class": f"{type(predictor).__module__}.{type(predictor).__qualname__}",
-                  "checkpoint": checkpoint_info(getattr(predictor, "checkpoint_path", None))},
+                  "checkpoint": checkpoint},
         "device": device, "bf16": bf16, "world_size": world_size,
         "arguments": {"inputs": [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)],
                       "output_dir": str(output_dir), "overwrite": overwrite, "resume": resume, "workers": workers,
-                      "pattern": pattern, "points": points_source},
+                      "pattern": pattern, "points": points_source, "allow_non_ct": allow_non_ct,
+                      "min_lesion_ml": min_lesion_ml},
         "n_cases": len(cases),
         **(manifest_extra or {}),
     }
@@ -365,7 +420,7 @@ def run_batch(
     rows: dict[str, dict] = {}
     todo = []
     for case in mine:
-        if resume and case_complete(case, output_dir):
+        if resume and case_complete(case, output_dir, settings.checkpoint_sha256):
             rows[case.case_id] = _skipped_row(case, output_dir)
         else:
             todo.append(case)
@@ -389,9 +444,9 @@ def run_batch(
         if len(todo) < len(mine):
             log.info("resume: %d finished case(s) skipped", len(mine) - len(todo))
         with logging_redirect_tqdm(), bar:
-            for case, loading in prefetch(todo, lambda c: load_case(c, points_spec, points_source), workers):
+            for case, loading in prefetch(todo, lambda c: load_case(c, points_spec, points_source, allow_non_ct), workers):
                 bar.set_postfix_str(case.case_id)  # the case being worked on
-                rows[case.case_id] = run_case(case, loading, predictor, output_dir, model, autocast)
+                rows[case.case_id] = run_case(case, loading, predictor, output_dir, settings, autocast)
                 save_progress()
                 bar.update()
         status = "finished"
@@ -413,113 +468,7 @@ def run_batch(
 # -------------------------------------------------------------------------------------------- CLI
 
 
-def load_bundle_predictor(
-    bundle: str | os.PathLike, checkpoint: str | None = None, device: str | None = None, bf16: bool = False
-) -> tuple[Any, dict]:
-    """Build the ``predictor`` of ``<bundle>/configs/inference.yaml`` with ``monai.bundle.ConfigParser``,
-    overriding the ``bundle_root``, ``checkpoint``, ``device`` and ``bf16`` ids the config defines.
-    Returns ``(predictor, bundle info for the manifest)``."""
-    from monai.bundle import ConfigParser
+if __name__ == "__main__":  # python -m segreport.pipelines.batch ... (the CLI lives in infer_cli)
+    from .infer_cli import main
 
-    bundle = Path(bundle).absolute()
-    config = bundle / "configs" / "inference.yaml"
-    if not config.is_file():
-        raise BundleError(f"{config}: not found (is {bundle} a bundle folder?)")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    meta_file = bundle / "configs" / "metadata.json"
-    if meta_file.is_file():
-        parser.read_meta(str(meta_file))
-    overrides = {"bundle_root": str(bundle), "checkpoint": checkpoint and str(Path(checkpoint).absolute()),
-                 "device": device, "bf16": bf16 or None}
-    for key, value in overrides.items():
-        if value is not None and key in parser:
-            parser[key] = value
-    if checkpoint and "checkpoint" not in parser:
-        raise BundleError(f"{config} defines no 'checkpoint' id, so --checkpoint cannot be applied")
-    if "predictor" not in parser:
-        raise BundleError(f"{config} defines no 'predictor' (see segreport/inference/predictor.py)")
-    try:
-        ckpt = parser.get_parsed_content("checkpoint") if "checkpoint" in parser else None
-        if isinstance(ckpt, (str, os.PathLike)) and not Path(ckpt).is_file():
-            raise BundleError(f"checkpoint {ckpt} not found: train the bundle first or pass --checkpoint PATH")
-        predictor = parser.get_parsed_content("predictor")
-    except BundleError:
-        raise
-    except Exception as exc:
-        # MONAI wraps every failure in "Failed to evaluate ConfigExpression ...": report the real cause
-        cause = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, InputError):  # already "<file>: <problem>"
-            raise BundleError(str(cause)) from exc
-        raise BundleError(f"{config}: cannot build the predictor ({type(cause).__name__}: {cause})") from exc
-    meta = parser.get("_meta_", {}) or {}
-    info = {"path": str(bundle), "name": meta.get("name", bundle.name), "version": meta.get("version"),
-            "checkpoint": checkpoint_info(ckpt if isinstance(ckpt, (str, os.PathLike)) else None)}
-    return predictor, info
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="segreport infer",
-        description="Segment and report every CT in INPUT with a bundle's model (loaded once).",
-        epilog="Exit status: 0 all cases ok, 1 some case failed (see OUTPUT_DIR/summary.csv), 2 the run "
-               "could not start. Under torchrun the cases are sharded over the processes.",
-    )
-    p.add_argument("--bundle", required=True, help="bundle folder (reads configs/inference.yaml)")
-    p.add_argument("-i", "--input", required=True, help="NIfTI file, folder of .nii/.nii.gz (recursive), or DICOM folder")
-    p.add_argument("-o", "--output", required=True, help="OUTPUT_DIR; nothing is written outside it")
-    p.add_argument("--checkpoint", help="model weights (default: the bundle's)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the bundle's; under torchrun cuda -> cuda:LOCAL_RANK)")
-    p.add_argument("--points", help='clicks: {"<case id or file name>": {"points": [[i,j,k],...], "labels": [1,0,...]}} '
-                                    '(IJK voxels; or "points_world" in RAS mm)')
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    group.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
-    p.add_argument("--workers", type=int, default=1, help="cases loaded ahead in background threads (default 1; 0: none)")
-    p.add_argument("--pattern", default="*.nii*", help="file name filter in input folders (default '*.nii*')")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``segreport infer``: see the module docstring (exit codes 0 / 1 / 2)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank, world_size, local_rank = distributed.dist_env()
-    device = args.device
-    if world_size > 1:  # one device per process: cuda -> cuda:LOCAL_RANK
-        device = distributed.device_for_rank(device or ("cuda" if torch.cuda.is_available() else "cpu"), local_rank)
-    output_dir = Path(args.output).absolute()
-    ctx = distributed.DistContext()
-    try:
-        # cheap checks first, so a wrong path or a full OUTPUT_DIR is reported before the model loads
-        check_outputs(discover_cases(args.input, args.pattern, exclude=output_dir), output_dir, args.overwrite, args.resume)
-        load_points(args.points)
-        ctx = distributed.init_distributed(device)
-        predictor, bundle_info = load_bundle_predictor(args.bundle, args.checkpoint, device, args.bf16)
-        summary = run_batch(
-            predictor, args.input, output_dir, overwrite=args.overwrite, resume=args.resume, workers=args.workers,
-            pattern=args.pattern, points=args.points, device=device, bf16=args.bf16, rank=rank, world_size=world_size,
-            manifest_extra={"bundle": bundle_info, "command": ["segreport", "infer", *(argv or sys.argv[1:])]},
-            progress=not args.no_progress,
-        )
-    except (InputError, OutputExistsError, BundleError) as exc:
-        print(f"segreport infer: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.cleanup(ctx)
-    if rank != 0:
-        return 0  # rank 0 reports for the whole run
-    counts = summary.counts
-    print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped -> {output_dir}")
-    for row in summary.cases:
-        if row["status"] == "failed":
-            print(f"  FAILED {row['case_id']}: {row['error']}", file=sys.stderr)
-    return summary.exit_code
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..data.io import is_nifti, load_volume, strip_nifti_suffix
 from ..data.readers import read_dicom_folder
+from ..data.plausibility import check_ct
 from ..errors import InputError
 from .report import lung_regions
 
@@ -100,6 +101,16 @@ def discover_cases(
     return cases
 
 
+def select_series(cases: list[Case], series_uid: str, source) -> list[Case]:
+    """Only the DICOM series ``series_uid`` of the discovered cases (a clear error when absent)."""
+    chosen = [c for c in cases if c.series_uid == series_uid]
+    if not chosen:
+        found = sorted({c.series_uid for c in cases if c.series_uid})
+        raise InputError(source, f"no DICOM series {series_uid!r} here (found {found or 'none with a SeriesInstanceUID'})")
+    return chosen
+
+
+
 # ----------------------------------------------------------------------------------------- points
 
 
@@ -167,12 +178,25 @@ class LoadedCase:
     load_s: float
 
 
-def load_case(case: Case, points_spec: dict | None = None, points_source: str | None = None) -> LoadedCase:
-    """Read + check a scan, compute its lung label and zone map, resolve its clicks."""
+def input_fingerprint(case: Case) -> dict:
+    """What identifies the input's content cheaply: size and modification time of its file (or of every
+    file of its DICOM folder). A resumed run redoes a case whose input changed since its report."""
+    path = Path(case.path)
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    stats = [f.stat() for f in files]
+    return {"bytes": int(sum(st.st_size for st in stats)), "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
+            "files": len(files), "series_uid": case.series_uid}
+
+
+def load_case(case: Case, points_spec: dict | None = None, points_source: str | None = None,
+              allow_non_ct: bool = False) -> LoadedCase:
+    """Read + check a scan (a plausible CT in HU unless ``allow_non_ct``: data.plausibility), compute its
+    lung label and zone map, resolve its clicks."""
     start = perf_counter()
     image, affine, meta = load_volume(case.path, expect_ndim=3, series_uid=case.series_uid)
     if min(image.shape) < 2:
         raise InputError(case.path, f"shape {image.shape}: a single slice, not a 3D volume")
+    check_ct(image, affine, case.path, meta.get("dtype"), allow_non_ct)
     lung, zones = lung_regions(image, affine)
     points, labels = case_points(case, points_spec or {}, affine, image.shape, points_source)
     return LoadedCase(image, affine, meta, lung, zones, points, labels, perf_counter() - start)

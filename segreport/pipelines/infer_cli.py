@@ -1,0 +1,179 @@
+"""``segreport infer``: the command line over :func:`segreport.pipelines.batch.run_batch`.
+
+Everything that can stop a run is checked before the model loads, and reported with its root cause and
+exit code 2: the input (found, readable clicks), the output folder (a folder, writable, not the input
+nor inside it, no finished outputs without --overwrite/--resume, no other run writing to it), the
+device (``--device cuda`` without a GPU) and the bundle's checkpoint. Exit codes: 0 every case ok (or
+skipped by --resume); 1 at least one case failed (the others' outputs are complete; see summary.csv);
+2 the run could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import InputError
+from . import distributed
+from .batch import BundleError, OutputExistsError, check_outputs, checkpoint_info, run_batch
+from .cases import discover_cases, load_points, select_series
+from .run_lock import RunLockedError
+from ..vocab import MIN_LESION_ML
+
+
+class CannotStartError(RuntimeError):
+    """The run cannot start: a device or output-folder problem found before the model loads."""
+
+
+def check_device(device: str | None) -> None:
+    if device and str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CannotStartError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}, "
+                                   f"CUDA build {torch.version.cuda}); use --device cpu")
+        index = str(device).partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise CannotStartError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    """A folder (or a path where one can be made) that is writable and is not, nor is inside, an input folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CannotStartError(f"{output_dir}: -o names a file, not a folder")
+    for given in inputs:
+        folder = Path(given).absolute()
+        if folder.is_dir() and (output_dir == folder or folder in output_dir.parents):
+            raise CannotStartError(f"{output_dir}: the output folder is {'the' if output_dir == folder else 'inside the'} "
+                                   f"input folder {folder}; outputs never go into a folder given as input: pick another -o")
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CannotStartError(f"{output_dir}: cannot write there ({existing} is not a writable folder)")
+
+
+def load_bundle_predictor(
+    bundle: str | os.PathLike, checkpoint: str | None = None, device: str | None = None, bf16: bool = False
+) -> tuple[Any, dict]:
+    """Build the ``predictor`` of ``<bundle>/configs/inference.yaml`` with ``monai.bundle.ConfigParser``,
+    overriding the ``bundle_root``, ``checkpoint``, ``device`` and ``bf16`` ids the config defines.
+    Returns ``(predictor, bundle info for the manifest)``."""
+    from monai.bundle import ConfigParser
+
+    bundle = Path(bundle).absolute()
+    config = bundle / "configs" / "inference.yaml"
+    if not config.is_file():
+        raise BundleError(f"{config}: not found (is {bundle} a bundle folder?)")
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    meta_file = bundle / "configs" / "metadata.json"
+    if meta_file.is_file():
+        parser.read_meta(str(meta_file))
+    overrides = {"bundle_root": str(bundle), "checkpoint": checkpoint and str(Path(checkpoint).absolute()),
+                 "device": device, "bf16": bf16 or None}
+    for key, value in overrides.items():
+        if value is not None and key in parser:
+            parser[key] = value
+    if checkpoint and "checkpoint" not in parser:
+        raise BundleError(f"{config} defines no 'checkpoint' id, so --checkpoint cannot be applied")
+    if "predictor" not in parser:
+        raise BundleError(f"{config} defines no 'predictor' (see segreport/inference/predictor.py)")
+    try:
+        ckpt = parser.get_parsed_content("checkpoint") if "checkpoint" in parser else None
+        if isinstance(ckpt, (str, os.PathLike)) and not Path(ckpt).is_file():
+            raise BundleError(f"checkpoint {ckpt} not found: train the bundle first or pass --checkpoint PATH")
+        predictor = parser.get_parsed_content("predictor")
+    except BundleError:
+        raise
+    except Exception as exc:
+        # MONAI wraps every failure in "Failed to evaluate ConfigExpression ...": report the real cause
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, InputError):  # already "<file>: <problem>"
+            raise BundleError(str(cause)) from exc
+        raise BundleError(f"{config}: cannot build the predictor ({type(cause).__name__}: {cause})") from exc
+    meta = parser.get("_meta_", {}) or {}
+    info = {"path": str(bundle), "name": meta.get("name", bundle.name), "version": meta.get("version"),
+            "checkpoint": checkpoint_info(ckpt if isinstance(ckpt, (str, os.PathLike)) else None)}
+    return predictor, info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="segreport infer",
+        description="Segment and report every CT in INPUT with a bundle's model (loaded once).",
+        epilog="Exit status: 0 all cases ok, 1 some case failed (see OUTPUT_DIR/summary.csv), 2 the run "
+               "could not start. Under torchrun the cases are sharded over the processes.",
+    )
+    p.add_argument("--bundle", required=True, help="bundle folder (reads configs/inference.yaml)")
+    p.add_argument("-i", "--input", required=True, help="NIfTI file, folder of .nii/.nii.gz (recursive), or DICOM folder")
+    p.add_argument("-o", "--output", required=True, help="OUTPUT_DIR; nothing is written outside it")
+    p.add_argument("--checkpoint", help="model weights (default: the bundle's)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the bundle's; under torchrun cuda -> cuda:LOCAL_RANK)")
+    p.add_argument("--points", help='clicks: {"<case id or file name>": {"points": [[i,j,k],...], "labels": [1,0,...]}} '
+                                    '(IJK voxels; or "points_world" in RAS mm)')
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    group.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
+    p.add_argument("--workers", type=int, default=1, help="cases loaded ahead in background threads (default 1; 0: none)")
+    p.add_argument("--pattern", default="*.nii*", help="file name filter in input folders (default '*.nii*')")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the model")
+    p.add_argument("--series", help="DICOM SeriesInstanceUID: run only that series (a folder may hold several)")
+    p.add_argument("--allow-non-ct", action="store_true",
+                   help="run on volumes the CT plausibility checks refuse (not HU, label-like, 8-bit, odd spacing)")
+    p.add_argument("--min-lesion-ml", type=float, default=None,
+                   help=f"predicted components below this many mL are not lesions (default {MIN_LESION_ML})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``segreport infer``: see the module docstring (exit codes 0 / 1 / 2)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rank, world_size, local_rank = distributed.dist_env()
+    device = args.device
+    if world_size > 1:  # one device per process: cuda -> cuda:LOCAL_RANK
+        device = distributed.device_for_rank(device or ("cuda" if torch.cuda.is_available() else "cpu"), local_rank)
+    output_dir = Path(args.output).absolute()
+    ctx = distributed.DistContext()
+    try:
+        # cheap checks first, so a wrong path, device or OUTPUT_DIR is reported before the model loads
+        check_device(device)
+        check_output_dir(output_dir, [args.input])
+        cases = discover_cases(args.input, args.pattern, exclude=output_dir)
+        if args.series:
+            cases = select_series(cases, args.series, args.input)
+        check_outputs(cases, output_dir, args.overwrite, args.resume)
+        load_points(args.points)
+        ctx = distributed.init_distributed(device)
+        predictor, bundle_info = load_bundle_predictor(args.bundle, args.checkpoint, device, args.bf16)
+        summary = run_batch(
+            predictor, args.input, output_dir, overwrite=args.overwrite,
+            resume=args.resume, workers=args.workers, pattern=args.pattern, points=args.points, device=device,
+            bf16=args.bf16, rank=rank, world_size=world_size, allow_non_ct=args.allow_non_ct,
+            min_lesion_ml=MIN_LESION_ML if args.min_lesion_ml is None else args.min_lesion_ml,
+            manifest_extra={"bundle": bundle_info, "command": ["segreport", "infer", *(argv or sys.argv[1:])]},
+            progress=not args.no_progress, series_uid=args.series,
+        )
+    except (InputError, OutputExistsError, BundleError, CannotStartError, RunLockedError) as exc:
+        print(f"segreport infer: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup(ctx)
+    if rank != 0:
+        return 0  # rank 0 reports for the whole run
+    counts = summary.counts
+    print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped -> {output_dir}")
+    for row in summary.cases:
+        if row["status"] == "failed":
+            print(f"  FAILED {row['case_id']}: {row['error']}", file=sys.stderr)
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
