@@ -34,10 +34,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from monai.bundle import run
 
-    from segreport.data.phantom import ensure_default
+    from segreport.data.phantom import DATASET_MARKERS, ensure_dataset
 
     out = Path(a.out)
-    data = ensure_default(out / "phantom", n_cases=a.cases, seed=a.seed)
+    # the benchmark's own work folder: generated here once, as the default phantom is
+    data = ensure_dataset(out / "phantom", DATASET_MARKERS, n_cases=a.cases, seed=a.seed, slice_filter="lung")
     results = {}
     for name, overlay in VARIANTS.items():
         files = [str(CONFIGS / "train.yaml")] + [str(CONFIGS / f) for f in overlay]

@@ -289,15 +289,21 @@ def test_preview_renders(phantom_dir, tmp_path):
         render_preview(tmp_path, tmp_path / "x.png")
 
 
-def test_default_phantom_never_lands_beside_user_files(tmp_path):
-    from segreport.data.phantom import ensure_default
+def test_default_phantom_never_lands_in_a_users_folder(tmp_path, monkeypatch):
+    from segreport.data.phantom import DEFAULT_DATASET_DIR, ensure_default
     from segreport.errors import InputError
 
     user = tmp_path / "mine"
     user.mkdir()
     (user / "scan.nii.gz").write_bytes(b"not mine to overwrite")
-    with pytest.raises(InputError, match="refusing to generate the phantom"):
-        ensure_default(user, n_cases=2)
-    assert sorted(p.name for p in user.iterdir()) == ["scan.nii.gz"]
+    for folder in (user, tmp_path / "empty", tmp_path / "missing"):
+        if folder.name == "empty":
+            folder.mkdir()
+        with pytest.raises(InputError, match="no dataset found .*segreport synth --out"):
+            ensure_default(folder, n_cases=2)
+    assert sorted(p.name for p in user.iterdir()) == ["scan.nii.gz"] and not (tmp_path / "missing").exists()
     (user / "imagesTr").mkdir()  # a dataset layout: used as it is, nothing written
     assert ensure_default(user, n_cases=2) == str(user) and sorted(p.name for p in user.iterdir()) == ["imagesTr", "scan.nii.gz"]
+    monkeypatch.chdir(tmp_path)  # the default location is generated, once
+    ensure_default(DEFAULT_DATASET_DIR, n_cases=2)
+    assert (tmp_path / DEFAULT_DATASET_DIR / "dataset.json").is_file() and (tmp_path / DEFAULT_DATASET_DIR / "slices2d").is_dir()

@@ -513,14 +513,21 @@ def ensure_dataset(out_dir: str | os.PathLike, present: Sequence[str] = ("datase
 DATASET_MARKERS = ("dataset.json", "*_Folder", "slices2d", "imagesTr", "labelsTr")
 
 
+DEFAULT_DATASET_DIR = "outputs/phantom"  # relative to the repository root, where bundles run from
+
+
 def ensure_default(out_dir: str | os.PathLike, n_cases: int = 40, seed: int = 0) -> str:
-    """The one default phantom every bundle trains on, whichever runs first: 192x192x48 at the default
-    spacing, every lung slice in the 2D export (lesion-free ones too: a model run over whole volumes
-    must have seen them). A folder that already holds a dataset (:data:`DATASET_MARKERS`) is used as it
-    is; the phantom is only ever written into a missing or empty folder, never beside a user's files."""
+    """The dataset folder a bundle trains on. The one default phantom (``DEFAULT_DATASET_DIR``) is
+    generated there when absent, whichever bundle runs first: 192x192x48 at the default spacing, every
+    lung slice in the 2D export (lesion-free ones too: a model run over whole volumes must have seen
+    them). Any other folder is the user's: it must already hold a dataset (:data:`DATASET_MARKERS`) and
+    nothing is ever written into it; without one it is a clear error (generate a phantom there with
+    ``segreport synth --out DIR``)."""
     root = Path(out_dir)
-    has_dataset = any(next(root.glob(pattern), None) for pattern in DATASET_MARKERS)
-    if root.is_dir() and not has_dataset and any(root.iterdir()):
-        raise InputError(root, "holds files but no dataset this package reads (dataset.json, imagesTr/ + labelsTr/, "
-                               "or the LViT *_Folder layout); refusing to generate the phantom into it")
+    if any(next(root.glob(pattern), None) for pattern in DATASET_MARKERS):
+        return str(root)
+    if root.absolute() != Path(DEFAULT_DATASET_DIR).absolute():
+        raise InputError(root, "no dataset found (looked for dataset.json, imagesTr/ + labelsTr/, or the LViT "
+                               "Train_Folder/Val_Folder/Test_Folder layout); nothing is generated into a folder you "
+                               "name: use `segreport synth --out DIR` to make a phantom there")
     return ensure_dataset(out_dir, DATASET_MARKERS, n_cases=n_cases, seed=seed, slice_filter="lung")

@@ -111,16 +111,18 @@ def read_nifti_folder(
 
     The case id is the file name without ``.nii[.gz]`` and without the nnU-Net ``channel_suffix``
     (``case_0000.nii.gz`` -> ``case``); only that exact suffix is stripped, so ``study_0255`` stays
-    itself. A label is ``<case id><label_suffix>.nii[.gz]`` in ``labels_dir`` (``label_suffix=""``
+    itself, and when the label is named after the whole stem (``labelsTr/case_0000.nii.gz``, as the
+    phantom names cases) the whole stem is the case id. A label is ``<case id><label_suffix>.nii[.gz]`` in ``labels_dir`` (``label_suffix=""``
     covers nnU-Net and identical names, ``"_mask"`` covers MosMedData). With ``require_labels`` an
     image without a label is an error; otherwise its item simply has no ``label``.
     """
     images_dir = _require_dir(images_dir, "images")
-    items = []
+    items, stems = [], {}
     for path in _glob(images_dir, pattern, recursive):
-        case_id = strip_nifti_suffix(path.name)
+        case_id = stem = strip_nifti_suffix(path.name)
         if channel_suffix and case_id.endswith(channel_suffix):
             case_id = case_id[: -len(channel_suffix)]
+        stems[str(path)] = stem
         items.append({"image": str(path), "case_id": case_id, "source": "nifti_folder"})
     if not items:
         raise InputError(images_dir, f"no image matches {pattern!r}")
@@ -138,6 +140,9 @@ def read_nifti_folder(
                 labels[case_id] = path
         for item in items:
             label = labels.get(item["case_id"])
+            stem = stems[item["image"]]
+            if label is None and stem in labels:  # "case_0000" named by its id, not by an nnU-Net channel
+                item["case_id"], label = stem, labels[stem]
             if label is not None:
                 item["label"] = str(label)
             elif require_labels:

@@ -103,8 +103,14 @@ def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, neg_rati
     label = (load_volume(case["label"])[0] > 0).astype(np.uint8) if case.get("label") else np.zeros(image.shape, np.uint8)
     lung = load_volume(case["lung"])[0].astype(np.uint8) if case.get("lung") else split_left_right(lung_mask_from_ct(image), affine)
     windowed = np.asarray(HUWindow(preset="lung")(image[None]))[0]
+    if not lung.any():  # FindingsFromMask's documented fallback: sides about the body, levels from its extent
+        log.warning("%s: no lung found in the CT and no lung label: slice findings place lesions by the body's extent",
+                    case.get("image"))
+    # every lesion voxel's zone from the 3D geometry (voxels outside the lung mask: the nearest lung zone),
+    # the rule the report's consistency check uses; a slice then always has zones for its lesions
+    zones = FindingsFromMask().describe(label, lung=lung if lung.any() else None, affine=affine, image=image).voxel_zones
     # the display orientation (radiological, transforms.orientation) inference shows the model too
-    shown = to_display(np.stack([windowed, label, lung_zone_map(lung, affine)]).astype(np.float32), affine)
+    shown = to_display(np.stack([windowed, label, zones]).astype(np.float32), affine)
     file_index = display_to_file_index(shown, affine, axial_axis(affine))
     arrays = np.asarray(shown.as_tensor())
     volume = {"image": arrays[0:1], "label": arrays[1:2].round(), "zones": arrays[2:3].round(),
