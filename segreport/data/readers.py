@@ -11,6 +11,7 @@ file or folder at fault; readers only look at names and headers, the voxels are 
 from __future__ import annotations
 
 import csv
+import zipfile
 import re
 import json
 import os
@@ -71,7 +72,7 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list]]]:
         else:
             with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
                 rows = list(csv.reader(f))
-    except (OSError, ValueError, KeyError, csv.Error) as exc:  # openpyxl raises InvalidFileException(ValueError)
+    except (OSError, ValueError, KeyError, csv.Error, zipfile.BadZipFile) as exc:  # openpyxl: InvalidFileException, BadZipFile
         raise InputError(path, f"cannot read table ({type(exc).__name__}: {exc})") from exc
     numbered = [(n, r) for n, r in enumerate(rows, start=1) if any(v not in (None, "") for v in r)]
     if not numbered:
