@@ -287,3 +287,56 @@ def test_a_dicom_series_with_a_missing_slice_fails_its_case(shared_data, tmp_pat
     (row,) = summary.cases
     assert row["status"] == "failed" and str(series) in row["error"] and "slice" in row["error"]
     assert not zipfile.is_zipfile(series / files[0].name)  # the input is as it was (still DICOM, untouched)
+
+
+def test_dicom_series_beside_nifti_files_are_found_and_other_files_listed(shared_data, tmp_path):
+    data = tmp_path / "in"
+    ct, affine = _good_ct()
+    save_ct(data / "nifti_case.nii.gz", ct, affine)
+    shutil.copytree(shared_data / "totalsegmentator" / "example_ct_dicom", data / "patient1" / "ct")
+    (data / "notes.txt").write_text("not an image")
+    summary = run_batch(ThresholdPredictor(), data, tmp_path / "out", progress=False)
+    assert {r["case_id"]: r["status"] for r in summary.cases} == {"nifti_case": "ok", "patient1_ct": "ok"}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["skipped_inputs"] == [{"path": str(data / "notes.txt"), "reason": "not a NIfTI file nor part of a DICOM series"}]
+
+
+def test_series_option_picks_one_series_and_names_the_ones_found(shared_data, tmp_path, capsys):
+    from segreport.data.readers import read_dicom_folder
+
+    folder = shared_data / "totalsegmentator" / "example_ct_dicom"
+    (uid,) = [it["series_uid"] for it in read_dicom_folder(folder)]
+    summary = run_batch(ThresholdPredictor(), folder, tmp_path / "out", progress=False, series_uid=uid)
+    assert [r["status"] for r in summary.cases] == ["ok"]
+    with pytest.raises(InputError, match="no DICOM series '1.2.3' here"):
+        run_batch(ThresholdPredictor(), folder, tmp_path / "out2", progress=False, series_uid="1.2.3")
+
+
+def test_two_series_without_series_uid_in_one_folder_are_told_apart(shared_data, tmp_path):
+    """Anonymised: SeriesInstanceUID removed from two series (another orientation and frame of reference)
+    sharing one folder. They are two cases, each its own volume, and --series picks one."""
+    import pydicom
+
+    from segreport.data.io import load_volume
+    from segreport.data.readers import read_dicom_folder
+
+    folder = tmp_path / "in" / "mixed"
+    folder.mkdir(parents=True)
+    for i, src in enumerate(sorted((shared_data / "totalsegmentator" / "example_ct_dicom").iterdir())):
+        ds = pydicom.dcmread(src)
+        del ds.SeriesInstanceUID
+        ds.save_as(folder / f"a_{i:03d}.dcm")
+        ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.9.9999.1"
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # a sagittal stack of the same pixels
+        ds.ImagePositionPatient = [float(i) * 3.0, 0.0, 0.0]
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.9.9999.2.{i}"
+        ds.save_as(folder / f"b_{i:03d}.dcm")
+    items = read_dicom_folder(tmp_path / "in")
+    assert sorted(it["series_uid"] for it in items) == ["nouid:0", "nouid:1"]
+    shapes = {it["series_uid"]: load_volume(it["image"], series_uid=it["series_uid"])[0].shape for it in items}
+    n = len(list(folder.iterdir())) // 2
+    assert all(n in shape for shape in shapes.values())  # each volume holds its own slices only
+    with pytest.raises(InputError, match="holds 2 DICOM series .*pass series_uid"):
+        load_volume(folder)
+    summary = run_batch(ThresholdPredictor(), tmp_path / "in", tmp_path / "out", progress=False, series_uid="nouid:0")
+    assert len(summary.cases) == 1

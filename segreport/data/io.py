@@ -20,6 +20,8 @@ import numpy as np
 
 from segreport.errors import InputError
 
+from .dicom_groups import uid_series
+
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # ITK/SimpleITK (DICOM) world coordinates are LPS+; nibabel's are RAS+: x and y change sign.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -147,16 +149,17 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    found = dict(uid_series(folder, reader))  # series without a SeriesInstanceUID split apart (data.dicom_groups)
+    series = list(found)
     if not series:
         raise InputError(folder, "folder holds no DICOM series")
     if series_uid is None:
         if len(series) > 1:
-            raise InputError(folder, f"folder holds {len(series)} DICOM series {list(series)}: pass series_uid")
+            raise InputError(folder, f"folder holds {len(series)} DICOM series {series}: pass series_uid (--series)")
         series_uid = series[0]
-    elif series_uid not in series:
-        raise InputError(folder, f"no DICOM series {series_uid!r} here (found {list(series)})")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    elif series_uid not in found:
+        raise InputError(folder, f"no DICOM series {series_uid!r} here (found {series})")
+    files = found[series_uid]
     _check_slice_positions(folder, files)
     reader.SetFileNames(files)
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segreport.data.dicom_groups import uid_series
 from segreport.data.io import atomic_path, strip_nifti_suffix
 from segreport.errors import InputError
 from segreport.vocab import SEVERITY_BINS
@@ -251,21 +252,19 @@ def read_dicom_folder(root: str | os.PathLike, *, recursive: bool = True) -> lis
         warnings_on = sitk.ProcessObject.GetGlobalWarningDisplay()
         sitk.ProcessObject.SetGlobalWarningDisplay(False)
         try:
-            series = sorted(series_reader.GetGDCMSeriesIDs(str(folder)))
+            series = uid_series(folder, series_reader)  # UID-less series split apart (data.dicom_groups)
         finally:
             sitk.ProcessObject.SetGlobalWarningDisplay(warnings_on)
         rel = folder.relative_to(root).as_posix()
         base = root.name if rel == "." else rel.replace("/", "_")
-        for k, uid in enumerate(series):
-            files = series_reader.GetGDCMSeriesFileNames(str(folder), uid)
+        for k, (uid, files) in enumerate(series):
             header = sitk.ImageFileReader()
             header.SetFileName(files[0])
             header.ReadImageInformation()
             items.append(
                 {
                     "image": str(folder),
-                    # anonymised series may lack SeriesInstanceUID: GDCM then names the series ""
-                    "series_uid": uid or None,
+                    "series_uid": uid or None,  # "": the folder's one series without a SeriesInstanceUID
                     "case_id": base if len(series) == 1 else f"{base}_s{k}",
                     "n_slices": len(files),
                     "modality": _dicom_tag(header, "0008|0060"),

@@ -366,7 +366,10 @@ def run_batch(
     output_dir = Path(output_dir).absolute()
     model = str(getattr(predictor, "name", type(predictor).__name__))
     device = str(device or getattr(predictor, "device", None) or "cpu")
-    cases = discover_cases(inputs, pattern, exclude=output_dir)
+    skipped_inputs: list[dict] = []  # files found that are no case: listed in the manifest, never dropped silently
+    cases = discover_cases(inputs, pattern, exclude=output_dir, skipped=skipped_inputs)
+    for item in skipped_inputs:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
     if series_uid:  # one DICOM series of several
         cases = select_series(cases, series_uid, inputs)
     check_outputs(cases, output_dir, overwrite, resume)
@@ -384,12 +387,12 @@ def run_batch(
         return _run(predictor, cases, inputs, output_dir, started=started, model=model, device=device, overwrite=overwrite,
                     resume=resume, workers=workers, pattern=pattern, points_spec=points_spec, points_source=points_source,
                     bf16=bf16, manifest_extra=manifest_extra, rank=rank, world_size=world_size, progress=progress,
-                    ctx=ctx, allow_non_ct=allow_non_ct, min_lesion_ml=min_lesion_ml)
+                    ctx=ctx, allow_non_ct=allow_non_ct, min_lesion_ml=min_lesion_ml, skipped_inputs=skipped_inputs)
 
 
 def _run(predictor, cases, inputs, output_dir: Path, *, started, model, device, overwrite, resume, workers, pattern,
          points_spec, points_source, bf16, manifest_extra, rank, world_size, progress, ctx, allow_non_ct,
-         min_lesion_ml) -> BatchSummary:
+         min_lesion_ml, skipped_inputs) -> BatchSummary:
     """The body of :func:`run_batch`, run while holding the folder's lock."""
     if rank == 0:
         _remove_stale_temp_files(output_dir)
@@ -409,6 +412,7 @@ def _run(predictor, cases, inputs, output_dir: Path, *, started, model, device, 
                       "pattern": pattern, "points": points_source, "allow_non_ct": allow_non_ct,
                       "min_lesion_ml": min_lesion_ml},
         "n_cases": len(cases),
+        "skipped_inputs": skipped_inputs,
         **(manifest_extra or {}),
     }
     if rank == 0:

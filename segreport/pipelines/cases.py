@@ -54,33 +54,51 @@ def _is_under(path: Path, folder: Path | None) -> bool:
     return folder is not None and (path == folder or folder in path.parents)
 
 
-def _folder_cases(root: Path, pattern: str, exclude: Path | None) -> list[Case]:
-    files = []
-    for f in sorted(root.rglob(pattern)):
-        rel = f.relative_to(root)
-        # hidden names are skipped (temp files, .DS_Store); OUTPUT_DIR inside the input is not input
-        if f.is_file() and not any(part.startswith(".") for part in rel.parts) and not _is_under(f.absolute(), exclude):
-            files.append(rel)
-    if files:
-        ids = [_id_from_relative(rel) for rel in files]
-        repeated = {i for i, n in Counter(ids).items() if n > 1}
-        # case.nii beside case.nii.gz: keep the full file name for those
-        ids = ["__".join(rel.parts) if i in repeated else i for i, rel in zip(ids, files)]
-        return [Case(i, str(root / rel)) for i, rel in zip(ids, files)]
-    try:
-        items = read_dicom_folder(root)
-    except InputError as exc:
-        raise InputError(root, f"no file matches {pattern!r} and no DICOM series was found") from exc
-    return [Case(it["case_id"], it["image"], it.get("series_uid")) for it in items]
+def _visible(f: Path, root: Path, exclude: Path | None) -> bool:
+    # hidden names are skipped (temp files, .DS_Store); OUTPUT_DIR is never input
+    return f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts) and not _is_under(f.absolute(), exclude)
+
+
+def _folder_cases(root: Path, pattern: str, exclude: Path | None, skipped: list[dict] | None = None) -> list[Case]:
+    """NIfTI files matching ``pattern`` anywhere under ``root``, and every DICOM series anywhere under it
+    (beside NIfTI files too). Other visible files are listed in ``skipped`` with the reason."""
+    matched = {f for f in root.rglob(pattern) if _visible(f, root, exclude)}
+    files = sorted(f.relative_to(root) for f in matched)
+    ids = [_id_from_relative(rel) for rel in files]
+    repeated = {i for i, n in Counter(ids).items() if n > 1}
+    # case.nii beside case.nii.gz: keep the full file name for those
+    ids = ["__".join(rel.parts) if i in repeated else i for i, rel in zip(ids, files)]
+    cases = [Case(i, str(root / rel)) for i, rel in zip(ids, files)]
+    others = sorted(f for f in root.rglob("*") if f not in matched and _visible(f, root, exclude))
+    dicom_folders = set()
+    if others:  # only folders holding something else can hold a DICOM series
+        try:
+            items = [it for it in read_dicom_folder(root) if Path(it["image"]) in {f.parent for f in others}]
+        except InputError:
+            items = []
+        taken = {c.case_id for c in cases}
+        for it in items:
+            case_id = it["case_id"] if it["case_id"] not in taken else f"{it['case_id']}__dicom"
+            cases.append(Case(case_id, it["image"], it.get("series_uid")))
+            dicom_folders.add(Path(it["image"]))
+    for f in others:
+        if f.parent not in dicom_folders and skipped is not None:
+            reason = ("a NIfTI file not matching --pattern " + repr(pattern)) if is_nifti(f) else "not a NIfTI file nor part of a DICOM series"
+            skipped.append({"path": str(f), "reason": reason})
+    if not cases:
+        raise InputError(root, f"no file matches {pattern!r} and no DICOM series was found")
+    return cases
 
 
 def discover_cases(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike], pattern: str = "*.nii*", exclude: str | os.PathLike | None = None
+    inputs: str | os.PathLike | Sequence[str | os.PathLike], pattern: str = "*.nii*", exclude: str | os.PathLike | None = None,
+    skipped: list[dict] | None = None,
 ) -> list[Case]:
-    """Cases from a file, a folder of NIfTI files matching ``pattern`` (recursive), or a folder of DICOM
-    series (when no file matches), or a list of those. Case ids: the path relative to the folder without
-    ``.nii[.gz]``, subfolders joined with ``__`` (``a/ct.nii.gz`` -> ``a__ct``). ``exclude``: a folder
-    (OUTPUT_DIR) whose files are never inputs."""
+    """Cases from a file, or a folder: its NIfTI files matching ``pattern`` and its DICOM series, anywhere
+    under it; or a list of those. Case ids: the path relative to the folder without ``.nii[.gz]``,
+    subfolders joined with ``__`` (``a/ct.nii.gz`` -> ``a__ct``); a DICOM series is named by its folder.
+    ``exclude``: a folder (OUTPUT_DIR) whose files are never inputs. ``skipped``: a list that receives
+    ``{"path", "reason"}`` for every other file found (nothing is dropped silently)."""
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     exclude = Path(exclude).absolute() if exclude is not None else None
     cases: list[Case] = []
@@ -90,7 +108,7 @@ def discover_cases(
         if p.is_file():
             cases.append(Case(strip_nifti_suffix(p.name) if is_nifti(p) else p.stem, str(p.absolute())))
         else:
-            cases += _folder_cases(p.absolute(), pattern, exclude)
+            cases += _folder_cases(p.absolute(), pattern, exclude, skipped)
     seen: dict[str, Case] = {}
     for case in cases:
         other = seen.setdefault(case.case_id, case)

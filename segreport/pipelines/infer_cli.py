@@ -11,6 +11,7 @@ skipped by --resume); 1 at least one case failed (the others' outputs are comple
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -169,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0  # rank 0 reports for the whole run
     counts = summary.counts
     print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped -> {output_dir}")
+    n_other = len(json.loads((output_dir / "manifest.json").read_text()).get("skipped_inputs", []))
+    if n_other:
+        print(f"  {n_other} file(s) under the input are no case (not NIfTI, not DICOM): listed in manifest.json")
     for row in summary.cases:
         if row["status"] == "failed":
             print(f"  FAILED {row['case_id']}: {row['error']}", file=sys.stderr)
