@@ -11,6 +11,10 @@ PYTEST_ARGS ?=
 venv:
 	@scripts/venv.sh
 
+# PYTHONPATH: this checkout's segreport first. The venv is shared between checkouts (keyed by the
+# dependency spec), and its editable install points at whichever checkout ran make last.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
 demo:
 	@V=$$(scripts/venv.sh) && $$V/bin/python -m segreport.pipelines.demo --out $(DEMO_DIR)
 

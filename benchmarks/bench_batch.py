@@ -41,6 +41,7 @@ import torch
 from segreport.data import phantom
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's segreport, not the shared venv's last editable install
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "batch.json"
 FINDINGS = [
@@ -197,7 +198,7 @@ def bench_throughput(bundle: Path, folder: Path, work: Path, env: dict) -> dict:
 
 def bench_prefetch(bundle: Path, folder: Path, work: Path) -> dict:
     from segreport.pipelines.batch import run_batch
-from segreport.pipelines.infer_cli import load_bundle_predictor
+    from segreport.pipelines.infer_cli import load_bundle_predictor
 
     predictor, _ = load_bundle_predictor(bundle, device="cpu")
     times = {}

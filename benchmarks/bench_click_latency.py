@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's segreport, not the shared venv's last editable install
+
 from segreport.networks.lesion_prompt import CONFIGS as MODEL_CONFIGS
 from segreport.networks.lesion_prompt import LesionPromptNet
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# this checkout's package, whatever checkout the shared venv's editable install points at
+sys.path.insert(0, str(REPO))
 SHARED_DATA = Path(os.environ.get("SEGREPORT_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
