@@ -340,3 +340,21 @@ def test_two_series_without_series_uid_in_one_folder_are_told_apart(shared_data,
         load_volume(folder)
     summary = run_batch(ThresholdPredictor(), tmp_path / "in", tmp_path / "out", progress=False, series_uid="nouid:0")
     assert len(summary.cases) == 1
+
+
+def test_a_series_without_uid_beside_one_with_a_uid_can_be_picked(shared_data, tmp_path):
+    import pydicom
+
+    from segreport.data.readers import read_dicom_folder
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, src in enumerate(sorted((shared_data / "totalsegmentator" / "example_ct_dicom").iterdir())):
+        ds = pydicom.dcmread(src)
+        ds.save_as(folder / f"anon_{i:03d}.dcm")  # this export has no SeriesInstanceUID
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.9.9999.7"
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.9.9999.8.{i}"
+        ds.save_as(folder / f"named_{i:03d}.dcm")
+    assert sorted(it["series_uid"] for it in read_dicom_folder(folder)) == ["1.2.826.0.1.3680043.9.9999.7", "nouid:0"]
+    summary = run_batch(ThresholdPredictor(), folder, tmp_path / "out", progress=False, series_uid="nouid:0")
+    assert [r["status"] for r in summary.cases] == ["ok"]

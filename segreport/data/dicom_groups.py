@@ -43,13 +43,17 @@ def groups(files: list[str]) -> list[list[str]]:
 
 
 def uid_series(folder: Path, series_reader) -> list[tuple[str, list[str]]]:
-    """``(series id, files)`` of every series in ``folder``: GDCM's UIDs, with the UID-less ones split."""
+    """``(series id, files)`` of every series in ``folder``: GDCM's UIDs, with the UID-less ones split.
+    A folder's only series keeps GDCM's "" when it has no UID (nothing to tell apart); otherwise every
+    UID-less volume is ``nouid:<k>``, so each can be picked."""
+    ids = sorted(series_reader.GetGDCMSeriesIDs(str(folder)))
     out = []
-    for uid in sorted(series_reader.GetGDCMSeriesIDs(str(folder))):
+    for uid in ids:
         files = list(series_reader.GetGDCMSeriesFileNames(str(folder), uid))
         if uid:
             out.append((uid, files))
-        else:  # one UID-less volume keeps GDCM's "" (no id needed); several are numbered
-            split = groups(files)
-            out += [("", split[0])] if len(split) == 1 else [(f"{PREFIX}{k}", g) for k, g in enumerate(split)]
+            continue
+        split = groups(files)
+        alone = len(split) == 1 and len(ids) == 1
+        out += [("", split[0])] if alone else [(f"{PREFIX}{k}", g) for k, g in enumerate(split)]
     return out
