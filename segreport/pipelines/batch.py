@@ -137,7 +137,8 @@ def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = 
         made_from = json.loads(paths["report"].read_text()).get("provenance") or {}
     except (OSError, ValueError):
         return False
-    return made_from.get("input_fingerprint") == input_fingerprint(case) and made_from.get("checkpoint_sha256") == checkpoint_sha256
+    same_input = made_from.get("input_fingerprint") == input_fingerprint(case)
+    return same_input and made_from.get("checkpoint_sha256") == checkpoint_sha256
 
 
 def _remove_outputs(case: Case, output_dir: Path) -> None:
@@ -358,9 +359,10 @@ def run_batch(
     ``rank``/``world_size``: this process's shard (torchrun; the process group, when initialised, gives
     the barriers; rank 0 writes the merged summary and the manifest). ``allow_non_ct``: skip the CT
     plausibility checks (data.plausibility). ``min_lesion_ml``: components below it are removed from every
-    mask before its report. ``series_uid``: run only that DICOM series. Raises :class:`InputError` when no input is found, :class:`OutputExistsError`
-    when outputs exist without ``overwrite``/``resume`` and :class:`RunLockedError` when another run is
-    writing to ``output_dir``; per-case errors are recorded in the summary instead.
+    mask before its report. ``series_uid``: run only that DICOM series. Raises :class:`InputError` when
+    no input is found, :class:`OutputExistsError` when outputs exist without ``overwrite``/``resume``
+    and :class:`RunLockedError` when another run is writing to ``output_dir``; per-case errors are
+    recorded in the summary instead.
     """
     started = _now()
     output_dir = Path(output_dir).absolute()
@@ -384,92 +386,85 @@ def run_batch(
     output_dir.mkdir(parents=True, exist_ok=True)
     # one run per folder: rank 0 holds the lock for the whole (sharded) run
     with RunLock(output_dir) if rank == 0 else contextlib.nullcontext():
-        return _run(predictor, cases, inputs, output_dir, started=started, model=model, device=device, overwrite=overwrite,
-                    resume=resume, workers=workers, pattern=pattern, points_spec=points_spec, points_source=points_source,
-                    bf16=bf16, manifest_extra=manifest_extra, rank=rank, world_size=world_size, progress=progress,
-                    ctx=ctx, allow_non_ct=allow_non_ct, min_lesion_ml=min_lesion_ml, skipped_inputs=skipped_inputs)
-
-
-def _run(predictor, cases, inputs, output_dir: Path, *, started, model, device, overwrite, resume, workers, pattern,
-         points_spec, points_source, bf16, manifest_extra, rank, world_size, progress, ctx, allow_non_ct,
-         min_lesion_ml, skipped_inputs) -> BatchSummary:
-    """The body of :func:`run_batch`, run while holding the folder's lock."""
-    if rank == 0:
-        _remove_stale_temp_files(output_dir)
-    # every rank has checked the folder before any rank writes to it
-    distributed.barrier(ctx)
-
-    checkpoint = checkpoint_info(getattr(predictor, "checkpoint_path", None))
-    settings = RunSettings(model, (checkpoint or {}).get("sha256"), bool(getattr(predictor, "takes_points", True)),
-                           float(min_lesion_ml))
-    manifest = {
-        "status": "running", "start_time": started, "end_time": None, "versions": _versions(),
-        "model": {"name": model, "class": f"{type(predictor).__module__}.{type(predictor).__qualname__}",
-                  "checkpoint": checkpoint},
-        "device": device, "bf16": bf16, "world_size": world_size,
-        "arguments": {"inputs": [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)],
-                      "output_dir": str(output_dir), "overwrite": overwrite, "resume": resume, "workers": workers,
-                      "pattern": pattern, "points": points_source, "allow_non_ct": allow_non_ct,
-                      "min_lesion_ml": min_lesion_ml},
-        "n_cases": len(cases),
-        "skipped_inputs": skipped_inputs,
-        **(manifest_extra or {}),
-    }
-    if rank == 0:
-        if resume:
-            manifest["previous_runs"] = _previous_runs(output_dir / "manifest.json")
-        write_json(manifest, output_dir / "manifest.json")
-
-    mine = distributed.shard(cases, rank, world_size)
-    rows: dict[str, dict] = {}
-    todo = []
-    for case in mine:
-        if resume and case_complete(case, output_dir, settings.checkpoint_sha256):
-            rows[case.case_id] = _skipped_row(case, output_dir)
-        else:
-            todo.append(case)
-    summary = BatchSummary(output_dir)
-
-    def save_progress() -> None:
-        summary.cases = [rows[c.case_id] for c in mine if c.case_id in rows]
-        if world_size > 1:
-            write_json({"rank": rank, **summary.to_dict()}, distributed.rank_summary_path(output_dir, rank))
-        else:
-            write_summary(summary)
-
-    def autocast():
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
-
-    status = "interrupted"
-    try:
-        save_progress()
-        bar = tqdm(total=len(todo), unit="case", desc=f"segreport rank {rank}" if world_size > 1 else "segreport",
-                   position=rank if world_size > 1 else None, dynamic_ncols=True, disable=not progress)
-        if len(todo) < len(mine):
-            log.info("resume: %d finished case(s) skipped", len(mine) - len(todo))
-        with logging_redirect_tqdm(), bar:
-            for case, loading in prefetch(todo, lambda c: load_case(c, points_spec, points_source, allow_non_ct), workers):
-                bar.set_postfix_str(case.case_id)  # the case being worked on
-                rows[case.case_id] = run_case(case, loading, predictor, output_dir, settings, autocast)
-                save_progress()
-                bar.update()
-        status = "finished"
-    finally:
-        if world_size > 1 and status == "finished":
-            distributed.barrier(ctx)  # every shard done before rank 0 merges
-            if rank == 0:
-                summary = BatchSummary(output_dir, distributed.merge_rank_summaries(
-                    output_dir, world_size, [c.case_id for c in cases]))
-                write_summary(summary)
         if rank == 0:
-            manifest.update(status=status, end_time=_now(), counts=summary.counts)
+            _remove_stale_temp_files(output_dir)
+        # every rank has checked the folder before any rank writes to it
+        distributed.barrier(ctx)
+
+        checkpoint = checkpoint_info(getattr(predictor, "checkpoint_path", None))
+        settings = RunSettings(model, (checkpoint or {}).get("sha256"), bool(getattr(predictor, "takes_points", True)),
+                               float(min_lesion_ml))
+        manifest = {
+            "status": "running", "start_time": started, "end_time": None, "versions": _versions(),
+            "model": {"name": model, "class": f"{type(predictor).__module__}.{type(predictor).__qualname__}",
+                      "checkpoint": checkpoint},
+            "device": device, "bf16": bf16, "world_size": world_size,
+            "arguments": {"inputs": [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)],
+                          "output_dir": str(output_dir), "overwrite": overwrite, "resume": resume, "workers": workers,
+                          "pattern": pattern, "points": points_source, "allow_non_ct": allow_non_ct,
+                          "min_lesion_ml": min_lesion_ml},
+            "n_cases": len(cases),
+            "skipped_inputs": skipped_inputs,
+            **(manifest_extra or {}),
+        }
+        if rank == 0:
+            if resume:
+                manifest["previous_runs"] = _previous_runs(output_dir / "manifest.json")
             write_json(manifest, output_dir / "manifest.json")
-    if world_size > 1:
-        distributed.barrier(ctx)  # no rank exits (and gets torchrun to tear the group down) before the merge
-    return summary
+
+        mine = distributed.shard(cases, rank, world_size)
+        rows: dict[str, dict] = {}
+        todo = []
+        for case in mine:
+            if resume and case_complete(case, output_dir, settings.checkpoint_sha256):
+                rows[case.case_id] = _skipped_row(case, output_dir)
+            else:
+                todo.append(case)
+        summary = BatchSummary(output_dir)
+
+        def save_progress() -> None:
+            summary.cases = [rows[c.case_id] for c in mine if c.case_id in rows]
+            if world_size > 1:
+                write_json({"rank": rank, **summary.to_dict()}, distributed.rank_summary_path(output_dir, rank))
+            else:
+                write_summary(summary)
+
+        def autocast():
+            return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+        status = "interrupted"
+        try:
+            save_progress()
+            bar = tqdm(total=len(todo), unit="case", desc=f"segreport rank {rank}" if world_size > 1 else "segreport",
+                       position=rank if world_size > 1 else None, dynamic_ncols=True, disable=not progress)
+            if len(todo) < len(mine):
+                log.info("resume: %d finished case(s) skipped", len(mine) - len(todo))
+            with logging_redirect_tqdm(), bar:
+                def load(c: Case) -> LoadedCase:
+                    return load_case(c, points_spec, points_source, allow_non_ct)
+
+                for case, loading in prefetch(todo, load, workers):
+                    bar.set_postfix_str(case.case_id)  # the case being worked on
+                    rows[case.case_id] = run_case(case, loading, predictor, output_dir, settings, autocast)
+                    save_progress()
+                    bar.update()
+            status = "finished"
+        finally:
+            if world_size > 1 and status == "finished":
+                distributed.barrier(ctx)  # every shard done before rank 0 merges
+                if rank == 0:
+                    summary = BatchSummary(output_dir, distributed.merge_rank_summaries(
+                        output_dir, world_size, [c.case_id for c in cases]))
+                    write_summary(summary)
+            if rank == 0:
+                manifest.update(status=status, end_time=_now(), counts=summary.counts)
+                write_json(manifest, output_dir / "manifest.json")
+        if world_size > 1:
+            distributed.barrier(ctx)  # no rank exits (and gets torchrun to tear the group down) before the merge
+        return summary
 
 
-# -------------------------------------------------------------------------------------------- CLI
+    # -------------------------------------------------------------------------------------------- CLI
 
 
 if __name__ == "__main__":  # python -m segreport.pipelines.batch ... (the CLI lives in infer_cli)
