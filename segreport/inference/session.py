@@ -191,5 +191,3 @@ class PromptSession:
         )
         return self._last
 
-
-InteractiveSession = PromptSession  # the name the 3D bundle's docs and earlier code use
