@@ -153,3 +153,27 @@ def test_remove_small_lesions_uses_millilitres_not_voxels():
     fine = np.diag([0.5, 0.5, 0.5, 1.0])  # the same voxels are now tiny: both go
     assert not remove_small_lesions(mask, fine, min_ml=0.5).any()
     assert remove_small_lesions(mask, coarse, min_ml=0).sum() == mask.sum()
+
+
+def test_reports_state_the_training_data_and_warn_on_real_scans(trained, phantom_dir, shared_data, tmp_path):
+    """The spec records the training data; a phantom-only model on a real CT carries a visible warning."""
+    import shutil
+
+    from segreport.pipelines.batch import run_batch
+    from segreport.models import load
+
+    out, _ = trained
+    predictor = load(out / "models" / "model.pt")
+    training = predictor.spec["training"]
+    assert training["synthetic"] and training["dataset"] == "segreport-phantom" and training["n_cases"]["training"] >= 1
+    assert training["phantom"]["seed"] == 0 and training["command"]  # the process's own command line (pytest here)
+    (tmp_path / "in").mkdir()
+    shutil.copy(phantom_dir / "imagesTr" / "case_0001.nii.gz", tmp_path / "in")
+    shutil.copy(shared_data / "totalsegmentator" / "example_ct_sm.nii.gz", tmp_path / "in")
+    run_batch(predictor, tmp_path / "in", tmp_path / "out", progress=False)
+    phantom_report = json.loads((tmp_path / "out" / "case_0001_report.json").read_text())
+    real_report = json.loads((tmp_path / "out" / "example_ct_sm_report.json").read_text())
+    assert phantom_report["warnings"] == [] and phantom_report["model_training"] == training
+    assert "trained only on synthetic phantom data" in real_report["warnings"][0]
+    text = (tmp_path / "out" / "example_ct_sm_report.txt").read_text()
+    assert "WARNING: This model was trained only on synthetic" in text and "synthetic phantom only (seed 0" in text

@@ -112,6 +112,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     meta = {
         "format": "nifti",
         "dtype": str(img.get_data_dtype()),
+        "description": header["descrip"].item().decode("ascii", "replace").strip("\x00 "),
         "qform_code": int(header["qform_code"]),
         "sform_code": int(header["sform_code"]),
     }
@@ -294,8 +295,10 @@ def save_nifti(
     dtype: np.dtype | str | None = None,
     qform_code: int = 1,
     sform_code: int = 1,
+    description: str | None = None,
 ) -> Path:
     """Write ``array`` (voxel order i, j, k) with ``affine`` to a .nii/.nii.gz file, atomically.
+    ``description``: the header's 80-byte ``descrip`` (the phantom marks its volumes there).
 
     Both qform and sform carry the affine, with the given codes (default 1, "scanner"; pass the
     ``qform_code``/``sform_code`` from :func:`load_volume`'s meta to keep the input's). ITK-based
@@ -318,6 +321,8 @@ def save_nifti(
     img.set_qform(affine, code=int(qform_code))
     img.set_sform(affine, code=int(sform_code))
     img.header.set_xyzt_units("mm")
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:79]
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
     return path

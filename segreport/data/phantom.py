@@ -56,6 +56,14 @@ from .splits import split_cases
 
 log = logging.getLogger(__name__)
 
+# Bumped when the generator changes what it draws; models and reports record it (data.provenance).
+PHANTOM_VERSION = "1"
+PHANTOM_MARK = "segreport phantom"  # in every phantom NIfTI's header description
+
+
+def phantom_description(seed: int) -> str:
+    return f"{PHANTOM_MARK} v{PHANTOM_VERSION} seed {seed}"
+
 LESION_TYPES: tuple[str, ...] = ("ground-glass opacity", "consolidation", "nodule")
 TYPE_HU: dict[str, tuple[float, float]] = {  # mean-HU range each type must land in
     "ground-glass opacity": (-600.0, -300.0),
@@ -449,7 +457,7 @@ def generate_dataset(
         folders = {"image": "imagesTr", "label": "labelsTr", "lung": "lungsTr", "lesions": "lesionsTr"}
         paths = {key: f"{folder}/{cid}.nii.gz" for key, folder in folders.items()}
         for key, array in (("image", case.ct), ("label", case.label), ("lung", case.lung), ("lesions", case.lesions)):
-            save_nifti(array, case.affine, out / paths[key])
+            save_nifti(array, case.affine, out / paths[key], description=phantom_description(seed))
         _write_json(out / "cases" / f"{cid}.json", meta)
         attributes = [{k: les[k] for k in ("id", "lesion_type", *ATTRIBUTE_GROUPS)} for les in meta["lesions"]]
         training.append({
@@ -472,6 +480,7 @@ def generate_dataset(
         "lung_labels": {"0": "background", **{str(v): f"{k} lung" for k, v in LUNG_LABELS.items()}},
         "orientation": orientation.upper(),
         "seed": seed,
+        "version": PHANTOM_VERSION,
         "numTraining": len(training),
         "numTest": 0,
         "training": training,

@@ -57,6 +57,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import __version__
+from ..data import provenance
 from ..data.io import save_nifti
 from ..transforms.postprocess import remove_small_lesions
 from ..vocab import MIN_LESION_ML
@@ -196,6 +197,7 @@ class RunSettings:
     checkpoint_sha256: str | None = None
     takes_points: bool = True
     min_lesion_ml: float = MIN_LESION_ML
+    training: dict | None = None  # the checkpoint spec's provenance: what the model was trained on
 
 
 def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, output_dir: Path,
@@ -214,8 +216,12 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
                           zone_map=loaded.zones, input_path=case.path, model=model, points=points)
     report["provenance"] = {"input_fingerprint": input_fingerprint(case), "checkpoint_sha256": settings.checkpoint_sha256,
                             "min_lesion_ml": settings.min_lesion_ml}
+    report["model_training"] = settings.training
+    report["model_training_summary"] = provenance.describe(settings.training)
+    report["warnings"] = provenance.warnings_for(settings.training, meta)
     write_text(format_report_text(report), paths["report_txt"])
-    save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=report["finding"],
+    caption = " ".join([report["finding"], f"[{report['model_training_summary']}]", *report["warnings"]])
+    save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=caption,
                  title=f"{case.case_id}  ({model})", lung=loaded.lung)
     write_json(report, paths["report"])
     return report
@@ -393,7 +399,7 @@ def run_batch(
 
         checkpoint = checkpoint_info(getattr(predictor, "checkpoint_path", None))
         settings = RunSettings(model, (checkpoint or {}).get("sha256"), bool(getattr(predictor, "takes_points", True)),
-                               float(min_lesion_ml))
+                               float(min_lesion_ml), (getattr(predictor, "spec", None) or {}).get("training"))
         manifest = {
             "status": "running", "start_time": started, "end_time": None, "versions": _versions(),
             "model": {"name": model, "class": f"{type(predictor).__module__}.{type(predictor).__qualname__}",

@@ -247,6 +247,7 @@ def format_report_text(report: dict) -> str:
         "",
         f"FINDING: {report['finding']}",
     ]
+    lines += [f"WARNING: {w}" for w in report.get("warnings") or []]
     lines += consistency.warning_lines(report.get("consistency") or {})
     if lung["involvement_percent"] is not None:
         lines.append(f"Lung involvement: {lung['involvement_percent']:.1f} % ({lung['severity']})")
@@ -268,6 +269,8 @@ def format_report_text(report: dict) -> str:
         lines += [f"  {k}: {v}" for k, v in report["slice_findings"].items()]
     if report["unmatched_attributes"]:
         lines += ["", f"Attributes predicted outside every lesion: {len(report['unmatched_attributes'])}"]
+    if report.get("model_training_summary"):
+        lines += ["", f"About the model: {report['model_training_summary']}."]
     lines += ["", "Left/right are the patient's (from the image affine); zones are craniocaudal thirds of each lung.", ""]
     return "\n".join(lines)
 
