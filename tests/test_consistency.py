@@ -18,6 +18,15 @@ from segreport.transforms.slicing import axial_axis
 MASKS = ("study_0255_mask.nii.gz", "study_0262_mask.nii.gz", "study_0280_mask.nii.gz", "study_0301_mask.nii.gz")
 
 
+def _whole_fov_lung(mask, affine):
+    """These masks ship without a CT: take the whole field of view as lung (sides from the affine)."""
+    from segreport.transforms.lung_mask import split_left_right
+    from segreport.transforms.lung_regions import lung_zone_map
+
+    lung = split_left_right(np.ones(mask.shape, bool), affine)
+    return lung, lung_zone_map(lung, affine)
+
+
 def _real(shared_data, name):
     img = nib.load(shared_data / "mosmeddata_masks" / "masks" / name)
     mask = (np.asarray(img.dataobj) > 0).astype(np.uint8)
@@ -68,7 +77,8 @@ def test_report_carries_consistency_and_the_text_report_warns(shared_data):
     k = int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0])
     other = (k + 1) % mask.shape[axis]
     prediction = Prediction(mask=mask, slice_findings={k: "No pulmonary infection.", other: "not a finding at all"})
-    report = build_report(prediction, image, affine, case_id="s255")
+    lung, zones = _whole_fov_lung(mask, affine)
+    report = build_report(prediction, image, affine, case_id="s255", lung=lung, zone_map=zones)
     block = report["consistency"]
     assert block["checked"] == 1 and block["disagree"] == 1  # the non-grammar sentence is not judged
     assert block["items"][0]["differences"][0].startswith("sides: text none")
@@ -82,10 +92,11 @@ def test_case_sentence_and_per_lesion_zones_come_from_one_geometry(shared_data):
 
     mask, affine = _real(shared_data, MASKS[2])
     image = np.full(mask.shape, -850.0, np.float32)
-    lung = np.zeros(mask.shape, np.uint8)
-    report = build_report(Prediction(mask=mask), image, affine, case_id="x", lung=lung, zone_map=lung)
-    findings = describe_lesions(mask, image, affine, lung, lung)
+    lung, zones = _whole_fov_lung(mask, affine)
+    report = build_report(Prediction(mask=mask), image, affine, case_id="x", lung=lung, zone_map=zones)
+    findings = describe_lesions(mask, image, affine, lung, zones)
     assert report["n_lesions"] == len(findings.lesions)
     assert [les["side"] for les in report["lesions"]] == [max(f.zone_voxels, key=f.zone_voxels.get).split("_")[1]
                                                          for f in findings.lesions]
+    assert report["mask_finding"] == findings.text and report["lesions_outside_lungs"] == []
     assert findings.text == format_finding(len(findings.lesions), {z for f in findings.lesions for z in f.zones})

@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from nibabel.orientations import axcodes2ornt, io_orientation
 from PIL import Image
 
@@ -146,9 +147,11 @@ def test_without_lungs_the_side_follows_the_body_midline():
     lung, zones = lung_regions(ct, affine)
     assert not lung.any()
     report = _report(ct, affine, truth)
-    (lesion,) = report["lesions"]
+    assert report["lesions"] == [] and report["n_lesions"] == 0  # never called pulmonary without a lung
+    (lesion,) = report["lesions_outside_lungs"]
     assert lesion["side"] == "left" and lesion["zone"] is None and report["lung"]["involvement_percent"] is None
-    assert "no lung" in report["finding"]
+    assert report["finding"] == "No lung found in the scan; 1 lesion(s) outside the lungs are listed apart."
+    assert "Outside the lungs (not called pulmonary infection): 1" in format_report_text(report)
 
 
 def test_empty_mask_and_min_voxels():
@@ -206,3 +209,32 @@ def test_preview_picks_lesion_slices_and_writes_a_png(lps_case, tmp_path):
     # no lesion: panels spread over the lungs, still a picture
     empty = save_preview(tmp_path / "e.png", ct, np.zeros_like(truth), affine, caption="No finding.", lung=lung)
     assert Image.open(empty).size[0] > 0
+
+
+def test_lesions_outside_the_lungs_are_never_called_pulmonary(phantom_dir, shared_data):
+    """A phantom case's lesions plus a blob in soft tissue outside the lungs: the finding and the lung
+    involvement cover the lung lesions only; the blob is listed apart with where it is. On a real
+    abdomen/pelvis CT (no lungs) nothing is called pulmonary infection."""
+    from segreport.data.io import load_volume
+
+    ct, affine, _ = load_volume(phantom_dir / "imagesTr" / "case_0001.nii.gz")
+    label = load_volume(phantom_dir / "labelsTr" / "case_0001.nii.gz")[0] > 0
+    lung, zones = lung_regions(ct, affine)
+    tissue = np.argwhere((ct > 0) & (ct < 100) & ~ndimage.binary_dilation(lung > 0, iterations=3))
+    blob = np.zeros_like(label)
+    c = tissue[len(tissue) // 2]
+    blob[c[0] - 2:c[0] + 3, c[1] - 2:c[1] + 3, c[2]:c[2] + 2] = True
+    alone = build_report(Prediction(mask=label.astype(np.uint8)), ct, affine, case_id="a", lung=lung, zone_map=zones)
+    both = build_report(Prediction(mask=(label | blob).astype(np.uint8)), ct, affine, case_id="b", lung=lung, zone_map=zones)
+    assert both["finding"] == alone["finding"] and both["n_lesions"] == alone["n_lesions"]
+    assert both["lung"]["involvement_percent"] == alone["lung"]["involvement_percent"]
+    (outside,) = both["lesions_outside_lungs"]
+    assert outside["voxels"] == int(blob.sum()) and outside["in_lung_fraction"] == 0.0
+    assert both["consistency"]["lesions_outside_lungs"] == 1
+
+    real, real_affine, _ = load_volume(shared_data / "totalsegmentator" / "example_ct.nii.gz")
+    gut = np.zeros(real.shape, np.uint8)
+    gut[50:60, 40:50, 50:60] = 1  # whatever a model might mark in the abdomen
+    report = build_report(Prediction(mask=gut), real, real_affine, case_id="abdomen")
+    assert report["n_lesions"] == 0 and report["total_volume_ml"] == 0 and "pulmonary infection" not in report["finding"]
+    assert report["volume_outside_lungs_ml"] > 0

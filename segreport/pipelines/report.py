@@ -36,6 +36,10 @@ from . import consistency
 
 # A zone is listed for a lesion when it holds at least this share of its voxels (FindingsFromMask's rule).
 ZONE_FRACTION = 0.1
+# A predicted lesion is pulmonary when at least this share of its voxels lies in the lung mask (lesions at
+# the pleura leak over it); the others (bowel, muscle, outside air) are never called pulmonary infection:
+# they are listed apart with where they are, and left out of the finding and the lung involvement.
+PULMONARY_FRACTION = 0.1
 
 
 def lung_regions(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,11 +151,32 @@ def lesion_statistics(
     return lesions, unmatched
 
 
-def case_finding(findings: Findings, has_lung: bool) -> str:
-    """The case sentence from the report's own lesion geometry, for models that write none."""
-    if findings.lesions and not has_lung:
-        return f"{len(findings.lesions)} lesion(s); no lung found in the scan to place them."
+def case_finding(findings: Findings, has_lung: bool, n_outside: int = 0) -> str:
+    """The case sentence from the report's own lesion geometry (lung lesions only), for models that write none."""
+    if not has_lung:
+        return f"No lung found in the scan; {n_outside} lesion(s) outside the lungs are listed apart." if n_outside \
+            else "No lung found in the scan."
     return findings.text
+
+
+def split_pulmonary(mask: np.ndarray, lung: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(full instance map, pulmonary mask, outside mask)``: components (the one labelling,
+    :func:`label_components`) with at least ``PULMONARY_FRACTION`` of their voxels in the lung, and the rest."""
+    instances, n = label_components(mask, min_voxels)
+    sizes = np.bincount(instances.ravel(), minlength=n + 1)
+    in_lung = np.bincount(instances[np.asarray(lung) > 0].ravel(), minlength=n + 1)
+    pulmonary = in_lung >= PULMONARY_FRACTION * np.maximum(sizes, 1)
+    pulmonary[0] = False
+    outside = ~pulmonary
+    outside[0] = False
+    return instances, pulmonary[instances], outside[instances]
+
+
+def _full_ids(lesions: list[dict], part: Findings, instances: np.ndarray) -> None:
+    """Give the lesions of a part of the mask the ids of the whole mask's labelling (previews, evaluation)."""
+    for les, found in zip(lesions, part.lesions):
+        voxel = tuple(int(v) for v in np.argwhere(part.instances == found.id)[0])
+        les["id"] = int(instances[voxel])
 
 
 def build_report(
@@ -172,15 +197,25 @@ def build_report(
     if lung is None or zone_map is None:
         lung, zone_map = lung_regions(image, affine)
     mask = np.asarray(prediction.mask)
-    findings = describe_lesions(mask, image, affine, lung, zone_map, min_voxels)
-    lesions, unmatched = lesion_statistics(mask, image, affine, lung, zone_map, prediction.lesion_attributes,
+    instances, pulmonary, outside = split_pulmonary(mask, lung, min_voxels)
+    findings = describe_lesions(pulmonary, image, affine, lung, zone_map, min_voxels)
+    lesions, unmatched = lesion_statistics(pulmonary, image, affine, lung, zone_map, prediction.lesion_attributes,
                                            min_voxels, findings)
+    _full_ids(lesions, findings, instances)
+    no_lung = np.zeros(mask.shape, np.uint8)  # outside lesions: side about the body, no lung zone
+    outside_found = describe_lesions(outside, image, affine, no_lung, no_lung, min_voxels)
+    elsewhere, _ = lesion_statistics(outside, image, affine, no_lung, no_lung, (), min_voxels, outside_found)
+    _full_ids(elsewhere, outside_found, instances)
+    for item in unmatched:
+        voxel = tuple(item["voxel"])
+        if len(voxel) == 3 and all(0 <= v < n for v, n in zip(voxel, mask.shape)) and outside[voxel]:
+            item["reason"] = "its lesion lies outside the lungs"
     ml = voxel_volume_ml(affine)
     lung_ml = {side: round(float(np.count_nonzero(lung == LUNG_LABELS[side]) * ml), 2) for side in SIDES}
     lung_voxels = np.count_nonzero(lung)
-    involved = np.count_nonzero((mask > 0) & (lung > 0))
+    involved = np.count_nonzero(pulmonary & (lung > 0))
     percent = 100.0 * involved / lung_voxels if lung_voxels else None
-    mask_finding = case_finding(findings, bool(lung_voxels))
+    mask_finding = case_finding(findings, bool(lung_voxels), len(elsewhere))
     if prediction.case_finding:
         finding, source = prediction.case_finding, "model"
     else:
@@ -190,6 +225,7 @@ def build_report(
     sentences = {"case finding": prediction.case_finding} if prediction.case_finding else {}
     sentences.update({f"guide text {i}": t for i, t in enumerate(prediction.extras.get("guide_texts", []))})
     consistent = consistency.check(prediction.slice_findings, findings, affine, sentences)
+    consistent["lesions_outside_lungs"] = len(elsewhere)  # in the mask, not in any sentence
     return {
         "case_id": case_id,
         "input": input_path,
@@ -215,6 +251,10 @@ def build_report(
             "severity": None if percent is None else severity_from_percent(percent),
         },
         "lesions": lesions,
+        # never called pulmonary infection (PULMONARY_FRACTION): where they are, apart from the finding
+        "lesions_outside_lungs": elsewhere,
+        "n_lesions_outside_lungs": len(elsewhere),
+        "volume_outside_lungs_ml": round(sum(les["volume_ml"] for les in elsewhere), 4),
         "unmatched_attributes": unmatched,
         "points": points,
         "extras": prediction.extras,
@@ -264,6 +304,13 @@ def format_report_text(report: dict) -> str:
         ]
         if les["attributes"]:
             lines.append(f"      attributes: {_attribute_words(les['attributes'])}")
+    if report.get("lesions_outside_lungs"):
+        lines += ["", f"Outside the lungs (not called pulmonary infection): {report['n_lesions_outside_lungs']}, "
+                      f"total {report['volume_outside_lungs_ml']:.2f} mL"]
+        for les in report["lesions_outside_lungs"]:
+            x, y, z = les["centroid_ras_mm"]
+            lines.append(f"  #{les['id']}: patient's {les['side']} side, {les['volume_ml']:.2f} mL, centre x {x:.1f}, "
+                         f"y {y:.1f}, z {z:.1f} mm (RAS), {100 * les['in_lung_fraction']:.0f} % in the lung mask")
     if report["slice_findings"]:
         lines += ["", "Per-slice findings (axial slice index):"]
         lines += [f"  {k}: {v}" for k, v in report["slice_findings"].items()]
