@@ -41,3 +41,8 @@ def severity_from_percent(percent: float) -> str:
 # The one minimum lesion size (mL, from the affine's voxel volume) below which a predicted component is a
 # speck, not a lesion: applied to every model's mask before its report, and the default of every spec.
 MIN_LESION_ML = 0.5
+
+# A scan whose HU lung mask holds less lung than this (mL) is not a chest CT for the lung-lesion models:
+# refused with "no lungs found" unless overridden (--allow-no-lungs). Real adult lungs hold litres; an
+# abdominal CT that only grazes the lung bases holds tens of mL (66 mL on TotalSegmentator's example).
+MIN_LUNG_ML = 200.0

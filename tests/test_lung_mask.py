@@ -49,3 +49,24 @@ def test_sides_follow_the_affine_on_real_lobes(real_ct):
 def test_lung_mask_rejects_non_3d():
     with pytest.raises(ValueError, match="3D"):
         lung_mask_from_ct(np.zeros((10, 10)))
+
+
+def test_lung_mask_against_real_lobes_crops_and_scans_without_lungs(shared_data):
+    """Measured on the real TotalSegmentator CTs: Dice per lung against its lobe labels (lung bases at
+    3 mm: right 0.70, left 0.66 measured), both lungs in a crop whose lungs touch the field-of-view border
+    (they are lung-dense there, not outside air), and no lung in the abdomen/pelvis CT."""
+    from segreport.data.io import load_volume
+    from segreport.metrics.segmentation import dice
+    from segreport.transforms.lung_regions import lung_label_from_lobes
+
+    root = shared_data / "totalsegmentator"
+    ct, affine, _ = load_volume(root / "example_ct_sm.nii.gz")
+    ref = lung_label_from_lobes(load_volume(root / "example_seg.nii.gz")[0])
+    pred = split_left_right(lung_mask_from_ct(ct), affine)
+    assert dice(pred == 1, ref == 1) >= 0.65 and dice(pred == 2, ref == 2) >= 0.6
+    crop, crop_affine, _ = load_volume(root / "pulmonary_report" / "ct_cropped.nii.gz")
+    lungs = split_left_right(lung_mask_from_ct(crop), crop_affine)
+    ml = abs(np.linalg.det(crop_affine[:3, :3])) / 1000
+    assert (lungs == 1).sum() * ml > 300 and (lungs == 2).sum() * ml > 300
+    abdomen, _, _ = load_volume(root / "example_ct.nii.gz")
+    assert not lung_mask_from_ct(abdomen).any()

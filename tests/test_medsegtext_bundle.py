@@ -169,11 +169,19 @@ def test_reports_state_the_training_data_and_warn_on_real_scans(trained, phantom
     assert training["phantom"]["seed"] == 0 and training["command"]  # the process's own command line (pytest here)
     (tmp_path / "in").mkdir()
     shutil.copy(phantom_dir / "imagesTr" / "case_0001.nii.gz", tmp_path / "in")
-    shutil.copy(shared_data / "totalsegmentator" / "example_ct_sm.nii.gz", tmp_path / "in")
-    run_batch(predictor, tmp_path / "in", tmp_path / "out", progress=False)
+    # a real CT crop through the heart and both lungs (TotalSegmentator's pulmonary report fixture)
+    shutil.copy(shared_data / "totalsegmentator" / "pulmonary_report" / "ct_cropped.nii.gz", tmp_path / "in")
+    shutil.copy(shared_data / "totalsegmentator" / "example_ct_sm.nii.gz", tmp_path / "in")  # abdomen: lung bases only
+    summary = run_batch(predictor, tmp_path / "in", tmp_path / "out", progress=False)
+    rows = {r["case_id"]: r for r in summary.cases}
+    assert rows["example_ct_sm"]["status"] == "failed" and "no lungs found" in rows["example_ct_sm"]["error"]
+    assert "not a chest CT? Pass --allow-no-lungs" in rows["example_ct_sm"]["error"]
     phantom_report = json.loads((tmp_path / "out" / "case_0001_report.json").read_text())
-    real_report = json.loads((tmp_path / "out" / "example_ct_sm_report.json").read_text())
+    real_report = json.loads((tmp_path / "out" / "ct_cropped_report.json").read_text())
     assert phantom_report["warnings"] == [] and phantom_report["model_training"] == training
     assert "trained only on synthetic phantom data" in real_report["warnings"][0]
-    text = (tmp_path / "out" / "example_ct_sm_report.txt").read_text()
+    text = (tmp_path / "out" / "ct_cropped_report.txt").read_text()
     assert "WARNING: This model was trained only on synthetic" in text and "synthetic phantom only (seed 0" in text
+    forced = run_batch(predictor, tmp_path / "in" / "example_ct_sm.nii.gz", tmp_path / "forced", progress=False,
+                       allow_no_lungs=True)
+    assert forced.cases[0]["status"] == "ok"

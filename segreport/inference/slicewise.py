@@ -39,12 +39,13 @@ class SliceWisePredictor:
     def __init__(self, name: str, forward: Callable[..., dict], image_size: int, window: str = "lung",
                  decode: Callable[[torch.Tensor], list[str]] | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 16, threshold: float = 0.5, min_lesion_ml: float = 0.5, bf16: bool = False,
-                 extras: dict | None = None):
+                 extras: dict | None = None, needs_lungs: bool = False):
         self.name, self.forward, self.decode = name, forward, decode
         self.image_size, self.window = int(image_size), window
         self.device, self.batch_size, self.bf16 = torch.device(device), int(batch_size), bool(bf16)
         self.threshold, self.min_lesion_ml = float(threshold), float(min_lesion_ml)
         self.extras = dict(extras or {})
+        self.needs_lungs = bool(needs_lungs)  # a lung-lesion model: the batch refuses scans without lungs
         self.checkpoint_path: str | None = None
 
     def probabilities(self, image: np.ndarray, affine: np.ndarray, **prompts) -> tuple[np.ndarray, dict[int, str]]:

@@ -128,6 +128,8 @@ class LesionReportPredictor:
         self.threshold = threshold
         self.checkpoint_path: str | None = None
 
+    needs_lungs = True  # a lung-lesion model: the batch refuses scans without lungs (--allow-no-lungs)
+
     @property
     def takes_points(self) -> bool:
         return is_interactive(self.network)  # the baselines run on the automatic ROI only

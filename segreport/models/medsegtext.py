@@ -52,5 +52,5 @@ def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", batch_size: 
         batch_size=batch_size, bf16=bf16,
         threshold=inf["threshold"] if threshold is None else threshold,
         min_lesion_ml=inf["min_lesion_ml"] if min_lesion_ml is None else min_lesion_ml,
-        extras={"slice_findings_source": "MedSegText text decoder, one sentence per axial slice"},
+        extras={"slice_findings_source": "MedSegText text decoder, one sentence per axial slice"}, needs_lungs=True,
     )

@@ -60,7 +60,7 @@ from .. import __version__
 from ..data import provenance
 from ..data.io import save_nifti
 from ..transforms.postprocess import remove_small_lesions
-from ..vocab import MIN_LESION_ML
+from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
 from ..errors import InputError
 from . import distributed
 from ..inference.predictor import Prediction
@@ -356,6 +356,7 @@ def run_batch(
     allow_non_ct: bool = False,
     min_lesion_ml: float = MIN_LESION_ML,
     series_uid: str | None = None,
+    allow_no_lungs: bool = False,
 ) -> BatchSummary:
     """Run ``predictor`` over every case of ``inputs`` and write outputs to ``output_dir`` (module doc).
 
@@ -365,7 +366,8 @@ def run_batch(
     ``rank``/``world_size``: this process's shard (torchrun; the process group, when initialised, gives
     the barriers; rank 0 writes the merged summary and the manifest). ``allow_non_ct``: skip the CT
     plausibility checks (data.plausibility). ``min_lesion_ml``: components below it are removed from every
-    mask before its report. ``series_uid``: run only that DICOM series. Raises :class:`InputError` when
+    mask before its report. ``series_uid``: run only that DICOM series. A predictor with ``needs_lungs``
+    (the lung-lesion models) gets no scan with under ``MIN_LUNG_ML`` of lung unless ``allow_no_lungs``. Raises :class:`InputError` when
     no input is found, :class:`OutputExistsError` when outputs exist without ``overwrite``/``resume``
     and :class:`RunLockedError` when another run is writing to ``output_dir``; per-case errors are
     recorded in the summary instead.
@@ -408,6 +410,7 @@ def run_batch(
             "arguments": {"inputs": [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)],
                           "output_dir": str(output_dir), "overwrite": overwrite, "resume": resume, "workers": workers,
                           "pattern": pattern, "points": points_source, "allow_non_ct": allow_non_ct,
+                      "allow_no_lungs": allow_no_lungs,
                           "min_lesion_ml": min_lesion_ml},
             "n_cases": len(cases),
             "skipped_inputs": skipped_inputs,
@@ -446,8 +449,10 @@ def run_batch(
             if len(todo) < len(mine):
                 log.info("resume: %d finished case(s) skipped", len(mine) - len(todo))
             with logging_redirect_tqdm(), bar:
+                min_lung = None if allow_no_lungs or not getattr(predictor, "needs_lungs", False) else MIN_LUNG_ML
+
                 def load(c: Case) -> LoadedCase:
-                    return load_case(c, points_spec, points_source, allow_non_ct)
+                    return load_case(c, points_spec, points_source, allow_non_ct, min_lung)
 
                 for case, loading in prefetch(todo, load, workers):
                     bar.set_postfix_str(case.case_id)  # the case being worked on

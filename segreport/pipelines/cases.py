@@ -207,15 +207,21 @@ def input_fingerprint(case: Case) -> dict:
 
 
 def load_case(case: Case, points_spec: dict | None = None, points_source: str | None = None,
-              allow_non_ct: bool = False) -> LoadedCase:
+              allow_non_ct: bool = False, min_lung_ml: float | None = None) -> LoadedCase:
     """Read + check a scan (a plausible CT in HU unless ``allow_non_ct``: data.plausibility), compute its
-    lung label and zone map, resolve its clicks."""
+    lung label and zone map (with ``min_lung_ml``, refuse a scan with less lung: not a chest CT), resolve
+    its clicks."""
     start = perf_counter()
     image, affine, meta = load_volume(case.path, expect_ndim=3, series_uid=case.series_uid)
     if min(image.shape) < 2:
         raise InputError(case.path, f"shape {image.shape}: a single slice, not a 3D volume")
     check_ct(image, affine, case.path, meta.get("dtype"), allow_non_ct)
     lung, zones = lung_regions(image, affine)
+    if min_lung_ml is not None:
+        lung_ml = np.count_nonzero(lung) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+        if lung_ml < min_lung_ml:
+            raise InputError(case.path, f"no lungs found ({lung_ml:.0f} mL of lung in the HU lung mask, under "
+                                        f"{min_lung_ml:g} mL): not a chest CT? Pass --allow-no-lungs to run anyway")
     points, labels = case_points(case, points_spec or {}, affine, image.shape, points_source)
     return LoadedCase(image, affine, meta, lung, zones, points, labels, perf_counter() - start)
 

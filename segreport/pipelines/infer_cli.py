@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", help="DICOM SeriesInstanceUID: run only that series (a folder may hold several)")
     p.add_argument("--allow-non-ct", action="store_true",
                    help="run on volumes the CT plausibility checks refuse (not HU, label-like, 8-bit, odd spacing)")
+    p.add_argument("--allow-no-lungs", action="store_true",
+                   help="run the lung-lesion models on scans without (enough) lung: not a chest CT")
     p.add_argument("--min-lesion-ml", type=float, default=None,
                    help=f"predicted components below this many mL are not lesions (default {MIN_LESION_ML})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -159,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bf16=args.bf16, rank=rank, world_size=world_size, allow_non_ct=args.allow_non_ct,
             min_lesion_ml=MIN_LESION_ML if args.min_lesion_ml is None else args.min_lesion_ml,
             manifest_extra={"bundle": bundle_info, "command": ["segreport", "infer", *(argv or sys.argv[1:])]},
-            progress=not args.no_progress, series_uid=args.series,
+            progress=not args.no_progress, series_uid=args.series, allow_no_lungs=args.allow_no_lungs,
         )
     except (InputError, OutputExistsError, BundleError, CannotStartError, RunLockedError) as exc:
         print(f"segreport infer: error: {exc}", file=sys.stderr)

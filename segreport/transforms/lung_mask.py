@@ -13,6 +13,8 @@ from scipy import ndimage
 
 from ..vocab import LUNG_LABELS
 
+OUTSIDE_AIR_HU = -950.0  # air outside the body; aerated lung is about -850 HU
+
 
 def lung_mask_from_ct(
     ct_hu: np.ndarray, threshold: float = -400.0, min_fraction: float = 0.002, max_air_fraction: float = 0.15
@@ -32,11 +34,16 @@ def lung_mask_from_ct(
     labels, n = ndimage.label(low)
     if n == 0:
         return np.zeros(ct.shape, dtype=bool)
-    # outside air touches the in-plane border of the field of view; lungs do not
+    # outside air touches the in-plane border of the field of view. Lungs may too, in a crop or a tight
+    # field of view, but there they are lung-dense (about -850 HU), not air: a border-touching component
+    # is outside air only when its border voxels are (median below OUTSIDE_AIR_HU)
     border = np.zeros(ct.shape, dtype=bool)
     border[[0, -1], :, :] = True
     border[:, [0, -1], :] = True
-    outside = np.unique(labels[border & low])
+    touching = border & low
+    ids = labels[touching]
+    border_median = ndimage.median(ct[touching], ids, index=np.unique(ids)) if ids.size else []
+    outside = [c for c, m in zip(np.unique(ids), np.atleast_1d(border_median)) if m < OUTSIDE_AIR_HU]
     sizes = ndimage.sum(low, labels, index=np.arange(1, n + 1))
     keep = np.zeros(n + 1, dtype=bool)
     keep[1:] = sizes >= min_fraction * ct.size
