@@ -358,3 +358,25 @@ def test_a_series_without_uid_beside_one_with_a_uid_can_be_picked(shared_data, t
     assert sorted(it["series_uid"] for it in read_dicom_folder(folder)) == ["1.2.826.0.1.3680043.9.9999.7", "nouid:0"]
     summary = run_batch(ThresholdPredictor(), folder, tmp_path / "out", progress=False, series_uid="nouid:0")
     assert [r["status"] for r in summary.cases] == ["ok"]
+
+
+def test_a_user_supplied_lung_mask_replaces_the_hu_mask_and_a_wrong_one_is_named(shared_data, tmp_path):
+    from segreport.transforms.lung_regions import lung_label_from_lobes
+
+    root = shared_data / "totalsegmentator"
+    (tmp_path / "in").mkdir()
+    shutil.copy(root / "example_ct_sm.nii.gz", tmp_path / "in")
+    shutil.copy(root / "pulmonary_report" / "ct_cropped.nii.gz", tmp_path / "in")
+    masks = tmp_path / "lungs"
+    masks.mkdir()
+    shutil.copy(root / "example_seg.nii.gz", masks / "example_ct_sm.nii.gz")  # TotalSegmentator's multi-label output
+    shutil.copy(root / "example_seg.nii.gz", masks / "ct_cropped.nii.gz")  # another scan's grid
+    summary = run_batch(ThresholdPredictor(), tmp_path / "in", tmp_path / "out", progress=False, lung_masks=masks)
+    rows = {r["case_id"]: r for r in summary.cases}
+    assert rows["example_ct_sm"]["status"] == "ok"
+    report = json.loads((tmp_path / "out" / "example_ct_sm_report.json").read_text())
+    lobes = lung_label_from_lobes(np.asarray(nib.load(root / "example_seg.nii.gz").dataobj))
+    assert "user-supplied lung mask" in report["lung"]["source"]
+    assert report["lung"]["volume_ml"]["right"] == pytest.approx((lobes == 1).sum() * 27 / 1000, abs=0.01)
+    assert rows["ct_cropped"]["status"] == "failed" and "does not match the scan" in rows["ct_cropped"]["error"]
+    assert str(masks / "ct_cropped.nii.gz") in rows["ct_cropped"]["error"]

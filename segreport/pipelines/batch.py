@@ -213,7 +213,8 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
     if points is not None and not settings.takes_points:
         points["ignored"] = f"{model} takes no clicks: the points did not change this result"
     report = build_report(prediction, loaded.image, loaded.affine, case_id=case.case_id, lung=loaded.lung,
-                          zone_map=loaded.zones, input_path=case.path, model=model, points=points)
+                          zone_map=loaded.zones, input_path=case.path, model=model, points=points,
+                          lung_source=meta.get("lung_source") and f"user-supplied lung mask {meta['lung_source']}")
     report["provenance"] = {"input_fingerprint": input_fingerprint(case), "checkpoint_sha256": settings.checkpoint_sha256,
                             "min_lesion_ml": settings.min_lesion_ml}
     report["model_training"] = settings.training
@@ -357,6 +358,7 @@ def run_batch(
     min_lesion_ml: float = MIN_LESION_ML,
     series_uid: str | None = None,
     allow_no_lungs: bool = False,
+    lung_masks: str | os.PathLike | None = None,
 ) -> BatchSummary:
     """Run ``predictor`` over every case of ``inputs`` and write outputs to ``output_dir`` (module doc).
 
@@ -367,7 +369,8 @@ def run_batch(
     the barriers; rank 0 writes the merged summary and the manifest). ``allow_non_ct``: skip the CT
     plausibility checks (data.plausibility). ``min_lesion_ml``: components below it are removed from every
     mask before its report. ``series_uid``: run only that DICOM series. A predictor with ``needs_lungs``
-    (the lung-lesion models) gets no scan with under ``MIN_LUNG_ML`` of lung unless ``allow_no_lungs``. Raises :class:`InputError` when
+    (the lung-lesion models) gets no scan with under ``MIN_LUNG_ML`` of lung unless ``allow_no_lungs``.
+    ``lung_masks``: a folder of the user's lung masks, ``<case id>.nii.gz``, used instead of the HU mask. Raises :class:`InputError` when
     no input is found, :class:`OutputExistsError` when outputs exist without ``overwrite``/``resume``
     and :class:`RunLockedError` when another run is writing to ``output_dir``; per-case errors are
     recorded in the summary instead.
@@ -410,7 +413,7 @@ def run_batch(
             "arguments": {"inputs": [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)],
                           "output_dir": str(output_dir), "overwrite": overwrite, "resume": resume, "workers": workers,
                           "pattern": pattern, "points": points_source, "allow_non_ct": allow_non_ct,
-                      "allow_no_lungs": allow_no_lungs,
+                      "allow_no_lungs": allow_no_lungs, "lung_masks": None if lung_masks is None else str(lung_masks),
                           "min_lesion_ml": min_lesion_ml},
             "n_cases": len(cases),
             "skipped_inputs": skipped_inputs,
@@ -452,7 +455,7 @@ def run_batch(
                 min_lung = None if allow_no_lungs or not getattr(predictor, "needs_lungs", False) else MIN_LUNG_ML
 
                 def load(c: Case) -> LoadedCase:
-                    return load_case(c, points_spec, points_source, allow_non_ct, min_lung)
+                    return load_case(c, points_spec, points_source, allow_non_ct, min_lung, lung_masks)
 
                 for case, loading in prefetch(todo, load, workers):
                     bar.set_postfix_str(case.case_id)  # the case being worked on

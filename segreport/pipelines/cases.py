@@ -206,17 +206,45 @@ def input_fingerprint(case: Case) -> dict:
             "files": len(files), "series_uid": case.series_uid}
 
 
+def user_lung_label(path: Path, image_shape, affine: np.ndarray) -> np.ndarray:
+    """A lung mask the user supplied, on the scan's own grid: 1 right / 2 left, a binary mask (sides
+    from the affine), or TotalSegmentator's multi-label output (lobes 10-14)."""
+    from ..transforms.lung_mask import split_left_right
+    from ..transforms.lung_regions import lung_label_from_lobes
+
+    label, label_affine, _ = load_volume(path)
+    if label.shape != tuple(image_shape) or not np.allclose(label_affine, affine, atol=1e-3):
+        raise InputError(path, f"lung mask grid {label.shape} does not match the scan's {tuple(image_shape)} (same shape and affine needed)")
+    values = set(np.unique(label).astype(int).tolist())
+    if values <= {0, 1, 2} and 2 in values:
+        return label.astype(np.uint8)
+    if values <= {0, 1}:
+        return split_left_right(label > 0, affine)
+    if values & {10, 11, 12, 13, 14}:
+        return lung_label_from_lobes(label)
+    raise InputError(path, f"lung mask values {sorted(values)[:8]}: expected 1 right / 2 left, a binary mask, or TotalSegmentator lobes 10-14")
+
+
 def load_case(case: Case, points_spec: dict | None = None, points_source: str | None = None,
-              allow_non_ct: bool = False, min_lung_ml: float | None = None) -> LoadedCase:
+              allow_non_ct: bool = False, min_lung_ml: float | None = None, lung_masks: str | os.PathLike | None = None) -> LoadedCase:
     """Read + check a scan (a plausible CT in HU unless ``allow_non_ct``: data.plausibility), compute its
-    lung label and zone map (with ``min_lung_ml``, refuse a scan with less lung: not a chest CT), resolve
-    its clicks."""
+    lung label and zone map (or read ``lung_masks/<case>.nii.gz`` when the user has one; with
+    ``min_lung_ml``, refuse a scan with less lung: not a chest CT), resolve its clicks."""
     start = perf_counter()
     image, affine, meta = load_volume(case.path, expect_ndim=3, series_uid=case.series_uid)
     if min(image.shape) < 2:
         raise InputError(case.path, f"shape {image.shape}: a single slice, not a 3D volume")
     check_ct(image, affine, case.path, meta.get("dtype"), allow_non_ct)
-    lung, zones = lung_regions(image, affine)
+    supplied = next((p for p in (Path(lung_masks) / f"{case.case_id}{sfx}" for sfx in (".nii.gz", ".nii")) if p.is_file()),
+                    None) if lung_masks else None
+    if supplied is not None:  # the user's own lung mask (e.g. TotalSegmentator's) instead of the HU threshold
+        from ..transforms.lung_regions import lung_zone_map
+
+        lung = user_lung_label(supplied, image.shape, affine)
+        zones = lung_zone_map(lung, affine) if lung.any() else np.zeros(lung.shape, np.uint8)
+        meta["lung_source"] = str(supplied)
+    else:
+        lung, zones = lung_regions(image, affine)
     if min_lung_ml is not None:
         lung_ml = np.count_nonzero(lung) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
         if lung_ml < min_lung_ml:

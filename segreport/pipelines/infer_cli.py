@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", help="DICOM SeriesInstanceUID: run only that series (a folder may hold several)")
     p.add_argument("--allow-non-ct", action="store_true",
                    help="run on volumes the CT plausibility checks refuse (not HU, label-like, 8-bit, odd spacing)")
+    p.add_argument("--lung-masks", help="folder of your own lung masks, <case id>.nii.gz (1 right/2 left, binary, or "
+                                        "TotalSegmentator lobes 10-14), used instead of the HU-threshold lung mask")
     p.add_argument("--allow-no-lungs", action="store_true",
                    help="run the lung-lesion models on scans without (enough) lung: not a chest CT")
     p.add_argument("--min-lesion-ml", type=float, default=None,
@@ -162,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_lesion_ml=MIN_LESION_ML if args.min_lesion_ml is None else args.min_lesion_ml,
             manifest_extra={"bundle": bundle_info, "command": ["segreport", "infer", *(argv or sys.argv[1:])]},
             progress=not args.no_progress, series_uid=args.series, allow_no_lungs=args.allow_no_lungs,
+            lung_masks=args.lung_masks,
         )
     except (InputError, OutputExistsError, BundleError, CannotStartError, RunLockedError) as exc:
         print(f"segreport infer: error: {exc}", file=sys.stderr)

@@ -191,6 +191,7 @@ def build_report(
     model: str | None = None,
     points: dict | None = None,
     min_voxels: int = 1,
+    lung_source: str | None = None,
 ) -> dict:
     """The JSON-serialisable report of one case. ``lung``/``zone_map`` are computed when not given."""
     affine = np.asarray(affine, dtype=np.float64)
@@ -245,7 +246,7 @@ def build_report(
         "n_lesions": len(lesions),
         "total_volume_ml": round(sum(les["volume_ml"] for les in lesions), 4),
         "lung": {
-            "source": "HU-threshold lung mask (transforms.lung_mask), sides from the affine",
+            "source": lung_source or "HU-threshold lung mask (transforms.lung_mask), sides from the affine",
             "volume_ml": lung_ml,
             "involvement_percent": None if percent is None else round(percent, 3),
             "severity": None if percent is None else severity_from_percent(percent),
@@ -283,7 +284,7 @@ def format_report_text(report: dict) -> str:
         f"Model: {report['model']}    Created: {report['created']}",
         f"Scan: {' x '.join(map(str, g['shape']))} voxels, spacing {' x '.join(f'{s:g}' for s in g['spacing_mm'])} mm, "
         f"orientation {g['axcodes']}",
-        f"Lungs (HU-threshold mask): right {lung['volume_ml']['right']:.0f} mL, left {lung['volume_ml']['left']:.0f} mL",
+        f"Lungs: right {lung['volume_ml']['right']:.0f} mL, left {lung['volume_ml']['left']:.0f} mL ({lung['source']})",
         "",
         f"FINDING: {report['finding']}",
     ]
