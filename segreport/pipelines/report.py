@@ -217,8 +217,10 @@ def build_report(
     involved = np.count_nonzero(pulmonary & (lung > 0))
     percent = 100.0 * involved / lung_voxels if lung_voxels else None
     mask_finding = case_finding(findings, bool(lung_voxels), len(elsewhere))
-    if prediction.case_finding:
+    if prediction.case_finding and lesions:
         finding, source = prediction.case_finding, "model"
+    elif prediction.case_finding:  # the model's sentence can only be about a lesion outside the lungs
+        finding, source = mask_finding, "lesion geometry (the model's own sentence is kept as model_finding: no lung lesion)"
     else:
         finding, source = mask_finding, "lesion geometry (report.describe_lesions)"
     # the model's own sentences against its own mask: the case sentence (when it writes one) and any
@@ -241,6 +243,7 @@ def build_report(
         "finding": finding,
         "finding_source": source,
         "mask_finding": mask_finding,
+        "model_finding": prediction.case_finding,
         "consistency": consistent,
         "slice_findings": {str(k): v for k, v in sorted(prediction.slice_findings.items())},
         "n_lesions": len(lesions),
