@@ -13,7 +13,8 @@ from segreport.data.io import save_nifti
 from segreport.errors import InputError
 from segreport.inference.evaluate_folder import evaluate_folder
 from segreport.inference.predictor import Prediction
-from segreport.pipelines.report import build_report, write_json
+from segreport.data.outputs import write_json
+from segreport.pipelines.report import build_report
 from segreport.transforms.findings import label_components
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.io import load_volume, spacing_from_affine, strip_nifti_suffix
+from ..data.outputs import write_csv, write_json
 from ..errors import InputError
 from ..metrics.segmentation import dice, hd95, iou
 from ..metrics.stats import mean_std
@@ -85,8 +86,6 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | dic
     """Per-case and summary metrics (module docstring); written to ``output_dir`` (default ``pred_dir``).
     ``gt_dir``: a label folder, or ``{case id: label path}``."""
     from ..metrics.text import text_metrics
-    from ..pipelines.report import write_json
-    from ..pipelines.tables import write_csv
 
     pred_dir = Path(pred_dir)
     out = Path(output_dir) if output_dir else pred_dir

@@ -29,8 +29,7 @@ from ..transforms.clicks import sample_click
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 from .click_training import ClickSet, _spacing
 from .lesion_report import load_transforms, spatial_transforms
-from .report import write_json
-from .tables import write_csv
+from ..data.outputs import write_csv, write_json
 
 log = logging.getLogger("segreport.lesion_report")
 

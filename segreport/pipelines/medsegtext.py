@@ -30,7 +30,7 @@ from monai.transforms import (
 )
 from tqdm import tqdm
 
-from ..data import phantom, readers, splits as splits_mod
+from ..data import readers, splits as splits_mod
 from ..data.io import load_volume
 from ..errors import InputError
 from ..metrics.segmentation import SegmentationScores
@@ -39,13 +39,11 @@ from ..text.tokenizers import build_word_tokenizer, load_tokenizer
 from ..transforms.findings import FindingsFromMask
 from ..transforms.intensity import HUWindow
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
-from ..transforms.lung_regions import lung_zone_map
 from ..transforms.orientation import display_to_file_index, to_display
 from ..transforms.slicing import VolumeToSlicesd, axial_axis
 from ..transforms.text import TokenizeTextd, decode_tokens
 from .loaders import make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
-from .report import write_json
-from .tables import write_csv
+from ..data.outputs import write_csv, write_json
 
 log = logging.getLogger("segreport.medsegtext")
 

@@ -16,17 +16,13 @@ only the side is given, against the body's centre.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from datetime import datetime, timezone
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..data.io import atomic_path
+from ..data.outputs import write_json, write_text  # noqa: F401  (re-exported: report writers)
 from ..transforms.findings import Findings, FindingsFromMask, label_components
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
 from ..transforms.lung_regions import lung_zone_map
@@ -324,38 +320,3 @@ def format_report_text(report: dict) -> str:
         lines += ["", f"About the model: {report['model_training_summary']}."]
     lines += ["", "Left/right are the patient's (from the image affine); zones are craniocaudal thirds of each lung.", ""]
     return "\n".join(lines)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _finite(obj):
-    """NaN/inf -> None, so the JSON stays strict (other tools reject NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def write_json(obj, path: str | os.PathLike) -> Path:
-    """Write strict JSON atomically (temp file in the same folder + os.replace)."""
-    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
-    return write_text(text + "\n", path)
-
-
-def write_text(text: str, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-    return Path(path)
