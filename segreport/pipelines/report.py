@@ -10,8 +10,10 @@ Location comes from a lung label thresholded from the CT (:func:`lung_mask_from_
 world z), through the ONE geometry of findings, :class:`FindingsFromMask`: the case sentence, each
 lesion's zones and the consistency check of the model's own sentences all come from the same
 :func:`describe_lesions` call, so they cannot disagree. Lesion voxels outside the lung mask (predicted
-masks leak over the pleura) take the zone of the nearest lung voxel. Without any lung in the scan,
-only the side is given, against the body's centre.
+masks leak over the pleura) take the zone of the nearest lung voxel. A lesion with under
+``PULMONARY_FRACTION`` of its voxels in the lung mask is not pulmonary (bowel, muscle, a scan without
+lungs): it is listed apart (``lesions_outside_lungs``, side about the body's centre) and never enters the
+finding, the lung involvement or the sentence checks.
 """
 
 from __future__ import annotations
