@@ -22,6 +22,7 @@ from ..transforms.intensity import HUWindow
 from ..transforms.orientation import display_to_file_index, from_display, to_display
 from ..transforms.postprocess import remove_small_lesions
 from ..transforms.slicing import axial_axis
+from ..vocab import MIN_LESION_ML
 from .predictor import Prediction
 
 log = logging.getLogger("segreport.inference")
@@ -38,7 +39,7 @@ class SliceWisePredictor:
 
     def __init__(self, name: str, forward: Callable[..., dict], image_size: int, window: str = "lung",
                  decode: Callable[[torch.Tensor], list[str]] | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 16, threshold: float = 0.5, min_lesion_ml: float = 0.5, bf16: bool = False,
+                 batch_size: int = 16, threshold: float = 0.5, min_lesion_ml: float = MIN_LESION_ML, bf16: bool = False,
                  extras: dict | None = None, needs_lungs: bool = False):
         self.name, self.forward, self.decode = name, forward, decode
         self.image_size, self.window = int(image_size), window
