@@ -44,9 +44,11 @@ def ct_problems(image: np.ndarray, affine: np.ndarray, dtype_on_disk: str | None
     vmin, vmax = float(flat.min()), float(flat.max())
     if vmin == vmax:
         return problems + [f"constant volume (every voxel {vmin:g})"]
-    values = np.unique(flat[: 200_000])
-    if values.size <= MAX_LABEL_VALUES and np.all(values == np.round(values)) and np.unique(flat).size <= MAX_LABEL_VALUES:
-        return problems + [f"only {np.unique(flat).size} distinct integer values: a mask or label map, not a CT"]
+    head = np.unique(flat[: 200_000])  # cheap first look; the whole sample only when that looks label-like
+    if head.size <= MAX_LABEL_VALUES and np.all(head == np.round(head)):
+        n_values = np.unique(flat).size
+        if n_values <= MAX_LABEL_VALUES:
+            return problems + [f"only {n_values} distinct integer values: a mask or label map, not a CT"]
     if (dtype_on_disk or "").lstrip("u") == "int8" or (vmin >= 0 and vmax <= 255):
         return problems + [f"values {vmin:g}..{vmax:g} (8-bit: a label map or a display picture), not Hounsfield units"]
     if vmin > AIR_MAX_HU:

@@ -233,8 +233,9 @@ def _dicom_tag(reader, tag: str) -> str | None:
     return reader.GetMetaData(tag).strip() or None
 
 
-def read_dicom_folder(root: str | os.PathLike, *, recursive: bool = True) -> list[dict]:
-    """One item per DICOM series found under ``root`` (SimpleITK/GDCM series detection).
+def read_dicom_folder(root: str | os.PathLike, *, recursive: bool = True, only: set[Path] | None = None) -> list[dict]:
+    """One item per DICOM series found under ``root`` (SimpleITK/GDCM series detection). ``only``: look
+    in just these folders under ``root`` (case ids stay relative to ``root``).
 
     ``image`` is the series folder (``load_volume`` and MONAI's ITKReader read it) and
     ``series_uid`` tells series apart when one folder holds several. ``case_id`` is the folder path
@@ -244,7 +245,10 @@ def read_dicom_folder(root: str | os.PathLike, *, recursive: bool = True) -> lis
     import SimpleITK as sitk
 
     root = _require_dir(root, "DICOM")
-    folders = [root] + (sorted(p for p in root.rglob("*") if p.is_dir()) if recursive else [])
+    if only is not None:
+        folders = sorted(Path(p) for p in only)
+    else:
+        folders = [root] + (sorted(p for p in root.rglob("*") if p.is_dir()) if recursive else [])
     series_reader = sitk.ImageSeriesReader()
     items = []
     for folder in folders:

@@ -370,10 +370,10 @@ def run_batch(
     plausibility checks (data.plausibility). ``min_lesion_ml``: components below it are removed from every
     mask before its report. ``series_uid``: run only that DICOM series. A predictor with ``needs_lungs``
     (the lung-lesion models) gets no scan with under ``MIN_LUNG_ML`` of lung unless ``allow_no_lungs``.
-    ``lung_masks``: a folder of the user's lung masks, ``<case id>.nii.gz``, used instead of the HU mask. Raises :class:`InputError` when
-    no input is found, :class:`OutputExistsError` when outputs exist without ``overwrite``/``resume``
-    and :class:`RunLockedError` when another run is writing to ``output_dir``; per-case errors are
-    recorded in the summary instead.
+    ``lung_masks``: a folder of the user's lung masks, ``<case id>.nii.gz``, used instead of the HU mask.
+    Raises :class:`InputError` when no input is found, :class:`OutputExistsError` when outputs exist
+    without ``overwrite``/``resume`` and :class:`RunLockedError` when another run is writing to
+    ``output_dir``; per-case errors are recorded in the summary instead.
     """
     started = _now()
     output_dir = Path(output_dir).absolute()
@@ -413,7 +413,7 @@ def run_batch(
             "arguments": {"inputs": [str(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)],
                           "output_dir": str(output_dir), "overwrite": overwrite, "resume": resume, "workers": workers,
                           "pattern": pattern, "points": points_source, "allow_non_ct": allow_non_ct,
-                      "allow_no_lungs": allow_no_lungs, "lung_masks": None if lung_masks is None else str(lung_masks),
+                          "allow_no_lungs": allow_no_lungs, "lung_masks": None if lung_masks is None else str(lung_masks),
                           "min_lesion_ml": min_lesion_ml},
             "n_cases": len(cases),
             "skipped_inputs": skipped_inputs,
@@ -444,6 +444,11 @@ def run_batch(
         def autocast():
             return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
+        min_lung = None if allow_no_lungs or not getattr(predictor, "needs_lungs", False) else MIN_LUNG_ML
+
+        def load(c: Case) -> LoadedCase:
+            return load_case(c, points_spec, points_source, allow_non_ct, min_lung, lung_masks)
+
         status = "interrupted"
         try:
             save_progress()
@@ -452,11 +457,6 @@ def run_batch(
             if len(todo) < len(mine):
                 log.info("resume: %d finished case(s) skipped", len(mine) - len(todo))
             with logging_redirect_tqdm(), bar:
-                min_lung = None if allow_no_lungs or not getattr(predictor, "needs_lungs", False) else MIN_LUNG_ML
-
-                def load(c: Case) -> LoadedCase:
-                    return load_case(c, points_spec, points_source, allow_non_ct, min_lung, lung_masks)
-
                 for case, loading in prefetch(todo, load, workers):
                     bar.set_postfix_str(case.case_id)  # the case being worked on
                     rows[case.case_id] = run_case(case, loading, predictor, output_dir, settings, autocast)
@@ -476,9 +476,6 @@ def run_batch(
         if world_size > 1:
             distributed.barrier(ctx)  # no rank exits (and gets torchrun to tear the group down) before the merge
         return summary
-
-
-    # -------------------------------------------------------------------------------------------- CLI
 
 
 if __name__ == "__main__":  # python -m segreport.pipelines.batch ... (the CLI lives in infer_cli)

@@ -20,7 +20,7 @@ from ..data.io import is_nifti, load_volume, strip_nifti_suffix
 from ..data.readers import read_dicom_folder
 from ..data.plausibility import check_ct
 from ..errors import InputError
-from .report import lung_regions
+from .report import lung_regions, voxel_volume_ml
 
 log = logging.getLogger("segreport.batch")
 
@@ -71,9 +71,9 @@ def _folder_cases(root: Path, pattern: str, exclude: Path | None, skipped: list[
     cases = [Case(i, str(root / rel)) for i, rel in zip(ids, files)]
     others = sorted(f for f in root.rglob("*") if f not in matched and _visible(f, root, exclude))
     dicom_folders = set()
-    if others:  # only folders holding something else can hold a DICOM series
+    if others:  # only folders holding something else can hold a DICOM series: GDCM reads just those
         try:
-            items = [it for it in read_dicom_folder(root) if Path(it["image"]) in {f.parent for f in others}]
+            items = read_dicom_folder(root, only={f.parent for f in others})
         except InputError:
             items = []
         taken = {c.case_id for c in cases}
@@ -246,9 +246,9 @@ def load_case(case: Case, points_spec: dict | None = None, points_source: str | 
     else:
         lung, zones = lung_regions(image, affine)
     if min_lung_ml is not None:
-        lung_ml = np.count_nonzero(lung) * abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+        lung_ml = np.count_nonzero(lung) * voxel_volume_ml(affine)
         if lung_ml < min_lung_ml:
-            raise InputError(case.path, f"no lungs found ({lung_ml:.0f} mL of lung in the HU lung mask, under "
+            raise InputError(case.path, f"no lungs found ({lung_ml:.0f} mL of lung in the lung mask, under "
                                         f"{min_lung_ml:g} mL): not a chest CT? Pass --allow-no-lungs to run anyway")
     points, labels = case_points(case, points_spec or {}, affine, image.shape, points_source)
     return LoadedCase(image, affine, meta, lung, zones, points, labels, perf_counter() - start)

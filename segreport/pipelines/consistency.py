@@ -71,11 +71,12 @@ def check(slice_findings: Mapping[int, str], findings: Findings, affine: np.ndar
 
 def warning_lines(block: Mapping, limit: int = 10) -> list[str]:
     """TXT report lines for the sentences that disagree with the mask."""
-    bad = [it for it in block.get("items", []) if not it["agree"]]
     if not block.get("checked"):
         return []
-    lines = [f"Consistency: {block['agree']} of {block['checked']} model sentence(s) agree with the mask"] + [f"WARNING: {it['source']}: the model's sentence disagrees with its mask ({'; '.join(it['differences'])})"
-             for it in bad[:limit]]
+    bad = [it for it in block["items"] if not it["agree"]]
+    lines = [f"Consistency: {block['agree']} of {block['checked']} model sentence(s) agree with the mask"]
+    lines += [f"WARNING: {it['source']}: the model's sentence disagrees with its mask ({'; '.join(it['differences'])})"
+              for it in bad[:limit]]
     if len(bad) > limit:
         lines.append(f"WARNING: {len(bad) - limit} more sentence(s) disagree (see the JSON report's consistency block)")
     return lines

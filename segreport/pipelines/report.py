@@ -171,10 +171,13 @@ def split_pulmonary(mask: np.ndarray, lung: np.ndarray, min_voxels: int = 1) -> 
 
 
 def _full_ids(lesions: list[dict], part: Findings, instances: np.ndarray) -> None:
-    """Give the lesions of a part of the mask the ids of the whole mask's labelling (previews, evaluation)."""
-    for les, found in zip(lesions, part.lesions):
-        voxel = tuple(int(v) for v in np.argwhere(part.instances == found.id)[0])
-        les["id"] = int(instances[voxel])
+    """Give the lesions of a part of the mask the ids of the whole mask's labelling (previews, evaluation).
+    A part's components are whole components of the mask, so one pass over its voxels maps every id."""
+    sel = part.instances > 0
+    full_id = np.zeros(len(part.lesions) + 1, dtype=np.int64)
+    full_id[part.instances[sel]] = instances[sel]
+    for les in lesions:
+        les["id"] = int(full_id[les["id"]])
 
 
 def build_report(
