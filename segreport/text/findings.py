@@ -130,3 +130,27 @@ def parse_finding(text: str) -> ParsedFinding:
     if n_areas is None and not zones and "no" in words and "infection" in words:
         n_areas = 0  # the NO_FINDING sentence
     return ParsedFinding(laterality=laterality, n_areas=n_areas, zones=zones)
+
+
+def restrict_finding(text: str, zones: Iterable[str]) -> str:
+    """The sentence ``text`` restricted to ``zones``: what a case-level finding says about one axial slice.
+
+    The zones the text names that are in ``zones`` (the zones a slice cuts through) are kept; none kept
+    gives :data:`NO_FINDING`. The count is the text's when every zone is kept, else at most one area per
+    kept zone (``min(n, kept)``): a slice-level guess, the same in training and at inference. The result
+    is written in the canonical grammar, so a typo in the given text never reaches the model.
+    """
+    parsed = parse_finding(text)
+    kept = parsed.zones & set(zones)
+    if not kept:
+        return NO_FINDING
+    n = parsed.n_areas or len(kept)
+    return format_finding(n if kept == parsed.zones else min(n, len(kept)), kept)
+
+
+_SIDE_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+
+
+def swap_sides(text: str) -> str:
+    """``left`` <-> ``right`` (case kept): the sentence that stays true for a left-right mirrored image."""
+    return re.sub(r"\b(left|right)\b", lambda m: _SIDE_SWAP[m.group(0)], text, flags=re.IGNORECASE)

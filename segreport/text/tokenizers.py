@@ -65,15 +65,37 @@ def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.add_special_tokens(missing) if missing else 0
 
 
-def load_tokenizer(path: str | PathLike) -> PreTrainedTokenizerBase:
-    """Load a tokenizer saved with ``save_pretrained`` (ours or any HF one) from a local folder,
-    offline, and make sure it has [BOS]/[EOS]/[PAD] (see :func:`ensure_special_tokens`)."""
+def _auto_tokenizer(path: str | PathLike) -> PreTrainedTokenizerBase:
     if not Path(path).is_dir():
         raise InputError(path, "tokenizer folder not found")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
         raise InputError(path, f"not a loadable tokenizer folder ({err})") from err
+
+
+def load_encoder_tokenizer(path: str | PathLike) -> PreTrainedTokenizerBase:
+    """A text ENCODER's tokenizer from a local folder (BERT WordPiece and kin), framed [CLS] ... [SEP].
+
+    Unlike :func:`load_tokenizer` (for decoders), no token is added: the pretrained embedding table must
+    keep its size, so [BOS]/[EOS] are the tokenizer's own [CLS]/[SEP] (position 0 is then the [CLS]
+    token the text-guided models read).
+    """
+    tokenizer = _auto_tokenizer(path)
+    for role, fallback in (("bos_token", "cls_token"), ("eos_token", "sep_token")):
+        if getattr(tokenizer, role) is None:
+            if getattr(tokenizer, fallback) is None:
+                raise InputError(path, f"tokenizer has neither a {role} nor a {fallback}: not an encoder tokenizer")
+            setattr(tokenizer, role, getattr(tokenizer, fallback))
+    if tokenizer.pad_token is None:
+        raise InputError(path, "tokenizer has no [PAD] token")
+    return tokenizer
+
+
+def load_tokenizer(path: str | PathLike) -> PreTrainedTokenizerBase:
+    """Load a tokenizer saved with ``save_pretrained`` (ours or any HF one) from a local folder,
+    offline, and make sure it has [BOS]/[EOS]/[PAD] (see :func:`ensure_special_tokens`)."""
+    tokenizer = _auto_tokenizer(path)
     ensure_special_tokens(tokenizer)
     return tokenizer
 
