@@ -49,8 +49,13 @@ class SliceWisePredictor:
         self.needs_lungs = bool(needs_lungs)  # a lung-lesion model: the batch refuses scans without lungs
         self.checkpoint_path: str | None = None
 
-    def probabilities(self, image: np.ndarray, affine: np.ndarray, **prompts) -> tuple[np.ndarray, dict[int, str]]:
-        """Lesion probability on the file grid and the model's sentence per file axial slice index."""
+    def probabilities(self, image: np.ndarray, affine: np.ndarray, slice_prompts: Callable[[np.ndarray], dict] | None = None,
+                      **prompts) -> tuple[np.ndarray, dict[int, str]]:
+        """Lesion probability on the file grid and the model's sentence per file axial slice index.
+
+        ``slice_prompts(file_slice_indices) -> {name: tensor (B, ...)}``: prompts that differ per slice
+        (a text-guided model's sentence for each slice's level), asked for each batch of slices.
+        """
         windowed = np.asarray(HUWindow(preset=self.window)(np.asarray(image, dtype=np.float32)[None]))
         shown = to_display(windowed, affine)  # (1, rows, cols, n)
         slices = shown[0].as_tensor().permute(2, 0, 1).contiguous()  # (n, rows, cols)
@@ -62,8 +67,10 @@ class SliceWisePredictor:
         for start in range(0, n, self.batch_size):
             chunk = slices[start:start + self.batch_size, None].to(self.device)
             x = F.interpolate(chunk, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+            per_slice = {} if slice_prompts is None else {
+                k: v.to(self.device) for k, v in slice_prompts(file_index[start:start + len(chunk)]).items()}
             with torch.inference_mode(), autocast:
-                out = self.forward(x, **prompts)
+                out = self.forward(x, **prompts, **per_slice)
             if "seg_logits" in out:
                 logits = F.interpolate(out["seg_logits"].float(), size=size2d, mode="bilinear", align_corners=False)
                 prob[start:start + len(chunk)] = torch.sigmoid(logits)[:, 0].cpu()
@@ -72,10 +79,11 @@ class SliceWisePredictor:
                     texts[int(file_index[start + i])] = text
         return from_display(prob.permute(1, 2, 0)[None], shown)[0], texts
 
-    def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None, lung=None, **prompts) -> Prediction:
+    def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None, lung=None,
+                slice_prompts: Callable[[np.ndarray], dict] | None = None, **prompts) -> Prediction:
         if points is not None and len(points):
             log.warning("%s takes no clicks: %d point(s) ignored", self.name, len(points))
-        prob, texts = self.probabilities(image, affine, **prompts)
+        prob, texts = self.probabilities(image, affine, slice_prompts=slice_prompts, **prompts)
         mask = remove_small_lesions(prob > self.threshold, affine, self.min_lesion_ml)
         axis = axial_axis(affine)
         lesion_slices = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))

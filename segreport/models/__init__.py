@@ -18,6 +18,7 @@ from .spec import SpecState, build_network, load_weights, make_spec, network_fro
 ADAPTERS = {
     "medsegtext": "segreport.models.medsegtext",
     "lesion_report_3d": "segreport.models.lesion_report_3d",
+    "tmc": "segreport.models.tmc",
 }
 
 __all__ = ["ADAPTERS", "SpecState", "build_network", "load", "load_weights", "make_spec", "network_from_checkpoint",

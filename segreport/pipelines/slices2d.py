@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import ignite.distributed as idist
 from ignite.metrics import Metric
-from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged, RandZoomd, Resized
+from monai.transforms import Compose, DeleteItemsd, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged, RandZoomd, Resized
 
 from ..data import readers, splits as splits_mod
 from ..data.io import load_volume
@@ -156,10 +156,14 @@ def build_tokenizer(train_items: list[dict], tokenizer_path: str | None = None):
     return build_word_tokenizer(texts)
 
 
-def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, train: bool = False) -> Compose:
+def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, train: bool = False,
+                     augment: Sequence | None = None) -> Compose:
     """Loading (PNG paths or in-memory arrays) -> 1×S×S image in [0, 1], binary label, token ids.
 
     The paper resizes to 224×224, scales to [0, 1] and applies random zoom (10 %, p=0.1) in training.
+    ``augment``: further training transforms, run after resizing and before tokenisation (so they may
+    rewrite the text: :mod:`segreport.transforms.guided_text`). A ``lesion_zones`` map, when the items
+    have one, is resized with the label (nearest).
     """
     def to_gray01(x):
         x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
@@ -178,11 +182,16 @@ def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, tra
     tail = [
         Lambdad(keys="image", func=to_gray01),
         Lambdad(keys="label", func=to_binary),
-        Resized(keys=["image", "label"], spatial_size=(image_size, image_size), mode=("bilinear", "nearest")),
+        Resized(keys=["image", "label", "lesion_zones"], spatial_size=(image_size, image_size),
+                mode=("bilinear", "nearest", "nearest"), allow_missing_keys=True),
     ]
     if train:
-        tail.append(RandZoomd(keys=["image", "label"], prob=0.1, min_zoom=0.9, max_zoom=1.1, mode=("bilinear", "nearest")))
-    tail += [TokenizeTextd(keys="text", tokenizer=tokenizer, max_length=max_length), EnsureTyped(keys=["image", "label"], track_meta=False)]
+        tail.append(RandZoomd(keys=["image", "label", "lesion_zones"], prob=0.1, min_zoom=0.9, max_zoom=1.1,
+                              mode=("bilinear", "nearest", "nearest"), allow_missing_keys=True))
+        tail += list(augment or [])
+    tail += [TokenizeTextd(keys="text", tokenizer=tokenizer, max_length=max_length),
+             DeleteItemsd(keys="lesion_zones"),  # used by the augmentations only; batches do not carry it
+             EnsureTyped(keys=["image", "label"], track_meta=False)]
     return _PathOrArray(Compose(steps), Compose(tail))
 
 

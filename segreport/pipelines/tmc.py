@@ -1,0 +1,148 @@
+"""TMC pipeline pieces: augmentations, batches and evaluation (the data and validation score are the
+shared slice pieces of :mod:`.slices2d`; volume inference is :mod:`segreport.inference.text_guided`).
+
+The bundle YAMLs (bundles/tmc/configs) only wire these with MONAI's SupervisedTrainer/Evaluator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.engines import PrepareBatch
+from monai.transforms import RandFlipd, RandRotate90d, RandRotated
+from tqdm import tqdm
+
+from ..data.outputs import write_csv, write_json
+from ..metrics.segmentation import SegmentationScores
+from ..metrics.stats import mean_std
+from ..transforms.guided_text import RandLateralFlipd, RandZoneSubsetd
+from .loaders import make_dataset, make_loader
+from .slices2d import build_tokenizer, slice_transforms
+
+log = logging.getLogger("segreport.tmc")
+
+SPATIAL_KEYS = ("image", "label", "lesion_zones")
+SPATIAL_MODES = ("bilinear", "nearest", "nearest")
+
+
+def augmentations(rotate_deg: float = 20.0, rot90: bool = False, flip_ap: bool = True, lateral_flip: bool = True,
+                  zone_subset_prob: float = 0.5, prob: float = 0.5) -> list:
+    """The paper's training augmentation (±20°, k×90°, flips), each a switch, plus the zone subsets.
+
+    The left-right mirror always swaps the sentence's sides (:class:`RandLateralFlipd`); there is no
+    plain mirror, because it would make the text false. ``rot90`` is off by default: a quarter turn
+    keeps the sentence true about the patient but puts the left lung at the top of the image, so the
+    text's sides no longer say where to look (the paper's setting turns it on). A front-back flip
+    keeps the sides.
+    """
+    steps: list = []
+    if rotate_deg:
+        steps.append(RandRotated(keys=SPATIAL_KEYS, range_x=np.deg2rad(rotate_deg), prob=prob, mode=SPATIAL_MODES,
+                                 padding_mode="zeros", allow_missing_keys=True))
+    if rot90:
+        steps.append(RandRotate90d(keys=SPATIAL_KEYS, prob=prob, max_k=3, allow_missing_keys=True))
+    if flip_ap:
+        steps.append(RandFlipd(keys=SPATIAL_KEYS, prob=prob, spatial_axis=0, allow_missing_keys=True))
+    if lateral_flip:
+        steps.append(RandLateralFlipd(keys=("image", "label"), prob=prob))
+    if zone_subset_prob:
+        steps.append(RandZoneSubsetd(prob=zone_subset_prob))
+    return steps
+
+
+def build_text_tokenizer(train_items: list[dict], tokenizer_path: str | None = None, text_encoder_path: str | None = None):
+    """The text encoder's own tokenizer (its folder, or ``tokenizer_path``), framed [CLS] ... [SEP] with
+    no token added; with neither, a word vocabulary from the training sentences (a randomly initialised
+    encoder has nothing to keep). Saved inside every checkpoint's spec."""
+    from ..text.tokenizers import load_encoder_tokenizer
+
+    folder = tokenizer_path or text_encoder_path
+    return load_encoder_tokenizer(folder) if folder else build_tokenizer(train_items)
+
+
+def plateau_schedule(optimizer, metric: str = "val_dice", factor: float = 0.1, patience: int = 10,
+                            early_stop: int = 20) -> list:
+    """The paper's schedule as validation handlers: LR × ``factor`` when ``metric`` has not improved for
+    ``patience`` validations, stop after ``early_stop`` (0: never). Counted in validations (every
+    ``val_interval`` epochs), as MONAI's handlers count. The early stopper gets its trainer with
+    ``set_trainer`` once the trainer exists (the trainer holds the evaluator that holds these)."""
+    from monai.handlers import EarlyStopHandler, LrScheduleHandler
+
+    def score(engine):
+        return engine.state.metrics[metric]
+
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=factor, patience=patience)
+    handlers = [LrScheduleHandler(scheduler, print_lr=False, step_transform=score)]
+    if early_stop:
+        handlers.append(EarlyStopHandler(patience=early_stop, score_function=score))
+    return handlers
+
+
+def train_transforms(tokenizer, image_size: int, max_length: int, **augment_kwargs):
+    return slice_transforms(tokenizer, image_size, max_length, train=True, augment=augmentations(**augment_kwargs))
+
+
+class TMCBatch(PrepareBatch):
+    """Batch -> (image, {"label", "tokens"}, (tokens, tokens_mask), {}) for SupervisedTrainer/Evaluator."""
+
+    def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
+        def to(key):
+            return batchdata[key].to(device=device, non_blocking=non_blocking)
+
+        tokens = to("tokens")
+        return to("image"), {"label": to("label"), "tokens": tokens}, (tokens, to("tokens_mask")), {}
+
+
+@torch.inference_mode()
+def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str | os.PathLike, batch_size: int = 8,
+             device: str = "cpu", text_override: str | None = None) -> dict:
+    """Dice and IoU per slice, and per case as the paper reports them (the mean over a case's slices)
+    plus pooled over the case's slices -> metrics.json, per_case.csv, per_sample.csv.
+
+    The model, its image size, text length and tokenizer come from the checkpoint's spec.
+    ``text_override``: one sentence given to every slice instead of its own (for text-control checks).
+    """
+    from ..models.tmc import trained
+    from ..models.spec import read_checkpoint
+
+    spec, weights = read_checkpoint(checkpoint)
+    network, tokenizer = trained(spec, weights)
+    network = network.to(device)
+    image_size, max_length = spec["preprocessing"]["image_size"], spec["inference"]["max_length"]
+    if text_override is not None:
+        items = [{**it, "text": text_override} for it in items]
+    loader = make_loader(make_dataset(items, slice_transforms(tokenizer, image_size, max_length), cache=False), batch_size)
+    seg = SegmentationScores()
+    rows = []
+    for batch in tqdm(loader, desc="evaluate", leave=False):
+        images = batch["image"].to(device)
+        logits = network(images, batch["tokens"].to(device), batch["tokens_mask"].to(device))["seg_logits"]
+        masks = (torch.sigmoid(logits[:, 0]) > spec["inference"]["threshold"]).cpu().numpy()
+        for i in range(len(images)):
+            case_id, sl = batch["case_id"][i], int(batch["slice_index"][i]) if "slice_index" in batch else -1
+            scored = seg.add(masks[i], batch["label"][i, 0].numpy() > 0.5, case_id=case_id, slice_index=sl)
+            rows.append({"case_id": case_id, "slice_index": sl, "text": batch["text"][i], "dice": scored["dice"],
+                         "iou": scored["iou"]})
+    by_case: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_case[row["case_id"]].append(row)
+    pooled = {r["case_id"]: r for r in seg.case_rows()}
+    case_rows = [{"case_id": cid, "n_slices": len(rs), "dice": float(np.mean([r["dice"] for r in rs])),
+                  "iou": float(np.mean([r["iou"] for r in rs])), "dice_pooled": pooled[cid]["dice"],
+                  "iou_pooled": pooled[cid]["iou"]} for cid, rs in by_case.items()]
+    metrics = {"n_slices": len(rows), "n_cases": len(case_rows)}
+    for name in ("dice", "iou", "dice_pooled", "iou_pooled"):
+        summary = mean_std([r[name] for r in case_rows])
+        metrics[f"{name}_case_mean"], metrics[f"{name}_case_std"] = summary["mean"], summary["std"]
+    metrics["dice_slice_mean"] = float(np.mean([r["dice"] for r in rows])) if rows else float("nan")
+    out = Path(output_dir)
+    write_json(metrics, out / "metrics.json")
+    write_csv(out / "per_case.csv", case_rows)
+    write_csv(out / "per_sample.csv", rows)
+    log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+    return metrics
