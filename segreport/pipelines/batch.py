@@ -31,7 +31,6 @@ Under ``torchrun`` the cases are sharded over the processes (:mod:`.distributed`
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import hashlib
@@ -49,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -62,6 +61,7 @@ from ..data.io import save_nifti
 from ..transforms.postprocess import remove_small_lesions
 from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
 from ..errors import InputError
+from .guide_texts import GuideTexts
 from . import distributed
 from ..inference.predictor import Prediction
 from .preview import save_preview
@@ -198,6 +198,7 @@ class RunSettings:
     takes_points: bool = True
     min_lesion_ml: float = MIN_LESION_ML
     training: dict | None = None  # the checkpoint spec's provenance: what the model was trained on
+    texts: GuideTexts | None = None  # a text-guided model's sentence per case (pipelines.guide_texts)
 
 
 def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, output_dir: Path,
@@ -260,9 +261,17 @@ def run_case(case: Case, loading: Future, predictor, output_dir: Path, settings:
         timings.update(load_s=loaded.load_s, wait_s=perf_counter() - start)
         stage, t = "predict", perf_counter()
         kwargs = {} if loaded.points is None else {"points": loaded.points, "point_labels": loaded.point_labels}
+        text_source = None
+        if settings.texts is not None:  # a text-guided model: this case's sentence
+            stage = "guide text"
+            with torch.inference_mode(), autocast():
+                kwargs["text"], text_source = settings.texts.for_case(case, loaded)
+            stage = "predict"
         with torch.inference_mode(), autocast():
             prediction = predictor.predict(loaded.image, loaded.affine, lung=loaded.lung, **kwargs)
         prediction = _check_prediction(prediction, loaded.image.shape, settings.model)
+        if text_source is not None:
+            prediction.extras["guide_text_source"] = text_source
         # one minimum lesion size for every model: specks are never lesions in a report
         prediction.mask = remove_small_lesions(prediction.mask, loaded.affine, settings.min_lesion_ml)
         timings["predict_s"] = perf_counter() - t
@@ -359,6 +368,7 @@ def run_batch(
     series_uid: str | None = None,
     allow_no_lungs: bool = False,
     lung_masks: str | os.PathLike | None = None,
+    texts: GuideTexts | None = None,
 ) -> BatchSummary:
     """Run ``predictor`` over every case of ``inputs`` and write outputs to ``output_dir`` (module doc).
 
@@ -371,6 +381,8 @@ def run_batch(
     mask before its report. ``series_uid``: run only that DICOM series. A predictor with ``needs_lungs``
     (the lung-lesion models) gets no scan with under ``MIN_LUNG_ML`` of lung unless ``allow_no_lungs``.
     ``lung_masks``: a folder of the user's lung masks, ``<case id>.nii.gz``, used instead of the HU mask.
+    ``texts``: where a text-guided model (``predictor.takes_text``) gets each case's sentence
+    (:class:`~segreport.pipelines.guide_texts.GuideTexts`); required for such a model, ignored otherwise.
     Raises :class:`InputError` when no input is found, :class:`OutputExistsError` when outputs exist
     without ``overwrite``/``resume`` and :class:`RunLockedError` when another run is writing to
     ``output_dir``; per-case errors are recorded in the summary instead.
@@ -385,6 +397,14 @@ def run_batch(
         log.warning("skipped %s: %s", item["path"], item["reason"])
     if series_uid:  # one DICOM series of several
         cases = select_series(cases, series_uid, inputs)
+    takes_text = bool(getattr(predictor, "takes_text", False))
+    if takes_text and texts is None:
+        raise InputError(None, f"{model} is guided by a finding sentence: give --text, --texts CSV or --text-from BUNDLE")
+    if texts is not None and not takes_text:
+        log.warning("%s reads no text: the guide texts are ignored", model)
+        texts = None
+    if texts is not None:
+        texts.check_cases(cases)
     check_outputs(cases, output_dir, overwrite, resume)
     points_spec, points_source = load_points(points)
     unused = set(points_spec) - {c.case_id for c in cases} - {Path(c.path).name for c in cases}
@@ -404,7 +424,7 @@ def run_batch(
 
         checkpoint = checkpoint_info(getattr(predictor, "checkpoint_path", None))
         settings = RunSettings(model, (checkpoint or {}).get("sha256"), bool(getattr(predictor, "takes_points", True)),
-                               float(min_lesion_ml), (getattr(predictor, "spec", None) or {}).get("training"))
+                               float(min_lesion_ml), (getattr(predictor, "spec", None) or {}).get("training"), texts)
         manifest = {
             "status": "running", "start_time": started, "end_time": None, "versions": _versions(),
             "model": {"name": model, "class": f"{type(predictor).__module__}.{type(predictor).__qualname__}",
@@ -414,7 +434,7 @@ def run_batch(
                           "output_dir": str(output_dir), "overwrite": overwrite, "resume": resume, "workers": workers,
                           "pattern": pattern, "points": points_source, "allow_non_ct": allow_non_ct,
                           "allow_no_lungs": allow_no_lungs, "lung_masks": None if lung_masks is None else str(lung_masks),
-                          "min_lesion_ml": min_lesion_ml},
+                          "min_lesion_ml": min_lesion_ml, "texts": None if texts is None else texts.describe()},
             "n_cases": len(cases),
             "skipped_inputs": skipped_inputs,
             **(manifest_extra or {}),

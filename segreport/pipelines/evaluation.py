@@ -27,8 +27,13 @@ def test_volumes(dataset_dir: str | os.PathLike) -> list[dict]:
 
 
 def evaluate_volumes(checkpoint: str | os.PathLike, items: list[dict], output_dir: str | os.PathLike,
-                     dataset_json: str | os.PathLike | None = None, device: str = "cpu") -> dict | None:
-    """Infer every item's ``image`` with the checkpoint (no clicks) and score it against its ``label``."""
+                     dataset_json: str | os.PathLike | None = None, device: str = "cpu",
+                     texts: str | None = None) -> dict | None:
+    """Infer every item's ``image`` with the checkpoint (no clicks) and score it against its ``label``.
+
+    ``texts="reference"``: a text-guided model is given each case's reference sentence, the finding of
+    its ground-truth mask (what a radiologist's report would say), as ``segreport infer --texts`` does.
+    """
     from ..models import load
     from .batch import run_batch
 
@@ -37,6 +42,27 @@ def evaluate_volumes(checkpoint: str | os.PathLike, items: list[dict], output_di
         log.info("no test volumes with labels: whole-volume evaluation skipped")
         return None
     out = Path(output_dir)
+    guide = None
+    if texts == "reference":
+        from .guide_texts import GuideTexts
+
+        guide = GuideTexts(per_case={cid: reference_sentence(c) for cid, c in cases.items()})
+    elif texts is not None:
+        raise ValueError(f"texts must be None or 'reference', got {texts!r}")
     run_batch(load(checkpoint, device=str(device)), [c["image"] for c in cases.values()], out / "predictions",
-              overwrite=True, progress=False)
+              overwrite=True, progress=False, texts=guide)
     return evaluate_folder(out / "predictions", {cid: c["label"] for cid, c in cases.items()}, out, dataset_json)
+
+
+def reference_sentence(item: dict) -> str:
+    """The LViT sentence of a case's ground-truth mask, zones from its lung label (or the CT's HU lung mask)."""
+    import numpy as np
+
+    from ..data.io import load_volume
+    from ..transforms.findings import FindingsFromMask
+    from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+
+    image, affine, _ = load_volume(item["image"])
+    label = load_volume(item["label"])[0] > 0
+    lung = load_volume(item["lung"])[0].astype(np.uint8) if item.get("lung") else split_left_right(lung_mask_from_ct(image), affine)
+    return FindingsFromMask().describe(label, lung=lung if lung.any() else None, affine=affine, image=image).text

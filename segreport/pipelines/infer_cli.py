@@ -24,6 +24,7 @@ from ..errors import InputError
 from . import distributed
 from .batch import BundleError, OutputExistsError, check_outputs, checkpoint_info, run_batch
 from .cases import discover_cases, load_points, select_series
+from .guide_texts import GuideTexts
 from .run_lock import RunLockedError
 from ..vocab import MIN_LESION_ML
 
@@ -103,6 +104,16 @@ def load_bundle_predictor(
     return predictor, info
 
 
+def guide_texts(args, device: str | None, min_lesion_ml: float) -> GuideTexts | None:
+    """The --text / --texts / --text-from choice (none: None); --text-from loads that bundle's predictor."""
+    if args.text_from:
+        source, _ = load_bundle_predictor(args.text_from, None, device, args.bf16)
+        return GuideTexts(text_from=source, min_lesion_ml=min_lesion_ml)
+    if args.texts:
+        return GuideTexts(csv_path=args.texts)
+    return GuideTexts(text=args.text) if args.text is not None else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="segreport infer",
@@ -132,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the lung-lesion models on scans without (enough) lung: not a chest CT")
     p.add_argument("--min-lesion-ml", type=float, default=None,
                    help=f"predicted components below this many mL are not lesions (default {MIN_LESION_ML})")
+    text = p.add_mutually_exclusive_group()  # the text-guided bundles (tmc): where each case's sentence comes from
+    text.add_argument("--text", help="text-guided bundles: one finding sentence for every case")
+    text.add_argument("--texts", help="text-guided bundles: CSV with a header case_id,text (case id or file name)")
+    text.add_argument("--text-from", metavar="BUNDLE",
+                      help="text-guided bundles: another bundle (e.g. bundles/medsegtext) writes each case's finding first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -145,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if world_size > 1:  # one device per process: cuda -> cuda:LOCAL_RANK
         device = distributed.device_for_rank(device or ("cuda" if torch.cuda.is_available() else "cpu"), local_rank)
     output_dir = Path(args.output).absolute()
+    min_lesion_ml = MIN_LESION_ML if args.min_lesion_ml is None else args.min_lesion_ml
     ctx = distributed.DistContext()
     try:
         # cheap checks first, so a wrong path, device or OUTPUT_DIR is reported before the model loads
@@ -157,11 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_points(args.points)
         ctx = distributed.init_distributed(device)
         predictor, bundle_info = load_bundle_predictor(args.bundle, args.checkpoint, device, args.bf16)
+        texts = guide_texts(args, device, min_lesion_ml)
         summary = run_batch(
             predictor, args.input, output_dir, overwrite=args.overwrite,
             resume=args.resume, workers=args.workers, pattern=args.pattern, points=args.points, device=device,
             bf16=args.bf16, rank=rank, world_size=world_size, allow_non_ct=args.allow_non_ct,
-            min_lesion_ml=MIN_LESION_ML if args.min_lesion_ml is None else args.min_lesion_ml,
+            min_lesion_ml=min_lesion_ml, texts=texts,
             manifest_extra={"bundle": bundle_info, "command": ["segreport", "infer", *(argv or sys.argv[1:])]},
             progress=not args.no_progress, series_uid=args.series, allow_no_lungs=args.allow_no_lungs,
             lung_masks=args.lung_masks,
