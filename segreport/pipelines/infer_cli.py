@@ -106,6 +106,10 @@ def load_bundle_predictor(
 
 def guide_texts(args, device: str | None, min_lesion_ml: float) -> GuideTexts | None:
     """The --text / --texts / --text-from choice (none: None); --text-from loads that bundle's predictor."""
+    if args.text_from and Path(args.text_from).is_file():  # a checkpoint rather than a bundle folder
+        from ..models import load
+
+        return GuideTexts(text_from=load(args.text_from, device=device or "cpu"), min_lesion_ml=min_lesion_ml)
     if args.text_from:
         source, _ = load_bundle_predictor(args.text_from, None, device, args.bf16)
         return GuideTexts(text_from=source, min_lesion_ml=min_lesion_ml)
@@ -147,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--text", help="text-guided bundles: one finding sentence for every case")
     text.add_argument("--texts", help="text-guided bundles: CSV with a header case_id,text (case id or file name)")
     text.add_argument("--text-from", metavar="BUNDLE",
-                      help="text-guided bundles: another bundle (e.g. bundles/medsegtext) writes each case's finding first")
+                      help="text-guided bundles: another bundle (e.g. bundles/medsegtext) or its checkpoint writes each "
+                           "case's finding first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

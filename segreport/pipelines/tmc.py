@@ -146,3 +146,56 @@ def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str |
     write_csv(out / "per_sample.csv", rows)
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     return metrics
+
+
+def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str = "cpu") -> dict:
+    """Does the text steer the mask? For every test volume whose reference mask has lesions in both
+    lungs, the same model is given the true sentence and, for each lung, the sentence restricted to
+    that lung alone. Returned: the share of predicted lesion volume that lies in the lung the
+    sentence leaves out (pooled over cases and sides), with the true text and with the one-lung text,
+    and their ratio; the issue's target is a ratio of at most 0.5. Voxels are given a side by the
+    report's rule (nearest lung zone, :class:`FindingsFromMask`).
+    """
+    from ..data.io import load_volume
+    from ..models import load
+    from ..text.findings import parse_finding, restrict_finding
+    from ..transforms.findings import FindingsFromMask
+    from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+    from ..vocab import SIDES, ZONES
+    from .evaluation import reference_sentence
+
+    predictor = load(checkpoint, device=device, kind="tmc")
+    describe = FindingsFromMask().describe
+    left_out = {"true_text": 0.0, "one_lung_text": 0.0}
+    total = {"true_text": 0.0, "one_lung_text": 0.0}
+    cases = []
+    for item in items:
+        sentence = reference_sentence(item)
+        named_sides = {z.split("_")[1] for z in parse_finding(sentence).zones}
+        if named_sides != set(SIDES):
+            continue
+        image, affine, _ = load_volume(item["image"])
+        lung = split_left_right(lung_mask_from_ct(image), affine)
+
+        def side_volumes(text: str) -> dict[str, float]:
+            mask = predictor.predict(image, affine, lung=lung, text=text).mask
+            zones = describe(mask, lung=lung, affine=affine, image=image).voxel_zones
+            return {side: float(np.isin(zones, [i + 1 for i, z in enumerate(ZONES) if z.endswith(side)]).sum())
+                    for side in SIDES}
+
+        true = side_volumes(sentence)
+        for kept in SIDES:
+            other = SIDES[1 - SIDES.index(kept)]
+            one = side_volumes(restrict_finding(sentence, [z for z in ZONES if z.endswith(kept)]))
+            for key, vols in (("true_text", true), ("one_lung_text", one)):
+                left_out[key] += vols[other]
+                total[key] += sum(vols.values())
+            cases.append({"case_id": item["case_id"], "kept": kept, "left_out_voxels_true": true[other],
+                          "left_out_voxels_one_lung": one[other], "total_true": sum(true.values()),
+                          "total_one_lung": sum(one.values())})
+    share = {k: left_out[k] / total[k] if total[k] else float("nan") for k in left_out}
+    return {"n_cases": len({c["case_id"] for c in cases}), "left_out_share_true_text": share["true_text"],
+            "left_out_share_one_lung_text": share["one_lung_text"],
+            "share_ratio": share["one_lung_text"] / share["true_text"] if share["true_text"] else float("nan"),
+            "left_out_volume_ratio": left_out["one_lung_text"] / left_out["true_text"] if left_out["true_text"] else float("nan"),
+            "cases": cases}
