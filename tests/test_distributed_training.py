@@ -58,19 +58,20 @@ def test_validation_score_is_reduced_over_ranks():
     assert results[0] == pytest.approx(2 * 16 / 48) and results[1] == pytest.approx(results[0])
 
 
-def test_torchrun_trains_medsegtext_with_the_multi_gpu_overlay(phantom_dir, tmp_path):
+@pytest.mark.parametrize("bundle, image_size", [("medsegtext", 32), ("tmc", 64)])
+def test_torchrun_trains_with_the_multi_gpu_overlay(bundle, image_size, phantom_dir, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside this python")
-    configs = REPO / "bundles" / "medsegtext" / "configs"
+    configs = REPO / "bundles" / bundle / "configs"
     cmd = [str(torchrun), "--standalone", "--nnodes=1", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
            "--config_file", str([str(configs / "train.yaml"), str(configs / "multi_gpu_train.yaml")]),
-           "--bundle_root", str(REPO / "bundles" / "medsegtext"), "--output_dir", str(tmp_path),
+           "--bundle_root", str(REPO / "bundles" / bundle), "--output_dir", str(tmp_path),
            "--ckpt_dir", str(tmp_path / "models"), "--dataset_dir", str(phantom_dir), "--epochs", "1",
-           "--val_interval", "1", "--image_size", "32", "--num_threads", "1"]
+           "--val_interval", "1", "--image_size", str(image_size), "--num_threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert state["spec"]["kind"] == "medsegtext" and not any(k.startswith("module.") for k in state["model"])
+    assert state["spec"]["kind"] == bundle and not any(k.startswith("module.") for k in state["model"])
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model_final.pt"]

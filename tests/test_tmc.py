@@ -198,3 +198,25 @@ def test_zone_subset_restricts_mask_and_sentence_together():
         assert lesion_codes == kept_codes  # the mask keeps exactly the lesions the sentence names
         seen |= named
     assert seen == {"upper_right", "lower_left"}
+
+
+# ------------------------------------------------------------------------------------------ volume inference
+def _random_predictor(max_length: int):
+    from segreport.models import tmc as adapter
+    from segreport.text.tokenizers import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer([BILATERAL, NO_FINDING, "all upper lower middle left right lung one two"])
+    net = TMC.from_config("tiny", vocab_size=len(tokenizer), image_size=64)
+    return adapter.predictor(adapter.spec_for(net, tokenizer, 64, max_length), net.state_dict())
+
+
+def test_a_sentence_longer_than_the_limit_is_cut_and_reported(phantom_dir):
+    from segreport.data.io import load_volume
+
+    image, affine, _ = load_volume(sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0])
+    short = _random_predictor(max_length=6).predict(image, affine, text=BILATERAL)
+    assert short.extras["guide_text_truncated"]  # every lesion sentence has more than 4 words
+    assert NO_FINDING not in short.extras["guide_text_truncated"]  # "no pulmonary infection ." fits
+    full = _random_predictor(max_length=32).predict(image, affine, text=BILATERAL)
+    assert full.extras["guide_text_truncated"] == [] and full.mask.shape == image.shape
+    assert full.extras["guide_texts"] == [BILATERAL]
