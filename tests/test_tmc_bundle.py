@@ -79,6 +79,7 @@ def test_infer_with_one_text_records_it_and_checks_the_mask_against_it(trained, 
     assert "No pulmonary infection." in levels  # slices above/below the lungs
     assert any(s.startswith("Bilateral") and "lower left lung" in s for s in levels)
     assert report["consistency"]["items"][0]["source"] == "guide text 0"
+    assert f"GUIDED BY: {TEXT} (from --text)" in (tmp_path / "o" / f"{case}_report.txt").read_text()
     seg = nib.load(tmp_path / "o" / f"{case}_seg.nii.gz")
     assert seg.shape == nib.load(image).shape and np.allclose(seg.affine, nib.load(image).affine)
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
@@ -145,3 +146,33 @@ def test_level_sentences_follow_the_affine_not_the_voxel_order(shared_data):
     flipped = level_sentences(TEXT, image[:, :, ::-1].copy(), affine @ flip)
     assert flipped[::-1] == sentences
     assert len(set(sentences)) >= 2  # the crop spans more than one level
+
+
+def test_mosmeddata_layout_is_split_by_case_and_given_level_sentences(phantom_dir, tmp_path):
+    """MosMedData COVID19_1110's layout (studies/CT-k, masks/): the studies with masks, case-level split."""
+    from segreport.pipelines.slices2d import load_datalists
+
+    root = tmp_path / "mosmed"
+    for i, image in enumerate(sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))):
+        study = f"study_{i:04d}"
+        (root / "studies" / f"CT-{1 + i % 2}").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(exist_ok=True)
+        shutil.copy(image, root / "studies" / f"CT-{1 + i % 2}" / f"{study}.nii.gz")
+        shutil.copy(phantom_dir / "labelsTr" / image.name, root / "masks" / f"{study}_mask.nii.gz")
+    lists = load_datalists(root, data_format="auto", text="level", keep_zones=True)
+    cases = {k: {it["case_id"] for it in v} for k, v in lists.items()}
+    assert cases["training"] and not (cases["training"] & cases["test"]) and not (cases["training"] & cases["validation"])
+    item = lists["training"][0]
+    assert item["lesion_zones"].shape == item["label"].shape and item["text"].endswith(".")
+
+
+def test_lvit_layout_trains_with_its_own_slice_sentences(phantom_dir, tmp_path):
+    """MosMedData+/QaTa in the LViT layout (here the phantom's PNG export): no zone maps, so the mirror
+    swaps the sentence alone and there are no zone subsets."""
+    import torch
+    from monai.bundle import run
+
+    run("training", config_file=[str(CONFIGS / "train.yaml")], bundle_root=str(BUNDLE), output_dir=str(tmp_path),
+        ckpt_dir=str(tmp_path / "models"), dataset_dir=str(phantom_dir), data_format="lvit", image_size=64, epochs=1)
+    spec = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["spec"]
+    assert spec["kind"] == "tmc" and spec["training"]

@@ -519,7 +519,7 @@ def ensure_dataset(out_dir: str | os.PathLike, present: Sequence[str] = ("datase
 
 
 # any of these in a folder means "a dataset is here": it is never generated over (a user's data)
-DATASET_MARKERS = ("dataset.json", "*_Folder", "slices2d", "imagesTr", "labelsTr")
+DATASET_MARKERS = ("dataset.json", "*_Folder", "slices2d", "imagesTr", "labelsTr", "studies")  # studies: MosMedData
 
 
 DEFAULT_DATASET_DIR = "outputs/phantom"  # relative to the repository root, where bundles run from

@@ -128,9 +128,9 @@ class TMC(nn.Module):
         if text_encoder_path is None:
             text_config = {**(text_config or {}), **({"vocab_size": vocab_size} if vocab_size else {})}
         self.text = BertTextEncoder(text_encoder_path, text_config, freeze=text_freeze)
-        if vocab_size and self.text.config["vocab_size"] < vocab_size:
+        if vocab_size and self.text.config["vocab_size"] != vocab_size:  # a pretrained table is not resized
             raise ValueError(f"text encoder has {self.text.config['vocab_size']} token embeddings, the tokenizer "
-                             f"{vocab_size}: use the tokenizer that came with the encoder folder")
+                             f"{vocab_size}: the tokenizer does not match the encoder (use the one in its folder)")
         # what rebuilds this network from a checkpoint's spec: the text encoder's architecture, not its folder
         self.config: dict[str, Any] = dict(
             vocab_size=vocab_size, image_size=image_size, embed_dim=embed_dim, depths=tuple(depths),

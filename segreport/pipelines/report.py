@@ -292,6 +292,9 @@ def format_report_text(report: dict) -> str:
         "",
         f"FINDING: {report['finding']}",
     ]
+    extras = report.get("extras") or {}
+    for text in extras.get("guide_texts") or []:  # a text-guided model: the sentence that steered the mask
+        lines.append(f"GUIDED BY: {text}" + (f" (from {extras['guide_text_source']})" if extras.get("guide_text_source") else ""))
     lines += [f"WARNING: {w}" for w in report.get("warnings") or []]
     lines += consistency.warning_lines(report.get("consistency") or {})
     if lung["involvement_percent"] is not None:

@@ -59,7 +59,8 @@ def load_datalists(
     text: str = "slice",
     keep_zones: bool = False,
 ) -> dict[str, list[dict]]:
-    """Training/validation/test items for a 2D model.
+    """Training/validation/test items for a 2D model (``mosmeddata``: MosMedData COVID19_1110's studies
+    with masks, split by CT-k like ``volumes``).
 
     ``data_format``: ``lvit`` (MosMedData+/QaTa LViT layout, or the phantom's ``slices2d`` export: the
     split is the folders'), ``volumes`` (NIfTI volumes from an MSD ``dataset.json`` or ``imagesTr``/
@@ -69,13 +70,16 @@ def load_datalists(
     """
     root = Path(dataset_dir)
     if data_format == "auto":
-        data_format = "lvit" if any(_lvit_root(root).glob("*_Folder")) else "volumes"
+        data_format = "lvit" if any(_lvit_root(root).glob("*_Folder")) else (
+            "mosmeddata" if (root / "studies").is_dir() else "volumes")
     if data_format == "lvit":
         lroot = _lvit_root(root)
         return {key: readers.read_lvit(lroot, split=folder) for key, folder in SPLIT_FOLDERS.items()}
-    if data_format != "volumes":
-        raise InputError(root, f"unknown data_format {data_format!r}: use 'auto', 'lvit' or 'volumes'")
-    if (root / "dataset.json").is_file():
+    if data_format not in ("volumes", "mosmeddata"):
+        raise InputError(root, f"unknown data_format {data_format!r}: use 'auto', 'lvit', 'volumes' or 'mosmeddata'")
+    if data_format == "mosmeddata":  # COVID19_1110: the studies with a lesion mask, stratified by CT-k
+        cases = readers.read_mosmeddata(root, only_masked=True)
+    elif (root / "dataset.json").is_file():
         cases = readers.read_msd(root / "dataset.json")
     else:
         cases = readers.read_nifti_folder(root / "imagesTr", root / "labelsTr")
