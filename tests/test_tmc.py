@@ -221,3 +221,19 @@ def test_a_sentence_longer_than_the_limit_is_cut_and_reported(phantom_dir):
     full = _random_predictor(max_length=32).predict(image, affine, text=BILATERAL)
     assert full.extras["guide_text_truncated"] == [] and full.mask.shape == image.shape
     assert full.extras["guide_texts"] == [BILATERAL]
+
+
+@pytest.mark.slow
+def test_paper_configuration_builds_and_trains_a_step():
+    """Swin-Tiny + a BERT-base-sized text encoder at 224² (about 190 M parameters): one optimiser step."""
+    net = TMC.from_config("paper", vocab_size=30522)
+    assert net.swin.out_channels == [96, 192, 384, 768] and net.text.hidden_size == 768
+    ids, mask = _tokens(2, vocab=30522, length=10)
+    loss_fn = SegAlignLoss(lambda_align=0.1, variant="paper", w_dice=0.0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    image, label = torch.rand(2, 1, 224, 224), (torch.rand(2, 1, 224, 224) > 0.7).float()
+    before = net.decoder.head.conv.weight.detach().clone()
+    loss = loss_fn(net(image, ids, mask), {"label": label, "tokens": ids})
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, net.decoder.head.conv.weight)

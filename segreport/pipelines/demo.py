@@ -2,7 +2,8 @@
 
 1. generate the synthetic chest-CT phantom and a preview picture;
 2. MedSegText: train (tiny configuration), evaluate on the held-out split, infer on one volume;
-3. the interactive 3D lesion-report bundle, when present: train briefly, evaluate, infer with a click.
+3. the interactive 3D lesion-report bundle, when present: train briefly, evaluate, infer with a click;
+4. TMC: train, evaluate, and infer on the same volume guided by MedSegText's finding (two bundles chained).
 Every step goes through the same entry points a user runs (``monai.bundle.run`` with the bundle's
 own YAML files, ``run_batch``), so the demo proves those work, not a private shortcut.
 """
@@ -78,6 +79,28 @@ def run_lesion_report_3d(out: Path, data_dir: Path, epochs: int) -> dict | None:
     return {"metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None, "outputs": str(bundle_out)}
 
 
+def run_tmc(out: Path, data_dir: Path, epochs: int, medsegtext_checkpoint: Path, volume: Path) -> dict:
+    from monai.bundle import run
+
+    from ..models import load
+    from .batch import run_batch
+    from .guide_texts import GuideTexts
+
+    bundle_out = out / "tmc"
+    common = dict(bundle_root=str(BUNDLES / "tmc"), output_dir=str(bundle_out), ckpt_dir=str(bundle_out / "models"),
+                  dataset_dir=str(data_dir), num_threads=1)
+    t = _step(f"TMC: training {epochs} epochs (tiny configuration), slices guided by their level's sentence")
+    run("training", config_file=_configs("tmc", "train.yaml"), epochs=epochs, **common)
+    print(f"    trained in {time.perf_counter() - t:.0f} s")
+    _step("TMC: evaluating on the held-out test split (each slice with its reference sentence)")
+    run("evaluating", config_file=_configs("tmc", "train.yaml", "evaluate.yaml"), **common)
+    _step("TMC: inference on the same CT volume, guided by MedSegText's finding (--text-from)")
+    texts = GuideTexts(text_from=load(medsegtext_checkpoint))
+    run_batch(load(bundle_out / "models" / "model.pt"), volume, bundle_out / "inference", overwrite=True, texts=texts,
+              progress=False)
+    return {"metrics": json.loads((bundle_out / "eval" / "metrics.json").read_text()), "outputs": str(bundle_out)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="segreport demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/demo")
@@ -86,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--epochs-3d", type=int, default=4)
     p.add_argument("--skip-3d", action="store_true")
+    p.add_argument("--skip-tmc", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from ..data import phantom
@@ -104,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     results["medsegtext"] = run_medsegtext(out, data_dir, a.epochs)
     if not a.skip_3d:
         results["lesion_report_3d"] = run_lesion_report_3d(out, data_dir, a.epochs_3d)
+    if not a.skip_tmc:
+        mst = results["medsegtext"]
+        results["tmc"] = run_tmc(out, data_dir, a.epochs, Path(mst["outputs"]) / "models" / "model.pt", Path(mst["volume"]))
 
     print("\n=== Done. Where the outputs are:")
     print(f"  phantom dataset:       {data_dir}")
@@ -114,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     print("  MedSegText test split: " + ", ".join(f"{k}={m['metrics'][k]:.3f}" for k in keys if k in m["metrics"]))
     if results.get("lesion_report_3d"):
         print(f"  3D lesion report:      {results['lesion_report_3d']['outputs']}  (models/, eval/, inference/)")
+    if results.get("tmc"):
+        tm = results["tmc"]["metrics"]
+        print(f"  TMC outputs:           {results['tmc']['outputs']}  (models/, eval/metrics.json, inference/: guided by "
+              f"MedSegText's finding); test Dice per case {tm['dice_case_mean']:.3f}, mIoU {tm['iou_case_mean']:.3f}")
     print(f"  use a trained model:   segreport infer --bundle bundles/medsegtext --checkpoint {m['outputs']}/models/model.pt -i CT_FOLDER -o OUT")
     (out / "demo_summary.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"  summary:               {out / 'demo_summary.json'}")
