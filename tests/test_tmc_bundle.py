@@ -176,3 +176,17 @@ def test_lvit_layout_trains_with_its_own_slice_sentences(phantom_dir, tmp_path):
         ckpt_dir=str(tmp_path / "models"), dataset_dir=str(phantom_dir), data_format="lvit", image_size=64, epochs=1)
     spec = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["spec"]
     assert spec["kind"] == "tmc" and spec["training"]
+
+
+def test_resume_redoes_a_case_whose_guide_text_changed(trained, phantom_dir, tmp_path):
+    image = sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0]
+    args = ["--bundle", BUNDLE, "--checkpoint", trained / "models" / "model.pt", "-i", image, "-o", tmp_path / "o"]
+    assert _infer(args + ["--text", TEXT]) == 0
+    assert _infer(args + ["--text", TEXT, "--resume"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "o" / "summary.csv")))
+    assert rows[0]["status"] == "skipped"  # same text: kept
+    other = "Unilateral pulmonary infection, one infected area, lower left lung."
+    assert _infer(args + ["--text", other, "--resume"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "o" / "summary.csv")))
+    report = json.loads((tmp_path / "o" / f"{image.name.removesuffix('.nii.gz')}_report.json").read_text())
+    assert rows[0]["status"] == "ok" and report["extras"]["guide_texts"] == [other]  # redone with the new text

@@ -128,9 +128,10 @@ class BatchSummary:
 # ---------------------------------------------------------------------------------------- outputs
 
 
-def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = None) -> bool:
+def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = None, guide: str | None = None) -> bool:
     """Done = every output present AND its report was made from this very input (same fingerprint)
-    by this very checkpoint (same sha256): a replaced input or another model is redone on --resume."""
+    by this very checkpoint (same sha256) and, for a text-guided model, from the same guide texts
+    (``GuideTexts.fingerprint``): a replaced input, another model or another text is redone on --resume."""
     paths = case.outputs(output_dir)
     if not all(p.is_file() for p in paths.values()):
         return False
@@ -139,7 +140,7 @@ def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = 
     except (OSError, ValueError):
         return False
     same_input = made_from.get("input_fingerprint") == input_fingerprint(case)
-    return same_input and made_from.get("checkpoint_sha256") == checkpoint_sha256
+    return same_input and made_from.get("checkpoint_sha256") == checkpoint_sha256 and made_from.get("guide_texts") == guide
 
 
 def _remove_outputs(case: Case, output_dir: Path) -> None:
@@ -217,7 +218,8 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
                           zone_map=loaded.zones, input_path=case.path, model=model, points=points,
                           lung_source=meta.get("lung_source") and f"user-supplied lung mask {meta['lung_source']}")
     report["provenance"] = {"input_fingerprint": input_fingerprint(case), "checkpoint_sha256": settings.checkpoint_sha256,
-                            "min_lesion_ml": settings.min_lesion_ml}
+                            "min_lesion_ml": settings.min_lesion_ml,
+                            "guide_texts": None if settings.texts is None else settings.texts.fingerprint()}
     report["model_training"] = settings.training
     report["model_training_summary"] = provenance.describe(settings.training)
     report["warnings"] = provenance.warnings_for(settings.training, meta)
@@ -448,7 +450,8 @@ def run_batch(
         rows: dict[str, dict] = {}
         todo = []
         for case in mine:
-            if resume and case_complete(case, output_dir, settings.checkpoint_sha256):
+            if resume and case_complete(case, output_dir, settings.checkpoint_sha256,
+                                        None if texts is None else texts.fingerprint()):
                 rows[case.case_id] = _skipped_row(case, output_dir)
             else:
                 todo.append(case)

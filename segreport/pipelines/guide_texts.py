@@ -15,6 +15,7 @@ The report records the sentence and where it came from (``extras.guide_text_sour
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -43,6 +44,17 @@ class GuideTexts:
         if self.text_from is not None:
             return f"findings of {getattr(self.text_from, 'name', 'another model')} ({getattr(self.text_from, 'checkpoint_path', '')})"
         return f"per-case texts from {self.source}"
+
+    def fingerprint(self) -> str:
+        """What --resume compares: the sentence, the CSV's content hash, or the source model's checkpoint."""
+        import hashlib
+
+        if self.text is not None:
+            return f"text:{self.text}"
+        if self.text_from is not None:
+            return f"from:{getattr(self.text_from, 'checkpoint_path', None)}"
+        table = json.dumps(self.per_case, sort_keys=True).encode()
+        return f"table:{hashlib.sha256(table).hexdigest()[:16]}"
 
     def check_cases(self, cases) -> None:
         """Ids of a per-case table that name no input case: one clear error listing them."""
