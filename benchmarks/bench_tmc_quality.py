@@ -128,6 +128,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPO / "outputs" / "bench_tmc"))
+    p.add_argument("--tag", default="", help="results file suffix: benchmarks/results/tmc_quality[_TAG].json")
     a = p.parse_args()
     if a.quick:
         a.cases, a.epochs = 32, 8
@@ -178,7 +179,7 @@ def main() -> None:
             "tmc_not_below_unet": table["tmc"]["dice"]["mean"] >= table["unet"]["dice"]["mean"],
             "text_control_share_at_most_half": table["tmc"]["text_control_share_ratio"]["mean"] <= 0.5,
         }
-    dest = REPO / "benchmarks" / "results" / "tmc_quality.json"
+    dest = REPO / "benchmarks" / "results" / f"tmc_quality{'_' + a.tag if a.tag else ''}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
