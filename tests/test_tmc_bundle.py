@@ -190,3 +190,21 @@ def test_resume_redoes_a_case_whose_guide_text_changed(trained, phantom_dir, tmp
     rows = list(csv.DictReader(open(tmp_path / "o" / "summary.csv")))
     report = json.loads((tmp_path / "o" / f"{image.name.removesuffix('.nii.gz')}_report.json").read_text())
     assert rows[0]["status"] == "ok" and report["extras"]["guide_texts"] == [other]  # redone with the new text
+
+
+def test_report_says_when_the_mask_does_not_follow_its_guide_text(phantom_dir):
+    """A mask with lesions in both lungs, guided by a sentence naming one zone: the TXT report says so."""
+    from segreport.data.io import load_volume
+    from segreport.inference.predictor import Prediction
+    from segreport.pipelines.report import build_report, format_report_text
+
+    image_path = sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0]
+    image, affine, _ = load_volume(image_path)
+    lesions = load_volume(phantom_dir / "labelsTr" / image_path.name)[0] > 0
+    guide = "Unilateral pulmonary infection, one infected area, upper left lung."
+    prediction = Prediction(mask=lesions.astype(np.uint8), extras={"guide_texts": [guide], "guide_text_source": "--text"})
+    report = build_report(prediction, image, affine, case_id="c")
+    assert report["consistency"]["items"][0]["agree"] is False
+    text = format_report_text(report)
+    assert "guide text 0: the mask does not follow the sentence that guided it" in text
+    assert f"GUIDED BY: {guide} (from --text)" in text

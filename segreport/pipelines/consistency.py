@@ -74,9 +74,11 @@ def warning_lines(block: Mapping, limit: int = 10) -> list[str]:
     if not block.get("checked"):
         return []
     bad = [it for it in block["items"] if not it["agree"]]
-    lines = [f"Consistency: {block['agree']} of {block['checked']} model sentence(s) agree with the mask"]
-    lines += [f"WARNING: {it['source']}: the model's sentence disagrees with its mask ({'; '.join(it['differences'])})"
-              for it in bad[:limit]]
+    lines = [f"Consistency: {block['agree']} of {block['checked']} sentence(s) agree with the mask"]
+    lines += [f"WARNING: {it['source']}: " + ("the mask does not follow the sentence that guided it"
+                                              if it["source"].startswith("guide text") else
+                                              "the model's sentence disagrees with its mask")
+              + f" ({'; '.join(it['differences'])})" for it in bad[:limit]]
     if len(bad) > limit:
         lines.append(f"WARNING: {len(bad) - limit} more sentence(s) disagree (see the JSON report's consistency block)")
     return lines
