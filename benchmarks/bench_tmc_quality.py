@@ -45,7 +45,7 @@ TEXT_GUIDED = [v for v in VARIANTS if v != "unet"]
 def train_and_evaluate(name: str, seed: int, data: str, out: Path, a) -> dict:
     from monai.bundle import run
 
-    from segreport.pipelines.tmc import text_control
+    from segreport.pipelines.text_guided import text_control
     from segreport.pipelines.evaluation import test_volumes
 
     overlay, overrides = VARIANTS[name]

@@ -31,7 +31,7 @@ from ..errors import InputError
 from ..metrics.text import text_metrics
 from ..text.findings import restrict_finding
 from ..text.tokenizers import build_word_tokenizer, load_tokenizer
-from ..transforms.findings import FindingsFromMask
+from ..transforms.findings import FindingsFromMask, LungZonesFromTextd
 from ..transforms.intensity import HUWindow
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
 from ..transforms.lung_regions import lung_zone_map
@@ -161,13 +161,14 @@ def build_tokenizer(train_items: list[dict], tokenizer_path: str | None = None):
 
 
 def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, train: bool = False,
-                     augment: Sequence | None = None) -> Compose:
+                     augment: Sequence | None = None, zone_labels: bool = False) -> Compose:
     """Loading (PNG paths or in-memory arrays) -> 1×S×S image in [0, 1], binary label, token ids.
 
     The paper resizes to 224×224, scales to [0, 1] and applies random zoom (10 %, p=0.1) in training.
     ``augment``: further training transforms, run after resizing and before tokenisation (so they may
     rewrite the text: :mod:`segreport.transforms.guided_text`). A ``lesion_zones`` map, when the items
-    have one, is resized with the label (nearest).
+    have one, is resized with the label (nearest). ``zone_labels``: ``zones``, the six-zone multi-hot of
+    the final sentence (:class:`~segreport.transforms.findings.LungZonesFromTextd`).
     """
     def to_gray01(x):
         x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
@@ -193,6 +194,8 @@ def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, tra
         tail.append(RandZoomd(keys=["image", "label", "lesion_zones"], prob=0.1, min_zoom=0.9, max_zoom=1.1,
                               mode=("bilinear", "nearest", "nearest"), allow_missing_keys=True))
         tail += list(augment or [])
+    if zone_labels:
+        tail.append(LungZonesFromTextd(keys="text", output_keys="zones"))
     tail += [TokenizeTextd(keys="text", tokenizer=tokenizer, max_length=max_length),
              DeleteItemsd(keys="lesion_zones"),  # used by the augmentations only; batches do not carry it
              EnsureTyped(keys=["image", "label"], track_meta=False)]

@@ -49,6 +49,26 @@ class BertTextEncoder(nn.Module):
         if freeze:
             self.model.requires_grad_(False)
 
+    # ---- stage by stage (LAPFT fuses text and image between groups of layers) -----------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layer
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings(input_ids=ids)
+
+    @staticmethod
+    def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, T) 1/0 attention mask -> the (B, 1, 1, T) additive mask BERT's layers take."""
+        return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def run_layers(self, h: torch.Tensor, additive_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Layers ``start:stop`` on hidden states ``h``; running all of them equals ``forward``."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            for layer in self.layers[start:stop]:
+                h = layer(h, attention_mask=additive_mask)
+        return h
+
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             return self.model(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -1,7 +1,9 @@
-"""TMC pipeline pieces: augmentations, batches and evaluation (the data and validation score are the
-shared slice pieces of :mod:`.slices2d`; volume inference is :mod:`segreport.inference.text_guided`).
+"""Training and evaluation pieces of the text-guided 2D models (TMC, LAPFT): augmentations that keep
+the text true, batches, the paper's LR schedule, evaluation per case and the text-control check.
 
-The bundle YAMLs (bundles/tmc/configs) only wire these with MONAI's SupervisedTrainer/Evaluator.
+The data and validation score are the shared slice pieces of :mod:`.slices2d`; volume inference is
+:mod:`segreport.inference.text_guided`. The bundle YAMLs (bundles/tmc, bundles/lapft) only wire these
+with MONAI's SupervisedTrainer/Evaluator.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..transforms.guided_text import RandLateralFlipd, RandZoneSubsetd
 from .loaders import make_dataset, make_loader
 from .slices2d import build_tokenizer, slice_transforms
 
-log = logging.getLogger("segreport.tmc")
+log = logging.getLogger("segreport.text_guided")
 
 SPATIAL_KEYS = ("image", "label", "lesion_zones")
 SPATIAL_MODES = ("bilinear", "nearest", "nearest")
@@ -83,19 +85,25 @@ def plateau_schedule(optimizer, metric: str = "val_dice", factor: float = 0.1, p
     return handlers
 
 
-def train_transforms(tokenizer, image_size: int, max_length: int, **augment_kwargs):
-    return slice_transforms(tokenizer, image_size, max_length, train=True, augment=augmentations(**augment_kwargs))
+def train_transforms(tokenizer, image_size: int, max_length: int, zone_labels: bool = False, **augment_kwargs):
+    """Training slice transforms with :func:`augmentations`; ``zone_labels`` adds ``zones``, the six-zone
+    multi-hot of the (augmented) sentence, LAPFT's location targets."""
+    return slice_transforms(tokenizer, image_size, max_length, train=True, zone_labels=zone_labels,
+                            augment=augmentations(**augment_kwargs))
 
 
-class TMCBatch(PrepareBatch):
-    """Batch -> (image, {"label", "tokens"}, (tokens, tokens_mask), {}) for SupervisedTrainer/Evaluator."""
+class TextGuidedBatch(PrepareBatch):
+    """Batch -> (image, {"label", "tokens"[, "zones"]}, (tokens, tokens_mask), {}) for the engines."""
 
     def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
         def to(key):
             return batchdata[key].to(device=device, non_blocking=non_blocking)
 
         tokens = to("tokens")
-        return to("image"), {"label": to("label"), "tokens": tokens}, (tokens, to("tokens_mask")), {}
+        targets = {"label": to("label"), "tokens": tokens}
+        if "zones" in batchdata:
+            targets["zones"] = to("zones")
+        return to("image"), targets, (tokens, to("tokens_mask")), {}
 
 
 @torch.inference_mode()
@@ -107,11 +115,11 @@ def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str |
     The model, its image size, text length and tokenizer come from the checkpoint's spec.
     ``text_override``: one sentence given to every slice instead of its own (for text-control checks).
     """
-    from ..models.tmc import trained
+    from ..models import adapter
     from ..models.spec import read_checkpoint
 
     spec, weights = read_checkpoint(checkpoint)
-    network, tokenizer = trained(spec, weights)
+    network, tokenizer = adapter(spec["kind"], checkpoint).trained(spec, weights)
     network = network.to(device)
     image_size, max_length = spec["preprocessing"]["image_size"], spec["inference"]["max_length"]
     if text_override is not None:
@@ -164,7 +172,7 @@ def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str =
     from ..vocab import SIDES, ZONES
     from .evaluation import reference_sentence
 
-    predictor = load(checkpoint, device=device, kind="tmc")
+    predictor = load(checkpoint, device=device)
     describe = FindingsFromMask().describe
     left_out = {"true_text": 0.0, "one_lung_text": 0.0}
     total = {"true_text": 0.0, "one_lung_text": 0.0}
