@@ -7,6 +7,11 @@ same radiological orientation, the answer does not depend on how the file stores
 
 The model side is two callables: ``forward(images (B,1,S,S) in [0,1], **prompts) -> {"seg_logits"
 (B,1,S,S), optionally "tokens"}`` and, for models that write, ``decode(tokens) -> list[str]``.
+A forward may also return per-slice outputs worth reporting: ``"slice_values"`` ({name: (B, ...)}),
+kept per file slice index, and ``"slice_points"`` ((B, k, 2) pixel (row, col) at the model's size,
+with ``"slice_points_valid"`` (B, k)), mapped through the display orientation's affine to the file's
+IJK voxels and RAS mm (a LAPFT prompt point is then a place in the patient, not a pixel of a resized
+slice). Both land in ``predict``'s ``Prediction.extras``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..transforms.orientation import display_to_file_index, from_display, to_dis
 from ..transforms.postprocess import remove_small_lesions
 from ..transforms.slicing import axial_axis
 from ..vocab import MIN_LESION_ML
+from .geometry import map_points
 from .predictor import Prediction
 
 log = logging.getLogger("segreport.inference")
@@ -50,11 +56,12 @@ class SliceWisePredictor:
         self.checkpoint_path: str | None = None
 
     def probabilities(self, image: np.ndarray, affine: np.ndarray, slice_prompts: Callable[[np.ndarray], dict] | None = None,
-                      **prompts) -> tuple[np.ndarray, dict[int, str]]:
+                      collected: dict | None = None, **prompts) -> tuple[np.ndarray, dict[int, str]]:
         """Lesion probability on the file grid and the model's sentence per file axial slice index.
 
         ``slice_prompts(file_slice_indices) -> {name: tensor (B, ...)}``: prompts that differ per slice
         (a text-guided model's sentence for each slice's level), asked for each batch of slices.
+        ``collected``: filled with the forward's per-slice outputs (module docstring), by file slice index.
         """
         windowed = np.asarray(HUWindow(preset=self.window)(np.asarray(image, dtype=np.float32)[None]))
         shown = to_display(windowed, affine)  # (1, rows, cols, n)
@@ -77,15 +84,35 @@ class SliceWisePredictor:
             if "tokens" in out and self.decode is not None:
                 for i, text in enumerate(self.decode(out["tokens"])):
                     texts[int(file_index[start + i])] = text
+            if collected is not None:
+                self._collect(out, collected, start, file_index, shown, size2d, affine)
         return from_display(prob.permute(1, 2, 0)[None], shown)[0], texts
+
+    def _collect(self, out: dict, collected: dict, start: int, file_index, shown, size2d, affine) -> None:
+        for name, values in (out.get("slice_values") or {}).items():
+            for i, row in enumerate(values.float().cpu().tolist()):
+                collected.setdefault(name, {})[int(file_index[start + i])] = row
+        if "slice_points" not in out:
+            return
+        pts, valid = out["slice_points"].float().cpu().numpy(), out["slice_points_valid"].cpu().numpy()
+        scale = np.array(size2d, dtype=np.float64) / self.image_size
+        for i in range(len(pts)):
+            display = [[r * scale[0] - 0.5, c * scale[1] - 0.5, start + i] for (r, c), ok in zip(pts[i], valid[i]) if ok]
+            if not display:
+                continue
+            ijk = map_points(np.array(display), np.asarray(shown.affine), affine)
+            world = (np.asarray(affine, np.float64) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+            collected.setdefault("prompt_points", {})[int(file_index[start + i])] = [
+                {"ijk": [round(float(v), 1) for v in p], "ras_mm": [round(float(v), 1) for v in w]} for p, w in zip(ijk, world)]
 
     def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None, lung=None,
                 slice_prompts: Callable[[np.ndarray], dict] | None = None, **prompts) -> Prediction:
         if points is not None and len(points):
             log.warning("%s takes no clicks: %d point(s) ignored", self.name, len(points))
-        prob, texts = self.probabilities(image, affine, slice_prompts=slice_prompts, **prompts)
+        collected: dict = {}
+        prob, texts = self.probabilities(image, affine, slice_prompts=slice_prompts, collected=collected, **prompts)
         mask = remove_small_lesions(prob > self.threshold, affine, self.min_lesion_ml)
         axis = axial_axis(affine)
         lesion_slices = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         return Prediction(mask=mask, slice_findings={int(k): texts[int(k)] for k in lesion_slices if int(k) in texts},
-                          extras=dict(self.extras))
+                          extras={**self.extras, **{k: {str(s): v for s, v in sorted(d.items())} for k, d in collected.items()}})

@@ -19,6 +19,7 @@ ADAPTERS = {
     "medsegtext": "segreport.models.medsegtext",
     "lesion_report_3d": "segreport.models.lesion_report_3d",
     "tmc": "segreport.models.tmc",
+    "lapft": "segreport.models.lapft",
 }
 
 __all__ = ["ADAPTERS", "SpecState", "build_network", "load", "load_weights", "make_spec", "network_from_checkpoint",

@@ -2,3 +2,4 @@
 
 from .medsegtext import MEDSEGTEXT_CONFIGS, MedSegText
 from .tmc import TMC, TMC_CONFIGS, ImageOnlyUNet
+from .lapft import LAPFT, LAPFT_CONFIGS

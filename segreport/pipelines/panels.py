@@ -31,3 +31,31 @@ def save_panel(path: str | os.PathLike, image: np.ndarray, label: np.ndarray | N
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def save_prompt_panel(path: str | os.PathLike, image: np.ndarray, label: np.ndarray, coarse: np.ndarray,
+                      points: np.ndarray, final: np.ndarray, text: str = "") -> None:
+    """A prompt-generating model's panel (LAPFT): coarse mask probability, the chosen points over the
+    image, and the final mask (red) against the ground truth (green), with the guide sentence."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.6))
+    axes[0].imshow(coarse, cmap="magma", vmin=0, vmax=1)
+    axes[0].set_title("coarse mask M", fontsize=9)
+    axes[1].imshow(image, cmap="gray", vmin=0, vmax=1)
+    if len(points):
+        axes[1].scatter(np.asarray(points)[:, 1], np.asarray(points)[:, 0], c="yellow", s=30, marker="x")
+    axes[1].set_title(f"point prompts ({len(points)})", fontsize=9)
+    axes[2].imshow(image, cmap="gray", vmin=0, vmax=1)
+    for mask, colour in ((label, "lime"), (final, "red")):
+        if np.asarray(mask).any():
+            axes[2].contour(np.asarray(mask) > 0.5, levels=[0.5], colors=colour, linewidths=1.2)
+    axes[2].set_title("final mask (red) vs truth (green)", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.text(0.01, 0.03, f"guide: {text}", fontsize=8, wrap=True)
+    fig.subplots_adjust(bottom=0.14, top=0.9, wspace=0.03)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -207,3 +207,14 @@ def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str =
             "share_ratio": share["one_lung_text"] / share["true_text"] if share["true_text"] else float("nan"),
             "left_out_volume_ratio": left_out["one_lung_text"] / left_out["true_text"] if left_out["true_text"] else float("nan"),
             "cases": cases}
+
+
+def write_parameter_counts(network, output_dir: str | os.PathLike) -> dict:
+    """``parameters.json`` in the output folder: trainable and total parameters, and for a model that says
+    so (``trainable_summary``) which pretrained towers are frozen."""
+    net = getattr(network, "module", network)
+    summary = net.trainable_summary() if hasattr(net, "trainable_summary") else {
+        "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in net.parameters())}
+    write_json(summary, Path(output_dir) / "parameters.json")
+    return summary
