@@ -265,9 +265,8 @@ class LAPFT(nn.Module):
         eos = (tokens_mask.sum(1) - 1).clamp(min=0)  # [SEP]/[EOS]: the last real token
         rows = torch.arange(b, device=image.device)
         additive = self.text.additive_mask(tokens_mask)
-        v = self.vision.vision_model.pre_layrnorm(self.vision.vision_model.embeddings(rgb)) if hasattr(
-            self.vision, "vision_model") else self.vision.pre_layrnorm(self.vision.embeddings(rgb))
-        layers = (self.vision.vision_model if hasattr(self.vision, "vision_model") else self.vision).encoder.layers
+        v = self.vision.pre_layrnorm(self.vision.embeddings(rgb))  # (B, 1 + g*g, C): CLS, then the patches
+        layers = self.vision.encoder.layers
         t = self.text.embed(tokens)
         zone_logits = []
         for i, ((v0, v1), (t0, t1)) in enumerate(zip(self.vision_stages, self.text_stages)):
@@ -285,14 +284,15 @@ class LAPFT(nn.Module):
         points, valid = select_points(torch.sigmoid(coarse[:, 0]), self.top_k, self.theta)
         scale = self.image_size / self.grid
         xy = (points.flip(-1).float() + 0.5) * scale  # SAM2 wants (x, y) in input pixels
-        labels = valid.int() if "points" in self.prompts else torch.full_like(valid, -1, dtype=torch.int)
-        if "points" not in self.prompts:
-            xy = torch.zeros_like(xy)
+        # SAM2's "not a point" label (-1) for missing points, and for all of them when points are switched off
+        use_points = valid if "points" in self.prompts else torch.zeros_like(valid)
+        labels = torch.where(use_points, 1, -1).int()
+        xy = torch.where(use_points[..., None], xy, torch.zeros_like(xy))
         masks = None
         if "mask" in self.prompts:
             masks = F.interpolate(coarse, size=self.sam.prompt_encoder.mask_input_size, mode="bilinear", align_corners=False)
-        sparse, dense = self.sam.prompt_encoder(input_points=xy[:, None], input_labels=labels[:, None].masked_fill(
-            ~valid[:, None], -1) if "points" in self.prompts else labels[:, None], input_boxes=None, input_masks=masks)
+        sparse, dense = self.sam.prompt_encoder(input_points=xy[:, None], input_labels=labels[:, None], input_boxes=None,
+                                                input_masks=masks)
         if "text" in self.prompts:
             sparse = torch.cat([sparse, self.text_prompt(t_eos)[:, None, None, :]], 2)
         features = self._sam_features(rgb)
