@@ -58,7 +58,7 @@ def test_validation_score_is_reduced_over_ranks():
     assert results[0] == pytest.approx(2 * 16 / 48) and results[1] == pytest.approx(results[0])
 
 
-@pytest.mark.parametrize("bundle, image_size", [("medsegtext", 32), ("tmc", 64)])
+@pytest.mark.parametrize("bundle, image_size", [("medsegtext", 32), ("tmc", 64), ("lapft", 64)])
 def test_torchrun_trains_with_the_multi_gpu_overlay(bundle, image_size, phantom_dir, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
