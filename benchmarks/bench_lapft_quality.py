@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_tmc_quality import CONFIGS as TMC_CONFIGS, VARIANTS as TMC_VARIANTS, train_and_evaluate  # noqa: E402
+from bench_tmc_quality import CONFIGS as TMC_CONFIGS, VARIANTS as TMC_VARIANTS, prepare, train_and_evaluate  # noqa: E402
 
 CONFIGS = REPO / "bundles" / "lapft" / "configs"
 VARIANTS = {
@@ -53,17 +52,9 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "outputs" / "bench_tmc"), help="shared with bench_tmc_quality")
     p.add_argument("--tag", default="")
     a = p.parse_args()
-    if a.quick:
-        a.cases, a.epochs = 32, 8
-    logging.basicConfig(level=logging.WARNING)
-    import torch
-
-    from segreport.data.phantom import DATASET_MARKERS, ensure_dataset
+    data, out = prepare(a)
     from segreport.metrics.stats import mean_std, paired_t_test
 
-    torch.set_num_threads(a.threads)
-    out = Path(a.out) / f"data{a.data_seed}_cases{a.cases}"
-    data = ensure_dataset(out / "phantom", DATASET_MARKERS, n_cases=a.cases, seed=a.data_seed)
     runs: dict[str, list[dict]] = {}
     plan = [("unet", s, TMC_CONFIGS, TMC_VARIANTS) for s in a.seeds] + [("tmc", s, TMC_CONFIGS, TMC_VARIANTS) for s in a.seeds]
     plan += [("lapft", s, CONFIGS, VARIANTS) for s in a.seeds]

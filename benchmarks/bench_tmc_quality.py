@@ -81,6 +81,21 @@ def train_and_evaluate(name: str, seed: int, data: str, out: Path, a, configs: P
     return result
 
 
+def prepare(a) -> tuple[str, Path]:
+    """The --quick setting, logging, torch threads, and the benchmark's own phantom (generated once):
+    ``(dataset folder, work folder)``, shared by the TMC and LAPFT benchmarks."""
+    import torch
+
+    from segreport.data.phantom import DATASET_MARKERS, ensure_dataset
+
+    if a.quick:
+        a.cases, a.epochs = 32, 8
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out) / f"data{a.data_seed}_cases{a.cases}"
+    return ensure_dataset(out / "phantom", DATASET_MARKERS, n_cases=a.cases, seed=a.data_seed), out
+
+
 def _csv(path: Path) -> list[dict]:
     import csv
 
@@ -142,17 +157,9 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "outputs" / "bench_tmc"))
     p.add_argument("--tag", default="", help="results file suffix: benchmarks/results/tmc_quality[_TAG].json")
     a = p.parse_args()
-    if a.quick:
-        a.cases, a.epochs = 32, 8
-    logging.basicConfig(level=logging.WARNING)
-    import torch
-
-    from segreport.data.phantom import DATASET_MARKERS, ensure_dataset
+    data, out = prepare(a)
     from segreport.metrics.stats import mean_std, paired_t_test
 
-    torch.set_num_threads(a.threads)
-    out = Path(a.out) / f"data{a.data_seed}_cases{a.cases}"
-    data = ensure_dataset(out / "phantom", DATASET_MARKERS, n_cases=a.cases, seed=a.data_seed)
     runs: dict[str, list[dict]] = {}
     for name in a.variants:
         for seed in (a.variant_seeds if name in SINGLE_CHANGES else a.seeds):
