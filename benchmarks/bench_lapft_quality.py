@@ -18,12 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_tmc_quality import CONFIGS as TMC_CONFIGS, VARIANTS as TMC_VARIANTS, prepare, train_and_evaluate  # noqa: E402
+from bench_tmc_quality import CONFIGS as TMC_CONFIGS, VARIANTS as TMC_VARIANTS, prepare, table_row, train_and_evaluate, write_results  # noqa: E402
 
 CONFIGS = REPO / "bundles" / "lapft" / "configs"
 VARIANTS = {
@@ -53,7 +52,7 @@ def main() -> None:
     p.add_argument("--tag", default="")
     a = p.parse_args()
     data, out = prepare(a)
-    from segreport.metrics.stats import mean_std, paired_t_test
+    from segreport.metrics.stats import mean_std
 
     runs: dict[str, list[dict]] = {}
     plan = [("unet", s, TMC_CONFIGS, TMC_VARIANTS) for s in a.seeds] + [("tmc", s, TMC_CONFIGS, TMC_VARIANTS) for s in a.seeds]
@@ -65,39 +64,23 @@ def main() -> None:
         runs.setdefault(name, []).append(r)
         print(name, seed, json.dumps({k: v for k, v in r.items() if k not in ("per_case_dice", "zones")}), flush=True)
 
-    def case_means(name):
-        cases = sorted(runs[name][0]["per_case_dice"])
-        return cases, [float(np.mean([r["per_case_dice"][c] for r in runs[name]])) for c in cases]
-
     table = {}
     for name, rs in runs.items():
-        row = {"n_seeds": len(rs), "dice": mean_std([r["dice"] for r in rs]), "miou": mean_std([r["miou"] for r in rs]),
-               "train_seconds": mean_std([r["train_seconds"] for r in rs])}
+        row = {"n_seeds": len(rs), **table_row(name, runs)}
         if "parameters" in rs[0]:
             row["parameters"] = rs[0]["parameters"]
-        if "text_control" in rs[0]:
-            row["text_control_share_ratio"] = mean_std([r["text_control"]["share_ratio"] for r in rs])
         if "zones" in rs[0] and rs[0]["zones"]["stages"]:
-            row["gpfc_accuracy_per_stage"] = [mean_std([r["zones"]["stages"][s]["accuracy"] for r in rs])["mean"]
-                                              for s in range(len(rs[0]["zones"]["stages"]))]
-            row["gpfc_macro_f1_per_stage"] = [mean_std([r["zones"]["stages"][s]["macro_f1"] for r in rs])["mean"]
-                                              for s in range(len(rs[0]["zones"]["stages"]))]
+            stages = range(len(rs[0]["zones"]["stages"]))
+            row["gpfc_accuracy_per_stage"] = [mean_std([r["zones"]["stages"][s]["accuracy"] for r in rs])["mean"] for s in stages]
+            row["gpfc_macro_f1_per_stage"] = [mean_std([r["zones"]["stages"][s]["macro_f1"] for r in rs])["mean"] for s in stages]
             row["frequency_baseline"] = rs[0]["zones"]["frequency_baseline"]
-        if name != "unet" and len(rs) == len(runs["unet"]):
-            try:
-                row["paired_t_vs_unet"] = paired_t_test(case_means(name)[1], case_means("unet")[1])
-            except ValueError as err:
-                row["paired_t_vs_unet"] = str(err)
         table[name] = row
     lapft = table["lapft"]
     summary = {"setup": vars(a) | {"device": "cpu", "model_config": "tiny"}, "table": table, "runs": runs,
                "targets": {"lapft_not_below_unet": lapft["dice"]["mean"] >= table["unet"]["dice"]["mean"],
                            "gpfc_above_frequency_baseline": bool(lapft.get("gpfc_accuracy_per_stage")) and min(
                                lapft["gpfc_accuracy_per_stage"]) > lapft["frequency_baseline"]["accuracy"]}}
-    dest = REPO / "benchmarks" / "results" / f"lapft_quality{'_' + a.tag if a.tag else ''}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    write_results("lapft_quality", summary, a.tag)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,40 @@ def train_and_evaluate(name: str, seed: int, data: str, out: Path, a, configs: P
     return result
 
 
+def table_row(name: str, runs: dict[str, list[dict]]) -> dict:
+    """One model's row over its seeds: Dice, mIoU, training time (mean ± std), text control, and a paired
+    t-test of its per-case Dice (averaged over seeds) against the U-Net's, when both have the same seeds."""
+    from segreport.metrics.stats import mean_std, paired_t_test
+
+    def case_means(model):  # per-case Dice averaged over seeds, in one case order
+        cases = sorted(runs[model][0]["per_case_dice"])
+        return cases, [float(np.mean([r["per_case_dice"][c] for r in runs[model]])) for c in cases]
+
+    rs = runs[name]
+    row = {"dice": mean_std([r["dice"] for r in rs]), "miou": mean_std([r["miou"] for r in rs]),
+           "train_seconds": mean_std([r["train_seconds"] for r in rs])}
+    if "text_control" in rs[0]:
+        row["text_control_share_ratio"] = mean_std([r["text_control"]["share_ratio"] for r in rs])
+        row["text_control_left_out_share_one_lung"] = mean_std([r["text_control"]["left_out_share_one_lung_text"] for r in rs])
+    if "unet" in runs and name != "unet" and len(rs) == len(runs["unet"]):
+        cases, mine = case_means(name)
+        base_cases, base = case_means("unet")
+        assert cases == base_cases
+        try:
+            row["paired_t_vs_unet"] = paired_t_test(mine, base)
+        except ValueError as err:  # fewer than two test cases
+            row["paired_t_vs_unet"] = str(err)
+    return row
+
+
+def write_results(stem: str, summary: dict, tag: str = "") -> None:
+    """benchmarks/results/<stem>[_<tag>].json, and the summary without the per-run details on stdout."""
+    dest = REPO / "benchmarks" / "results" / f"{stem}{'_' + tag if tag else ''}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+
+
 def prepare(a) -> tuple[str, Path]:
     """The --quick setting, logging, torch threads, and the benchmark's own phantom (generated once):
     ``(dataset folder, work folder)``, shared by the TMC and LAPFT benchmarks."""
@@ -158,8 +192,6 @@ def main() -> None:
     p.add_argument("--tag", default="", help="results file suffix: benchmarks/results/tmc_quality[_TAG].json")
     a = p.parse_args()
     data, out = prepare(a)
-    from segreport.metrics.stats import mean_std, paired_t_test
-
     runs: dict[str, list[dict]] = {}
     for name in a.variants:
         for seed in (a.variant_seeds if name in SINGLE_CHANGES else a.seeds):
@@ -167,26 +199,7 @@ def main() -> None:
             runs.setdefault(name, []).append(r)
             print(name, seed, json.dumps({k: v for k, v in r.items() if k != "per_case_dice"}), flush=True)
 
-    def case_means(name):  # per-case Dice averaged over seeds, in one case order
-        cases = sorted(runs[name][0]["per_case_dice"])
-        return cases, [float(np.mean([r["per_case_dice"][c] for r in runs[name]])) for c in cases]
-
-    table = {}
-    for name, rs in runs.items():
-        row = {"dice": mean_std([r["dice"] for r in rs]), "miou": mean_std([r["miou"] for r in rs]),
-               "train_seconds": mean_std([r["train_seconds"] for r in rs])}
-        if "text_control" in rs[0]:
-            row["text_control_share_ratio"] = mean_std([r["text_control"]["share_ratio"] for r in rs])
-            row["text_control_left_out_share_one_lung"] = mean_std([r["text_control"]["left_out_share_one_lung_text"] for r in rs])
-        if "unet" in runs and name != "unet" and len(rs) == len(runs["unet"]):
-            cases, mine = case_means(name)
-            base_cases, base = case_means("unet")
-            assert cases == base_cases
-            try:
-                row["paired_t_vs_unet"] = paired_t_test(mine, base)
-            except ValueError as err:  # fewer than two test cases
-                row["paired_t_vs_unet"] = str(err)
-        table[name] = row
+    table = {name: table_row(name, runs) for name in runs}
     summary = {
         "setup": vars(a) | {"device": "cpu", "model_config": "tiny"},
         "table": table,
@@ -198,10 +211,7 @@ def main() -> None:
             "tmc_not_below_unet": table["tmc"]["dice"]["mean"] >= table["unet"]["dice"]["mean"],
             "text_control_share_at_most_half": table["tmc"]["text_control_share_ratio"]["mean"] <= 0.5,
         }
-    dest = REPO / "benchmarks" / "results" / f"tmc_quality{'_' + a.tag if a.tag else ''}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    write_results("tmc_quality", summary, a.tag)
 
 
 if __name__ == "__main__":
