@@ -8,33 +8,22 @@ import torch
 
 from ..inference.slicewise import SliceWisePredictor
 from ..networks.medsegtext import MedSegText
-from ..text.tokenizers import decode_tokens, tokenizer_from_files, tokenizer_to_files
-from ..transforms.orientation import DISPLAY_AXCODES
-from ..vocab import MIN_LESION_ML
-from .spec import build_network, load_weights, make_spec
+from ..text.tokenizers import decode_tokens
+from .spec import slice_spec, trained_with_tokenizer
 
 KIND = "medsegtext"
 TARGET = "segreport.networks.MedSegText"
 
 
-def spec_for(network: MedSegText, tokenizer, image_size: int, max_length: int, window: str = "lung",
-             threshold: float = 0.5, min_lesion_ml: float = MIN_LESION_ML, training: Mapping | None = None) -> dict:
-    """Everything inference needs: the network's config, the 2D pre-processing, the tokenizer itself."""
-    net = getattr(network, "module", network)
-    return make_spec(
-        KIND, TARGET, net.config,
-        preprocessing={"axcodes": DISPLAY_AXCODES, "window": window, "image_size": int(image_size), "channels": 1},
-        inference={"max_length": int(max_length), "threshold": float(threshold), "min_lesion_ml": float(min_lesion_ml)},
-        tokenizer=None if tokenizer is None else tokenizer_to_files(tokenizer),
-        training=training,
-    )
+def spec_for(network: MedSegText, tokenizer, image_size: int, max_length: int, **kwargs) -> dict:
+    """Everything inference needs: the network's config, the 2D pre-processing, the tokenizer itself
+    (``kwargs``: window, threshold, min_lesion_ml, training; :func:`.spec.slice_spec`)."""
+    return slice_spec(KIND, TARGET, getattr(network, "module", network).config, tokenizer, image_size, max_length, **kwargs)
 
 
 def trained(spec: Mapping, weights: Mapping) -> tuple[MedSegText, Any]:
     """(network with weights, tokenizer or None) of a MedSegText spec."""
-    network = load_weights(build_network(spec), weights)
-    tokenizer = tokenizer_from_files(spec["tokenizer"]) if spec.get("tokenizer") else None
-    return network.eval(), tokenizer
+    return trained_with_tokenizer(spec, weights)
 
 
 def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", batch_size: int = 16, bf16: bool = False,

@@ -112,3 +112,29 @@ def network_from_checkpoint(path: str | os.PathLike, map_location: str | torch.d
     """``(network with its trained weights, spec)``."""
     spec, weights = read_checkpoint(path, map_location)
     return load_weights(build_network(spec), weights, path), spec
+
+
+def slice_spec(kind: str, target: str, config: Mapping, tokenizer, image_size: int, max_length: int,
+               window: str = "lung", threshold: float = 0.5, min_lesion_ml: float | None = None,
+               training: Mapping | None = None) -> dict:
+    """The spec of a 2D slice model (MedSegText, TMC, LAPFT): display orientation, HU window and image
+    size; text length, threshold and minimum lesion size; the tokenizer itself (or none)."""
+    from ..text.tokenizers import tokenizer_to_files
+    from ..transforms.orientation import DISPLAY_AXCODES
+    from ..vocab import MIN_LESION_ML
+
+    return make_spec(
+        kind, target, config,
+        preprocessing={"axcodes": DISPLAY_AXCODES, "window": window, "image_size": int(image_size), "channels": 1},
+        inference={"max_length": int(max_length), "threshold": float(threshold),
+                   "min_lesion_ml": float(MIN_LESION_ML if min_lesion_ml is None else min_lesion_ml)},
+        tokenizer=None if tokenizer is None else tokenizer_to_files(tokenizer), training=training,
+    )
+
+
+def trained_with_tokenizer(spec: Mapping, weights: Mapping) -> tuple[nn.Module, Any]:
+    """(network with weights, in eval mode; the spec's tokenizer or None)."""
+    from ..text.tokenizers import tokenizer_from_files
+
+    network = load_weights(build_network(spec), weights)
+    return network.eval(), tokenizer_from_files(spec["tokenizer"]) if spec.get("tokenizer") else None

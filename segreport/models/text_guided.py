@@ -8,32 +8,22 @@ network target says which network.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from ..inference.text_guided import TextGuidedPredictor
-from ..text.tokenizers import tokenizer_from_files, tokenizer_to_files
-from ..transforms.orientation import DISPLAY_AXCODES
-from ..vocab import MIN_LESION_ML
-from .spec import build_network, load_weights, make_spec
+from .spec import slice_spec, trained_with_tokenizer
 
 
-def spec_for(kind: str, network, tokenizer, image_size: int, max_length: int, window: str = "lung",
-             threshold: float = 0.5, min_lesion_ml: float = MIN_LESION_ML, training: Mapping | None = None) -> dict:
+def spec_for(kind: str, network, tokenizer, image_size: int, max_length: int, **kwargs) -> dict:
+    """The spec of ``network`` under ``kind``, its target the network's own class (baselines included)."""
     net = getattr(network, "module", network)
-    return make_spec(
-        kind, f"{type(net).__module__}.{type(net).__qualname__}", net.config,
-        preprocessing={"axcodes": DISPLAY_AXCODES, "window": window, "image_size": int(image_size), "channels": 1},
-        inference={"max_length": int(max_length), "threshold": float(threshold), "min_lesion_ml": float(min_lesion_ml)},
-        tokenizer=tokenizer_to_files(tokenizer), training=training,
-    )
+    return slice_spec(kind, f"{type(net).__module__}.{type(net).__qualname__}", net.config, tokenizer, image_size,
+                      max_length, **kwargs)
 
 
-def trained(spec: Mapping, weights: Mapping) -> tuple[torch.nn.Module, Any]:
-    """(network with weights, in eval mode; tokenizer) of a text-guided spec."""
-    network = load_weights(build_network(spec), weights)
-    return network.eval(), tokenizer_from_files(spec["tokenizer"])
+trained = trained_with_tokenizer  # (network in eval mode, tokenizer) of a text-guided spec
 
 
 def predictor(kind: str, spec: Mapping, weights: Mapping, outputs: Callable[[dict], dict] | None = None,
