@@ -9,7 +9,7 @@ import torch
 from segreport.errors import InputError
 from segreport.losses.alignment import MultiStageAlignmentLoss, SegAlignLoss
 from segreport.networks import TMC, ImageOnlyUNet
-from segreport.text.findings import NO_FINDING, parse_finding, restrict_finding, swap_sides
+from segreport.text.findings import NO_FINDING, parse_finding, restrict_finding
 from segreport.transforms.guided_text import RandLateralFlipd, RandZoneSubsetd, mirrored_zone_codes
 from segreport.vocab import ZONES
 
@@ -132,10 +132,6 @@ def test_restrict_finding_keeps_the_named_zones_of_a_slice():
     assert restrict_finding(BILATERAL, ZONES) == BILATERAL  # everything kept: the count is the text's
     assert restrict_finding("Bilateral pulmonary infection, two infected areas, all left lung and lower rigth lung.",
                             {"lower_right"}) == "Unilateral pulmonary infection, one infected area, lower right lung."
-
-
-def test_swap_sides_keeps_case():
-    assert swap_sides("Left lung and right lung; LEFT") == "Right lung and left lung; RIGHT"
 
 
 def test_guide_text_errors_are_clear():

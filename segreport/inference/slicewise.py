@@ -20,6 +20,7 @@ import logging
 from typing import Callable
 
 import numpy as np
+from nibabel.affines import apply_affine
 import torch
 import torch.nn.functional as F
 
@@ -101,7 +102,7 @@ class SliceWisePredictor:
             if not display:
                 continue
             ijk = map_points(np.array(display), np.asarray(shown.affine), affine)
-            world = (np.asarray(affine, np.float64) @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+            world = apply_affine(np.asarray(affine, np.float64), ijk)
             collected.setdefault("prompt_points", {})[int(file_index[start + i])] = [
                 {"ijk": [round(float(v), 1) for v in p], "ras_mm": [round(float(v), 1) for v in w]} for p, w in zip(ijk, world)]
 

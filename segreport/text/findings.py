@@ -146,11 +146,3 @@ def restrict_finding(text: str, zones: Iterable[str]) -> str:
         return NO_FINDING
     n = parsed.n_areas or len(kept)
     return format_finding(n if kept == parsed.zones else min(n, len(kept)), kept)
-
-
-_SIDE_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
-
-
-def swap_sides(text: str) -> str:
-    """``left`` <-> ``right`` (case kept): the sentence that stays true for a left-right mirrored image."""
-    return re.sub(r"\b(left|right)\b", lambda m: _SIDE_SWAP[m.group(0)], text, flags=re.IGNORECASE)
