@@ -1,5 +1,6 @@
 """LAPFT pipeline pieces beyond the shared text-guided ones (:mod:`.text_guided`): the warm-up cosine
-schedule, the GPFC location evaluation against a frequency baseline, and the prompt panels."""
+schedule, and the GPFC location evaluation against a frequency baseline with the prompt panels (an
+observer of the shared evaluation, so the test slices go through the network once)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import torch
 from ..data.outputs import write_json
 from ..text.findings import parse_finding
 from ..vocab import ZONES
-from .loaders import make_dataset, make_loader
-from .slices2d import slice_transforms
 
 
 def warmup_cosine(optimizer, warmup_iterations: int, total_iterations: int) -> list:
@@ -36,48 +35,46 @@ def _f1(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-@torch.inference_mode()
-def evaluate_zones(checkpoint: str | os.PathLike, test_items: list[dict], train_items: list[dict],
-                   output_dir: str | os.PathLike, batch_size: int = 8, device: str = "cpu", n_panels: int = 8) -> dict:
-    """GPFC six-zone accuracy and macro F1 per stage on the test slices, against the zones of each slice's
-    reference sentence, and the same for always predicting each zone's TRAINING frequency (a zone is
-    predicted when it is present in more than half of the training slices) -> zones.json; panels of the
-    coarse mask, the chosen points and the final mask -> panels/."""
-    from ..models.lapft import trained
-    from ..models.spec import read_checkpoint
-    from .panels import save_prompt_panel
+class ZoneEvaluation:
+    """An observer of :func:`segreport.pipelines.text_guided.evaluate`: GPFC six-zone accuracy and macro F1
+    per stage on the test slices, against the zones of each slice's reference sentence, and the same for
+    always predicting each zone's TRAINING frequency (a zone is predicted when it is present in more than
+    half of the training slices) -> zones.json; panels of the coarse mask, the chosen points and the
+    final mask -> panels/."""
 
-    spec, weights = read_checkpoint(checkpoint)
-    network, tokenizer = trained(spec, weights)
-    network = network.to(device)
-    size, length = spec["preprocessing"]["image_size"], spec["inference"]["max_length"]
-    loader = make_loader(make_dataset(test_items, slice_transforms(tokenizer, size, length), cache=False), batch_size)
-    truth, preds, shown = [], [], 0
-    out = Path(output_dir)
-    for batch in loader:
-        result = network(batch["image"].to(device), batch["tokens"].to(device), batch["tokens_mask"].to(device))
-        truth += [parse_finding(t).multi_hot for t in batch["text"]]
-        if result["zone_logits"].shape[1]:
-            preds.append((torch.sigmoid(result["zone_logits"]) > 0.5).cpu().numpy())
-        for i in range(len(batch["image"])):
-            if shown >= n_panels:
-                break
-            save_prompt_panel(out / "panels" / f"{batch['case_id'][i]}_s{int(batch['slice_index'][i]):03d}.png",
-                              batch["image"][i, 0].numpy(), batch["label"][i, 0].numpy(),
-                              torch.sigmoid(result["coarse_logits"][i, 0]).cpu().numpy(),
-                              result["points"][i][result["points_valid"][i]].cpu().numpy(),
-                              (torch.sigmoid(result["seg_logits"][i, 0]) > 0.5).cpu().numpy(), batch["text"][i])
-            shown += 1
-    truth = np.array(truth, dtype=bool)
-    freq = np.array([parse_finding(it["text"]).multi_hot for it in train_items], dtype=float).mean(0)
-    baseline = np.broadcast_to(freq > 0.5, truth.shape)
-    metrics = {"n_slices": int(len(truth)), "zones": list(ZONES), "training_frequency": freq.round(4).tolist(),
-               "frequency_baseline": {"accuracy": float((baseline == truth).mean()), "macro_f1": _f1(baseline, truth)},
-               "stages": []}
-    if preds:
-        stages = np.concatenate(preds)  # (N, 4, 6)
-        for s in range(stages.shape[1]):
-            p = stages[:, s]
-            metrics["stages"].append({"stage": s + 1, "accuracy": float((p == truth).mean()), "macro_f1": _f1(p, truth)})
-    write_json(metrics, out / "zones.json")
-    return metrics
+    def __init__(self, train_items: list[dict], n_panels: int = 8):
+        self.frequency = np.array([parse_finding(it["text"]).multi_hot for it in train_items], dtype=float).mean(0)
+        self.n_panels = int(n_panels)
+        self.truth: list[list[int]] = []
+        self.preds: list[np.ndarray] = []
+        self.panels: list[tuple] = []
+
+    def update(self, batch: dict, out: dict) -> None:
+        self.truth += [parse_finding(t).multi_hot for t in batch["text"]]
+        if out["zone_logits"].shape[1]:
+            self.preds.append((torch.sigmoid(out["zone_logits"]) > 0.5).cpu().numpy())
+        for i in range(min(len(batch["image"]), self.n_panels - len(self.panels))):
+            self.panels.append((f"{batch['case_id'][i]}_s{int(batch['slice_index'][i]):03d}.png",
+                                batch["image"][i, 0].numpy(), batch["label"][i, 0].numpy(),
+                                torch.sigmoid(out["coarse_logits"][i, 0]).cpu().numpy(),
+                                out["points"][i][out["points_valid"][i]].cpu().numpy(),
+                                (torch.sigmoid(out["seg_logits"][i, 0]) > 0.5).cpu().numpy(), batch["text"][i]))
+
+    def finish(self, output_dir: str | os.PathLike) -> dict:
+        from .panels import save_prompt_panel
+
+        out = Path(output_dir)
+        for name, *panel in self.panels:
+            save_prompt_panel(out / "panels" / name, *panel)
+        truth = np.array(self.truth, dtype=bool).reshape(-1, len(ZONES))
+        baseline = np.broadcast_to(self.frequency > 0.5, truth.shape)
+        metrics = {"n_slices": int(len(truth)), "zones": list(ZONES), "training_frequency": self.frequency.round(4).tolist(),
+                   "frequency_baseline": {"accuracy": float((baseline == truth).mean()), "macro_f1": _f1(baseline, truth)},
+                   "stages": []}
+        if self.preds:
+            stages = np.concatenate(self.preds)  # (N, 4, 6)
+            for s in range(stages.shape[1]):
+                p = stages[:, s]
+                metrics["stages"].append({"stage": s + 1, "accuracy": float((p == truth).mean()), "macro_f1": _f1(p, truth)})
+        write_json(metrics, out / "zones.json")
+        return metrics

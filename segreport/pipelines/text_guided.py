@@ -12,6 +12,7 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -108,12 +109,14 @@ class TextGuidedBatch(PrepareBatch):
 
 @torch.inference_mode()
 def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str | os.PathLike, batch_size: int = 8,
-             device: str = "cpu", text_override: str | None = None) -> dict:
+             device: str = "cpu", observers: Sequence = ()) -> dict:
     """Dice and IoU per slice, and per case as the paper reports them (the mean over a case's slices)
     plus pooled over the case's slices -> metrics.json, per_case.csv, per_sample.csv.
 
-    The model, its image size, text length and tokenizer come from the checkpoint's spec.
-    ``text_override``: one sentence given to every slice instead of its own (for text-control checks).
+    The model, its image size, text length and tokenizer come from the checkpoint's spec. ``observers``
+    see every batch and the network's whole output in the same pass (``update(batch, out)``) and write
+    their own results at the end (``finish(output_dir)``): a model's further outputs are scored without
+    running it twice (LAPFT's GPFC zones, :class:`segreport.pipelines.lapft.ZoneEvaluation`).
     """
     from ..models import adapter
     from ..models.spec import read_checkpoint
@@ -122,15 +125,15 @@ def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str |
     network, tokenizer = adapter(spec["kind"], checkpoint).trained(spec, weights)
     network = network.to(device)
     image_size, max_length = spec["preprocessing"]["image_size"], spec["inference"]["max_length"]
-    if text_override is not None:
-        items = [{**it, "text": text_override} for it in items]
     loader = make_loader(make_dataset(items, slice_transforms(tokenizer, image_size, max_length), cache=False), batch_size)
     seg = SegmentationScores()
     rows = []
     for batch in tqdm(loader, desc="evaluate", leave=False):
         images = batch["image"].to(device)
-        logits = network(images, batch["tokens"].to(device), batch["tokens_mask"].to(device))["seg_logits"]
-        masks = (torch.sigmoid(logits[:, 0]) > spec["inference"]["threshold"]).cpu().numpy()
+        out = network(images, batch["tokens"].to(device), batch["tokens_mask"].to(device))
+        for observer in observers:
+            observer.update(batch, out)
+        masks = (torch.sigmoid(out["seg_logits"][:, 0]) > spec["inference"]["threshold"]).cpu().numpy()
         for i in range(len(images)):
             case_id, sl = batch["case_id"][i], int(batch["slice_index"][i]) if "slice_index" in batch else -1
             scored = seg.add(masks[i], batch["label"][i, 0].numpy() > 0.5, case_id=case_id, slice_index=sl)
@@ -149,6 +152,8 @@ def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str |
         metrics[f"{name}_case_mean"], metrics[f"{name}_case_std"] = summary["mean"], summary["std"]
     metrics["dice_slice_mean"] = float(np.mean([r["dice"] for r in rows])) if rows else float("nan")
     out = Path(output_dir)
+    for observer in observers:
+        observer.finish(out)
     write_json(metrics, out / "metrics.json")
     write_csv(out / "per_case.csv", case_rows)
     write_csv(out / "per_sample.csv", rows)
