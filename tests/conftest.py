@@ -46,3 +46,17 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom")
     generate_dataset(out, **PHANTOM_KWARGS)
     return out
+
+
+def train_and_evaluate_bundle(bundle: Path, out: Path, dataset_dir: Path, **overrides) -> Path:
+    """One epoch of ``monai.bundle run training``, then ``evaluating``, with the bundle's own configs
+    (exactly as its README says), outputs and weights under ``out``."""
+    from monai.bundle import run
+
+    configs = bundle / "configs"
+    common = dict(bundle_root=str(bundle), output_dir=str(out), ckpt_dir=str(out / "models"),
+                  dataset_dir=str(dataset_dir), **overrides)
+    files = [str(configs / "train.yaml")]
+    run("training", config_file=files, epochs=1, **common)
+    run("evaluating", config_file=files + [str(configs / "evaluate.yaml")], **common)
+    return out

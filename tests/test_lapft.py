@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import train_and_evaluate_bundle
 import torch
 
 from segreport.losses.location import LocationAwareLoss
@@ -91,15 +92,8 @@ def test_location_aware_loss_weights_and_zone_term():
 
 @pytest.fixture(scope="module")
 def trained(phantom_dir, tmp_path_factory):
-    from monai.bundle import run
-
-    out = tmp_path_factory.mktemp("lapft")
-    common = dict(bundle_root=str(BUNDLE), output_dir=str(out), ckpt_dir=str(out / "models"),
-                  dataset_dir=str(phantom_dir), image_size=64)
-    files = [str(CONFIGS / "train.yaml")]
-    run("training", config_file=files, epochs=1, **common)
-    run("evaluating", config_file=files + [str(CONFIGS / "evaluate.yaml")], **common)
-    return out
+    """One epoch of training, then evaluation, through the bundle's own configs."""
+    return train_and_evaluate_bundle(BUNDLE, tmp_path_factory.mktemp("lapft"), phantom_dir, image_size=64)
 
 
 def test_bundle_trains_counts_parameters_and_evaluates_zones(trained, shared_data):

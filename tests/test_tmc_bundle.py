@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import train_and_evaluate_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "tmc"
@@ -31,16 +32,8 @@ def test_metadata_validates_and_files_present(shared_data):
 
 @pytest.fixture(scope="module")
 def trained(phantom_dir, tmp_path_factory):
-    """One epoch through `monai.bundle run training`, then evaluation, exactly as the README says."""
-    from monai.bundle import run
-
-    out = tmp_path_factory.mktemp("tmc")
-    common = dict(bundle_root=str(BUNDLE), output_dir=str(out), ckpt_dir=str(out / "models"),
-                  dataset_dir=str(phantom_dir), image_size=64)
-    files = [str(CONFIGS / "train.yaml")]
-    run("training", config_file=files, epochs=1, **common)
-    run("evaluating", config_file=files + [str(CONFIGS / "evaluate.yaml")], **common)
-    return out
+    """One epoch of training, then evaluation, through the bundle's own configs."""
+    return train_and_evaluate_bundle(BUNDLE, tmp_path_factory.mktemp("tmc"), phantom_dir, image_size=64)
 
 
 def test_checkpoint_carries_the_tmc_spec_and_evaluation_scores_cases(trained):
