@@ -158,3 +158,19 @@ def test_prompt_points_map_from_the_display_slice_to_file_voxels(phantom_dir):
         corner_ras = np.asarray(corner["ras_mm"])
         centre_ras = np.asarray(centre["ras_mm"])
         assert corner_ras[0] > centre_ras[0] and corner_ras[1] > centre_ras[1]
+
+
+def test_checkpoint_of_pretrained_towers_rebuilds_without_their_folders(tmp_path):
+    """Local CLIP-vision and SAM2 folders (transformers format): the network records their architectures,
+    so a checkpoint rebuilds with the same weights when the folders are gone."""
+    donor = LAPFT.from_config("tiny", vocab_size=40)
+    donor.vision.save_pretrained(tmp_path / "clip")
+    donor.sam.save_pretrained(tmp_path / "sam2")
+    net = LAPFT.from_config("tiny", vocab_size=40, clip_vision_path=tmp_path / "clip", sam2_path=tmp_path / "sam2")
+    assert net.trainable_summary()["frozen"] == {"image_encoder": True, "text_encoder": False, "sam2_image_encoder": True}
+    rebuilt = LAPFT(**net.config)
+    rebuilt.load_state_dict(net.state_dict())  # strict: every key and shape matches
+    ids, mask = _tokens(1)
+    image = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.eval()(image, ids, mask)["seg_logits"], net.eval()(image, ids, mask)["seg_logits"])

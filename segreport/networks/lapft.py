@@ -20,7 +20,6 @@ Switches for the paper's ablations: ``use_qgaf``, ``use_gpfc``, ``n_queries`` (T
 
 from __future__ import annotations
 
-import copy
 import math
 from os import PathLike
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
+from .blocks.configs import hf_config_dict, named_config
 from .blocks.text_encoder import BertTextEncoder
 
 __all__ = ["LAPFT", "LAPFT_CONFIGS", "QGAF", "GPFC", "select_points"]
@@ -172,6 +172,7 @@ class LAPFT(nn.Module):
                  top_k: int = 3, theta: float = 0.9, use_qgaf: bool = True, use_gpfc: bool = True,
                  prompts: Sequence[str] = PROMPTS, clip_vision_path: str | PathLike | None = None,
                  text_encoder_path: str | PathLike | None = None, sam2_path: str | PathLike | None = None,
+                 sam2_config: dict | None = None,
                  freeze_pretrained: bool = True):
         super().__init__()
         from transformers import CLIPVisionConfig, CLIPVisionModel, Sam2Model
@@ -193,8 +194,14 @@ class LAPFT(nn.Module):
             raise ValueError(f"text encoder has {self.text.config['vocab_size']} token embeddings, the tokenizer "
                              f"{vocab_size}: the tokenizer does not match the encoder (use the one in its folder)")
         sam2 = dict(sam2 or {})
-        self.sam = (Sam2Model.from_pretrained(str(sam2_path), local_files_only=True) if sam2_path is not None
-                    else Sam2Model(_sam2_config(image_size, **sam2)))
+        if sam2_path is not None:
+            self.sam = Sam2Model.from_pretrained(str(sam2_path), local_files_only=True)
+        elif sam2_config is not None:  # a checkpoint of a pretrained SAM2: its own architecture, recorded whole
+            from transformers import Sam2Config
+
+            self.sam = Sam2Model(Sam2Config(**sam2_config))
+        else:
+            self.sam = Sam2Model(_sam2_config(image_size, **sam2))
         # pretrained towers are frozen (the paper); randomly initialised ones have nothing to keep and train
         self.frozen = {"image_encoder": clip_vision_path is not None and freeze_pretrained,
                        "text_encoder": text_encoder_path is not None and freeze_pretrained,
@@ -218,26 +225,18 @@ class LAPFT(nn.Module):
         hidden = int(self.sam.config.prompt_encoder_config.hidden_size)
         self.text_prompt = Mlp(c_t, hidden, hidden)
         self.config: dict[str, Any] = dict(
-            vocab_size=vocab_size, image_size=image_size, clip_vision=self._clean(vcfg.to_diff_dict()),
-            text_config=self.text.config, sam2=sam2 if sam2_path is None else None, n_queries=n_queries,
+            vocab_size=vocab_size, image_size=image_size, clip_vision=hf_config_dict(vcfg, drop=("model_type",)),
+            text_config=self.text.config, sam2=sam2, n_queries=n_queries,
             fusion_dim=fusion_dim, top_k=top_k, theta=theta, use_qgaf=use_qgaf, use_gpfc=use_gpfc,
             prompts=list(self.prompts), freeze_pretrained=freeze_pretrained,
         )
-        if sam2_path is not None:  # rebuilt from the checkpoint's own SAM2 config
-            self.config["sam2_config"] = self._clean(self.sam.config.to_dict())
-
-    @staticmethod
-    def _clean(cfg: dict) -> dict:
-        return {k: v for k, v in cfg.items() if k not in ("transformers_version", "_name_or_path", "architectures",
-                                                          "torch_dtype", "dtype", "model_type")}
+        if sam2_path is not None or sam2_config is not None:  # rebuilt from the SAM2 it was trained with
+            self.config["sam2_config"] = hf_config_dict(self.sam.config, drop=("model_type",), full=True)
 
     @classmethod
     def from_config(cls, config: str | dict[str, Any], **overrides: Any) -> LAPFT:
-        if isinstance(config, str):
-            if config not in LAPFT_CONFIGS:
-                raise ValueError(f"unknown LAPFT config {config!r}; known: {sorted(LAPFT_CONFIGS)}")
-            config = LAPFT_CONFIGS[config]
-        return cls(**{**copy.deepcopy(config), **{k: v for k, v in overrides.items() if v is not None}})
+        """Build from a name in ``LAPFT_CONFIGS`` or a config dict (e.g. a checkpoint's); None overrides are ignored."""
+        return cls(**named_config(config, LAPFT_CONFIGS, "LAPFT", overrides, drop_none=True))
 
     def trainable_summary(self) -> dict:
         """Trainable and total parameters, and which towers are frozen (the paper: 16.9 M trainable)."""

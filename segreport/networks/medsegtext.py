@@ -7,13 +7,13 @@ logits under teacher forcing, or generated ids).
 
 from __future__ import annotations
 
-import copy
 from os import PathLike
 from typing import Any
 
 import torch
 from torch import nn
 
+from .blocks.configs import named_config
 from .blocks.encoders import ConvNeXtEncoder
 from .blocks.text_decoder import TransformerTextDecoder
 from .blocks.unet_decoder import UNetDecoder
@@ -113,11 +113,7 @@ class MedSegText(nn.Module):
     @classmethod
     def from_config(cls, config: str | dict[str, Any], **overrides: Any) -> MedSegText:
         """Build from a name in ``MEDSEGTEXT_CONFIGS`` or a config dict (e.g. a checkpoint's)."""
-        if isinstance(config, str):
-            if config not in MEDSEGTEXT_CONFIGS:
-                raise ValueError(f"unknown MedSegText config {config!r}; known: {sorted(MEDSEGTEXT_CONFIGS)}")
-            config = MEDSEGTEXT_CONFIGS[config]
-        return cls(**{**copy.deepcopy(config), **overrides})
+        return cls(**named_config(config, MEDSEGTEXT_CONFIGS, "MedSegText", overrides))
 
     @classmethod
     def tiny(cls, vocab_size: int | None = None, pad_id: int | None = None, bos_id: int | None = None,

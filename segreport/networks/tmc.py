@@ -18,7 +18,6 @@ layer per ViT down-sampling block.
 
 from __future__ import annotations
 
-import copy
 import math
 from os import PathLike
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ from monai.networks.blocks import Convolution
 from timm.layers import Mlp
 from torch import nn
 
+from .blocks.configs import named_config
 from .blocks.encoders import SwinStages
 from .blocks.text_encoder import BertTextEncoder
 from .blocks.unet_decoder import UNetDecoder
@@ -159,12 +159,8 @@ class TMC(nn.Module):
 
     @classmethod
     def from_config(cls, config: str | dict[str, Any], **overrides: Any) -> TMC:
-        """Build from a name in ``TMC_CONFIGS`` or a config dict (e.g. a checkpoint's)."""
-        if isinstance(config, str):
-            if config not in TMC_CONFIGS:
-                raise ValueError(f"unknown TMC config {config!r}; known: {sorted(TMC_CONFIGS)}")
-            config = TMC_CONFIGS[config]
-        return cls(**{**copy.deepcopy(config), **{k: v for k, v in overrides.items() if v is not None}})
+        """Build from a name in ``TMC_CONFIGS`` or a config dict (e.g. a checkpoint's); None overrides are ignored."""
+        return cls(**named_config(config, TMC_CONFIGS, "TMC", overrides, drop_none=True))
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor, tokens_mask: torch.Tensor | None = None) -> dict:
         if image.ndim != 4 or tuple(image.shape[1:]) != (self.in_channels, self.image_size, self.image_size):

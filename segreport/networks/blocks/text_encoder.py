@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .configs import hf_config_dict
+
 __all__ = ["BertTextEncoder"]
 
 
@@ -42,8 +44,7 @@ class BertTextEncoder(nn.Module):
             if not config or "vocab_size" not in config:
                 raise ValueError("a randomly initialised text encoder needs a BertConfig dict with vocab_size")
             self.model = BertModel(BertConfig(**config), add_pooling_layer=False)
-        self.config = {k: v for k, v in self.model.config.to_diff_dict().items()
-                       if k not in ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype")}
+        self.config = hf_config_dict(self.model.config)
         self.hidden_size = int(self.model.config.hidden_size)
         self.freeze = bool(freeze)
         if freeze:
