@@ -18,13 +18,15 @@ PYEOF
 CACHE=${SEGREPORT_VENV_CACHE:-$HOME/.cache/segreport}
 VENV=$CACHE/venv-$SPEC_HASH
 export PIP_CONSTRAINT=$PWD/constraints.txt PIP_DISABLE_PIP_VERSION_CHECK=1
+# sam2 (pulled by monailabel) builds as pure Python without its CUDA extension
+export SAM2_BUILD_CUDA=0
 if [ ! -f "$VENV/.complete" ]; then
     echo "[venv] building $VENV (first time for this dependency spec: a few minutes)" >&2
     rm -rf "$VENV"; mkdir -p "$CACHE"
     "$PY" -m venv "$VENV"
     # torch first, alone: it is the large pinned pair every other package must accept
     "$VENV/bin/pip" install -q torch torchvision >&2
-    "$VENV/bin/pip" install -q -e ".[test,text-encoders]" >&2
+    "$VENV/bin/pip" install -q -e ".[test,text-encoders,label]" >&2
     touch "$VENV/.complete"
 else
     "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >&2

@@ -3,6 +3,7 @@
   segreport synth --out DIR [--cases N] [--seed S] [--shape X Y Z]   synthetic chest-CT phantom
   segreport infer --bundle bundles/<name> -i INPUT -o OUTPUT_DIR ...  batch inference (see --help)
   segreport evaluate -p PRED_DIR -g LABEL_DIR [--dataset dataset.json]  score predictions (Dice, HD95, text, attributes)
+  segreport label --studies DIR [--host 127.0.0.1] [--port 8000] [--bundles ...]  MONAI Label server (Slicer, OHIF)
   segreport demo [--out DIR]                                         the `make demo` job
 """
 
@@ -55,7 +56,7 @@ def _evaluate(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"synth", "infer", "evaluate", "demo"}
+    commands = {"synth", "infer", "evaluate", "label", "demo"}
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return infer_main(rest)
     if cmd == "evaluate":
         return _evaluate(rest)
+    if cmd == "label":
+        from .label.server import main as label_main
+
+        return label_main(rest)
     from .pipelines.demo import main as demo_main
 
     return demo_main(rest)

@@ -41,9 +41,15 @@ def _finite(obj):
     return obj
 
 
+def to_jsonable(obj):
+    """Plain, strict-JSON values (numpy scalars and arrays as Python numbers and lists, NaN as None):
+    what a report file holds, and what a server may send."""
+    return _finite(json.loads(json.dumps(obj, default=_json_default)))
+
+
 def write_json(obj, path: str | os.PathLike) -> Path:
     """Write strict JSON atomically (temp file in the same folder + os.replace)."""
-    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
     return write_text(text + "\n", path)
 
 

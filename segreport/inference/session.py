@@ -130,6 +130,11 @@ class PromptSession:
         self._place_roi(map_points(center, self.orig_affine, self._volume.affine)[0], f"auto: {source}")
         return self._predict()
 
+    @property
+    def last(self) -> Prediction | None:
+        """The last prediction (None before the first click or ``auto``)."""
+        return self._last
+
     def probability(self) -> np.ndarray:
         """The last prediction's lesion probability on the input grid (0 outside the ROI): soft output
         for viewers, and what the threshold is applied to."""

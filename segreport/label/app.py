@@ -1,0 +1,86 @@
+"""``SegreportLabelApp``: the ``MONAILabelApp`` that serves segreport's bundles.
+
+The app folder's ``main.py`` (written by ``segreport label``) only imports this class; MONAI Label
+finds it there. Its ``conf`` (``--conf key value`` of ``monailabel start_server``):
+
+- ``bundles``: bundle folders, ``os.pathsep``-separated; each one's task is named after its folder;
+- ``device``: ``cpu`` / ``cuda`` (default: cuda when available);
+- ``max_images``: prompt sessions kept by the interactive task (default 4).
+
+Which task a bundle gets follows from its predictor: one that takes clicks -> the interactive task
+(``deepgrow`` type, Slicer's and OHIF's click tools), one that takes a sentence -> a text-guided task
+chained from the served MedSegText, anything else -> an automatic task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+
+from .. import __version__
+from .tasks import LABELS, AutomaticTask, BundleWeights, InteractiveTask, ReportTask
+from .training import BundleTrainTask
+
+log = logging.getLogger("segreport.label")
+
+
+def conf_bundles(conf: dict) -> list[Path]:
+    value = conf.get("bundles") or ""
+    return [Path(p).absolute() for p in value.split(os.pathsep) if p]
+
+
+class SegreportLabelApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict):
+        self.bundles = conf_bundles(conf)
+        self.device = conf.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_images = int(conf.get("max_images", 4))
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="segreport",
+                         description="Lung-lesion masks with their findings, attributes and sentences (segreport)",
+                         version=__version__, labels=LABELS)
+
+    def init_infers(self) -> dict[str, ReportTask]:
+        infers: dict[str, ReportTask] = {}
+        for bundle in self.bundles:
+            weights = BundleWeights(bundle.name, bundle, self.app_dir, self.device)
+            if weights.current() is None:
+                log.warning("%s: no trained weights (%s): not served", bundle.name, " or ".join(map(str, weights.paths)))
+                continue
+            predictor = weights.predictor()  # a broken checkpoint stops the server here, with its reason
+            if getattr(predictor, "takes_points", False):
+                infers[bundle.name] = InteractiveTask(bundle.name, weights, self.max_images)
+            else:
+                infers[bundle.name] = AutomaticTask(bundle.name, weights, text_guided=getattr(predictor, "takes_text", False))
+        # the text-guided tasks take their sentence, when the request gives none, from the served MedSegText
+        writer = next((t for t in infers.values() if isinstance(t, AutomaticTask) and not t.text_guided
+                       and t.weights.predictor().spec.get("kind") == "medsegtext"), None)
+        for task in infers.values():
+            if isinstance(task, AutomaticTask) and task.text_guided:
+                task.text_from = writer
+        return infers
+
+    def init_trainers(self) -> dict[str, BundleTrainTask]:
+        return {b.name: BundleTrainTask(b.name, b, self.app_dir) for b in self.bundles
+                if (b / "configs" / "train.yaml").is_file()}
+
+    def infer(self, request: dict, datastore=None):
+        """MONAI Label's infer, with the unknown model or image as a 404 instead of an error 500."""
+        model, image = request.get("model"), request.get("image")
+        if model not in self._infers:
+            raise HTTPException(404, detail=f"unknown model {model!r}; this server has {sorted(self._infers)}")
+        if isinstance(image, str):
+            store = datastore or self.datastore()
+            if not os.path.exists(image) and not store.get_image_uri(image):
+                raise HTTPException(404, detail=f"unknown image {image!r}: not in the studies folder {self.studies}")
+            request = {**request, "image_id": image if not os.path.exists(image) else Path(image).name.split(".")[0]}
+        return super().infer(request, datastore)
+
+    def train(self, request: dict):
+        if request.get("model") not in self._trainers:
+            raise HTTPException(404, detail=f"unknown training task {request.get('model')!r}; this server has "
+                                            f"{sorted(self._trainers)}")
+        return super().train(request)

@@ -1,0 +1,25 @@
+"""The ASGI app ``segreport label`` serves: MONAI Label's own, plus handlers that turn a malformed
+request into a 4xx with a ``detail`` (MONAI Label parses ``params`` itself, before any task runs, and
+its invalid-input errors would otherwise reach the client as a bare 500)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from monailabel.app import app
+from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
+
+__all__ = ["app"]
+
+
+@app.exception_handler(json.JSONDecodeError)
+async def _malformed_json(request: Request, exc: json.JSONDecodeError):
+    return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
+
+
+@app.exception_handler(MONAILabelException)
+async def _monailabel_error(request: Request, exc: MONAILabelException):
+    status = 400 if exc.error == MONAILabelError.INVALID_INPUT else 500
+    return JSONResponse(status_code=status, content={"detail": exc.msg})

@@ -1,0 +1,148 @@
+"""``segreport label``: start a MONAI Label server over segreport's bundles (a thin wrapper over
+``monailabel start_server``).
+
+  segreport label --studies DIR [--host 127.0.0.1] [--port 8000] [--bundles bundles/lesion_report_3d ...]
+                  [--app-dir outputs/label_app] [--device cpu|cuda] [--max-images 4]
+
+- Binds 127.0.0.1 unless ``--host`` says otherwise (``0.0.0.0`` to serve other machines).
+- ``--bundles``: default every bundle under ``./bundles`` that has trained weights
+  (``<bundle>/models/model.pt``, where its training writes them, or the app's own from MONAI Label
+  training); a bundle named here without weights is refused with the command that trains it.
+- MONAI Label writes into the app folder (``main.py`` written here, ``model/`` for weights it trains,
+  ``logs/``, ``train/``) and into the studies folder (``labels/`` and ``datastore_v2.json``), never into
+  the installed package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator, Sequence
+
+MAIN_PY = '''"""MONAI Label app folder written by `segreport label`; the app is segreport.label.app."""
+
+from segreport.label.app import SegreportLabelApp  # noqa: F401  (MONAI Label finds the MONAILabelApp subclass here)
+'''
+
+
+class LabelError(RuntimeError):
+    """The server cannot start: said before anything is launched."""
+
+
+def trained_weights(bundle: Path, app_dir: Path) -> Path | None:
+    for path in (app_dir / "model" / bundle.name / "model.pt", bundle / "models" / "model.pt"):
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_bundles(given: Sequence[str] | None, app_dir: Path, root: Path = Path("bundles")) -> list[Path]:
+    """The bundle folders to serve: those named (each must have trained weights), or every trained one
+    under ``root``."""
+    if given:
+        bundles = [Path(b).absolute() for b in given]
+        for b in bundles:
+            if not (b / "configs" / "inference.yaml").is_file():
+                raise LabelError(f"{b}: not a bundle folder (no configs/inference.yaml)")
+            if trained_weights(b, app_dir) is None:
+                raise LabelError(f"{b.name}: no trained weights at {b / 'models' / 'model.pt'}; train it first: "
+                                 f"python -m monai.bundle run training --config_file {b / 'configs' / 'train.yaml'}")
+        return bundles
+    found = sorted(p.parent.parent.absolute() for p in root.glob("*/configs/inference.yaml"))
+    bundles = [b for b in found if trained_weights(b, app_dir) is not None]
+    if not bundles:
+        raise LabelError(f"no bundle under {root.absolute()} has trained weights ({', '.join(b.name for b in found) or 'no bundles'}); "
+                         f"train one first, e.g. python -m monai.bundle run training --config_file "
+                         f"bundles/lesion_report_3d/configs/train.yaml")
+    return bundles
+
+
+def prepare_app_dir(app_dir: Path) -> Path:
+    app_dir.mkdir(parents=True, exist_ok=True)
+    main = app_dir / "main.py"
+    if not main.is_file() or main.read_text() != MAIN_PY:
+        main.write_text(MAIN_PY)
+    return app_dir.absolute()
+
+
+def server_command(studies: Path, bundles: Sequence[Path], app_dir: Path, host: str = "127.0.0.1", port: int = 8000,
+                   device: str | None = None, max_images: int = 4) -> list[str]:
+    """``python -m monailabel.main start_server`` with this app and the segreport ASGI app (4xx handlers)."""
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies),
+           "--host", host, "--port", str(port), "--uvicorn_app", "segreport.label.asgi:app",
+           "--conf", "bundles", os.pathsep.join(map(str, bundles)), "--conf", "max_images", str(max_images)]
+    if device:
+        cmd += ["--conf", "device", device]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="segreport label", description=__doc__.splitlines()[0])
+    p.add_argument("--studies", required=True, help="folder of NIfTI/DICOM studies (MONAI Label's datastore)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--bundles", nargs="*", help="bundle folders (default: every trained bundle under ./bundles)")
+    p.add_argument("--app-dir", default="outputs/label_app", help="the MONAI Label app folder (written by MONAI Label)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-images", type=int, default=4, help="images whose click session is kept (default 4)")
+    a = p.parse_args(argv)
+    studies = Path(a.studies).absolute()
+    try:
+        if not studies.is_dir():
+            raise LabelError(f"{studies}: --studies must be an existing folder of studies")
+        app_dir = prepare_app_dir(Path(a.app_dir))
+        bundles = resolve_bundles(a.bundles, app_dir)
+    except LabelError as exc:
+        print(f"segreport label: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"segreport label: serving {', '.join(b.name for b in bundles)} on http://{a.host}:{a.port} "
+          f"(app folder {app_dir}, studies {studies})", flush=True)
+    return subprocess.call(server_command(studies, bundles, app_dir, a.host, a.port, a.device, a.max_images))
+
+
+# ----------------------------------------------------------------------------- tests, benchmarks
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(studies: Path, bundles: Sequence[Path], app_dir: Path, log_file: Path, timeout: float = 180.0,
+                   device: str = "cpu", cwd: Path | None = None) -> Iterator[str]:
+    """A real server on 127.0.0.1 and a free port, started through ``segreport label``; yields its URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "segreport.cli", "label", "--studies", str(studies), "--port", str(port),
+           "--app-dir", str(app_dir), "--device", device, "--bundles", *map(str, bundles)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited ({proc.returncode}); its log {log_file}:\n{log_file.read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(f"{url}/info/", timeout=5) as r:
+                        json.loads(r.read())
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"no answer from {url}/info/ in {timeout:.0f} s; log {log_file}") from None
+                    time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

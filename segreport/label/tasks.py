@@ -1,0 +1,304 @@
+"""MONAI Label infer tasks over segreport's predictors (the model seam, :func:`segreport.models.load`).
+
+``BundleInferTask`` cannot serve these bundles (their inference is a predictor, not network_def /
+pre-processing / inferer), so each task is a small ``InferTask`` that loads the bundle's predictor and
+returns what ``segreport infer`` writes for one case: the mask on the image's own grid (a NIfTI with the
+image's affine) and, as the result JSON, the batch report (finding, lesions with volume, centroid, side,
+zone and attributes, the ``consistency`` block) plus latencies.
+
+- :class:`InteractiveTask` (the 3D lesion report): clicks as 3D Slicer sends them (``foreground`` /
+  ``background`` IJK lists) or as OHIF does (``points`` + ``point_labels``). A
+  :class:`~segreport.inference.session.PromptSession` per image lives on the task (a bounded LRU cache,
+  ``reset_state`` starts over), so a further click reruns only the prompt side.
+- :class:`AutomaticTask`: MedSegText (whole volume -> mask + findings) and the text-guided TMC / LAPFT
+  (``text`` in the request, or the finding of the served MedSegText: two tasks chained).
+
+Bad requests become ``HTTPException(4xx)`` with a ``detail`` that names the problem; anything else a
+500 that still says what failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from ..data.io import save_nifti
+from ..data.outputs import to_jsonable
+from ..errors import InputError
+from ..pipelines.cases import Case, LoadedCase, load_case
+from ..pipelines.guide_texts import finding_of
+from ..pipelines.report import build_report
+from ..transforms.postprocess import remove_small_lesions
+from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
+
+log = logging.getLogger("segreport.label")
+LABELS = {"lesion": 1}
+
+
+class BadRequest(InputError):
+    """A request the task cannot run (HTTP 422): malformed params, a negative first click ..."""
+
+
+class BundleWeights:
+    """The checkpoint a task serves, and its predictor, reloaded when the file changes.
+
+    The app's own weights (``<app>/model/<name>/model.pt``, written by MONAI Label training) come
+    first, then the bundle's (``<bundle>/models/model.pt``, where its train config writes them)."""
+
+    def __init__(self, name: str, bundle: str | os.PathLike, app_dir: str | os.PathLike, device: str):
+        self.bundle, self.device = Path(bundle), device
+        self.paths = [Path(app_dir) / "model" / name / "model.pt", self.bundle / "models" / "model.pt"]
+        self._key: tuple | None = None
+        self._predictor = None
+
+    def current(self) -> Path | None:
+        return next((p for p in self.paths if p.is_file()), None)
+
+    def predictor(self):
+        from ..pipelines.infer_cli import load_bundle_predictor
+
+        path = self.current()
+        if path is None:
+            raise HTTPException(503, detail=f"no trained weights at {' or '.join(map(str, self.paths))}")
+        key = (str(path), path.stat().st_mtime_ns)
+        if key != self._key:
+            self._predictor, _ = load_bundle_predictor(self.bundle, checkpoint=str(path), device=self.device)
+            self._key = key
+            log.info("%s: serving %s", self.bundle.name, path)
+        return self._predictor
+
+    @property
+    def version(self) -> tuple | None:
+        """Changes whenever a new checkpoint is loaded (cached per-image state is then stale)."""
+        return self._key
+
+
+class ReportTask(InferTask):
+    """What every segreport task shares: the weights, reading the image as the batch does, the report."""
+
+    def __init__(self, name: str, weights: BundleWeights, type: InferType, description: str, config: dict | None = None):
+        super().__init__(type=type, labels=LABELS, dimension=3, description=description, config=config or {})
+        self.name, self.weights = name, weights
+
+    def is_valid(self) -> bool:
+        return self.weights.current() is not None
+
+    def get_path(self, validate: bool = True):
+        path = self.weights.current()
+        return None if path is None else str(path)
+
+    def __call__(self, request: dict) -> tuple[str, dict]:
+        try:
+            return self.run(request)
+        except HTTPException:
+            raise
+        except InputError as exc:  # the request or the image: the caller's to fix
+            raise HTTPException(422, detail=str(exc)) from exc
+        except Exception as exc:  # ours: still a message, never a bare 500
+            log.exception("%s failed", self.name)
+            raise HTTPException(500, detail=f"{self.name} failed on {request.get('image')}: {type(exc).__name__}: {exc}") from exc
+
+    def run(self, request: dict) -> tuple[str, dict]:
+        raise NotImplementedError
+
+    def load(self, request: dict, predictor) -> LoadedCase:
+        """The image as the batch reads it: a plausible CT in HU, its lung label and zones."""
+        path = request.get("image")
+        if not path or not os.path.exists(path):
+            raise HTTPException(404, detail=f"image {request.get('image_id', path)!r} not found")
+        case_id = str(request.get("image_id") or Path(path).name.split(".")[0])
+        min_lung = MIN_LUNG_ML if getattr(predictor, "needs_lungs", False) else None
+        return load_case(Case(case_id, str(path)), min_lung_ml=min_lung)
+
+    def result(self, request: dict, loaded: LoadedCase, prediction, timings: dict, **extra) -> tuple[str, dict]:
+        """The label file (the image's grid and affine) and the batch report as the result JSON."""
+        prediction.mask = remove_small_lesions(np.asarray(prediction.mask, np.uint8), loaded.affine, MIN_LESION_ML)
+        case_id = str(request.get("image_id") or "")
+        report = build_report(prediction, loaded.image, loaded.affine, case_id=case_id, lung=loaded.lung,
+                              zone_map=loaded.zones, input_path=request.get("image"), model=self.name,
+                              points=extra.pop("points", None))
+        fd, label = tempfile.mkstemp(suffix=".nii.gz", prefix=f"segreport_{self.name}_")
+        os.close(fd)  # MONAI Label sends the file, then deletes it
+        meta = loaded.meta
+        save_nifti(prediction.mask, loaded.affine, label, dtype=np.uint8, qform_code=meta.get("qform_code") or 1,
+                   sform_code=meta.get("sform_code") or 1)
+        timings["total_s"] = perf_counter() - timings.pop("_start")
+        report.update(extra, latency_s={k: round(v, 4) for k, v in timings.items()},
+                      checkpoint=str(self.weights.current()))
+        return label, to_jsonable(report)
+
+
+# ------------------------------------------------------------------------------------ clicks
+def _ijk_list(value: Any, what: str) -> list[tuple[float, float, float]]:
+    if value is None:
+        return []
+    if isinstance(value, dict) or not isinstance(value, (list, tuple)):
+        raise BadRequest(None, f"{what} must be a list of [i, j, k] voxel indices, got {value!r}"[:300])
+    points = []
+    for p in value:
+        if (not isinstance(p, (list, tuple)) or len(p) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
+            raise BadRequest(None, f"{what}: each click is [i, j, k] (three numbers), got {p!r}"[:300])
+        points.append(tuple(float(v) for v in p))
+    return points
+
+
+def request_clicks(request: dict) -> tuple[list[tuple[tuple[float, float, float], int]], bool]:
+    """``([(ijk, label), ...], ordered)`` from a request: OHIF's ``points`` + ``point_labels`` (in click
+    order) or 3D Slicer's ``foreground`` / ``background`` lists (order between the two lists unknown)."""
+    if request.get("points") is not None:
+        points = _ijk_list(request["points"], "points")
+        labels = request.get("point_labels", [1] * len(points))
+        if not isinstance(labels, (list, tuple)) or len(labels) != len(points) or any(v not in (0, 1) for v in labels):
+            raise BadRequest(None, f"point_labels must be one 1 (positive) or 0 (negative) per point: "
+                                   f"{len(points)} points, point_labels {labels!r}"[:300])
+        return [(p, int(v)) for p, v in zip(points, labels)], True
+    fg, bg = _ijk_list(request.get("foreground"), "foreground"), _ijk_list(request.get("background"), "background")
+    return [(p, 1) for p in fg] + [(p, 0) for p in bg], False
+
+
+def _flag(value: Any) -> bool:
+    return value is True or str(value).lower() in ("1", "true", "yes")
+
+
+@dataclass
+class ImageState:
+    """One image's prompt session and the case it was made from, valid for one checkpoint."""
+
+    loaded: LoadedCase
+    session: Any
+    version: tuple | None
+
+
+class InteractiveTask(ReportTask):
+    """Clicks -> the lesion's mask, attributes and sentence (a :class:`PromptSession` per image).
+
+    Slicer and OHIF send every click of the image so far with each request: the clicks the session has
+    not seen are the new ones. The first click places the ROI and encodes it; a further click only
+    decodes. When a click the session has seen is missing from the request (the user removed it), or on
+    ``reset_state``, the session starts over with the clicks sent. With no click at all the ROI is placed
+    automatically, as in a batch run."""
+
+    def __init__(self, name: str, weights: BundleWeights, max_images: int = 4):
+        super().__init__(name, weights, InferType.DEEPGROW,
+                         "Click a lesion: its outline, attributes with probabilities and the structured report",
+                         config={"reset_state": False})
+        self.max_images = max(1, int(max_images))
+        self.states: OrderedDict[str, ImageState] = OrderedDict()
+
+    def reset_state(self, image: str | None = None) -> None:
+        """Forget one image's session (or all): the next click places a new ROI."""
+        if image is None:
+            self.states.clear()
+        else:
+            self.states.pop(image, None)
+
+    def _state(self, request: dict, predictor) -> tuple[ImageState, float]:
+        key = str(request["image"])
+        if _flag(request.get("reset_state")):
+            self.reset_state(key)
+        state = self.states.get(key)
+        load_s = 0.0
+        if state is None or state.version != self.weights.version:
+            t = perf_counter()
+            loaded = self.load(request, predictor)
+            session = predictor.session()
+            session.set_image(loaded.image, loaded.affine, source=request.get("image_id") or key)
+            state = ImageState(loaded, session, self.weights.version)
+            load_s = perf_counter() - t
+        self.states[key] = state
+        self.states.move_to_end(key)
+        while len(self.states) > self.max_images:  # bounded: the least recently clicked image goes
+            self.states.popitem(last=False)
+        return state, load_s
+
+    def run(self, request: dict) -> tuple[str, dict]:
+        timings = {"_start": perf_counter()}
+        clicks, ordered = request_clicks(request)
+        predictor = self.weights.predictor()
+        if not getattr(predictor, "takes_points", False):
+            raise HTTPException(409, detail=f"{self.name}'s checkpoint takes no clicks")
+        state, timings["load_s"] = self._state(request, predictor)
+        session = state.session
+        seen = [(tuple(round(v, 3) for v in p), lab) for p, lab in session.clicks]
+        seen += [(tuple(round(v, 3) for v in c["ijk"]), c["label"]) for c in session.ignored]
+        sent = [(tuple(round(v, 3) for v in p), lab) for p, lab in clicks]
+        new = list(sent)
+        for click in seen:
+            if click not in new:  # a click was taken back: start over with what was sent
+                session.reset()
+                new = list(sent)
+                break
+            new.remove(click)
+        if not session.clicks and not ordered:
+            new.sort(key=lambda c: -c[1])  # Slicer: positives first (the first click says "this lesion")
+        encodes, t = session.n_encodes, perf_counter()
+        if not sent:
+            prediction = session.auto(state.loaded.lung)
+        elif not new and session.last is not None:
+            prediction = session.last  # nothing new: the same answer
+        else:
+            prediction = None
+            for point, label in new:
+                prediction = session.click(point, positive=bool(label))
+        timings["predict_s"] = perf_counter() - t
+        points = {"ijk": [list(p) for p, _ in session.clicks], "labels": [lab for _, lab in session.clicks]}
+        return self.result(request, state.loaded, prediction, timings, points=points,
+                           image_encoded=session.n_encodes > encodes, n_encodes=session.n_encodes,
+                           cached_images=len(self.states))
+
+
+class AutomaticTask(ReportTask):
+    """The whole volume -> mask + findings (MedSegText), or guided by a sentence (TMC, LAPFT): the
+    request's ``text``, else the finding of ``text_from`` (the served MedSegText task)."""
+
+    def __init__(self, name: str, weights: BundleWeights, text_guided: bool = False, text_from: ReportTask | None = None):
+        what = "guided by a finding sentence" if text_guided else "whole volume"
+        super().__init__(name, weights, InferType.SEGMENTATION,
+                         f"Lesion mask and report ({what})", config={"text": ""} if text_guided else {})
+        self.text_guided, self.text_from = text_guided, text_from
+
+    def _guide_text(self, request: dict, loaded: LoadedCase) -> tuple[str, str]:
+        text = request.get("text")
+        if text not in (None, ""):
+            if not isinstance(text, str):
+                raise BadRequest(None, f"text must be a string, got {text!r}"[:300])
+            return text, "request text"
+        if self.text_from is None:
+            raise BadRequest(None, f"{self.name} segments what a sentence says: give params.text (e.g. "
+                                   f"'Unilateral pulmonary infection, one infected area, lower left lung.') or serve "
+                                   f"medsegtext beside it to chain from its finding")
+        source = self.text_from.weights.predictor()
+        finding = finding_of(source, Case(str(request.get("image_id") or ""), str(request["image"])), loaded)
+        return finding, f"findings of {self.text_from.name} ({self.text_from.weights.current()})"
+
+    def run(self, request: dict) -> tuple[str, dict]:
+        timings = {"_start": perf_counter()}
+        predictor = self.weights.predictor()
+        t = perf_counter()
+        loaded = self.load(request, predictor)
+        timings["load_s"] = perf_counter() - t
+        kwargs, source = {}, None
+        if self.text_guided:
+            t = perf_counter()
+            with torch.inference_mode():
+                kwargs["text"], source = self._guide_text(request, loaded)
+            timings["guide_text_s"] = perf_counter() - t
+        t = perf_counter()
+        with torch.inference_mode():
+            prediction = predictor.predict(loaded.image, loaded.affine, lung=loaded.lung, **kwargs)
+        timings["predict_s"] = perf_counter() - t
+        if source is not None:
+            prediction.extras["guide_text_source"] = source
+        return self.result(request, loaded, prediction, timings)

@@ -1,0 +1,173 @@
+"""The MONAI Label app over a real server: `segreport label` on 127.0.0.1 (a free port), a studies folder
+of phantom NIfTI files, the bundles trained for one epoch through their own configs, called over HTTP
+as 3D Slicer and OHIF call it. One server for the module (it takes about 10 s to start)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+pytest.importorskip("monailabel")
+requests = pytest.importorskip("requests")
+from requests_toolbelt.multipart.decoder import MultipartDecoder  # noqa: E402
+
+from conftest import REPO  # noqa: E402
+
+BUNDLES = {  # name -> one-epoch training overrides (tiny and quick, as in each bundle's own tests)
+    "lesion_report_3d": dict(spacing=[6.4, 6.4, 10.0], max_rounds=1, batch_size=2),
+    "medsegtext": dict(image_size=32, val_interval=1),
+    "tmc": dict(image_size=64),
+}
+
+
+@pytest.fixture(scope="module")
+def served(phantom_dir, tmp_path_factory):
+    from monai.bundle import run
+
+    from segreport.label.server import running_server
+
+    root = tmp_path_factory.mktemp("label")
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for image in sorted((phantom_dir / "imagesTr").glob("*.nii.gz")):
+        shutil.copy(image, studies / image.name)
+        label = nib.load(phantom_dir / "labelsTr" / image.name)
+        nib.save(nib.Nifti1Image((np.asarray(label.dataobj) > 0).astype(np.uint8), label.affine),
+                 studies / "labels" / "final" / image.name)
+    bundles = []
+    for name, overrides in BUNDLES.items():  # a bundle folder of the real configs, with its trained weights
+        bundle = root / "bundles" / name
+        shutil.copytree(REPO / "bundles" / name / "configs", bundle / "configs")
+        run("training", config_file=[str(bundle / "configs" / "train.yaml")], bundle_root=str(bundle),
+            output_dir=str(root / "train" / name), ckpt_dir=str(bundle / "models"), dataset_dir=str(phantom_dir),
+            epochs=1, **overrides)
+        bundles.append(bundle)
+    app_dir = root / "app"
+    with running_server(studies, bundles, app_dir, root / "server.log", cwd=REPO) as url:
+        yield {"url": url, "studies": studies, "app": app_dir, "phantom": phantom_dir}
+
+
+def _infer(served, model: str, image: str, params: dict | str | None = None, output: str = "all"):
+    body = params if isinstance(params, str) else json.dumps(params or {})
+    return requests.post(f"{served['url']}/infer/{model}", params={"image": image, "output": output},
+                         data={"params": body}, timeout=300)
+
+
+def _parts(response, tmp_path: Path) -> tuple[nib.Nifti1Image, dict]:
+    """The label NIfTI and the result JSON of an ``output=all`` answer."""
+    assert response.status_code == 200, response.text[:500]
+    image = params = None
+    for part in MultipartDecoder.from_response(response).parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        if 'name="params"' in disposition:
+            params = json.loads(part.content)
+        elif 'name="image"' in disposition:
+            path = tmp_path / "label.nii.gz"
+            path.write_bytes(part.content)
+            image = nib.load(path)
+    assert image is not None and params is not None
+    return image, params
+
+
+def _lesion_voxel(served, case: str) -> list[int]:
+    """The most interior voxel of the case's largest lesion (IJK of the file, as Slicer sends it)."""
+    label = np.asarray(nib.load(served["phantom"] / "labelsTr" / f"{case}.nii.gz").dataobj) > 0
+    parts, n = ndimage.label(label)
+    largest = parts == (1 + int(np.argmax(ndimage.sum(label, parts, range(1, n + 1)))))
+    depth = ndimage.distance_transform_edt(largest)
+    return [int(v) for v in np.unravel_index(np.argmax(depth), depth.shape)]
+
+
+def test_info_lists_the_served_tasks(served):
+    info = requests.get(f"{served['url']}/info/", timeout=30).json()
+    models = info["models"]
+    assert set(models) == set(BUNDLES)
+    assert models["lesion_report_3d"]["type"] == "deepgrow" and models["medsegtext"]["type"] == "segmentation"
+    assert "text" in models["tmc"]["config"] and models["lesion_report_3d"]["labels"] == {"lesion": 1}
+    assert set(info["trainers"]) == set(BUNDLES)
+
+
+def test_slicer_clicks_return_the_mask_on_the_image_grid_and_reuse_the_embedding(served, tmp_path):
+    case = "case_0001"
+    source = nib.load(served["studies"] / f"{case}.nii.gz")
+    fg = _lesion_voxel(served, case)
+    label, first = _parts(_infer(served, "lesion_report_3d", case, {"foreground": [fg], "background": []}), tmp_path)
+    assert label.shape == source.shape and np.allclose(label.affine, source.affine, atol=1e-4)
+    assert first["image_encoded"] and first["points"]["ijk"] == [fg] and first["points"]["labels"] == [1]
+    attributes = first["extras"]["attributes"]
+    assert set(attributes) == {"shape", "invasion", "density", "heterogeneity", "surface"}
+    assert all(abs(sum(a["probs"].values()) - 1) < 1e-3 for a in attributes.values())
+    assert {"finding", "lesions", "consistency", "lung", "latency_s"} <= set(first)
+    for lesion in first["lesions"]:
+        assert {"volume_ml", "centroid_ras_mm", "side", "zone", "attributes"} <= set(lesion)
+    # a further click: Slicer sends every click so far; only the new one is decoded, the ROI is not re-encoded
+    bg = [fg[0] + 2, fg[1] + 2, fg[2]]
+    _, second = _parts(_infer(served, "lesion_report_3d", case, {"foreground": [fg], "background": [bg]}), tmp_path)
+    assert not second["image_encoded"] and second["n_encodes"] == first["n_encodes"]
+    assert second["points"]["labels"] == [1, 0] and "load_s" in second["latency_s"]
+    # reset_state: a new ROI, encoded again
+    _, again = _parts(_infer(served, "lesion_report_3d", case, {"foreground": [fg], "reset_state": True}), tmp_path)
+    assert again["image_encoded"] and again["points"]["labels"] == [1]
+
+
+def test_ohif_point_prompts_in_click_order(served, tmp_path):
+    case = "case_0002"
+    fg = _lesion_voxel(served, case)
+    label, first = _parts(_infer(served, "lesion_report_3d", case, {"points": [fg], "point_labels": [1]}), tmp_path)
+    assert label.shape == nib.load(served["studies"] / f"{case}.nii.gz").shape and first["image_encoded"]
+    far = [fg[0], fg[1] + 3, fg[2]]
+    _, second = _parts(_infer(served, "lesion_report_3d", case, {"points": [fg, far], "point_labels": [1, 1]}), tmp_path)
+    assert not second["image_encoded"] and second["points"]["labels"] == [1, 1]
+
+
+def test_medsegtext_returns_its_finding(served, tmp_path):
+    source = nib.load(served["studies"] / "case_0003.nii.gz")
+    label, result = _parts(_infer(served, "medsegtext", "case_0003"), tmp_path)
+    assert label.shape == source.shape and np.allclose(label.affine, source.affine, atol=1e-4)
+    assert isinstance(result["finding"], str) and result["finding"]
+    assert result["n_lesions"] == len(result["lesions"]) and "consistency" in result
+
+
+def test_tmc_takes_the_request_text_or_chains_from_medsegtext(served, tmp_path):
+    text = "Unilateral pulmonary infection, one infected area, lower left lung."
+    _, given = _parts(_infer(served, "tmc", "case_0004", {"text": text}), tmp_path)
+    assert given["extras"]["guide_texts"] == [text] and given["extras"]["guide_text_source"] == "request text"
+    _, chained = _parts(_infer(served, "tmc", "case_0004"), tmp_path)
+    assert chained["extras"]["guide_text_source"].startswith("findings of medsegtext")
+
+
+@pytest.mark.parametrize("model,image,params,status,words", [
+    ("lesion_report_3d", "no_such_case", {"foreground": [[1, 1, 1]]}, 404, "unknown image 'no_such_case'"),
+    ("no_such_model", "case_0001", {}, 404, "unknown model 'no_such_model'"),
+    ("lesion_report_3d", "case_0005", {"foreground": [[500, 1, 1]], "reset_state": True}, 422, "outside the image"),
+    ("lesion_report_3d", "case_0005", {"points": [[40, 40, 10]], "point_labels": [0], "reset_state": True}, 422,
+     "first click must be positive"),
+    ("lesion_report_3d", "case_0005", {"foreground": "here"}, 422, "foreground must be a list"),
+    ("lesion_report_3d", "case_0005", {"points": [[1, 2]], "point_labels": [1]}, 422, "three numbers"),
+    ("lesion_report_3d", "case_0005", '{"foreground": [[1, 2, 3]', 400, "not valid JSON"),
+    ("tmc", "case_0005", {"text": 42}, 422, "text must be a string"),
+])
+def test_bad_requests_get_a_4xx_with_the_reason(served, model, image, params, status, words):
+    r = _infer(served, model, image, params)
+    assert r.status_code == status, r.text[:500]
+    assert words in r.json()["detail"]
+
+
+def test_training_runs_the_bundle_on_the_studies_labels_and_is_then_served(served, tmp_path):
+    r = requests.post(f"{served['url']}/train/lesion_report_3d", params={"run_sync": True}, timeout=900,
+                      json={"max_epochs": 1, "config": {"spacing": [6.4, 6.4, 10.0], "max_rounds": 1, "batch_size": 2}})
+    assert r.status_code == 200, r.text[:1000]
+    weights = served["app"] / "model" / "lesion_report_3d" / "model.pt"
+    assert weights.is_file() and (served["app"] / "train" / "lesion_report_3d" / "data" / "labelsTr").is_dir()
+    fg = _lesion_voxel(served, "case_0000")
+    _, result = _parts(_infer(served, "lesion_report_3d", "case_0000", {"foreground": [fg]}), tmp_path)
+    assert result["checkpoint"] == str(weights)
+    r = requests.post(f"{served['url']}/train/lesion_report_3d", params={"run_sync": True}, timeout=60,
+                      json={"max_epochs": "many"})
+    assert r.status_code == 422 and "max_epochs must be an integer" in r.json()["detail"]
