@@ -171,3 +171,19 @@ def test_training_runs_the_bundle_on_the_studies_labels_and_is_then_served(serve
     r = requests.post(f"{served['url']}/train/lesion_report_3d", params={"run_sync": True}, timeout=60,
                       json={"max_epochs": "many"})
     assert r.status_code == 422 and "max_epochs must be an integer" in r.json()["detail"]
+
+
+def test_label_command_refuses_a_bundle_without_weights_and_a_missing_studies_folder(tmp_path, capsys):
+    from segreport.label.server import main
+
+    bundle = tmp_path / "bundles" / "medsegtext"
+    shutil.copytree(REPO / "bundles" / "medsegtext" / "configs", bundle / "configs")
+    (tmp_path / "studies").mkdir()
+    args = ["--app-dir", str(tmp_path / "app")]
+    assert main(["--studies", str(tmp_path / "studies"), "--bundles", str(bundle), *args]) == 2
+    err = capsys.readouterr().err
+    assert "medsegtext: no trained weights" in err and "monai.bundle run training" in err
+    assert main(["--studies", str(tmp_path / "nowhere"), "--bundles", str(bundle), *args]) == 2
+    assert "--studies must be an existing folder" in capsys.readouterr().err
+    assert main(["--studies", str(tmp_path / "studies"), "--bundles", str(tmp_path), *args]) == 2
+    assert "not a bundle folder" in capsys.readouterr().err
