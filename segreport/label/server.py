@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -105,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"segreport label: serving {', '.join(b.name for b in bundles)} on http://{a.host}:{a.port} "
           f"(app folder {app_dir}, studies {studies})", flush=True)
-    return subprocess.call(server_command(studies, bundles, app_dir, a.host, a.port, a.device, a.max_images))
+    cmd = server_command(studies, bundles, app_dir, a.host, a.port, a.device, a.max_images)
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)  # the server replaces this process: Ctrl-C and signals reach it directly
 
 
 # ----------------------------------------------------------------------------- tests, benchmarks
@@ -124,7 +127,8 @@ def running_server(studies: Path, bundles: Sequence[Path], app_dir: Path, log_fi
            "--app-dir", str(app_dir), "--device", device, "--bundles", *map(str, bundles)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        # its own process group, so that stopping it stops every process the server started
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout
@@ -141,8 +145,10 @@ def running_server(studies: Path, bundles: Sequence[Path], app_dir: Path, log_fi
                     time.sleep(0.5)
             yield url
         finally:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
