@@ -159,6 +159,14 @@ def test_bad_requests_get_a_4xx_with_the_reason(served, model, image, params, st
     assert words in r.json()["detail"]
 
 
+def test_the_batch_input_checks_apply(served, tmp_path):
+    """A volume that is not a CT in HU (here values 0..1) is refused with the batch's reason, as a 422."""
+    bad = tmp_path / "not_ct.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 12), dtype=np.float32), np.diag([2.0, 2.0, 5.0, 1.0])), bad)
+    r = _infer(served, "medsegtext", str(bad))
+    assert r.status_code == 422 and str(bad) in r.json()["detail"] and "CT" in r.json()["detail"]
+
+
 def test_training_runs_the_bundle_on_the_studies_labels_and_is_then_served(served, tmp_path):
     r = requests.post(f"{served['url']}/train/lesion_report_3d", params={"run_sync": True}, timeout=900,
                       json={"max_epochs": 1, "config": {"spacing": [6.4, 6.4, 10.0], "max_rounds": 1, "batch_size": 2}})
