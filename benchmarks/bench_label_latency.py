@@ -29,15 +29,13 @@ sys.path.insert(0, str(REPO))
 
 
 def _lesion_voxel(label_path: Path) -> list[int]:
+    """The most interior voxel of the largest lesion (IJK of the file, as Slicer sends it)."""
     import nibabel as nib
     import numpy as np
-    from scipy import ndimage
 
-    label = np.asarray(nib.load(label_path).dataobj) > 0
-    parts, n = ndimage.label(label)
-    largest = parts == (1 + int(np.argmax(ndimage.sum(label, parts, range(1, n + 1)))))
-    depth = ndimage.distance_transform_edt(largest)
-    return [int(v) for v in np.unravel_index(np.argmax(depth), depth.shape)]
+    from segreport.inference.geometry import interior_voxel
+
+    return list(interior_voxel(np.asarray(nib.load(label_path).dataobj) > 0))
 
 
 def main() -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy import ndimage
 
 pytest.importorskip("monailabel")
 requests = pytest.importorskip("requests")
@@ -77,11 +76,9 @@ def _parts(response, tmp_path: Path) -> tuple[nib.Nifti1Image, dict]:
 
 def _lesion_voxel(served, case: str) -> list[int]:
     """The most interior voxel of the case's largest lesion (IJK of the file, as Slicer sends it)."""
-    label = np.asarray(nib.load(served["phantom"] / "labelsTr" / f"{case}.nii.gz").dataobj) > 0
-    parts, n = ndimage.label(label)
-    largest = parts == (1 + int(np.argmax(ndimage.sum(label, parts, range(1, n + 1)))))
-    depth = ndimage.distance_transform_edt(largest)
-    return [int(v) for v in np.unravel_index(np.argmax(depth), depth.shape)]
+    from segreport.inference.geometry import interior_voxel
+
+    return list(interior_voxel(np.asarray(nib.load(served["phantom"] / "labelsTr" / f"{case}.nii.gz").dataobj) > 0))
 
 
 def test_info_lists_the_served_tasks(served):
