@@ -37,6 +37,15 @@ VARIANTS = {
 }
 
 
+def parameter_counts(checkpoint: Path) -> dict:
+    """Trainable and total parameters of a trained model (for those whose training does not write them)."""
+    from segreport.models import network_from_checkpoint
+
+    net, _ = network_from_checkpoint(checkpoint)
+    return {"trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
+            "total_parameters": sum(p.numel() for p in net.parameters())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="32 cases, 8 epochs (the quoted setting)")
@@ -67,8 +76,8 @@ def main() -> None:
     table = {}
     for name, rs in runs.items():
         row = {"n_seeds": len(rs), **table_row(name, runs)}
-        if "parameters" in rs[0]:
-            row["parameters"] = rs[0]["parameters"]
+        row["parameters"] = rs[0].get("parameters") or parameter_counts(
+            out / f"{name}_seed{a.seeds[0]}_e{a.epochs}_s{a.image_size}" / "models" / "model.pt")
         if "zones" in rs[0] and rs[0]["zones"]["stages"]:
             stages = range(len(rs[0]["zones"]["stages"]))
             row["gpfc_accuracy_per_stage"] = [mean_std([r["zones"]["stages"][s]["accuracy"] for r in rs])["mean"] for s in stages]

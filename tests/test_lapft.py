@@ -11,7 +11,7 @@ from conftest import train_and_evaluate_bundle
 import torch
 
 from segreport.losses.location import LocationAwareLoss
-from segreport.networks.lapft import LAPFT, QGAF, select_points
+from segreport.networks.lapft import LAPFT_CONFIGS, LAPFT, QGAF, select_points
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "lapft"
@@ -64,6 +64,20 @@ def test_tiny_lapft_outputs_and_prompt_switches():
         LAPFT.from_config("tiny", vocab_size=40, prompts=("box",))
     with pytest.raises(ValueError, match="B×1×64×64"):
         LAPFT.from_config("tiny", vocab_size=40)(torch.rand(1, 1, 32, 32), *_tokens(1))
+
+
+def test_sam2_patch_stride_sets_the_decoder_resolution():
+    """The tiny model's SAM2 runs at patch stride 1: its image embedding is at 1/4 of the slice, so the
+    decoder's ×4 upscaling gives a full-resolution mask (stride 4, SAM2's own, would give 16² at 64 px)."""
+    sam2 = dict(LAPFT_CONFIGS["tiny"]["sam2"])
+    net = LAPFT.from_config("tiny", vocab_size=40)
+    assert tuple(net.sam.prompt_encoder.image_embedding_size) == (16, 16)
+    coarse = LAPFT.from_config("tiny", vocab_size=40, sam2={**sam2, "stride": 4})
+    assert tuple(coarse.sam.prompt_encoder.image_embedding_size) == (4, 4)
+    with pytest.raises(ValueError, match="patch stride must be 1, 2 or 4"):
+        LAPFT.from_config("tiny", vocab_size=40, sam2={**sam2, "stride": 3})
+    with pytest.raises(ValueError, match="multiple of 8×stride"):
+        LAPFT.from_config("tiny", vocab_size=40, image_size=60, sam2={**sam2, "stride": 1})
 
 
 def test_pretrained_text_tower_is_frozen_and_counted():
