@@ -18,11 +18,12 @@ from monai.data import MetaTensor
 from torch import nn
 
 from ..errors import InputError
-from ..transforms.crop import CropLargestLesion
+from ..transforms.crop import CropLargestLesion, roi_box
 from ..transforms.volume import volume_transforms
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 from .geometry import as_affine, auto_roi_center, interior_voxel, map_points, roi_to_original
 from .predictor import LesionAttributes, Prediction
+from .roi_tiles import Tile, covers, growth_starts, overlap_probability
 
 log = logging.getLogger("segreport.session")
 
@@ -58,16 +59,21 @@ class PromptSession:
     This is what MONAI Label (or any viewer) calls. The first click must be positive (it says "this
     lesion") and places the ROI, centred on it; the ROI is encoded once and its embedding cached, so
     every later click only reruns the prompt side (``decode``) with all clicks so far and the previous
-    mask as the dense prompt. Later clicks outside the ROI cannot change it: they are ignored with a
-    warning (listed in ``extras["ignored_clicks"]``); ``reset()`` starts over on the same image.
-    :meth:`auto` runs with no click (ROI from :func:`auto_roi_center`); a later first click re-centres.
+    mask as the dense prompt. :meth:`auto` runs with no click (ROI from :func:`auto_roi_center`); a
+    later first click re-centres. ``reset()`` starts over on the same image.
+
+    Lesions larger than the ROI (``max_rois`` > 1): when the mask reaches a face of the ROI with image
+    beyond it, neighbouring ROIs are added, each encoded once, up to ``max_rois`` (:mod:`.roi_tiles`);
+    a positive click outside every ROI adds one centred on it. With ``max_rois=1`` (or once the bound is
+    reached) a click outside the ROIs cannot change them: it is ignored with a warning (listed in
+    ``extras["ignored_clicks"]``), and ``extras["roi_growth"]`` says when the mask still reaches a border.
 
     Clicks are IJK voxel indices of the image given to ``set_image`` (what 3D Slicer/OHIF send), or
     world RAS mm with ``world=True``. A click outside the image raises :class:`InputError` naming the
     point and the image shape; a negative first click raises it too.
     """
 
-    def __init__(self, network: nn.Module, device: str | torch.device = "cpu", threshold: float = 0.5):
+    def __init__(self, network: nn.Module, device: str | torch.device = "cpu", threshold: float = 0.5, max_rois: int = 1):
         net = getattr(network, "module", network)
         if not is_promptable(net):
             raise TypeError(f"{type(net).__name__} takes no clicks (no encode_image/decode): run it without a session")
@@ -75,6 +81,7 @@ class PromptSession:
         self.network = net.to(device).eval()
         self.device = torch.device(device)
         self.threshold = threshold
+        self.max_rois = max(1, int(max_rois))
         self.roi_size = tuple(int(s) for s in net.img_size)
         self.volume_tf = volume_transforms(spec.get("spacing", (1.5, 1.5, 2.5)), spec.get("window", "lung"), spec.get("axcodes", "RAS"), keys=("image",))
         self.n_encodes = 0  # how often the image encoder ran (the cache is what makes clicks cheap)
@@ -92,14 +99,12 @@ class PromptSession:
         self.reset()
 
     def reset(self) -> None:
-        """Forget clicks, ROI and cached embedding (keeps the pre-processed image)."""
+        """Forget clicks, ROIs and cached embeddings (keeps the pre-processed image)."""
         self.clicks: list[tuple[np.ndarray, int]] = []  # (original IJK, label)
         self.ignored: list[dict] = []
-        self._roi_points: list[np.ndarray] = []
-        self._embedding = self._prev_logits = None
-        self._roi_affine = None
+        self._tiles: list[Tile] = []
         self._last: Prediction | None = None
-        self._last_prob: torch.Tensor | None = None
+        self._last_prob: np.ndarray | None = None
         self.roi_center_source: str | None = None
 
     # ------------------------------------------------------------------------------ clicks
@@ -111,14 +116,15 @@ class PromptSession:
             raise InputError(self.source, f"the first click must be positive (on the lesion); got a negative click at {ijk.tolist()}")
         if not self.clicks:  # the first click (re)places the ROI, centred on it
             self._place_roi(map_points(ijk, self.orig_affine, self._volume.affine)[0], "first click")
-        roi_pt = map_points(ijk, self.orig_affine, self._roi_affine)[0]
-        if np.any(roi_pt < -0.5) or np.any(roi_pt > np.asarray(self.roi_size) - 0.5):
-            log.warning("click %s lies outside the current ROI: ignored (reset() to start a new ROI)", ijk.tolist())
-            self.ignored.append({"ijk": ijk.tolist(), "label": int(positive), "reason": "outside the ROI"})
-            self._last.extras["ignored_clicks"] = list(self.ignored)
-            return self._last  # nothing changed
+        elif not any(self._inside(tile, ijk) for tile in self._tiles):
+            if positive and len(self._tiles) < self.max_rois:  # more of the lesion, beyond the ROIs so far
+                self._tiles.append(self._new_tile(map_points(ijk, self.orig_affine, self._volume.affine)[0]))
+            else:
+                log.warning("click %s lies outside the current ROI: ignored (reset() to start a new ROI)", ijk.tolist())
+                self.ignored.append({"ijk": ijk.tolist(), "label": int(positive), "reason": "outside the ROI"})
+                self._last.extras["ignored_clicks"] = list(self.ignored)
+                return self._last  # nothing changed
         self.clicks.append((ijk, int(positive)))
-        self._roi_points.append(roi_pt)
         return self._predict()
 
     def auto(self, lung: np.ndarray | None = None) -> Prediction:
@@ -136,11 +142,11 @@ class PromptSession:
         return self._last
 
     def probability(self) -> np.ndarray:
-        """The last prediction's lesion probability on the input grid (0 outside the ROI): soft output
+        """The last prediction's lesion probability on the input grid (0 outside the ROIs): soft output
         for viewers, and what the threshold is applied to."""
         if self._last_prob is None:
             raise RuntimeError("no prediction yet: click() or auto() first")
-        return roi_to_original(self._last_prob, self._roi_affine, self.orig_affine, self.shape)
+        return self._last_prob
 
     def _require_image(self) -> None:
         if self._ct is None:
@@ -157,29 +163,79 @@ class PromptSession:
             raise InputError(self.source, f"click {what} lies outside the image of shape {self.shape}")
         return ijk
 
-    def _place_roi(self, center_vox: np.ndarray, source: str) -> None:
-        cropper = CropLargestLesion(self.roi_size)
-        roi = cropper(self._volume, center=np.rint(center_vox))
-        self._roi_affine = as_affine(roi.affine)
+    # -------------------------------------------------------------------------------- ROIs
+    def _inside(self, tile: Tile, ijk: np.ndarray) -> bool:
+        roi_pt = map_points(ijk, self.orig_affine, tile.affine)[0]
+        return bool(np.all(roi_pt >= -0.5) and np.all(roi_pt <= np.asarray(self.roi_size) - 0.5))
+
+    def _new_tile(self, center_vox: np.ndarray) -> Tile:
+        """Crop and encode the ROI centred on ``center_vox`` (voxels of the pre-processed volume)."""
+        center = np.rint(center_vox)
+        roi = CropLargestLesion(self.roi_size)(self._volume, center=center)
         with torch.inference_mode():
-            self._embedding = self.network.encode_image(roi.as_tensor()[None].float().to(self.device))
+            embedding = self.network.encode_image(roi.as_tensor()[None].float().to(self.device))
         self.n_encodes += 1
-        self._prev_logits = None
+        start = np.asarray(roi_box(center, self.roi_size, self._volume.shape[1:])["box_start"])
+        return Tile(start=start, affine=as_affine(roi.affine), embedding=embedding)
+
+    def _place_roi(self, center_vox: np.ndarray, source: str) -> None:
+        self._tiles = [self._new_tile(center_vox)]
         self.roi_center_source = source
+
+    def _decode(self, tile: Tile) -> dict:
+        """Decode one ROI with the clicks inside it (and its seed clicks), its previous mask as prompt."""
+        points, labels = [], []
+        for ijk, lab in self.clicks:
+            if self._inside(tile, ijk):
+                points.append(map_points(ijk, self.orig_affine, tile.affine)[0])
+                labels.append(lab)
+        points += tile.seed_points
+        labels += [1] * len(tile.seed_points)
+        pts = lab_t = None
+        if points:
+            pts = torch.tensor(np.stack(points), dtype=torch.float32, device=self.device)[None]
+            lab_t = torch.tensor(labels, dtype=torch.long, device=self.device)[None]
+        out = self.network.decode(tile.embedding, pts, lab_t, mask_prompt=tile.prev_logits)
+        tile.prev_logits = out["low_res_logits"]
+        tile.prob = torch.sigmoid(out["mask_logits"][0, 0].float())
+        return out
+
+    def _grow(self) -> str:
+        """Add ROIs while a mask reaches a face with image beyond it, up to ``max_rois``; says why it stopped."""
+        volume_shape = self._volume.shape[1:]
+        queue = [s for t in self._tiles for s in growth_starts(t, self.roi_size, volume_shape, self.threshold)]
+        while queue:
+            start = queue.pop(0)
+            if any(covers(t, start, self.roi_size) for t in self._tiles):
+                continue
+            if len(self._tiles) >= self.max_rois:
+                return f"the mask reaches an ROI border: more of the lesion may lie beyond (max_rois {self.max_rois})"
+            found = overlap_probability(self._tiles, start, self.roi_size) > self.threshold
+            seed = interior_voxel(found.numpy())
+            if seed is None:
+                continue
+            tile = self._new_tile(start + np.asarray(self.roi_size) // 2)
+            tile.seed_points = [np.asarray(seed, dtype=np.float64)]
+            self._decode(tile)
+            self._tiles.append(tile)
+            queue += growth_starts(tile, self.roi_size, volume_shape, self.threshold)
+        return "inside the ROIs"
 
     @torch.inference_mode()
     def _predict(self) -> Prediction:
-        pts = labels = None
-        if self._roi_points:
-            pts = torch.tensor(np.stack(self._roi_points), dtype=torch.float32, device=self.device)[None]
-            labels = torch.tensor([lab for _, lab in self.clicks], dtype=torch.long, device=self.device)[None]
-        out = self.network.decode(self._embedding, pts, labels, mask_prompt=self._prev_logits)
-        self._prev_logits = out["low_res_logits"]
-        prob = torch.sigmoid(out["mask_logits"][0, 0].float())
+        out = None
+        for tile in self._tiles:
+            decoded = self._decode(tile)
+            out = decoded if out is None else out  # attributes: the ROI of the first click
+        growth = self._grow()
+        prob = np.zeros(self.shape, dtype=np.float32)
+        for tile in self._tiles:
+            np.maximum(prob, roi_to_original(tile.prob, tile.affine, self.orig_affine, self.shape), out=prob)
         self._last_prob = prob
-        mask = (roi_to_original(prob, self._roi_affine, self.orig_affine, self.shape) > self.threshold).astype(np.uint8)
+        mask = (prob > self.threshold).astype(np.uint8)
         attrs = attribute_probabilities(out["attr_logits"])
-        near = self.clicks[0][0] if self.clicks else map_points((np.asarray(self.roi_size) - 1) / 2, self._roi_affine, self.orig_affine)[0]
+        first = self._tiles[0]
+        near = self.clicks[0][0] if self.clicks else map_points((np.asarray(self.roi_size) - 1) / 2, first.affine, self.orig_affine)[0]
         anchor = interior_voxel(mask > 0, near)
         lesions = [] if anchor is None else [LesionAttributes(voxel=anchor, attributes=attrs)]
         self._last = Prediction(
@@ -190,9 +246,10 @@ class PromptSession:
                 "clicks": [{"ijk": [round(float(v), 2) for v in p], "label": lab} for p, lab in self.clicks],
                 "ignored_clicks": list(self.ignored),
                 "roi_center_source": self.roi_center_source,
+                "rois": len(self._tiles),
+                "roi_growth": growth,
                 "iou_pred": round(float(out["iou_pred"][0, 0]), 4),
                 "attributes": attrs,
             },
         )
         return self._last
-

@@ -1,0 +1,109 @@
+"""ROI growth of the prompt session: a lesion larger than the model's ROI is followed into neighbouring
+ROIs, within a bound, and stops at the image border.
+
+The promptable model here is a classic region grower (the component of bright voxels that holds the
+positive clicks, inside its ROI): exact, so what is measured is the session's geometry, not a network."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from segreport.inference.session import PromptSession
+from segreport.metrics.segmentation import dice
+from segreport.vocab import ATTRIBUTE_NUM_CLASSES
+
+
+class RegionGrower(nn.Module):
+    """encode_image: the ROI itself; decode: the bright component (windowed > 0.6) under the positive
+    clicks, without the components under negative ones."""
+
+    def __init__(self, roi: int = 16, spacing=(4.0, 4.0, 4.0)):
+        super().__init__()
+        self.img_size = (roi,) * 3
+        self.spec = {"spacing": list(spacing), "window": "lung", "axcodes": "RAS"}
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def encode_image(self, roi: torch.Tensor) -> torch.Tensor:
+        return roi
+
+    def decode(self, embedding, points=None, point_labels=None, mask_prompt=None, multimask_output=False) -> dict:
+        bright, _ = ndimage.label(embedding[0, 0].numpy() > 0.6)
+        mask = np.zeros(self.img_size, bool)
+        if points is not None:
+            for p, lab in zip(points[0].numpy(), point_labels[0].numpy()):
+                comp = bright[tuple(np.clip(np.rint(p).astype(int), 0, np.asarray(self.img_size) - 1))]
+                if comp:
+                    mask = mask | (bright == comp) if lab == 1 else mask & (bright != comp)
+        logits = torch.from_numpy(np.where(mask, 8.0, -8.0).astype(np.float32))[None, None]
+        return {"mask_logits": logits, "low_res_logits": logits, "iou_pred": torch.ones(1, 1),
+                "attr_logits": {g: torch.zeros(1, n) for g, n in ATTRIBUTE_NUM_CLASSES.items()}}
+
+
+def _ct_with_long_lesion(shape=(40, 40, 100), lesion=np.s_[16:24, 16:24, 10:90]):
+    """A lung-density box with one 32 × 32 × 320 mm lesion along z (the ROI is 64 mm): 4 mm voxels, RAS."""
+    ct = np.full(shape, -850.0, np.float32)
+    truth = np.zeros(shape, bool)
+    truth[lesion] = True
+    ct[truth] = -50.0
+    return ct, np.diag([4.0, 4.0, 4.0, 1.0]), truth
+
+
+def test_a_lesion_longer_than_the_roi_is_followed_into_new_rois():
+    ct, affine, truth = _ct_with_long_lesion()
+    single = PromptSession(RegionGrower(), max_rois=1)
+    single.set_image(ct, affine)
+    cut = single.click([20, 20, 50])
+    assert cut.extras["rois"] == 1 and "reaches an ROI border" in cut.extras["roi_growth"]
+    assert dice(cut.mask > 0, truth) < 0.4  # one 64 mm ROI of a 320 mm lesion
+
+    grown = PromptSession(RegionGrower(), max_rois=8)
+    grown.set_image(ct, affine)
+    full = grown.click([20, 20, 50])
+    assert full.extras["roi_growth"] == "inside the ROIs" and 1 < full.extras["rois"] <= 8
+    assert dice(full.mask > 0, truth) > 0.95 and grown.n_encodes == full.extras["rois"]
+    # a further click reuses every ROI's embedding
+    again = grown.click([20, 20, 30])
+    assert grown.n_encodes == full.extras["rois"] and dice(again.mask > 0, truth) > 0.95
+
+
+def test_growth_stops_at_its_bound_and_at_the_image_border():
+    ct, affine, truth = _ct_with_long_lesion()
+    bounded = PromptSession(RegionGrower(), max_rois=3)
+    bounded.set_image(ct, affine)
+    part = bounded.click([20, 20, 50])
+    assert part.extras["rois"] == 3 and "max_rois 3" in part.extras["roi_growth"]
+    assert 0.4 < dice(part.mask > 0, truth) < 0.95
+
+    # a lesion running out of the image: growth ends at the border, nothing is asked beyond it
+    ct, affine, truth = _ct_with_long_lesion(lesion=np.s_[16:24, 16:24, 60:100])
+    edge = PromptSession(RegionGrower(), max_rois=8)
+    edge.set_image(ct, affine)
+    result = edge.click([20, 20, 90])
+    assert result.extras["roi_growth"] == "inside the ROIs" and dice(result.mask > 0, truth) > 0.95
+    assert result.mask.shape == ct.shape
+
+
+def test_a_positive_click_beyond_the_rois_adds_one_within_the_bound():
+    """Two separate lesions: a positive click on the second, outside the first click's ROI, gets its own
+    ROI while the bound allows; at the bound it is ignored, as a negative click there always is."""
+    ct = np.full((40, 40, 100), -850.0, np.float32)
+    first, second = np.s_[16:24, 16:24, 20:28], np.s_[16:24, 16:24, 70:78]
+    ct[first] = ct[second] = -50.0
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    session = PromptSession(RegionGrower(), max_rois=2)
+    session.set_image(ct, affine)
+    session.click([20, 20, 24])
+    assert session.n_encodes == 1
+    negative = session.click([20, 20, 74], positive=False)
+    assert negative.extras["ignored_clicks"][0]["reason"] == "outside the ROI" and session.n_encodes == 1
+    both = session.click([20, 20, 74])
+    assert session.n_encodes == 2 and both.extras["rois"] == 2
+    assert both.mask[first].all() and both.mask[second].all()
+    bounded = PromptSession(RegionGrower(), max_rois=1)
+    bounded.set_image(ct, affine)
+    bounded.click([20, 20, 24])
+    one = bounded.click([20, 20, 74])
+    assert bounded.n_encodes == 1 and not one.mask[second].any() and one.extras["ignored_clicks"]
