@@ -106,10 +106,13 @@ def trained(spec: Mapping, weights: Mapping) -> nn.Module:
 
 
 def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", threshold: float | None = None,
-              bf16: bool = False, **_: Any) -> "LesionReportPredictor":
-    """``bf16`` is applied by the batch runner's autocast; other run-time options are ignored."""
+              bf16: bool = False, max_rois: int | None = None, **_: Any) -> "LesionReportPredictor":
+    """``bf16`` is applied by the batch runner's autocast; ``max_rois``: ROI growth for lesions larger than
+    the ROI (1 = off; default the spec's); other run-time options are ignored."""
+    inference = spec["inference"]
     return LesionReportPredictor(trained(spec, weights), device=device,
-                                 threshold=spec["inference"]["threshold"] if threshold is None else threshold)
+                                 threshold=inference["threshold"] if threshold is None else threshold,
+                                 max_rois=inference.get("max_rois", 1) if max_rois is None else max_rois)
 
 
 class LesionReportPredictor:
@@ -122,10 +125,11 @@ class LesionReportPredictor:
 
     name = "lesion_report_3d"
 
-    def __init__(self, network: nn.Module, device: str | torch.device = "cpu", threshold: float = 0.5):
+    def __init__(self, network: nn.Module, device: str | torch.device = "cpu", threshold: float = 0.5, max_rois: int = 1):
         self.device = torch.device(device)
         self.network = _unwrap(network).to(self.device).eval()
         self.threshold = threshold
+        self.max_rois = int(max_rois)
         self.checkpoint_path: str | None = None
 
     needs_lungs = True  # a lung-lesion model: the batch refuses scans without lungs (--allow-no-lungs)
@@ -135,7 +139,7 @@ class LesionReportPredictor:
         return is_interactive(self.network)  # the baselines run on the automatic ROI only
 
     def session(self) -> PromptSession:
-        return PromptSession(self.network, self.device, self.threshold)
+        return PromptSession(self.network, self.device, self.threshold, self.max_rois)
 
     def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None, lung=None) -> Prediction:
         if not is_interactive(self.network):

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from ..data.io import spacing_from_affine
 from ..errors import InputError
-from ..inference.geometry import as_affine, roi_to_original
-from ..inference.session import is_promptable as is_interactive
+from ..inference.geometry import as_affine, map_points, roi_to_original
+from ..inference.session import PromptSession, is_promptable as is_interactive
 from ..metrics.attributes import attribute_accuracy
 from ..metrics.segmentation import dice as dice_score, hd95
 from ..models.lesion_report_3d import trained
@@ -46,6 +46,7 @@ def evaluate(
     noc_thresholds: Sequence[float] = (0.80, 0.85, 0.90),
     device: str | torch.device = "cpu",
     n_panels: int = 4,
+    growth_max_rois: int = 0,
 ) -> dict:
     """Seed 001's evaluation -> ``metrics.json``, ``per_case.csv``, ``dice_vs_clicks.png``, ``panels/``.
 
@@ -59,6 +60,11 @@ def evaluate(
     lesion larger than the ROI costs Dice; ``dice_roi`` is the same prediction scored inside the ROI.
     The attribute accuracy per group and its average come from the same prediction. ``splits`` absent from
     ``datalists`` (no ``zeroshot`` without a hold-out) are skipped.
+
+    ``growth_max_rois`` > 1 (interactive models): every lesion the ROI cuts (a perfect ROI mask scores
+    under 0.99 on the original grid) is also clicked once through a :class:`PromptSession` on its
+    original image, at the same first click, with one ROI and with ROI growth up to that many ROIs:
+    ``dice_cut_one_roi`` vs ``dice_cut_grown`` on the original grid.
     """
     if checkpoint:
         network = trained(*read_checkpoint(checkpoint))
@@ -106,6 +112,9 @@ def evaluate(
                 row["dice"] = round(dice_score(pred_orig, target_orig), 4)
                 row["hd95_mm"] = round(hd95(pred_orig, target_orig, spacing_from_affine(orig_affine)), 3)
                 row["dice_roi"] = round(chosen["dice"], 4)  # inside the ROI: what any ROI model can reach
+                if interactive and growth_max_rois > 1:
+                    row.update(_growth_dices(net, loaded["image"], traj[1]["clicks"][0][0], d["image"].affine, gt_roi,
+                                             target_orig, growth_max_rois, device))
                 seg_rows.append(row)
                 if panels_left > 0:
                     _save_panel(out / "panels" / f"{split}_{row['case_id']}_lesion{row['lesion_id']}.png", d["image"][0], gt_roi,
@@ -152,6 +161,26 @@ def _click_trajectory(net: nn.Module, image: torch.Tensor, gt: np.ndarray, max_c
     return traj
 
 
+def _growth_dices(net: nn.Module, ct, click_roi, roi_affine, gt_roi: np.ndarray, target: np.ndarray, max_rois: int,
+                  device) -> dict:
+    """Original-grid Dice of one click through a prompt session, with one ROI and with ROI growth, for a
+    lesion the ROI cuts (empty for one it holds whole)."""
+    orig_affine, shape = as_affine(ct.affine), tuple(target.shape)
+    perfect = roi_to_original(torch.from_numpy(gt_roi.astype(np.float32)), roi_affine, orig_affine, shape) > 0.5
+    if dice_score(perfect, target) >= 0.99:
+        return {}
+    ijk = map_points(np.asarray(click_roi, dtype=np.float64), roi_affine, orig_affine)[0]
+    hu = np.asarray(ct[0].detach().cpu() if isinstance(ct, torch.Tensor) else ct[0], dtype=np.float32)
+    out = {"dice_cut_perfect_roi": round(dice_score(perfect, target), 4)}
+    for key, rois in (("dice_cut_one_roi", 1), ("dice_cut_grown", max_rois)):
+        session = PromptSession(net, device, max_rois=rois)
+        session.set_image(hu, orig_affine)
+        pred = session.click(ijk)
+        out[key] = round(dice_score(pred.mask > 0, target), 4)
+        out[f"rois_{key[9:]}"] = pred.extras["rois"]
+    return out
+
+
 def _single_prediction(net: nn.Module, image: torch.Tensor, gt: np.ndarray) -> dict:
     out = net(image)
     res: dict[str, Any] = {"prob": None, "attr": None, "clicks": []}
@@ -170,6 +199,11 @@ def _split_metrics(seg_rows, attr_pred, attr_true, per_click, attr_acc_click, no
         h = np.array([r["hd95_mm"] for r in seg_rows], dtype=float)
         m.update(dice=float(d.mean()), dice_std=float(d.std()), hd95_mm=float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"),
                  dice_roi=float(np.mean([r["dice_roi"] for r in seg_rows])))
+        cut = [r for r in seg_rows if "dice_cut_grown" in r]  # lesions larger than the ROI (growth measured)
+        if cut:
+            m["cut_lesions"] = len(cut)
+            for key in ("dice_cut_perfect_roi", "dice_cut_one_roi", "dice_cut_grown", "rois_grown"):
+                m[key] = float(np.mean([r[key] for r in cut]))
     if per_click:
         curve = np.array(per_click).mean(0)
         m["dice_per_click"] = [round(float(v), 4) for v in curve]  # index = number of clicks (0 = none)
