@@ -13,6 +13,7 @@ each for the same epochs, batch size and cases, then evaluates them on the same 
 * Dice of the full model at 1 click vs the U-Net (no clicks), inside the ROI and on the original grid
   (where lesions larger than the ROI cost both alike),
 * attribute accuracy (per group, average) of the full model vs the CNN,
+* original-grid Dice of the lesions larger than the ROI at one click: one ROI vs ROI growth,
 * wall-clock training time of each on this CPU.
 
 Writes ``benchmarks/results/lesion_report_quality.json``. Numbers are reported as they come out; the
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         "full_attribute_accuracy_average": full["attribute_accuracy_average"],
         "cnn_attribute_accuracy_average": cnn["attribute_accuracy_average"],
         "majority_class_attribute_accuracy": majority_class_reference(run_dirs["full"] / "eval" / "per_case.csv"),
+        # lesions larger than the ROI, one click through the prompt session: one ROI vs ROI growth (evaluate.yaml)
+        "cut_lesions": full.get("cut_lesions", 0),
+        "cut_lesions_dice_original_grid": {k: full.get(f"dice_cut_{k}") for k in ("perfect_roi", "one_roi", "grown")},
+        "cut_lesions_rois_grown": full.get("rois_grown"),
         "train_seconds": {k: v["train_seconds"] for k, v in results.items()},
         "train_time_ratio_full_vs_unet": round(results["full"]["train_seconds"] / results["unet"]["train_seconds"], 2),
     }
