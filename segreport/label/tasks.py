@@ -137,7 +137,7 @@ class ReportTask(InferTask):
         timings["report_s"] = perf_counter() - t  # the batch report and the label file
         timings["total_s"] = perf_counter() - timings.pop("_start")
         report.update(extra, latency_s={k: round(v, 4) for k, v in timings.items()},
-                      checkpoint=str(self.weights.current()))
+                      checkpoint=str(self.weights.current()), label_names=LABELS)  # label_names: Slicer names the segment
         return label, to_jsonable(report)
 
 
