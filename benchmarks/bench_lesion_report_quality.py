@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         "cnn_attribute_accuracy_average": cnn["attribute_accuracy_average"],
         "majority_class_attribute_accuracy": majority_class_reference(run_dirs["full"] / "eval" / "per_case.csv"),
         # lesions larger than the ROI, one click through the prompt session: one ROI vs ROI growth (evaluate.yaml)
-        "cut_lesions": full.get("cut_lesions", 0),
-        "cut_lesions_dice_original_grid": {k: full.get(f"dice_cut_{k}") for k in ("perfect_roi", "one_roi", "grown")},
-        "cut_lesions_rois_grown": full.get("rois_grown"),
+        **{f"{kind}_lesions": {"n": full.get(f"{kind}_lesions", 0), "rois_grown": full.get(f"rois_{kind}_grown"),
+                               **{f"dice_{k}": full.get(f"dice_{kind}_{k}") for k in ("perfect_roi", "one_roi", "grown")}}
+           for kind in ("cut", "whole")},
         "train_seconds": {k: v["train_seconds"] for k, v in results.items()},
         "train_time_ratio_full_vs_unet": round(results["full"]["train_seconds"] / results["unet"]["train_seconds"], 2),
     }

@@ -61,10 +61,10 @@ def evaluate(
     The attribute accuracy per group and its average come from the same prediction. ``splits`` absent from
     ``datalists`` (no ``zeroshot`` without a hold-out) are skipped.
 
-    ``growth_max_rois`` > 1 (interactive models): every lesion the ROI cuts (a perfect ROI mask scores
-    under 0.99 on the original grid) is also clicked once through a :class:`PromptSession` on its
-    original image, at the same first click, with one ROI and with ROI growth up to that many ROIs:
-    ``dice_cut_one_roi`` vs ``dice_cut_grown`` on the original grid.
+    ``growth_max_rois`` > 1 (interactive models): every lesion is also clicked once through a
+    :class:`PromptSession` on its original image, at the same first click, with one ROI and with ROI
+    growth up to that many ROIs, scored on the original grid: ``dice_cut_one_roi`` vs ``dice_cut_grown``
+    for the lesions the ROI cuts (a perfect ROI mask scores under 0.99), ``dice_whole_*`` for the others.
     """
     if checkpoint:
         network = trained(*read_checkpoint(checkpoint))
@@ -163,21 +163,22 @@ def _click_trajectory(net: nn.Module, image: torch.Tensor, gt: np.ndarray, max_c
 
 def _growth_dices(net: nn.Module, ct, click_roi, roi_affine, gt_roi: np.ndarray, target: np.ndarray, max_rois: int,
                   device) -> dict:
-    """Original-grid Dice of one click through a prompt session, with one ROI and with ROI growth, for a
-    lesion the ROI cuts (empty for one it holds whole)."""
+    """Original-grid Dice of one click through a prompt session, with one ROI and with ROI growth; keys
+    ``dice_cut_*`` for a lesion the ROI cuts, ``dice_whole_*`` for one it holds whole (where growth
+    can only add false positives)."""
     orig_affine, shape = as_affine(ct.affine), tuple(target.shape)
     perfect = roi_to_original(torch.from_numpy(gt_roi.astype(np.float32)), roi_affine, orig_affine, shape) > 0.5
-    if dice_score(perfect, target) >= 0.99:
-        return {}
+    perfect_dice = dice_score(perfect, target)
+    kind = "cut" if perfect_dice < 0.99 else "whole"
     ijk = map_points(np.asarray(click_roi, dtype=np.float64), roi_affine, orig_affine)[0]
     hu = np.asarray(ct[0].detach().cpu() if isinstance(ct, torch.Tensor) else ct[0], dtype=np.float32)
-    out = {"dice_cut_perfect_roi": round(dice_score(perfect, target), 4)}
-    for key, rois in (("dice_cut_one_roi", 1), ("dice_cut_grown", max_rois)):
+    out = {f"dice_{kind}_perfect_roi": round(perfect_dice, 4)}
+    for name, rois in (("one_roi", 1), ("grown", max_rois)):
         session = PromptSession(net, device, max_rois=rois)
         session.set_image(hu, orig_affine)
         pred = session.click(ijk)
-        out[key] = round(dice_score(pred.mask > 0, target), 4)
-        out[f"rois_{key[9:]}"] = pred.extras["rois"]
+        out[f"dice_{kind}_{name}"] = round(dice_score(pred.mask > 0, target), 4)
+        out[f"rois_{kind}_{name}"] = pred.extras["rois"]
     return out
 
 
@@ -199,11 +200,13 @@ def _split_metrics(seg_rows, attr_pred, attr_true, per_click, attr_acc_click, no
         h = np.array([r["hd95_mm"] for r in seg_rows], dtype=float)
         m.update(dice=float(d.mean()), dice_std=float(d.std()), hd95_mm=float(np.nanmean(h)) if np.isfinite(h).any() else float("nan"),
                  dice_roi=float(np.mean([r["dice_roi"] for r in seg_rows])))
-        cut = [r for r in seg_rows if "dice_cut_grown" in r]  # lesions larger than the ROI (growth measured)
-        if cut:
-            m["cut_lesions"] = len(cut)
-            for key in ("dice_cut_perfect_roi", "dice_cut_one_roi", "dice_cut_grown", "rois_grown"):
-                m[key] = float(np.mean([r[key] for r in cut]))
+        for kind in ("cut", "whole"):  # ROI growth, measured: lesions the ROI cuts, and the others
+            rows_k = [r for r in seg_rows if f"dice_{kind}_grown" in r]
+            if rows_k:
+                m[f"{kind}_lesions"] = len(rows_k)
+                for key in ("perfect_roi", "one_roi", "grown"):
+                    m[f"dice_{kind}_{key}"] = float(np.mean([r[f"dice_{kind}_{key}"] for r in rows_k]))
+                m[f"rois_{kind}_grown"] = float(np.mean([r[f"rois_{kind}_grown"] for r in rows_k]))
     if per_click:
         curve = np.array(per_click).mean(0)
         m["dice_per_click"] = [round(float(v), 4) for v in curve]  # index = number of clicks (0 = none)
