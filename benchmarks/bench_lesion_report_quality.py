@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also train the vanilla / +refinement / +synergy variants and write the ablation table")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="train.yaml override for the full model only (VALUE is JSON), e.g. high_res_features=false")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse a run folder's trained model and recorded training time (re-evaluate only)")
     p.add_argument("--work-dir", default="outputs/bench_lesion_report")
     p.add_argument("--out", default=None, help="default benchmarks/results/lesion_report_quality[_largest].json")
     a = p.parse_args(argv)
@@ -126,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         if name == "full":
             common.update(full_overrides)
-        run("training", config_file=_configs(*overlays), epochs=epochs, **common)
-        train_s = time.perf_counter() - t
+        timing = out / "train_seconds.json"
+        if a.reuse and timing.is_file() and (out / "models" / "model.pt").is_file():
+            train_s = json.loads(timing.read_text())["train_seconds"]
+        else:
+            run("training", config_file=_configs(*overlays), epochs=epochs, **common)
+            train_s = time.perf_counter() - t
+            timing.write_text(json.dumps({"train_seconds": round(train_s, 1), "epochs": epochs}))
         run("evaluating", config_file=_configs("evaluate.yaml", *overlays), max_clicks=a.max_clicks, eval_splits=["test"], **common)
         metrics = json.loads((out / "eval" / "metrics.json").read_text())["test"]
         results[name] = {"train_seconds": round(train_s, 1), "test": metrics}
