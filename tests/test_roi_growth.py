@@ -18,10 +18,12 @@ from segreport.vocab import ATTRIBUTE_NUM_CLASSES
 
 class RegionGrower(nn.Module):
     """encode_image: the ROI itself; decode: the bright component (windowed > 0.6) under the positive
-    clicks, without the components under negative ones."""
+    clicks, without the components under negative ones. ``false_positives``: also every other bright
+    component that touches the ROI border (what a weak model does)."""
 
-    def __init__(self, roi: int = 16, spacing=(4.0, 4.0, 4.0)):
+    def __init__(self, roi: int = 16, spacing=(4.0, 4.0, 4.0), false_positives: bool = False):
         super().__init__()
+        self.false_positives = false_positives
         self.img_size = (roi,) * 3
         self.spec = {"spacing": list(spacing), "window": "lung", "axcodes": "RAS"}
         self.dummy = nn.Parameter(torch.zeros(()))
@@ -37,6 +39,10 @@ class RegionGrower(nn.Module):
                 comp = bright[tuple(np.clip(np.rint(p).astype(int), 0, np.asarray(self.img_size) - 1))]
                 if comp:
                     mask = mask | (bright == comp) if lab == 1 else mask & (bright != comp)
+        if self.false_positives:
+            border = np.unique(np.concatenate([bright[0].ravel(), bright[-1].ravel(), bright[:, 0].ravel(),
+                                               bright[:, -1].ravel(), bright[:, :, 0].ravel(), bright[:, :, -1].ravel()]))
+            mask |= np.isin(bright, border[border > 0])
         logits = torch.from_numpy(np.where(mask, 8.0, -8.0).astype(np.float32))[None, None]
         return {"mask_logits": logits, "low_res_logits": logits, "iou_pred": torch.ones(1, 1),
                 "attr_logits": {g: torch.zeros(1, n) for g, n in ATTRIBUTE_NUM_CLASSES.items()}}
@@ -107,3 +113,18 @@ def test_a_positive_click_beyond_the_rois_adds_one_within_the_bound():
     bounded.click([20, 20, 24])
     one = bounded.click([20, 20, 74])
     assert bounded.n_encodes == 1 and not one.mask[second].any() and one.extras["ignored_clicks"]
+
+
+def test_a_false_positive_at_the_roi_border_does_not_pull_rois_after_it():
+    """Only the clicked lesion grows the ROIs: a separate bright structure running out of the ROI (a
+    vessel, or the model's false positive) is in the mask but asks for no neighbour."""
+    ct = np.full((40, 40, 100), -850.0, np.float32)
+    lesion = np.s_[16:24, 16:24, 46:54]
+    ct[lesion] = -50.0
+    ct[25:27, 25:27, :] = -50.0  # a long vessel-like structure beside it, in its ROI, through the whole scan
+    session = PromptSession(RegionGrower(false_positives=True), max_rois=8)
+    session.set_image(ct, np.diag([4.0, 4.0, 4.0, 1.0]))
+    result = session.click([20, 20, 50])
+    assert result.extras["rois"] == 1 and result.extras["roi_growth"] == "inside the ROIs"
+    assert result.mask[lesion].all() and result.mask[25:27, 25:27, 46:54].all()  # the false positive is there
+    assert session.n_encodes == 1

@@ -23,7 +23,7 @@ from ..transforms.volume import volume_transforms
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 from .geometry import as_affine, auto_roi_center, interior_voxel, map_points, roi_to_original
 from .predictor import LesionAttributes, Prediction
-from .roi_tiles import Tile, covers, growth_starts, overlap_probability
+from .roi_tiles import Tile, covers, growth_starts, overlap_mask
 
 log = logging.getLogger("segreport.session")
 
@@ -191,6 +191,7 @@ class PromptSession:
                 labels.append(lab)
         points += tile.seed_points
         labels += [1] * len(tile.seed_points)
+        tile.anchors = [p for p, lab in zip(points, labels) if lab == 1]
         pts = lab_t = None
         if points:
             pts = torch.tensor(np.stack(points), dtype=torch.float32, device=self.device)[None]
@@ -210,8 +211,7 @@ class PromptSession:
                 continue
             if len(self._tiles) >= self.max_rois:
                 return f"the mask reaches an ROI border: more of the lesion may lie beyond (max_rois {self.max_rois})"
-            found = overlap_probability(self._tiles, start, self.roi_size) > self.threshold
-            seed = interior_voxel(found.numpy())
+            seed = interior_voxel(overlap_mask(self._tiles, start, self.roi_size, self.threshold))
             if seed is None:
                 continue
             tile = self._new_tile(start + np.asarray(self.roi_size) // 2)
