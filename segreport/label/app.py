@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 
 from .. import __version__
@@ -74,7 +75,9 @@ class SegreportLabelApp(MONAILabelApp):
             raise HTTPException(404, detail=f"unknown model {model!r}; this server has {sorted(self._infers)}")
         if isinstance(image, str):
             store = datastore or self.datastore()
-            if not os.path.exists(image) and not store.get_image_uri(image):
+            # a local datastore answers cheaply; a DICOMweb one would fetch the series twice (the task
+            # then says 404 when its image did not come)
+            if not os.path.exists(image) and isinstance(store, LocalDatastore) and not store.get_image_uri(image):
                 raise HTTPException(404, detail=f"unknown image {image!r}: not in the studies folder {self.studies}")
             request = {**request, "image_id": image if not os.path.exists(image) else Path(image).name.split(".")[0]}
         return super().infer(request, datastore)
