@@ -69,7 +69,8 @@ def test_torchrun_trains_with_the_multi_gpu_overlay(bundle, image_size, phantom_
            "--bundle_root", str(REPO / "bundles" / bundle), "--output_dir", str(tmp_path),
            "--ckpt_dir", str(tmp_path / "models"), "--dataset_dir", str(phantom_dir), "--epochs", "1",
            "--val_interval", "1", "--image_size", str(image_size), "--num_threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # one thread each, and no tokenizers thread pool to be torn down under a forked data loader at exit
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
