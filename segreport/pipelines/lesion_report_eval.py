@@ -112,8 +112,9 @@ def evaluate(
                 row["dice"] = round(dice_score(pred_orig, target_orig), 4)
                 row["hd95_mm"] = round(hd95(pred_orig, target_orig, spacing_from_affine(orig_affine)), 3)
                 row["dice_roi"] = round(chosen["dice"], 4)  # inside the ROI: what any ROI model can reach
-                first_click = next((t["clicks"][0][0] for t in traj if t["clicks"]), None)  # none: no lesion in the ROI
-                if interactive and growth_max_rois > 1 and first_click is not None:
+                # the first simulated click (none when the ROI holds no lesion voxel)
+                first_click = next((t["clicks"][0][0] for t in traj if t["clicks"]), None) if interactive else None
+                if growth_max_rois > 1 and first_click is not None:
                     row.update(_growth_dices(net, loaded["image"], first_click, d["image"].affine, gt_roi,
                                              target_orig, growth_max_rois, device))
                 seg_rows.append(row)
