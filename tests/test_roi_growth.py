@@ -57,16 +57,19 @@ def _ct_with_long_lesion(shape=(40, 40, 100), lesion=np.s_[16:24, 16:24, 10:90])
     return ct, np.diag([4.0, 4.0, 4.0, 1.0]), truth
 
 
+def _session(ct, affine, max_rois: int, **grower) -> PromptSession:
+    session = PromptSession(RegionGrower(**grower), max_rois=max_rois)
+    session.set_image(ct, affine)
+    return session
+
+
 def test_a_lesion_longer_than_the_roi_is_followed_into_new_rois():
     ct, affine, truth = _ct_with_long_lesion()
-    single = PromptSession(RegionGrower(), max_rois=1)
-    single.set_image(ct, affine)
-    cut = single.click([20, 20, 50])
+    cut = _session(ct, affine, max_rois=1).click([20, 20, 50])
     assert cut.extras["rois"] == 1 and "reaches an ROI border" in cut.extras["roi_growth"]
     assert dice(cut.mask > 0, truth) < 0.4  # one 64 mm ROI of a 320 mm lesion
 
-    grown = PromptSession(RegionGrower(), max_rois=8)
-    grown.set_image(ct, affine)
+    grown = _session(ct, affine, max_rois=8)
     full = grown.click([20, 20, 50])
     assert full.extras["roi_growth"] == "inside the ROIs" and 1 < full.extras["rois"] <= 8
     assert dice(full.mask > 0, truth) > 0.95 and grown.n_encodes == full.extras["rois"]
@@ -77,17 +80,13 @@ def test_a_lesion_longer_than_the_roi_is_followed_into_new_rois():
 
 def test_growth_stops_at_its_bound_and_at_the_image_border():
     ct, affine, truth = _ct_with_long_lesion()
-    bounded = PromptSession(RegionGrower(), max_rois=3)
-    bounded.set_image(ct, affine)
-    part = bounded.click([20, 20, 50])
+    part = _session(ct, affine, max_rois=3).click([20, 20, 50])
     assert part.extras["rois"] == 3 and "max_rois 3" in part.extras["roi_growth"]
     assert 0.4 < dice(part.mask > 0, truth) < 0.95
 
     # a lesion running out of the image: growth ends at the border, nothing is asked beyond it
     ct, affine, truth = _ct_with_long_lesion(lesion=np.s_[16:24, 16:24, 60:100])
-    edge = PromptSession(RegionGrower(), max_rois=8)
-    edge.set_image(ct, affine)
-    result = edge.click([20, 20, 90])
+    result = _session(ct, affine, max_rois=8).click([20, 20, 90])
     assert result.extras["roi_growth"] == "inside the ROIs" and dice(result.mask > 0, truth) > 0.95
     assert result.mask.shape == ct.shape
 
@@ -99,8 +98,7 @@ def test_a_positive_click_beyond_the_rois_adds_one_within_the_bound():
     first, second = np.s_[16:24, 16:24, 20:28], np.s_[16:24, 16:24, 70:78]
     ct[first] = ct[second] = -50.0
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
-    session = PromptSession(RegionGrower(), max_rois=2)
-    session.set_image(ct, affine)
+    session = _session(ct, affine, max_rois=2)
     session.click([20, 20, 24])
     assert session.n_encodes == 1
     negative = session.click([20, 20, 74], positive=False)
@@ -108,8 +106,7 @@ def test_a_positive_click_beyond_the_rois_adds_one_within_the_bound():
     both = session.click([20, 20, 74])
     assert session.n_encodes == 2 and both.extras["rois"] == 2
     assert both.mask[first].all() and both.mask[second].all()
-    bounded = PromptSession(RegionGrower(), max_rois=1)
-    bounded.set_image(ct, affine)
+    bounded = _session(ct, affine, max_rois=1)
     bounded.click([20, 20, 24])
     one = bounded.click([20, 20, 74])
     assert bounded.n_encodes == 1 and not one.mask[second].any() and one.extras["ignored_clicks"]
@@ -122,8 +119,7 @@ def test_a_false_positive_at_the_roi_border_does_not_pull_rois_after_it():
     lesion = np.s_[16:24, 16:24, 46:54]
     ct[lesion] = -50.0
     ct[25:27, 25:27, :] = -50.0  # a long vessel-like structure beside it, in its ROI, through the whole scan
-    session = PromptSession(RegionGrower(false_positives=True), max_rois=8)
-    session.set_image(ct, np.diag([4.0, 4.0, 4.0, 1.0]))
+    session = _session(ct, np.diag([4.0, 4.0, 4.0, 1.0]), max_rois=8, false_positives=True)
     result = session.click([20, 20, 50])
     assert result.extras["rois"] == 1 and result.extras["roi_growth"] == "inside the ROIs"
     assert result.mask[lesion].all() and result.mask[25:27, 25:27, 46:54].all()  # the false positive is there

@@ -223,10 +223,7 @@ class PromptSession:
 
     @torch.inference_mode()
     def _predict(self) -> Prediction:
-        out = None
-        for tile in self._tiles:
-            decoded = self._decode(tile)
-            out = decoded if out is None else out  # attributes: the ROI of the first click
+        out = [self._decode(tile) for tile in self._tiles][0]  # attributes: the ROI of the first click
         growth = self._grow()
         prob = np.zeros(self.shape, dtype=np.float32)
         for tile in self._tiles:

@@ -47,7 +47,7 @@ class SegreportLabelApp(MONAILabelApp):
     def init_infers(self) -> dict[str, ReportTask]:
         infers: dict[str, ReportTask] = {}
         for bundle in self.bundles:
-            weights = BundleWeights(bundle.name, bundle, self.app_dir, self.device)
+            weights = BundleWeights(bundle, self.app_dir, self.device)
             if weights.current() is None:
                 log.warning("%s: no trained weights (%s): not served", bundle.name, " or ".join(map(str, weights.paths)))
                 continue

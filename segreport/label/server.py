@@ -38,11 +38,14 @@ class LabelError(RuntimeError):
     """The server cannot start: said before anything is launched."""
 
 
+def weight_paths(bundle: Path, app_dir: Path) -> list[Path]:
+    """Where a bundle's served weights may be, first found wins: the app's own (MONAI Label training
+    writes ``<app>/model/<bundle name>/model.pt``), then the bundle's (its train config's ``models/``)."""
+    return [app_dir / "model" / bundle.name / "model.pt", bundle / "models" / "model.pt"]
+
+
 def trained_weights(bundle: Path, app_dir: Path) -> Path | None:
-    for path in (app_dir / "model" / bundle.name / "model.pt", bundle / "models" / "model.pt"):
-        if path.is_file():
-            return path
-    return None
+    return next((p for p in weight_paths(bundle, app_dir) if p.is_file()), None)
 
 
 def resolve_bundles(given: Sequence[str] | None, app_dir: Path, root: Path = Path("bundles")) -> list[Path]:

@@ -33,7 +33,6 @@ import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from ..data.io import save_nifti
 from ..data.outputs import to_jsonable
 from ..errors import InputError
 from ..pipelines.cases import Case, LoadedCase, load_case
@@ -41,6 +40,7 @@ from ..pipelines.guide_texts import finding_of
 from ..pipelines.report import build_report
 from ..transforms.postprocess import remove_small_lesions
 from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
+from .server import weight_paths
 
 log = logging.getLogger("segreport.label")
 LABELS = {"lesion": 1}
@@ -56,9 +56,9 @@ class BundleWeights:
     The app's own weights (``<app>/model/<name>/model.pt``, written by MONAI Label training) come
     first, then the bundle's (``<bundle>/models/model.pt``, where its train config writes them)."""
 
-    def __init__(self, name: str, bundle: str | os.PathLike, app_dir: str | os.PathLike, device: str):
+    def __init__(self, bundle: str | os.PathLike, app_dir: str | os.PathLike, device: str):
         self.bundle, self.device = Path(bundle), device
-        self.paths = [Path(app_dir) / "model" / name / "model.pt", self.bundle / "models" / "model.pt"]
+        self.paths = weight_paths(self.bundle, Path(app_dir))
         self._key: tuple | None = None
         self._predictor = None
 
@@ -131,9 +131,7 @@ class ReportTask(InferTask):
                               points=extra.pop("points", None))
         fd, label = tempfile.mkstemp(suffix=".nii.gz", prefix=f"segreport_{self.name}_")
         os.close(fd)  # MONAI Label sends the file, then deletes it
-        meta = loaded.meta
-        save_nifti(prediction.mask, loaded.affine, label, dtype=np.uint8, qform_code=meta.get("qform_code") or 1,
-                   sform_code=meta.get("sform_code") or 1)
+        loaded.save_mask(prediction.mask, label)
         timings["report_s"] = perf_counter() - t  # the batch report and the label file
         timings["total_s"] = perf_counter() - timings.pop("_start")
         report.update(extra, latency_s={k: round(v, 4) for k, v in timings.items()},

@@ -57,7 +57,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import __version__
 from ..data import provenance
-from ..data.io import save_nifti
 from ..transforms.postprocess import remove_small_lesions
 from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
 from ..errors import InputError
@@ -208,9 +207,7 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
     paths = case.outputs(output_dir)
     meta = loaded.meta
     model = settings.model
-    # keep the input's NIfTI codes (0 -> 1: the affine nibabel gave us is then stated explicitly)
-    save_nifti(prediction.mask, loaded.affine, paths["seg"], dtype=np.uint8,
-               qform_code=meta.get("qform_code") or 1, sform_code=meta.get("sform_code") or 1)
+    loaded.save_mask(prediction.mask, paths["seg"])
     points = None if loaded.points is None else {"ijk": loaded.points, "labels": loaded.point_labels}
     if points is not None and not settings.takes_points:
         points["ignored"] = f"{model} takes no clicks: the points did not change this result"

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..data.io import is_nifti, load_volume, strip_nifti_suffix
+from ..data.io import is_nifti, load_volume, save_nifti, strip_nifti_suffix
 from ..data.readers import read_dicom_folder
 from ..data.plausibility import check_ct
 from ..errors import InputError
@@ -194,6 +194,12 @@ class LoadedCase:
     points: list[list[int]] | None
     point_labels: list[int] | None
     load_s: float
+
+    def save_mask(self, mask: np.ndarray, path: str | os.PathLike) -> Path:
+        """A mask on this case's grid as NIfTI, keeping the input's NIfTI codes (0 -> 1: the affine
+        nibabel gave us is then stated explicitly)."""
+        return save_nifti(mask, self.affine, path, dtype=np.uint8, qform_code=self.meta.get("qform_code") or 1,
+                          sform_code=self.meta.get("sform_code") or 1)
 
 
 def input_fingerprint(case: Case) -> dict:
