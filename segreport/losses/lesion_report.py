@@ -32,6 +32,8 @@ class LesionReportLoss(nn.Module):
         adaptive_lambda: learn λ = exp(-s) with the regulariser s/2 (uncertainty weighting).
         attribute_names: group order used when attribute targets come as a (B, G) tensor.
         ignore_index: attribute target value meaning "not annotated".
+        lambda_warmup: loss scheduling: λ ramps linearly from 0 over this many training calls (0 = off),
+            so the mask learns first; counted on calls with gradient enabled.
 
     With several masks per sample (multimask output) the segmentation loss keeps, per sample, the best
     mask only, as SAM does, so the masks can specialise.
@@ -51,8 +53,11 @@ class LesionReportLoss(nn.Module):
         adaptive_lambda: bool = False,
         attribute_names: Sequence[str] = ATTRIBUTE_NAMES,
         ignore_index: int = -100,
+        lambda_warmup: int = 0,
     ):
         super().__init__()
+        self.lambda_warmup = int(lambda_warmup)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # training calls so far (the schedule's clock)
         if lambda_attr <= 0 and adaptive_lambda:
             raise ValueError("adaptive_lambda needs a positive starting lambda_attr")
         self.lambda_bce, self.lambda_iou = lambda_bce, lambda_iou
@@ -116,13 +121,18 @@ class LesionReportLoss(nn.Module):
                 iou_target = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
             iou = F.mse_loss(outputs["iou_pred"].float(), iou_target)
 
+        ramp = 1.0
+        if self.lambda_warmup > 0:
+            ramp = min(1.0, float(self.steps) / self.lambda_warmup)
+            if torch.is_grad_enabled():
+                self.steps += 1
         if self.log_var is None:
-            lam = ref.new_tensor(self.lambda_attr)
+            lam = ref.new_tensor(self.lambda_attr * ramp)
             total = seg + lam * attr + self.lambda_iou * iou
         else:
-            lam = torch.exp(-self.log_var)
+            lam = torch.exp(-self.log_var) * ramp
             # the regulariser only where the attribute term exists, else it would drive s to -inf
-            reg = 0.5 * self.log_var if any(k.startswith("attr/") for k in parts) else zero
+            reg = 0.5 * self.log_var * ramp if any(k.startswith("attr/") for k in parts) else zero
             total = seg + lam * attr + reg + self.lambda_iou * iou
         parts.update(seg=seg, attr=attr, iou=iou, lambda_attr=lam)
         return total, {k: v.detach() for k, v in parts.items()}

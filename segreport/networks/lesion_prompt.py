@@ -7,6 +7,20 @@ Integration Decode module (mask head H_seg, attribute head H_attr, inter-task fe
 The image side (``encode_image``) and the prompt side (``decode``) are separate calls so an interactive
 session encodes the ROI once and reruns only ``decode`` per click (see benchmarks/bench_click_latency.py).
 
+Two image backbones (``backbone``), everything after them shared (hybrid tokens, H_seg, H_attr, synergy):
+
+* ``"vit"``: the paper's ViT with windowed + global attention (the configuration below);
+* ``"resunet"``: an nnInteractive-style residual-encoder U-Net from MONAI blocks
+  (:mod:`segreport.networks.blocks.residual_unet`): the clicks and the previous mask enter its
+  decoder at every resolution as dense maps, and the hybrid tokens run at its bottleneck. It learns
+  from few cases and listens to its clicks (numbers in the bundle's docs); the encoder is cached as
+  the ViT is.
+
+``lesion_pooling`` (our addition, either backbone): the attribute classifier also reads features pooled
+inside the predicted mask and in a ring around it, plus measured descriptors of the predicted lesion
+(:mod:`segreport.networks.blocks.lesion_features`). ``attr_gradient="normalised"`` bounds what the
+attribute loss sends into the shared trunk (:mod:`segreport.networks.blocks.gradient_balance`).
+
 The paper gives no sizes. The ``paper`` configuration takes SAM-Med3D's ViT-B (128³ ROI, 16³ patches,
 768-wide, 12 blocks, global attention at 2/5/8/11, 384-wide prompt/decoder side), the closest published
 3D SAM, which the paper compares against; the ViT window, the K-means k and window p and the head
@@ -32,11 +46,14 @@ from monai.networks.nets.vista3d import MLP, TwoWayTransformer
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
+from segreport.networks.blocks.gradient_balance import GradientBalance
+from segreport.networks.blocks.lesion_features import LesionAttributeFeatures
 from segreport.networks.blocks.prompt import PAD_LABEL, PromptEncoder3D, kmeans_refine_points
+from segreport.networks.blocks.residual_unet import PromptFusionDecoder3D, ResidualEncoder3D, prompt_maps
 from segreport.networks.blocks.vit3d import ViTImageEncoder3D, channel_layer_norm_3d, self_attention_block
 from segreport.vocab import ATTRIBUTE_NUM_CLASSES
 
-__all__ = ["LesionPromptNet", "ImageEmbedding", "InterTaskSynergy", "AttributeHead", "CONFIGS"]
+__all__ = ["LesionPromptNet", "ImageEmbedding", "InterTaskSynergy", "AttributeHead", "CONFIGS", "RESUNET_CONFIGS"]
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # for tests and CPU smoke runs: 32³ ROI, 8³ token grid, 32-wide, 2 layers everywhere
@@ -52,21 +69,33 @@ CONFIGS: dict[str, dict[str, Any]] = {
         mlp_dim=2048, mask_head_depth=2, iou_head_hidden=256,
     ),
 }
+# the residual U-Net backbone per configuration (overrides of the above: its stages replace the ViT's)
+BACKBONES = ("vit", "resunet")
+RESUNET_CONFIGS: dict[str, dict[str, Any]] = {
+    # 32³ ROI: stages at 32/16/8/4 voxels, the hybrid tokens on the 4³ bottleneck
+    "tiny": dict(unet_features=(8, 16, 32, 64), unet_blocks=(1, 2, 3, 4), embed_dim=64, num_heads=4, mlp_dim=128),
+    # nnInteractive's ResEnc-L widths and depths (its 6th stage dropped: a 128³ ROI bottoms out at 8³)
+    "paper": dict(unet_features=(32, 64, 128, 256, 320), unet_blocks=(1, 3, 4, 6, 6), embed_dim=384),
+}
 
 
 class ImageEmbedding(NamedTuple):
     """What ``encode_image`` returns and ``decode`` takes: cache it once per ROI.
 
-    ``grid``: (B, embed_dim, *grid_size) image embedding; ``high_res``: ``(s0, s1)`` stem features at
-    4x and 2x the grid (``embed_dim/8`` and ``embed_dim/4`` channels), or None when the option is off.
+    ``grid``: (B, embed_dim, *grid_size) image embedding; ``high_res``: finer features, the ViT's
+    ``(s0, s1)`` stem features at 4x and 2x the grid (``embed_dim/8`` and ``embed_dim/4`` channels) or
+    the residual U-Net's encoder skips (full resolution first), None when the model has none;
+    ``image``: the ROI itself, for the measured lesion descriptors (None when the model has none).
     """
 
     grid: torch.Tensor
-    high_res: tuple[torch.Tensor, torch.Tensor] | None = None
+    high_res: tuple[torch.Tensor, ...] | None = None
+    image: torch.Tensor | None = None
 
     def _map(self, fn) -> ImageEmbedding:
-        """``fn`` applied to every tensor (the grid and, when present, the stem features)."""
-        return ImageEmbedding(fn(self.grid), None if self.high_res is None else tuple(fn(t) for t in self.high_res))
+        """``fn`` applied to every tensor."""
+        return ImageEmbedding(fn(self.grid), None if self.high_res is None else tuple(fn(t) for t in self.high_res),
+                              None if self.image is None else fn(self.image))
 
     def expand(self, b: int) -> ImageEmbedding:
         """The same embedding for ``b`` prompt sets (a view: no copy)."""
@@ -159,16 +188,21 @@ class AttributeClassifier(nn.Module):
     The paper writes a sigmoid multi-label layer, but every group in its Table 1 is a set of mutually
     exclusive classes (a lesion has exactly one shape, one density ...) and eq. 6 is categorical CE,
     so each group gets its own softmax classifier; argmax per group is the report.
+
+    ``extra_dim`` > 0: a lesion feature vector (:class:`LesionAttributeFeatures`) is concatenated to the
+    pooled tokens before the classifiers.
     """
 
-    def __init__(self, embed_dim: int, groups: Mapping[str, int]):
+    def __init__(self, embed_dim: int, groups: Mapping[str, int], extra_dim: int = 0):
         super().__init__()
         self.norm = nn.LayerNorm(embed_dim)
-        self.heads = nn.ModuleDict({name: nn.Linear(embed_dim, n) for name, n in groups.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(embed_dim + extra_dim, n) for name, n in groups.items()})
 
-    def forward(self, a: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, a: torch.Tensor, valid: torch.Tensor, extra: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         w = valid.unsqueeze(-1).to(a.dtype)
         pooled = self.norm((a * w).sum(1) / w.sum(1).clamp(min=1))
+        if extra is not None:
+            pooled = torch.cat([pooled, extra.to(pooled.dtype)], -1)
         return {name: head(pooled) for name, head in self.heads.items()}
 
 
@@ -193,8 +227,15 @@ class LesionPromptNet(nn.Module):
         point_refinement: enable feature-space K-means point refinement (eq. 1-2).
         refine_window, refine_k, refine_iters: window p (in feature cells), clusters k, Lloyd steps.
         synergy: enable inter-task feature synergy (eq. 3).
-        high_res_features: add a conv stem's features to the mask upscaling, as SAM2 (module docstring).
+        high_res_features: add a conv stem's features to the mask upscaling, as SAM2 (ViT only; module docstring).
         dropout_rate: ViT dropout.
+        backbone: ``"vit"`` (the paper's) or ``"resunet"`` (module docstring); the ViT arguments above
+            are unused with ``"resunet"``.
+        unet_features, unet_blocks: channels and residual blocks per stage of the residual U-Net.
+        lesion_pooling: the attribute classifier also reads features pooled inside the predicted mask
+            and in a ring around it; ``descriptors``: plus the measured lesion descriptors.
+        attr_gradient: what the attribute loss sends into the shared trunk: ``"full"`` (the paper),
+            ``"normalised"`` (capped at the mask loss's running gradient norm, :class:`GradientBalance`).
     """
 
     def __init__(
@@ -224,10 +265,21 @@ class LesionPromptNet(nn.Module):
         synergy: bool = True,
         high_res_features: bool = False,
         dropout_rate: float = 0.0,
+        backbone: str = "vit",
+        unet_features: Sequence[int] = (8, 16, 32, 64),
+        unet_blocks: Sequence[int] = (1, 2, 3, 4),
+        lesion_pooling: bool = False,
+        descriptors: bool = True,
+        attr_gradient: str = "full",
     ):
         super().__init__()
         if embed_dim % 8:
             raise ValueError(f"embed_dim must be a multiple of 8 (upscaling to embed_dim/8), got {embed_dim}")
+        if backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
+        if attr_gradient not in ("full", "normalised"):
+            raise ValueError(f"attr_gradient must be 'full' or 'normalised', got {attr_gradient!r}")
+        self.backbone = backbone
         self.img_size = ensure_tuple_rep(img_size, 3)
         self.point_refinement = point_refinement
         self.refine_window, self.refine_k, self.refine_iters = refine_window, refine_k, refine_iters
@@ -235,22 +287,18 @@ class LesionPromptNet(nn.Module):
         self.attribute_groups = dict(ATTRIBUTE_NUM_CLASSES if attribute_groups is None else attribute_groups)
 
         # --- Vision-Prompt Hybrid Token Encode module
-        self.image_encoder = ViTImageEncoder3D(
-            img_size=self.img_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            embed_dim=encoder_embed_dim,
-            depth=encoder_depth,
-            num_heads=encoder_num_heads,
-            mlp_ratio=mlp_ratio,
-            window_size=window_size,
-            global_attn_indexes=global_attn_indexes,
-            out_channels=embed_dim,
-            dropout_rate=dropout_rate,
-        )
-        self.grid_size = self.image_encoder.grid_size
-        patch = ensure_tuple_rep(patch_size, 3)
-        self.high_res_stem = HighResStem(in_channels, patch, embed_dim) if high_res_features else None
+        self.high_res_stem = self.output_upscaling = self.prompt_decoder = None
+        if backbone == "resunet":
+            self.image_encoder = ResidualEncoder3D(in_channels, unet_features, unet_blocks, out_channels=embed_dim)
+            down = self.image_encoder.downsampling
+            if any(s % down for s in self.img_size):
+                raise ValueError(f"img_size {self.img_size} must be divisible by {down} ({len(unet_features)} stages)")
+            self.grid_size = tuple(s // down for s in self.img_size)
+            self.prompt_decoder = PromptFusionDecoder3D(unet_features, embed_dim)
+            mask_channels = int(unet_features[0])
+        else:
+            mask_channels = self._build_vit(img_size, in_channels, patch_size, encoder_embed_dim, encoder_depth, encoder_num_heads,
+                                            mlp_ratio, window_size, global_attn_indexes, embed_dim, dropout_rate, high_res_features)
         self.prompt_encoder = PromptEncoder3D(embed_dim, self.grid_size, self.img_size, mask_in_chans)
         self.iou_token = nn.Embedding(1, embed_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, embed_dim)
@@ -268,6 +316,36 @@ class LesionPromptNet(nn.Module):
         )
         self.attribute_head = AttributeHead(embed_dim, num_heads, mlp_dim)
         self.synergy = InterTaskSynergy(embed_dim, num_heads) if synergy else None
+        # the hypernetwork: one MLP per mask token -> weights over the full-resolution feature channels
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(embed_dim, embed_dim, mask_channels, 3) for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(embed_dim, iou_head_hidden, self.num_mask_tokens, 3)
+        self.lesion_features = LesionAttributeFeatures(mask_channels, embed_dim, descriptors=descriptors) if lesion_pooling else None
+        self.attribute_classifier = AttributeClassifier(embed_dim, self.attribute_groups, embed_dim if lesion_pooling else 0)
+        normalised = attr_gradient == "normalised"
+        self.balance_tokens = GradientBalance() if normalised else None
+        self.balance_features = GradientBalance() if normalised else None
+
+    def _build_vit(self, img_size, in_channels, patch_size, encoder_embed_dim, encoder_depth, encoder_num_heads, mlp_ratio,
+                   window_size, global_attn_indexes, embed_dim, dropout_rate, high_res_features) -> int:
+        """The paper's image side: ViT encoder, optional conv stem, SAM's x4 upscaling; returns its channels."""
+        self.image_encoder = ViTImageEncoder3D(
+            img_size=self.img_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=encoder_embed_dim,
+            depth=encoder_depth,
+            num_heads=encoder_num_heads,
+            mlp_ratio=mlp_ratio,
+            window_size=window_size,
+            global_attn_indexes=global_attn_indexes,
+            out_channels=embed_dim,
+            dropout_rate=dropout_rate,
+        )
+        self.grid_size = self.image_encoder.grid_size
+        patch = ensure_tuple_rep(patch_size, 3)
+        self.high_res_stem = HighResStem(in_channels, patch, embed_dim) if high_res_features else None
         # SAM's x4 upscaling of the image embedding (two stride-2 transposed convs) for the hypernetwork
         self.output_upscaling = nn.Sequential(
             UpSample(3, embed_dim, embed_dim // 4, scale_factor=2, mode="deconv"),
@@ -276,19 +354,17 @@ class LesionPromptNet(nn.Module):
             UpSample(3, embed_dim // 4, embed_dim // 8, scale_factor=2, mode="deconv"),
             nn.GELU(),
         )
-        self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(embed_dim, embed_dim, embed_dim // 8, 3) for _ in range(self.num_mask_tokens)
-        )
-        self.iou_prediction_head = MLP(embed_dim, iou_head_hidden, self.num_mask_tokens, 3)
-        self.attribute_classifier = AttributeClassifier(embed_dim, self.attribute_groups)
+        return embed_dim // 8
 
     # ------------------------------------------------------------------ configurations
     @classmethod
     def from_config(cls, name: str, **overrides: Any) -> LesionPromptNet:
-        """Build a named configuration (``"tiny"`` or ``"paper"``), any argument overridable."""
+        """Build a named configuration (``"tiny"`` or ``"paper"``) of the ``backbone`` given in
+        ``overrides`` (default the ViT), any argument overridable."""
         if name not in CONFIGS:
             raise ValueError(f"unknown LesionPromptNet config {name!r}; choose from {sorted(CONFIGS)}")
-        return cls(**{**CONFIGS[name], **overrides})
+        backbone = RESUNET_CONFIGS[name] if overrides.get("backbone") == "resunet" else {}
+        return cls(**{**CONFIGS[name], **backbone, **overrides})
 
     @classmethod
     def tiny(cls, **overrides: Any) -> LesionPromptNet:
@@ -301,8 +377,12 @@ class LesionPromptNet(nn.Module):
     # ------------------------------------------------------------------ API
     def encode_image(self, image: torch.Tensor) -> ImageEmbedding:
         """E_I: (B, in_channels, *img_size) -> :class:`ImageEmbedding` (grid (B, embed_dim, *grid_size)
-        [+ high-resolution stem features]). Cache it per ROI."""
-        return ImageEmbedding(self.image_encoder(image), None if self.high_res_stem is None else self.high_res_stem(image))
+        [+ finer features] [+ the image, for the lesion descriptors]). Cache it per ROI."""
+        keep = image if self.lesion_features is not None and self.lesion_features.descriptors else None
+        if self.prompt_decoder is not None:
+            grid, skips = self.image_encoder(image)
+            return ImageEmbedding(grid, tuple(skips), keep)
+        return ImageEmbedding(self.image_encoder(image), None if self.high_res_stem is None else self.high_res_stem(image), keep)
 
     def decode(
         self,
@@ -329,11 +409,14 @@ class LesionPromptNet(nn.Module):
         """
         if isinstance(embedding, torch.Tensor):
             embedding = ImageEmbedding(embedding)
-        if (embedding.high_res is None) != (self.high_res_stem is None):
+        if (embedding.high_res is None) != (self.high_res_stem is None and self.prompt_decoder is None):
             raise ValueError("this embedding was not made by this model's encode_image (high-resolution features differ)")
         points, point_labels = self._prepare_points(embedding.grid, points, point_labels, mask_prompt)
         b = points.shape[0]
-        grid, high_res = embedding.expand(b)
+        grid, high_res, image = embedding.expand(b)
+        maps = None
+        if self.prompt_decoder is not None:  # the clicks as given (not the refined points) and the previous mask
+            maps = prompt_maps(points, point_labels, self.img_size, mask_prompt).to(grid.dtype)
         if self.point_refinement:
             extra, extra_labels = kmeans_refine_points(
                 grid, points, point_labels, self.img_size, self.refine_window, self.refine_k, self.refine_iters
@@ -345,9 +428,12 @@ class LesionPromptNet(nn.Module):
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight]).unsqueeze(0).expand(b, -1, -1)
         tokens = torch.cat([output_tokens, sparse], 1)
         src = grid + self.prompt_encoder.embed_masks(mask_prompt, b)
+        if maps is not None:
+            src = self.prompt_decoder.fuse_bottleneck(src, maps)
         pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1, -1)
         hs, img = self.token_encoder(src, pos, tokens)  # (B, T, C), (B, d*h*w, C)
         valid = torch.cat([torch.ones_like(output_tokens[..., 0], dtype=torch.bool), point_labels != PAD_LABEL], 1)
+        hs, hs_attr = self.balance_tokens(hs) if self.balance_tokens is not None else (hs, hs)
 
         # H_seg: M = H_seg(M0, Z)
         m = hs[:, 1 : 1 + self.num_mask_tokens]
@@ -355,19 +441,22 @@ class LesionPromptNet(nn.Module):
         for layer in self.mask_head_layers:
             m = layer(m, context=context)
         # H_attr: A = H_attr(Z) over the hybrid tokens
-        a = self.attribute_head(hs, valid)
+        a = self.attribute_head(hs_attr, valid)
         if self.synergy is not None:
             m, a = self.synergy(m, a, valid)
 
         # mask: hypernetwork weights from the mask tokens x upscaled image embedding
         d, h, w = self.grid_size
         img = img.transpose(1, 2).reshape(b, -1, d, h, w)
-        if high_res is None:
+        if self.prompt_decoder is not None:
+            upscaled = self.prompt_decoder(img, high_res, maps)
+        elif high_res is None:
             upscaled = self.output_upscaling(img)
         else:  # SAM2: dc1(src) + feat_s1 -> norm, act -> dc2 + feat_s0 -> act
             dc1, ln1, act1, dc2, act2 = self.output_upscaling
             s0, s1 = high_res
             upscaled = act2(dc2(act1(ln1(dc1(img) + s1))) + s0)
+        upscaled, up_attr = self.balance_features(upscaled) if self.balance_features is not None else (upscaled, upscaled)
         hyper = torch.stack([mlp(m[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
         low_res = (hyper @ upscaled.flatten(2)).reshape(b, self.num_mask_tokens, *upscaled.shape[2:])
         iou_pred = self.iou_prediction_head(hs[:, 0])
@@ -378,11 +467,14 @@ class LesionPromptNet(nn.Module):
             mask_logits = low_res
         else:
             mask_logits = F.interpolate(low_res, size=self.img_size, mode="trilinear", align_corners=False)
+        extra = None
+        if self.lesion_features is not None:  # H_attr also looks at the predicted lesion and its surroundings
+            extra = self.lesion_features(up_attr, torch.sigmoid(mask_logits[:, :1]), image)
         return {
             "mask_logits": mask_logits,
             "low_res_logits": low_res,
             "iou_pred": iou_pred,
-            "attr_logits": self.attribute_classifier(a, valid),
+            "attr_logits": self.attribute_classifier(a, valid, extra),
             "points": points,
             "point_labels": point_labels,
         }
