@@ -2,14 +2,16 @@
 
 Trains, through the bundle's own configs (``monai.bundle.run``), on one synthetic chest-CT phantom:
 
-* the full model (``train.yaml``: point refinement + feature synergy, simulated clicks),
+* the full model (``train.yaml``, the bundle's default: residual U-Net backbone, point refinement +
+  feature synergy, lesion-pooled attributes, simulated clicks),
+* the paper's model as published (``variant_vit.yaml``: ViT backbone, token-only attribute head),
 * the MONAI 3D U-Net seg-only baseline (``train_unet_baseline.yaml``),
 * the 3D CNN attribute baseline (``train_cnn_attr_baseline.yaml``),
 
 each for the same epochs, batch size and cases, then evaluates them on the same test split
 (``evaluate.yaml``) and reports, measured in this one run:
 
-* Dice of the full model after 1..5 simulated clicks (does it rise with clicks?),
+* Dice of the full model after 0..10 simulated clicks (does it rise with clicks?), NoC@80/85/90,
 * Dice of the full model at 1 click vs the U-Net (no clicks), inside the ROI and on the original grid
   (where lesions larger than the ROI cost both alike),
 * attribute accuracy (per group, average) of the full model vs the CNN,
@@ -40,6 +42,7 @@ sys.path.insert(0, str(REPO))  # this checkout's segreport, not the shared venv'
 CONFIGS = REPO / "bundles" / "lesion_report_3d" / "configs"
 MODELS = {  # name -> overlays on train.yaml
     "full": [],
+    "vit": ["variant_vit.yaml"],
     "unet": ["train_unet_baseline.yaml"],
     "cnn_attr": ["train_cnn_attr_baseline.yaml"],
 }
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lesions", default="all", choices=("all", "largest"),
                    help="targets: every lesion (default; ~4x more, more varied attribute targets) or each scan's largest")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-clicks", type=int, default=5)
+    p.add_argument("--max-clicks", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--ablation", action="store_true",
                    help="also train the vanilla / +refinement / +synergy variants and write the ablation table")
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="train.yaml override for the full model only (VALUE is JSON), e.g. high_res_features=false")
     p.add_argument("--reuse", action="store_true",
                    help="reuse a run folder's trained model and recorded training time (re-evaluate only)")
+    p.add_argument("--only", nargs="+", choices=sorted({*MODELS, *ABLATION}), default=None,
+                   help="train and evaluate only these runs, no summary (e.g. two processes on two cores; then --reuse)")
     p.add_argument("--work-dir", default="outputs/bench_lesion_report")
     p.add_argument("--out", default=None, help="default benchmarks/results/lesion_report_quality[_largest].json")
     a = p.parse_args(argv)
@@ -121,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dirs = {name: work / (overlays[0].removesuffix(".yaml") if name in ABLATION else name) for name, overlays in runs.items()}
     if full_overrides:  # a variant of the full model must not overwrite the default's outputs
         run_dirs["full"] = work / ("full_" + "_".join(f"{k}-{v}" for k, v in full_overrides.items()))
+    if a.only:
+        runs = {name: runs.get(name, [ABLATION.get(name)]) for name in a.only}
     for name, overlays in runs.items():
         out = run_dirs[name]
         common = dict(bundle_root=str(CONFIGS.parent), output_dir=str(out), ckpt_dir=str(out / "models"), dataset_dir=str(data), spacing=spacing,
@@ -139,12 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         metrics = json.loads((out / "eval" / "metrics.json").read_text())["test"]
         results[name] = {"train_seconds": round(train_s, 1), "test": metrics}
         print(f"{name}: trained in {train_s:.0f} s; test {json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)})}", flush=True)
+    if a.only:
+        return 0
 
-    full, unet, cnn = (results[k]["test"] for k in ("full", "unet", "cnn_attr"))
+    full, vit, unet, cnn = (results[k]["test"] for k in ("full", "vit", "unet", "cnn_attr"))
     curve = full["dice_per_click"]
     summary = {
-        "full_dice_roi_by_clicks": {str(k): curve[k] for k in range(1, min(6, len(curve)))},
+        "full_dice_roi_by_clicks": {str(k): curve[k] for k in range(len(curve))},
+        "vit_dice_roi_by_clicks": {str(k): v for k, v in enumerate(vit["dice_per_click"])},
+        "full_noc": {t: full[f"noc_{t}"] for t in (80, 85, 90)},
+        "vit_noc": {t: vit[f"noc_{t}"] for t in (80, 85, 90)},
+        "full_reached": {t: full[f"reached_{t}"] for t in (80, 85, 90)},
         "full_dice_roi_1_click": full["dice_roi"],
+        "vit_dice_roi_1_click": vit["dice_roi"],
         "unet_dice_roi": unet["dice_roi"],
         "full_dice_1_click_original_grid": full["dice"],
         "unet_dice_original_grid": unet["dice"],
@@ -153,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_attribute_accuracy": full["attribute_accuracy"],
         "cnn_attribute_accuracy": cnn["attribute_accuracy"],
         "full_attribute_accuracy_average": full["attribute_accuracy_average"],
+        "vit_attribute_accuracy_average": vit["attribute_accuracy_average"],
         "cnn_attribute_accuracy_average": cnn["attribute_accuracy_average"],
         "majority_class_attribute_accuracy": majority_class_reference(run_dirs["full"] / "eval" / "per_case.csv"),
         # lesions larger than the ROI, one click through the prompt session: one ROI vs ROI growth (evaluate.yaml)
@@ -163,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         "train_time_ratio_full_vs_unet": round(results["full"]["train_seconds"] / results["unet"]["train_seconds"], 2),
     }
     last = min(5, len(curve) - 1)
-    checks = {
-        "dice_rises_1_to_5_clicks": curve[last] > curve[1],
-        "full_not_worse_than_unet_at_1_click": full["dice_roi"] >= unet["dice_roi"] and full["dice"] >= unet["dice"],
-        "attributes_beat_cnn": full["attribute_accuracy_average"] > cnn["attribute_accuracy_average"],
+    majority = summary["majority_class_attribute_accuracy"]["average"]
+    checks = {  # the issue's targets
+        "dice_rises_by_0.10_from_1_to_5_clicks": curve[last] - curve[1] >= 0.10,
+        "full_beats_unet_by_0.03_at_1_click": full["dice_roi"] - unet["dice_roi"] >= 0.03,
+        "attributes_at_least_0.85": full["attribute_accuracy_average"] >= 0.85,
+        "attributes_beat_cnn_and_majority": full["attribute_accuracy_average"] > max(cnn["attribute_accuracy_average"], majority),
     }
     ablation = None
     if a.ablation:
