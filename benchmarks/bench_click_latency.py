@@ -5,13 +5,16 @@ what that split buys. Both paths run the full model (point refinement + synergy 
 clicks and the previous mask as prompts, on CPU, best of N after warm-up. The two paths are timed
 alternately so that load from other processes hits both alike.
 
-The saving is the image encoder, so the ratio grows with the encoder: ``moderate`` is a small 64³
-model (4 ViT blocks, 192 wide); ``paper`` is the 128³ SAM-Med3D ViT-B sized configuration. Each is
-measured as the paper's plain ViT and with the SAM2-style high-resolution features (the bundle's
-default, ``high_res_features``), whose conv stem runs once per ROI and whose features are cached too.
+The saving is the image encoder, so the ratio grows with the encoder. ``bundle`` is the 3D bundle's
+default model exactly as ``train.yaml`` builds it (32³ ROI, residual U-Net backbone, lesion-pooled
+attributes with their measured descriptors: what a click costs in the bundle); ``bundle_vit`` is the
+same bundle with ``variant_vit.yaml`` (the paper's ViT). ``moderate`` is a small 64³ ViT (4 blocks, 192
+wide); ``paper`` is the 128³ SAM-Med3D ViT-B sized configuration; these two are measured as the
+paper's plain ViT and with the SAM2-style high-resolution features, whose conv stem runs once per
+ROI and whose features are cached too.
 
-    python benchmarks/bench_click_latency.py                          # moderate only
-    python benchmarks/bench_click_latency.py --configs moderate paper # writes both to the JSON
+    python benchmarks/bench_click_latency.py                          # bundle, bundle_vit, moderate
+    python benchmarks/bench_click_latency.py --configs bundle paper   # any subset
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ BENCH_CONFIGS = {
     "paper": MODEL_CONFIGS["paper"],
 }
 TARGET_RATIO = 5.0
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "lesion_report_3d" / "configs"
+BUNDLE_OVERLAYS = {"bundle": [], "bundle_vit": ["variant_vit.yaml"]}
+
+
+def bundle_network(overlays: list[str]) -> torch.nn.Module:
+    """The 3D bundle's network as its train.yaml (+ overlays) builds it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / f) for f in ("train.yaml", *overlays)])
+    return parser.get_parsed_content("network_def")
 
 
 def _timed(fn) -> float:
@@ -54,7 +68,12 @@ def _timed(fn) -> float:
 def measure(name: str, warmup: int, repeats: int, high_res: bool = False) -> dict:
     """Best/median seconds of a full forward and of a cached-embedding click for one configuration."""
     torch.manual_seed(0)
-    model = LesionPromptNet(**BENCH_CONFIGS[name], point_refinement=True, synergy=True, high_res_features=high_res).eval()
+    if name in BUNDLE_OVERLAYS:
+        model = bundle_network(BUNDLE_OVERLAYS[name]).eval()
+        config = dict(model.spec)
+    else:
+        model = LesionPromptNet(**BENCH_CONFIGS[name], point_refinement=True, synergy=True, high_res_features=high_res).eval()
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in BENCH_CONFIGS[name].items()}
     image = torch.randn(1, 1, *model.img_size)
     centre = torch.tensor(model.img_size, dtype=torch.float) / 2
     clicks = torch.stack([centre, centre * torch.tensor([1.3, 0.6, 1.1])]).unsqueeze(0)
@@ -75,7 +94,7 @@ def measure(name: str, warmup: int, repeats: int, high_res: bool = False) -> dic
         pairs = [(_timed(full), _timed(click)) for _ in range(repeats)]
     full_s, click_s = [p[0] for p in pairs], [p[1] for p in pairs]
     return {
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in BENCH_CONFIGS[name].items()},
+        "config": config,
         "high_res_features": high_res,
         "warmup": warmup,
         "repeats": repeats,
@@ -88,7 +107,7 @@ def measure(name: str, warmup: int, repeats: int, high_res: bool = False) -> dic
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", choices=sorted(BENCH_CONFIGS), default=["moderate"])
+    parser.add_argument("--configs", nargs="+", choices=sorted({*BUNDLE_OVERLAYS, *BENCH_CONFIGS}), default=["bundle", "bundle_vit", "moderate"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)  # 1: stable on a shared CPU
@@ -107,9 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
         "target_speedup": TARGET_RATIO,
         "results": {},
     }
-    for name, high_res in [(n, h) for n in args.configs for h in (False, True)]:
+    runs = [(n, h) for n in args.configs for h in ((None,) if n in BUNDLE_OVERLAYS else (False, True))]
+    for name, high_res in runs:
         repeats = args.repeats if name != "paper" else min(args.repeats, 3)  # ViT-B on CPU: seconds per pass
-        key = name + ("+high_res" if high_res else "")
+        key = name + ("+high_res" if high_res else "")  # bundle models: as their config says
         res = result["results"][key] = measure(name, min(args.warmup, repeats), repeats, high_res)
         print(
             f"[{key}] full forward {res['full_forward_s']['best'] * 1e3:.1f} ms | cached-embedding click "

@@ -1,17 +1,19 @@
-"""ROI growth of the prompt session: a lesion larger than the model's ROI is followed into neighbouring
-ROIs, within a bound, and stops at the image border.
+"""ROI growth and bad clicks in the prompt session: a lesion larger than the model's ROI is followed into
+neighbouring ROIs, within a bound, and stops at the image border; a click outside the lungs is flagged,
+one on a vessel or on a lesion touching the image border behaves as documented (PromptSession).
 
 The promptable model here is a classic region grower (the component of bright voxels that holds the
 positive clicks, inside its ROI): exact, so what is measured is the session's geometry, not a network."""
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
 
-from segreport.inference.session import PromptSession
+from segreport.inference.session import PromptSession, click_site
 from segreport.metrics.segmentation import dice
 from segreport.vocab import ATTRIBUTE_NUM_CLASSES
 
@@ -124,3 +126,61 @@ def test_a_false_positive_at_the_roi_border_does_not_pull_rois_after_it():
     assert result.extras["rois"] == 1 and result.extras["roi_growth"] == "inside the ROIs"
     assert result.mask[lesion].all() and result.mask[25:27, 25:27, 46:54].all()  # the false positive is there
     assert session.n_encodes == 1
+
+
+def _chest_box():
+    """Air outside, a 40 mm soft-tissue wall (as mediastinum or abdomen), lung inside with a 2.4 cm lesion
+    against the wall."""
+    ct = np.full((50, 50, 50), -1000.0, np.float32)
+    ct[2:48, 2:48, 2:48] = 40.0  # body wall
+    ct[12:38, 12:38, 12:38] = -850.0  # lung
+    ct[12:18, 22:28, 22:28] = -30.0  # a lesion touching the wall
+    return ct, np.diag([4.0, 4.0, 4.0, 1.0])
+
+
+def test_a_click_outside_the_lungs_still_runs_and_is_flagged():
+    ct, affine = _chest_box()
+    on_lesion = _session(ct, affine, max_rois=1).click([15, 25, 25])
+    assert on_lesion.extras["click_warnings"] == [] and on_lesion.mask[12:18, 22:28, 22:28].all()
+    wall = _session(ct, affine, max_rois=1).click([4, 25, 25])  # in the wall, 32 mm from the lung
+    assert wall.extras["click_warnings"][0]["site"] == "outside the lungs"
+    air = _session(ct, affine, max_rois=1).click([1, 1, 1])
+    assert air.extras["click_warnings"][0]["site"] == "in air"
+    # nothing bright under an air click: an empty mask is reported as such
+    assert not air.mask.any() and air.case_finding == "No lesion segmented." and air.lesion_attributes == []
+
+
+def test_click_sites_on_a_real_ct(shared_data):
+    """TotalSegmentator's example CT (3 mm): inside its right lower lobe, in its liver, in the air around it."""
+    root = shared_data / "totalsegmentator"
+    img = nib.load(root / "example_ct_sm.nii.gz")
+    ct, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine
+    lobe = np.asarray(nib.load(root / "example_seg_fast_lung" / "lung_lower_lobe_right.nii.gz").dataobj) > 0
+    liver = np.asarray(nib.load(root / "example_seg_fast.nii.gz").dataobj) == 5
+    deepest = [np.unravel_index(ndimage.distance_transform_edt(m).argmax(), m.shape) for m in (lobe, liver)]
+    assert click_site(ct, affine, deepest[0])["site"] == "lung"
+    assert click_site(ct, affine, deepest[1])["site"] == "outside the lungs"
+    assert click_site(ct, affine, (0, 0, 15))["site"] == "in air"
+
+
+def test_a_click_on_a_vessel_follows_it_only_as_far_as_the_bound():
+    """A vessel inside the lung is a lung click (no warning); a model that segments it is followed by ROI
+    growth through the scan, but never past ``max_rois``."""
+    ct = np.full((40, 40, 100), -850.0, np.float32)
+    ct[19:21, 19:21, :] = 40.0  # a vessel through the whole scan
+    session = _session(ct, np.diag([4.0, 4.0, 4.0, 1.0]), max_rois=3)
+    result = session.click([20, 20, 50])
+    assert result.extras["click_warnings"] == [] and result.extras["rois"] == 3
+    assert "max_rois 3" in result.extras["roi_growth"] and session.n_encodes == 3
+
+
+def test_a_lesion_touching_the_image_border_is_segmented_inside_the_image():
+    """The ROI centred on a click at the image edge reaches past it (padded as air); the mask comes back on
+    the image grid, whole, and growth asks for nothing beyond the border."""
+    ct = np.full((40, 40, 40), -850.0, np.float32)
+    truth = np.zeros(ct.shape, bool)
+    truth[0:6, 0:6, 17:23] = True  # in the corner of the image
+    ct[truth] = -50.0
+    result = _session(ct, np.diag([4.0, 4.0, 4.0, 1.0]), max_rois=8).click([1, 1, 20])
+    assert result.mask.shape == ct.shape and dice(result.mask > 0, truth) > 0.95
+    assert result.extras["rois"] == 1 and result.extras["roi_growth"] == "inside the ROIs"

@@ -53,6 +53,35 @@ def attributes_sentence(attributes: Mapping[str, Mapping] | None) -> str:
     return " ".join(f"{g.capitalize()}: {attributes[g]['label']}." for g in ATTRIBUTE_NAMES if g in attributes)
 
 
+# a click with lung parenchyma this close is "in the lungs": the centre of a 4 cm lesion, juxtapleural ones
+# included; a chest wall thinner than this passes too (the check flags the clearly wrong, it proves nothing)
+LUNG_SEARCH_MM = 20.0
+LUNG_HU = (-980.0, -500.0)  # parenchyma; below: air (outside the body, airways), above: lesion, vessel, tissue
+
+
+def click_site(ct_hu: np.ndarray, affine: np.ndarray, ijk: Sequence[float]) -> dict:
+    """Where a click landed, from the HU around it: ``{"hu", "site"}`` with site ``"in air"`` (the voxel
+    itself at or below the parenchyma range: outside the body, an airway, a bulla; never a lesion),
+    ``"lung"`` (lung parenchyma within :data:`LUNG_SEARCH_MM`) or ``"outside the lungs"`` (dense tissue
+    with no parenchyma near: chest wall, mediastinum, abdomen). Local (a box of twice the search
+    radius), so it costs nothing per click."""
+    ct = np.asarray(ct_hu)
+    idx = np.clip(np.rint(np.asarray(ijk, dtype=float)).astype(int), 0, np.asarray(ct.shape) - 1)
+    hu = float(ct[tuple(idx)])
+    if hu <= LUNG_HU[0]:
+        return {"hu": round(hu, 1), "site": "in air"}
+    spacing = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    r = np.maximum(np.ceil(LUNG_SEARCH_MM / spacing).astype(int), 1)
+    lo, hi = np.maximum(idx - r, 0), np.minimum(idx + r + 1, ct.shape)
+    box = ct[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    grids = np.meshgrid(*[(np.arange(a, b) - i) * s for a, b, i, s in zip(lo, hi, idx, spacing)], indexing="ij")
+    near = sum(g**2 for g in grids) <= LUNG_SEARCH_MM**2
+    parenchyma = (box > LUNG_HU[0]) & (box < LUNG_HU[1]) & near
+    # a few voxels of lung-range HU also occur in noise or partial volume: ask for a real patch of lung
+    site = "lung" if parenchyma.sum() >= max(4, 0.02 * near.sum()) else "outside the lungs"
+    return {"hu": round(hu, 1), "site": site}
+
+
 class PromptSession:
     """One radiologist and one image: ``set_image`` once, then ``click`` as often as wanted.
 
@@ -71,6 +100,12 @@ class PromptSession:
     Clicks are IJK voxel indices of the image given to ``set_image`` (what 3D Slicer/OHIF send), or
     world RAS mm with ``world=True``. A click outside the image raises :class:`InputError` naming the
     point and the image shape; a negative first click raises it too.
+
+    Where a positive click lands is checked (:func:`click_site`, from the HU around it): one with no
+    lung parenchyma within ``LUNG_SEARCH_MM`` (on the chest wall, in the mediastinum) or on air still runs, the person may know better, but is listed in ``extras["click_warnings"]``
+    and logged. A click on a vessel inside the lung is a lung click: the mask is what the model
+    segments there (``iou_pred`` and the attribute probabilities say how sure it is; an empty mask gives
+    "No lesion segmented." and no lesion entry), and ROI growth may follow a vessel up to ``max_rois``.
     """
 
     def __init__(self, network: nn.Module, device: str | torch.device = "cpu", threshold: float = 0.5, max_rois: int = 1):
@@ -102,6 +137,7 @@ class PromptSession:
         """Forget clicks, ROIs and cached embeddings (keeps the pre-processed image)."""
         self.clicks: list[tuple[np.ndarray, int]] = []  # (original IJK, label)
         self.ignored: list[dict] = []
+        self.warnings: list[dict] = []  # positive clicks that did not land in the lungs
         self._tiles: list[Tile] = []
         self._last: Prediction | None = None
         self._last_prob: np.ndarray | None = None
@@ -125,6 +161,12 @@ class PromptSession:
                 self._last.extras["ignored_clicks"] = list(self.ignored)
                 return self._last  # nothing changed
         self.clicks.append((ijk, int(positive)))
+        if positive:
+            site = click_site(self._ct, self.orig_affine, ijk)
+            if site["site"] != "lung":
+                log.warning("click %s (%s HU) lies %s: a lung-lesion model, the mask may be empty or wrong",
+                            ijk.round(1).tolist(), site["hu"], site["site"])
+                self.warnings.append({"ijk": [round(float(v), 2) for v in ijk], **site})
         return self._predict()
 
     def auto(self, lung: np.ndarray | None = None) -> Prediction:
@@ -242,6 +284,7 @@ class PromptSession:
             extras={
                 "clicks": [{"ijk": [round(float(v), 2) for v in p], "label": lab} for p, lab in self.clicks],
                 "ignored_clicks": list(self.ignored),
+                "click_warnings": list(self.warnings),
                 "roi_center_source": self.roi_center_source,
                 "rois": len(self._tiles),
                 "roi_growth": growth,

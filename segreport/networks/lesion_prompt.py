@@ -73,9 +73,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 BACKBONES = ("vit", "resunet")
 RESUNET_CONFIGS: dict[str, dict[str, Any]] = {
     # 32³ ROI: stages at 32/16/8/4 voxels, the hybrid tokens on the 4³ bottleneck
-    "tiny": dict(unet_features=(8, 16, 32, 64), unet_blocks=(1, 2, 3, 4), embed_dim=64, num_heads=4, mlp_dim=128),
+    "tiny": dict(unet_features=(8, 16, 32, 64), unet_blocks=(1, 2, 3, 4), embed_dim=64, num_heads=4, mlp_dim=128, conv_head=True),
     # nnInteractive's ResEnc-L widths and depths (its 6th stage dropped: a 128³ ROI bottoms out at 8³)
-    "paper": dict(unet_features=(32, 64, 128, 256, 320), unet_blocks=(1, 3, 4, 6, 6), embed_dim=384),
+    "paper": dict(unet_features=(32, 64, 128, 256, 320), unet_blocks=(1, 3, 4, 6, 6), embed_dim=384, conv_head=True),
 }
 
 
@@ -234,6 +234,8 @@ class LesionPromptNet(nn.Module):
         unet_features, unet_blocks: channels and residual blocks per stage of the residual U-Net.
         lesion_pooling: the attribute classifier also reads features pooled inside the predicted mask
             and in a ring around it; ``descriptors``: plus the measured lesion descriptors.
+        conv_head: add a 1x1 conv of the full-resolution features to the hypernetwork's mask (a U-Net's
+            own segmentation head beside SAM's; the mask tokens, and so the synergy, still shape it).
         attr_gradient: what the attribute loss sends into the shared trunk: ``"full"`` (the paper),
             ``"normalised"`` (capped at the mask loss's running gradient norm, :class:`GradientBalance`).
     """
@@ -271,6 +273,7 @@ class LesionPromptNet(nn.Module):
         lesion_pooling: bool = False,
         descriptors: bool = True,
         attr_gradient: str = "full",
+        conv_head: bool = False,
     ):
         super().__init__()
         if embed_dim % 8:
@@ -321,6 +324,7 @@ class LesionPromptNet(nn.Module):
             MLP(embed_dim, embed_dim, mask_channels, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(embed_dim, iou_head_hidden, self.num_mask_tokens, 3)
+        self.conv_head = nn.Conv3d(mask_channels, self.num_mask_tokens, kernel_size=1) if conv_head else None
         self.lesion_features = LesionAttributeFeatures(mask_channels, embed_dim, descriptors=descriptors) if lesion_pooling else None
         self.attribute_classifier = AttributeClassifier(embed_dim, self.attribute_groups, embed_dim if lesion_pooling else 0)
         normalised = attr_gradient == "normalised"
@@ -459,6 +463,8 @@ class LesionPromptNet(nn.Module):
         upscaled, up_attr = self.balance_features(upscaled) if self.balance_features is not None else (upscaled, upscaled)
         hyper = torch.stack([mlp(m[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
         low_res = (hyper @ upscaled.flatten(2)).reshape(b, self.num_mask_tokens, *upscaled.shape[2:])
+        if self.conv_head is not None:
+            low_res = low_res + self.conv_head(upscaled)
         iou_pred = self.iou_prediction_head(hs[:, 0])
 
         sel = slice(1, None) if multimask_output and self.num_mask_tokens > 1 else slice(0, 1)

@@ -1,0 +1,152 @@
+"""The residual U-Net variant of LesionPromptNet (the 3D bundle's default) and its attribute features:
+cached-encoder equivalence, prompt maps, gradients, lesion descriptors measured on phantom lesions,
+gradient normalisation and the λ warm-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segreport.losses.lesion_report import LesionReportLoss
+from segreport.models.lesion_report_3d import build_network, spec_for
+from segreport.models.spec import build_network as build_from_spec
+from segreport.networks.blocks.gradient_balance import GradientBalance
+from segreport.networks.blocks.lesion_features import DESCRIPTOR_NAMES, lesion_descriptors
+from segreport.networks.blocks.residual_unet import prompt_maps
+from segreport.networks.lesion_prompt import LesionPromptNet
+from segreport.vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
+
+ROI = (32, 32, 32)
+POINTS = torch.tensor([[[10.0, 12, 14], [20, 20, 20], [3, 4, 5]], [[5, 5, 5], [0, 0, 0], [0, 0, 0]]])
+LABELS = torch.tensor([[1, 0, 1], [1, -1, -1]])
+
+
+def _net(**kw) -> LesionPromptNet:
+    torch.manual_seed(0)
+    return LesionPromptNet.tiny(backbone="resunet", lesion_pooling=True, **kw).eval()
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(2, 1, *ROI)
+
+
+def test_cached_encoder_gives_the_same_outputs_as_forward(image):
+    net = _net()
+    with torch.no_grad():
+        full = net(image, POINTS, LABELS)
+        embedding = net.encode_image(image)
+        split = net.decode(embedding, POINTS, LABELS)
+        again = net.decode(embedding, POINTS, LABELS, mask_prompt=split["low_res_logits"])
+    # the decoder reads the encoder skips at every resolution; the ROI travels for the descriptors
+    assert [tuple(t.shape[1:]) for t in embedding.high_res] == [(8, 32, 32, 32), (16, 16, 16, 16), (32, 8, 8, 8)]
+    assert embedding.grid.shape == (2, 64, 4, 4, 4) and torch.equal(embedding.image, image)
+    for key in ("mask_logits", "low_res_logits", "iou_pred"):
+        assert torch.equal(full[key], split[key])
+    for group in ATTRIBUTE_NAMES:
+        assert torch.equal(full["attr_logits"][group], split["attr_logits"][group])
+    assert split["mask_logits"].shape == (2, 1, *ROI)
+    assert not torch.equal(again["mask_logits"], split["mask_logits"])  # the previous mask is a prompt
+
+
+def test_every_parameter_learns_including_the_prompt_paths(image):
+    net = _net(attr_gradient="normalised").train()
+    target = (torch.rand(2, 1, *ROI) > 0.7).float()
+    attrs = torch.tensor([[1, 0, 2, 1, 0], [3, 1, 0, 0, 1]])
+    out = net(image, POINTS, LABELS, mask_prompt=torch.randn(2, 1, *ROI))
+    LesionReportLoss()(out, target, attrs)[0].backward()
+    dead = [n for n, p in net.named_parameters()
+            if (p.grad is None or not p.grad.abs().sum() > 0) and n != "prompt_encoder.no_mask_embed.weight"]  # a mask was given
+    assert not dead, f"no gradient reached: {dead}"
+
+
+def test_prompt_maps_put_each_click_in_its_channel():
+    maps = prompt_maps(POINTS, LABELS, ROI, mask_prompt=torch.full((2, 1, 16, 16, 16), 3.0))
+    assert maps.shape == (2, 3, *ROI)
+    assert maps[0, 0, 10, 12, 14] == 1 and maps[0, 0, 3, 4, 5] == 1 and maps[0, 1, 20, 20, 20] == 1
+    assert maps[0, 0, 20, 20, 20] < 1e-3 and maps[0, 1, 10, 12, 14] < 1e-3
+    # padding clicks are no clicks: sample 1 has one positive click and no negative one
+    assert maps[1, 1].max() == 0 and maps[1, 0, 5, 5, 5] == 1 and maps[1, 0, 0, 0, 0] < 1e-3
+    assert torch.allclose(maps[:, 2], torch.sigmoid(torch.tensor(3.0)).expand(2, *ROI))
+    assert prompt_maps(POINTS[:, :0], LABELS[:, :0], ROI).abs().sum() == 0  # no click, no mask: empty maps
+
+
+def _phantom_rois(phantom_dir):
+    """(image, lesion mask, attribute targets) of every lesion of the test phantom, as the bundle crops them."""
+    from segreport.pipelines.lesion_report import load_datalists, training_transforms
+
+    lists = load_datalists(phantom_dir, ratios=(100, 0, 0), lesions="all", min_lesion_voxels=8)
+    tf = training_transforms(32, (3.2, 3.2, 5.0))
+    items = [tf(dict(item)) for item in lists["training"]]
+    return (torch.stack([d["image"] for d in items]), torch.stack([d["label"] for d in items]),
+            torch.stack([d["attr_target"] for d in items]))
+
+
+def test_descriptors_measure_what_the_attributes_name(phantom_dir):
+    """On the phantom's real lesions (their ground-truth masks), each attribute's own descriptor separates
+    its classes: density by the core intensity, invasion by contact with dense tissue, surface by the
+    edge ratio, heterogeneity by the core spread."""
+    image, mask, attrs = _phantom_rois(phantom_dir)
+    desc = lesion_descriptors(image, mask)
+    assert desc.shape == (len(image), len(DESCRIPTOR_NAMES)) and torch.isfinite(desc).all()
+    col = {name: desc[:, i] for i, name in enumerate(DESCRIPTOR_NAMES)}
+
+    def separates(group, descriptor, high_class):
+        y = attrs[:, ATTRIBUTE_NAMES.index(group)]
+        hi = y == ATTRIBUTE_GROUPS[group].index(high_class)
+        if hi.all() or not hi.any():
+            pytest.skip(f"the test phantom has one {group} class only")
+        return float(col[descriptor][hi].mean()) > float(col[descriptor][~hi].mean())
+
+    assert separates("density", "core_mean", "hyperdense")
+    assert separates("invasion", "tissue_contact", "close relationship with adjacent structures")
+    assert separates("surface", "edge_ratio", "ill-defined margin")
+    assert separates("heterogeneity", "core_std", "heterogeneous")
+
+
+def test_descriptors_of_an_empty_mask_are_finite():
+    desc = lesion_descriptors(torch.rand(1, 1, *ROI), torch.zeros(1, 1, *ROI))
+    assert torch.isfinite(desc).all()
+    assert float(desc[0, DESCRIPTOR_NAMES.index("log_volume")]) == 0
+
+
+def test_gradient_balance_caps_the_auxiliary_gradient_at_the_main_one():
+    balance = GradientBalance(ratio=1.0, momentum=0.0).train()
+    x = torch.ones(10, requires_grad=True)
+    for _ in range(2):  # the first step records the main gradient's norm, the second is capped by it
+        x.grad = None
+        main, aux = balance(x)
+        (0.01 * main.sum() + 100.0 * aux.sum()).backward()
+    main_norm = 0.01 * np.sqrt(10)
+    assert float(balance.main_norm) == pytest.approx(main_norm, rel=1e-5)
+    aux_part = x.grad - 0.01  # what the auxiliary loss sent into x, after the cap
+    assert float(aux_part.norm()) == pytest.approx(main_norm, rel=1e-4)
+    balance.eval()
+    with torch.no_grad():
+        assert balance(x)[1] is x  # identity outside training
+
+
+def test_lambda_warmup_ramps_the_attribute_weight_during_training():
+    loss = LesionReportLoss(lambda_attr=1.0, lambda_warmup=4)
+    out = {"attr_logits": {g: torch.zeros(2, n, requires_grad=True) for g, n in
+                           {g: len(c) for g, c in ATTRIBUTE_GROUPS.items()}.items()}}
+    attrs = torch.zeros(2, 5, dtype=torch.long)
+    lams = [float(loss(out, None, attrs)[1]["lambda_attr"]) for _ in range(6)]
+    assert lams == pytest.approx([0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    with torch.no_grad():  # validation does not advance the schedule
+        loss(out, None, attrs)
+    assert int(loss.steps) == 6
+
+
+def test_the_spec_rebuilds_the_variant_and_old_specs_the_paper_model():
+    net = build_network(backbone="resunet", lesion_pooling=True, attr_gradient="normalised")
+    spec = spec_for(net)
+    rebuilt = build_from_spec(spec)
+    assert rebuilt.backbone == "resunet" and rebuilt.lesion_features is not None and rebuilt.balance_tokens is not None
+    assert rebuilt.state_dict().keys() == net.state_dict().keys()
+    old = {**spec, "network": {**spec["network"], "args": {k: v for k, v in spec["network"]["args"].items()
+                                                          if k not in ("backbone", "lesion_pooling", "attr_gradient")}}}
+    paper = build_from_spec(old)
+    assert paper.backbone == "vit" and paper.lesion_features is None and paper.balance_tokens is None
