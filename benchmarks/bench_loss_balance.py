@@ -45,23 +45,18 @@ STRATEGIES = {  # name -> (network attr_gradient, λ, learned λ)
 
 
 def encoder_grad_norms(net, loss_fn, batch, inferer) -> dict:
-    """Gradient norms on the image encoder from the mask loss and from λ·attribute loss, separately."""
+    """Gradient norms on the image encoder from the mask loss and from λ·attribute loss, separately: one
+    forward, each term through the loss module itself (given only its task's outputs)."""
     image, label, attrs = batch
     out = inferer(image, net, label)
-    _, parts = loss_fn(out, label, attrs)
-    norms = {}
-    lam = float(parts["lambda_attr"])
-    for name, term in (("mask", None), ("attributes", None)):
-        net.zero_grad()
-        out = inferer(image, net, label)
-        full, parts = loss_fn(out, label, attrs)
-        if name == "mask":
-            term = loss_fn.dice(out["mask_logits"], label).mean() + loss_fn.lambda_bce * torch.nn.functional.binary_cross_entropy_with_logits(out["mask_logits"], label)
-        else:
-            term = lam * sum(torch.nn.functional.cross_entropy(out["attr_logits"][g], attrs[:, i], ignore_index=IGNORE_INDEX)
-                             for i, g in enumerate(loss_fn.attribute_names))
-        term.backward()
-        norms[name] = float(torch.sqrt(sum((p.grad ** 2).sum() for p in net.image_encoder.parameters() if p.grad is not None)))
+    params = [p for p in net.image_encoder.parameters() if p.requires_grad]
+    norms, lam = {}, None
+    for name, outputs, targets in (("mask", {"mask_logits": out["mask_logits"]}, (label, None)),
+                                   ("attributes", {"attr_logits": out["attr_logits"]}, (None, attrs))):
+        total, parts = loss_fn(outputs, *targets)
+        grads = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+        norms[name] = float(torch.sqrt(sum((g ** 2).sum() for g in grads if g is not None)))
+        lam = float(parts["lambda_attr"])
     return {**norms, "attributes_over_mask": norms["attributes"] / max(norms["mask"], 1e-12), "lambda": lam}
 
 

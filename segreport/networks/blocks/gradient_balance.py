@@ -38,7 +38,6 @@ class GradientBalance(nn.Module):
         super().__init__()
         self.ratio, self.momentum = float(ratio), float(momentum)
         self.register_buffer("main_norm", torch.zeros(()), persistent=False)
-        self.last_scale = 1.0  # the factor applied to the last auxiliary gradient (for logging)
 
     def _observe(self, grad: torch.Tensor) -> None:
         n = grad.detach().float().norm()
@@ -47,8 +46,7 @@ class GradientBalance(nn.Module):
     def rescale(self, grad: torch.Tensor) -> torch.Tensor:
         ref = float(self.main_norm)
         n = float(grad.detach().float().norm())
-        self.last_scale = 1.0 if ref == 0 or n == 0 else min(1.0, self.ratio * ref / n)
-        return grad * self.last_scale
+        return grad if ref == 0 or n == 0 else grad * min(1.0, self.ratio * ref / n)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not (self.training and torch.is_grad_enabled() and x.requires_grad):
