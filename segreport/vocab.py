@@ -42,6 +42,11 @@ def severity_from_percent(percent: float) -> str:
 # speck, not a lesion: applied to every model's mask before its report, and the default of every spec.
 MIN_LESION_ML = 0.5
 
+# A predicted lesion is pulmonary when at least this share of its voxels lies in the lung mask (lesions at
+# the pleura leak over it); the others (bowel, muscle, outside air) are never called pulmonary infection:
+# the report lists them apart with where they are, and the automatic 3D mode does not refine them.
+PULMONARY_FRACTION = 0.1
+
 # A scan whose HU lung mask holds less lung than this (mL) is not a chest CT for the lung-lesion models:
 # refused with "no lungs found" unless overridden (--allow-no-lungs). Real adult lungs hold litres; an
 # abdominal CT that only grazes the lung bases holds tens of mL (66 mL on TotalSegmentator's example).

@@ -9,45 +9,11 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-import torch
 from scipy import ndimage
-from torch import nn
 
+from region_grower import RegionGrower
 from segreport.inference.session import PromptSession, click_site
 from segreport.metrics.segmentation import dice
-from segreport.vocab import ATTRIBUTE_NUM_CLASSES
-
-
-class RegionGrower(nn.Module):
-    """encode_image: the ROI itself; decode: the bright component (windowed > 0.6) under the positive
-    clicks, without the components under negative ones. ``false_positives``: also every other bright
-    component that touches the ROI border (what a weak model does)."""
-
-    def __init__(self, roi: int = 16, spacing=(4.0, 4.0, 4.0), false_positives: bool = False):
-        super().__init__()
-        self.false_positives = false_positives
-        self.img_size = (roi,) * 3
-        self.spec = {"spacing": list(spacing), "window": "lung", "axcodes": "RAS"}
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def encode_image(self, roi: torch.Tensor) -> torch.Tensor:
-        return roi
-
-    def decode(self, embedding, points=None, point_labels=None, mask_prompt=None, multimask_output=False) -> dict:
-        bright, _ = ndimage.label(embedding[0, 0].numpy() > 0.6)
-        mask = np.zeros(self.img_size, bool)
-        if points is not None:
-            for p, lab in zip(points[0].numpy(), point_labels[0].numpy()):
-                comp = bright[tuple(np.clip(np.rint(p).astype(int), 0, np.asarray(self.img_size) - 1))]
-                if comp:
-                    mask = mask | (bright == comp) if lab == 1 else mask & (bright != comp)
-        if self.false_positives:
-            border = np.unique(np.concatenate([bright[0].ravel(), bright[-1].ravel(), bright[:, 0].ravel(),
-                                               bright[:, -1].ravel(), bright[:, :, 0].ravel(), bright[:, :, -1].ravel()]))
-            mask |= np.isin(bright, border[border > 0])
-        logits = torch.from_numpy(np.where(mask, 8.0, -8.0).astype(np.float32))[None, None]
-        return {"mask_logits": logits, "low_res_logits": logits, "iou_pred": torch.ones(1, 1),
-                "attr_logits": {g: torch.zeros(1, n) for g, n in ATTRIBUTE_NUM_CLASSES.items()}}
 
 
 def _ct_with_long_lesion(shape=(40, 40, 100), lesion=np.s_[16:24, 16:24, 10:90]):

@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..transforms.crop import CropLargestLesion, roi_box
 from ..transforms.volume import volume_transforms
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
+from .automatic import SearchSettings, find_lesions
 from .geometry import as_affine, auto_roi_center, interior_voxel, map_points, roi_to_original
 from .predictor import LesionAttributes, Prediction
 from .roi_tiles import Tile, covers, growth_starts, overlap_mask
@@ -177,6 +178,23 @@ class PromptSession:
         center, source = auto_roi_center(self._ct, lung)
         self._place_roi(map_points(center, self.orig_affine, self._volume.affine)[0], f"auto: {source}")
         return self._predict()
+
+    def find_all(self, lung: np.ndarray | None = None, settings: SearchSettings | None = None) -> Prediction:
+        """Zero clicks, every lesion (:mod:`.automatic`): a sliding-window search with no click, then one
+        simulated click per candidate through this session. Ends reset (no clicks kept)."""
+        self._require_image()
+        return find_lesions(self, lung, settings)
+
+    @property
+    def ct(self) -> np.ndarray | None:
+        """The image as given (HU, input voxel order)."""
+        return self._ct
+
+    @property
+    def volume(self) -> MetaTensor:
+        """The image pre-processed for the model (reoriented, resampled, windowed; channel first)."""
+        self._require_image()
+        return self._volume
 
     @property
     def last(self) -> Prediction | None:

@@ -13,16 +13,21 @@ from monai.data import MetaTensor
 from torch import nn
 
 from ..errors import InputError
+from ..inference.automatic import SearchSettings, search as sliding_window_search
 from ..inference.geometry import as_affine, auto_roi_center, map_points, roi_to_original
 from ..inference.predictor import LesionAttributes, Prediction
 from ..inference.session import PromptSession, attribute_probabilities, attributes_sentence, is_promptable
 from ..networks.baselines3d import AttributeCNN, unet_baseline
 from ..networks.lesion_prompt import LesionPromptNet
 from ..transforms.crop import CropLargestLesion
+from ..transforms.lung_mask import lung_mask_from_ct
 from ..transforms.volume import volume_transforms
 from .spec import build_network as build_from_spec, load_weights, make_spec
 
 KIND = "lesion_report_3d"
+# ROI growth for lesions larger than one ROI, when neither the run nor the checkpoint says: up to this many
+# ROIs per lesion (each one more encode; the bound keeps a vessel-following mask from crossing the scan)
+DEFAULT_MAX_ROIS = 4
 
 
 class DictOutput(nn.Module):
@@ -113,27 +118,37 @@ def trained(spec: Mapping, weights: Mapping) -> nn.Module:
 
 
 def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", threshold: float | None = None,
-              bf16: bool = False, max_rois: int | None = None, **_: Any) -> "LesionReportPredictor":
+              bf16: bool = False, max_rois: int | None = None, automatic: bool | None = None,
+              overlap: float | None = None, sw_batch_size: int | None = None, **_: Any) -> "LesionReportPredictor":
     """``bf16`` is applied by the batch runner's autocast; ``max_rois``: ROI growth for lesions larger than
-    the ROI (1 = off; default the spec's); other run-time options are ignored."""
+    the ROI (1 = off; default the spec's); ``automatic``: without clicks, every lesion by sliding window
+    (default) or one automatically placed ROI (False); ``overlap``/``sw_batch_size``: the windows'
+    (:class:`SearchSettings`). Other run-time options are ignored."""
     inference = spec["inference"]
+    search = SearchSettings(**{k: v for k, v in (("overlap", overlap), ("sw_batch_size", sw_batch_size)) if v is not None})
     return LesionReportPredictor(trained(spec, weights), device=device,
                                  threshold=inference["threshold"] if threshold is None else threshold,
-                                 max_rois=inference.get("max_rois", 1) if max_rois is None else max_rois)
+                                 max_rois=inference.get("max_rois", DEFAULT_MAX_ROIS) if max_rois is None else max_rois,
+                                 automatic=True if automatic is None else bool(automatic), search=search)
 
 
 class LesionReportPredictor:
     """The ``Predictor`` (segreport.inference.predictor) of the 3D lesion-report bundle.
 
     With clicks, they are replayed in order through a :class:`PromptSession` (each decode sees
-    the previous mask, as in training); without, the zero-click ROI is used (:meth:`PromptSession.auto`).
-    Baseline networks (U-Net / CNN) run once on the automatically placed ROI.
+    the previous mask, as in training). Without, the automatic mode finds every lesion
+    (:mod:`segreport.inference.automatic`: sliding window, then one simulated click per candidate);
+    ``automatic=False`` keeps the single zero-click ROI (:meth:`PromptSession.auto`). The U-Net baseline
+    runs the same sliding window (``automatic=False``: the automatically placed ROI); the CNN, which has
+    no mask, runs once on that ROI.
     """
 
     name = "lesion_report_3d"
 
-    def __init__(self, network: nn.Module, device: str | torch.device = "cpu", threshold: float = 0.5, max_rois: int = 1):
+    def __init__(self, network: nn.Module, device: str | torch.device = "cpu", threshold: float = 0.5, max_rois: int = 1,
+                 automatic: bool = True, search: SearchSettings | None = None):
         self.device = torch.device(device)
+        self.automatic, self.search = bool(automatic), search or SearchSettings()
         self.network = _unwrap(network).to(self.device).eval()
         self.threshold = threshold
         self.max_rois = int(max_rois)
@@ -154,7 +169,7 @@ class LesionReportPredictor:
         session = self.session()
         session.set_image(image, affine)
         if points is None or len(points) == 0:
-            return session.auto(lung)
+            return session.find_all(lung, self.search) if self.automatic else session.auto(lung)
         labels = [1] * len(points) if point_labels is None else list(point_labels)
         if len(labels) != len(points):
             raise InputError(None, f"{len(points)} points but {len(labels)} point labels")
@@ -163,12 +178,24 @@ class LesionReportPredictor:
             prediction = session.click(point, positive=bool(lab))
         return prediction
 
+    def _sliding_window_baseline(self, ct: np.ndarray, affine: np.ndarray, volume: MetaTensor, lung: np.ndarray | None) -> Prediction:
+        """The U-Net over the lungs with the automatic mode's windows and candidate rules (no refinement:
+        it takes no clicks): the baseline of the same search."""
+        lung = lung_mask_from_ct(ct) if lung is None else np.asarray(lung) > 0
+        found = sliding_window_search(self.network, volume, as_affine(affine), ct.shape, lung, self.network.spec["roi_size"],
+                                      self.device, self.threshold, self.search)
+        return Prediction(mask=found.mask(), case_finding=None,
+                          extras={"mode": "automatic", "windows": found.windows, "candidates": len(found.ids),
+                                  "model": self.network.spec["model"]})
+
     @torch.inference_mode()
     def _predict_baseline(self, image: np.ndarray, affine: np.ndarray, lung: np.ndarray | None = None) -> Prediction:
         spec = self.network.spec
         ct = np.asarray(image, dtype=np.float32)
         volume = volume_transforms(spec["spacing"], spec["window"], spec["axcodes"], keys=("image",))(
             {"image": MetaTensor(torch.from_numpy(ct[None]), affine=torch.as_tensor(as_affine(affine)))})["image"]
+        if self.automatic and spec["model"] == "unet":
+            return self._sliding_window_baseline(ct, affine, volume, lung)
         center, source = auto_roi_center(ct, lung)
         roi = CropLargestLesion(spec["roi_size"])(volume, center=np.rint(map_points(center, affine, volume.affine)[0]))
         out = self.network(roi.as_tensor()[None].float().to(self.device))

@@ -79,6 +79,10 @@ RESUNET_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# attr_gradient -> GradientBalance ratio (attribute gradient into the trunk / mask's); None: unbounded
+ATTR_GRADIENT_RATIO = {"full": None, "normalised": 1.0, "detached": 0.0}
+
+
 class ImageEmbedding(NamedTuple):
     """What ``encode_image`` returns and ``decode`` takes: cache it once per ROI.
 
@@ -237,7 +241,8 @@ class LesionPromptNet(nn.Module):
         conv_head: add a 1x1 conv of the full-resolution features to the hypernetwork's mask (a U-Net's
             own segmentation head beside SAM's; the mask tokens, and so the synergy, still shape it).
         attr_gradient: what the attribute loss sends into the shared trunk: ``"full"`` (the paper),
-            ``"normalised"`` (capped at the mask loss's running gradient norm, :class:`GradientBalance`).
+            ``"normalised"`` (capped at the mask loss's running gradient norm, :class:`GradientBalance`),
+            ``"detached"`` (none: the attribute head reads the trunk's features without training them).
     """
 
     def __init__(
@@ -280,8 +285,8 @@ class LesionPromptNet(nn.Module):
             raise ValueError(f"embed_dim must be a multiple of 8 (upscaling to embed_dim/8), got {embed_dim}")
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
-        if attr_gradient not in ("full", "normalised"):
-            raise ValueError(f"attr_gradient must be 'full' or 'normalised', got {attr_gradient!r}")
+        if attr_gradient not in ATTR_GRADIENT_RATIO:
+            raise ValueError(f"attr_gradient must be one of {sorted(ATTR_GRADIENT_RATIO)}, got {attr_gradient!r}")
         self.backbone = backbone
         self.img_size = ensure_tuple_rep(img_size, 3)
         self.point_refinement = point_refinement
@@ -327,9 +332,9 @@ class LesionPromptNet(nn.Module):
         self.conv_head = nn.Conv3d(mask_channels, self.num_mask_tokens, kernel_size=1) if conv_head else None
         self.lesion_features = LesionAttributeFeatures(mask_channels, embed_dim, descriptors=descriptors) if lesion_pooling else None
         self.attribute_classifier = AttributeClassifier(embed_dim, self.attribute_groups, embed_dim if lesion_pooling else 0)
-        normalised = attr_gradient == "normalised"
-        self.balance_tokens = GradientBalance() if normalised else None
-        self.balance_features = GradientBalance() if normalised else None
+        ratio = ATTR_GRADIENT_RATIO[attr_gradient]
+        self.balance_tokens = GradientBalance(ratio) if ratio is not None else None
+        self.balance_features = GradientBalance(ratio) if ratio is not None else None
 
     def _build_vit(self, img_size, in_channels, patch_size, encoder_embed_dim, encoder_depth, encoder_num_heads, mlp_ratio,
                    window_size, global_attn_indexes, embed_dim, dropout_rate, high_res_features) -> int:

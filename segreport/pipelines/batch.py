@@ -57,6 +57,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import __version__
 from ..data import provenance
+from ..transforms.findings import label_components
 from ..transforms.postprocess import remove_small_lesions
 from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
 from ..errors import InputError
@@ -208,10 +209,12 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
     meta = loaded.meta
     model = settings.model
     loaded.save_mask(prediction.mask, paths["seg"])
+    instances, n = label_components(prediction.mask)  # the report's lesion ids, one labelling for both
+    loaded.save_mask(instances, paths["lesions"], dtype=np.uint8 if n < 256 else np.uint16)
     points = None if loaded.points is None else {"ijk": loaded.points, "labels": loaded.point_labels}
     if points is not None and not settings.takes_points:
         points["ignored"] = f"{model} takes no clicks: the points did not change this result"
-    report = build_report(prediction, loaded.image, loaded.affine, case_id=case.case_id, lung=loaded.lung,
+    report = build_report(prediction, loaded.image, loaded.affine, case_id=case.case_id, lung=loaded.lung, instances=instances,
                           zone_map=loaded.zones, input_path=case.path, model=model, points=points,
                           lung_source=meta.get("lung_source") and f"user-supplied lung mask {meta['lung_source']}")
     report["provenance"] = {"input_fingerprint": input_fingerprint(case), "checkpoint_sha256": settings.checkpoint_sha256,

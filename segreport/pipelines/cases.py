@@ -26,6 +26,7 @@ log = logging.getLogger("segreport.batch")
 
 OUTPUT_SUFFIXES: dict[str, str] = {
     "seg": "_seg.nii.gz",
+    "lesions": "_lesions.nii.gz",  # instance map: voxel value = the report's lesion id
     "report_txt": "_report.txt",
     "preview": "_preview.png",
     "report": "_report.json",  # last in this order: written last, so its presence means "complete"
@@ -195,10 +196,10 @@ class LoadedCase:
     point_labels: list[int] | None
     load_s: float
 
-    def save_mask(self, mask: np.ndarray, path: str | os.PathLike) -> Path:
-        """A mask on this case's grid as NIfTI, keeping the input's NIfTI codes (0 -> 1: the affine
-        nibabel gave us is then stated explicitly)."""
-        return save_nifti(mask, self.affine, path, dtype=np.uint8, qform_code=self.meta.get("qform_code") or 1,
+    def save_mask(self, mask: np.ndarray, path: str | os.PathLike, dtype=np.uint8) -> Path:
+        """A mask (or label map: ``dtype``) on this case's grid as NIfTI, keeping the input's NIfTI codes
+        (0 -> 1: the affine nibabel gave us is then stated explicitly)."""
+        return save_nifti(mask, self.affine, path, dtype=dtype, qform_code=self.meta.get("qform_code") or 1,
                           sform_code=self.meta.get("sform_code") or 1)
 
 

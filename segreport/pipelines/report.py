@@ -28,16 +28,12 @@ from ..data.outputs import write_json, write_text  # noqa: F401  (re-exported: r
 from ..transforms.findings import Findings, FindingsFromMask, label_components
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
 from ..transforms.lung_regions import lung_zone_map
-from ..vocab import LUNG_LABELS, SIDES, severity_from_percent
+from ..vocab import LUNG_LABELS, PULMONARY_FRACTION, SIDES, severity_from_percent
 from ..inference.predictor import Prediction
 from . import consistency
 
 # A zone is listed for a lesion when it holds at least this share of its voxels (FindingsFromMask's rule).
 ZONE_FRACTION = 0.1
-# A predicted lesion is pulmonary when at least this share of its voxels lies in the lung mask (lesions at
-# the pleura leak over it); the others (bowel, muscle, outside air) are never called pulmonary infection:
-# they are listed apart with where they are, and left out of the finding and the lung involvement.
-PULMONARY_FRACTION = 0.1
 
 
 def lung_regions(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,10 +153,15 @@ def case_finding(findings: Findings, has_lung: bool, n_outside: int = 0) -> str:
     return findings.text
 
 
-def split_pulmonary(mask: np.ndarray, lung: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_pulmonary(mask: np.ndarray, lung: np.ndarray, min_voxels: int = 1,
+                    instances: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(full instance map, pulmonary mask, outside mask)``: components (the one labelling,
-    :func:`label_components`) with at least ``PULMONARY_FRACTION`` of their voxels in the lung, and the rest."""
-    instances, n = label_components(mask, min_voxels)
+    :func:`label_components`, or ``instances`` made by it already) with at least ``PULMONARY_FRACTION`` of
+    their voxels in the lung, and the rest."""
+    if instances is None:
+        instances, n = label_components(mask, min_voxels)
+    else:
+        n = int(instances.max())
     sizes = np.bincount(instances.ravel(), minlength=n + 1)
     in_lung = np.bincount(instances[np.asarray(lung) > 0].ravel(), minlength=n + 1)
     pulmonary = in_lung >= PULMONARY_FRACTION * np.maximum(sizes, 1)
@@ -193,13 +194,16 @@ def build_report(
     points: dict | None = None,
     min_voxels: int = 1,
     lung_source: str | None = None,
+    instances: np.ndarray | None = None,
 ) -> dict:
-    """The JSON-serialisable report of one case. ``lung``/``zone_map`` are computed when not given."""
+    """The JSON-serialisable report of one case. ``lung``/``zone_map`` are computed when not given;
+    ``instances``: the mask's :func:`label_components` (min_voxels 1), when the caller wrote it already
+    (the batch's ``<case>_lesions.nii.gz``): its ids are the report's."""
     affine = np.asarray(affine, dtype=np.float64)
     if lung is None or zone_map is None:
         lung, zone_map = lung_regions(image, affine)
     mask = np.asarray(prediction.mask)
-    instances, pulmonary, outside = split_pulmonary(mask, lung, min_voxels)
+    instances, pulmonary, outside = split_pulmonary(mask, lung, min_voxels, instances if min_voxels == 1 else None)
     findings = describe_lesions(pulmonary, image, affine, lung, zone_map, min_voxels)
     lesions, unmatched = lesion_statistics(pulmonary, image, affine, lung, zone_map, prediction.lesion_attributes,
                                            min_voxels, findings)

@@ -31,7 +31,7 @@ class _Rescale(torch.autograd.Function):
 
 class GradientBalance(nn.Module):
     """``main, aux = balance(x)``: both equal ``x``; the gradient through ``aux`` is capped at ``ratio`` x
-    the running (EMA) norm of the gradient through ``main``. Until a main gradient has been seen, the
+    the running (EMA) norm of the gradient through ``main`` (``ratio=0``: none at all). Until a main gradient has been seen, the
     auxiliary one passes unchanged. Identity in eval / without grad."""
 
     def __init__(self, ratio: float = 1.0, momentum: float = 0.9):
@@ -44,6 +44,8 @@ class GradientBalance(nn.Module):
         self.main_norm.copy_(n if float(self.main_norm) == 0 else self.momentum * self.main_norm + (1 - self.momentum) * n)
 
     def rescale(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.ratio == 0:  # detached: the auxiliary task reads x, never moves it
+            return torch.zeros_like(grad)
         ref = float(self.main_norm)
         n = float(grad.detach().float().norm())
         return grad if ref == 0 or n == 0 else grad * min(1.0, self.ratio * ref / n)

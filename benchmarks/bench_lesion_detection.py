@@ -1,0 +1,189 @@
+"""The 3D lesion report without a person: every lesion of held-out scans, found by the automatic mode.
+
+The models are the quality bench's (``bench_lesion_report_quality.py --quick``: the bundle's default and
+the 3D U-Net, trained on the same 40-case phantom, seed 1); missing ones are trained first through it.
+The test scans are a phantom neither saw: ``--cases`` cases of seed ``--seed`` (default 101) at the
+default phantom geometry (192×192×48 at 1.6×1.6×5 mm, LPS). Both models run through the batch runner,
+as ``segreport infer`` does (automatic mode: sliding window over the lungs; the default model then
+refines each candidate with one simulated click), and are scored against the ground-truth instance maps:
+
+* lesion-level recall and precision for lesions ≥ 1 mL (a hit: predicted lesion with IoU ≥ 0.1),
+* case Dice on the original grid, the default model vs the U-Net with the same sliding window,
+* attribute accuracy of the detected lesions (each ground-truth lesion against the predicted lesion it
+  overlaps most),
+* seconds per 192×192×48 volume, and per 512×512×300 volume (one phantom case at 0.7×0.7×1 mm) with the
+  peak memory of that run (a fresh process, so the peak is its own).
+
+Writes ``benchmarks/results/lesion_detection.json``.
+
+    python benchmarks/bench_lesion_detection.py                # ~10 min with the models trained
+    python benchmarks/bench_lesion_detection.py --skip-large   # without the 512×512×300 run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+GROUPS = ("shape", "invasion", "density", "heterogeneity", "surface")
+MIN_ML, MIN_IOU = 1.0, 0.1
+
+
+def overlaps(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """IoU of every (ground-truth lesion, predicted lesion) pair: (G+1, P+1), row/column 0 background."""
+    g, p = int(truth.max()), int(pred.max())
+    inter = np.bincount(truth.ravel().astype(np.int64) * (p + 1) + pred.ravel(), minlength=(g + 1) * (p + 1)).reshape(g + 1, p + 1)
+    size_t, size_p = inter.sum(1), inter.sum(0)
+    union = size_t[:, None] + size_p[None, :] - inter
+    return inter / np.maximum(union, 1)
+
+
+def score_case(pred: np.ndarray, truth: np.ndarray, voxel_ml: float, report: dict, truth_attrs: dict) -> dict:
+    """Lesion-level hits, case Dice and the attributes of detected lesions of one case."""
+    iou = overlaps(pred, truth)
+    t_ml = np.bincount(truth.ravel(), minlength=iou.shape[0]) * voxel_ml
+    p_ml = np.bincount(pred.ravel(), minlength=iou.shape[1]) * voxel_ml
+    big_t = [g for g in range(1, iou.shape[0]) if t_ml[g] >= MIN_ML]
+    big_p = [p for p in range(1, iou.shape[1]) if p_ml[p] >= MIN_ML]
+    hit = iou[:, 1:].max(1, initial=0) >= MIN_IOU if iou.shape[1] > 1 else np.zeros(iou.shape[0], bool)
+    true_p = iou[1:].max(0, initial=0) >= MIN_IOU if iou.shape[0] > 1 else np.zeros(iou.shape[1], bool)
+    a, b = pred > 0, truth > 0
+    dice = 2 * (a & b).sum() / max(a.sum() + b.sum(), 1) if (a.any() or b.any()) else 1.0
+    by_id = {les["id"]: les.get("attributes") for les in report.get("lesions", [])}
+    attr = {g: [] for g in GROUPS}
+    for g in big_t:
+        if not hit[g]:
+            continue
+        best = int(np.argmax(iou[g, 1:])) + 1
+        predicted = by_id.get(best)
+        if predicted and g in truth_attrs:
+            for group in GROUPS:
+                attr[group].append(predicted[group]["label"] == truth_attrs[g][group])
+    return {"truth": len(big_t), "found": int(sum(hit[g] for g in big_t)), "predicted": len(big_p),
+            "correct": int(sum(true_p[p] for p in big_p)), "predicted_all": iou.shape[1] - 1,
+            "correct_all": int(true_p[1:].sum()), "dice": float(dice), "attributes": attr}
+
+
+def summarise(rows: list[dict]) -> dict:
+    truth, found = sum(r["truth"] for r in rows), sum(r["found"] for r in rows)
+    pred, correct = sum(r["predicted"] for r in rows), sum(r["correct"] for r in rows)
+    attr = {g: [v for r in rows for v in r["attributes"][g]] for g in GROUPS}
+    per_group = {g: float(np.mean(v)) if v else None for g, v in attr.items()}
+    known = [v for v in per_group.values() if v is not None]
+    return {"lesions_1ml": truth, "recall": found / truth if truth else None,
+            "precision": correct / pred if pred else None, "predicted_1ml": pred,
+            "precision_all_sizes": sum(r["correct_all"] for r in rows) / max(sum(r["predicted_all"] for r in rows), 1),
+            "case_dice": float(np.mean([r["dice"] for r in rows])),
+            "attribute_accuracy": per_group, "attribute_accuracy_average": float(np.mean(known)) if known else None,
+            "attribute_lesions": len(attr[GROUPS[0]])}
+
+
+def run_model(checkpoint: Path, images: Path, out: Path) -> list[dict]:
+    """The batch runner over ``images`` (automatic mode); its per-case rows."""
+    from segreport import models
+    from segreport.pipelines.batch import run_batch
+
+    predictor = models.load(str(checkpoint), device="cpu", kind="lesion_report_3d")
+    summary = run_batch(predictor, str(images), str(out), overwrite=True, device="cpu")
+    summary.raise_if_failed()
+    return summary.cases
+
+
+def score_model(name: str, rows: list[dict], out: Path, data: Path, truth_attrs: dict) -> dict:
+    import nibabel as nib
+
+    scored = []
+    for row in rows:
+        cid = row["case_id"]
+        truth_img = nib.load(data / "lesionsTr" / f"{cid}.nii.gz")
+        truth = np.asarray(truth_img.dataobj).astype(np.int64)
+        pred = np.asarray(nib.load(out / f"{cid}_lesions.nii.gz").dataobj).astype(np.int64)
+        report = json.loads((out / f"{cid}_report.json").read_text())
+        voxel_ml = abs(np.linalg.det(truth_img.affine[:3, :3])) / 1000.0
+        scored.append(score_case(pred, truth, voxel_ml, report, truth_attrs.get(cid, {})))
+    s = summarise(scored)
+    s["seconds_per_volume"] = float(np.mean([r["predict_s"] for r in rows]))
+    print(f"{name}: {json.dumps({k: v for k, v in s.items() if not isinstance(v, dict)})}", flush=True)
+    return s
+
+
+def large_volume_run(checkpoint: Path, work: Path) -> dict:
+    """One 512×512×300 phantom case through the batch runner in a fresh process: seconds and peak RSS."""
+    data = work / "large"
+    if not (data / "imagesTr").is_dir():
+        from segreport.data import phantom
+
+        phantom.generate_dataset(data, n_cases=1, seed=7, shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0), export_2d=False)
+    code = ("import json, resource, sys, time; sys.path.insert(0, %r); from segreport import models; "
+            "from segreport.pipelines.batch import run_batch; p = models.load(%r, device='cpu', kind='lesion_report_3d'); "
+            "t = time.perf_counter(); s = run_batch(p, %r, %r, overwrite=True, device='cpu'); s.raise_if_failed(); "
+            "print(json.dumps({'seconds': time.perf_counter() - t, 'predict_s': s.cases[0]['predict_s'], "
+            "'lesions': s.cases[0]['n_lesions'], 'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))")
+    res = subprocess.run([sys.executable, "-c", code % (str(REPO), str(checkpoint), str(data / "imagesTr"), str(work / "large_out"))],
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--seed", type=int, default=101, help="the test phantom's seed (training used 1)")
+    p.add_argument("--models-dir", default="outputs/bench_lesion_report", help="the quality bench's --work-dir")
+    p.add_argument("--work-dir", default="outputs/bench_lesion_detection")
+    p.add_argument("--skip-large", action="store_true")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lesion_detection.json"))
+    a = p.parse_args(argv)
+
+    import torch
+
+    from segreport.data import phantom
+
+    torch.set_num_threads(1)  # as the quality bench: comparable on a shared 2-core machine
+    models_dir, work = Path(a.models_dir).resolve(), Path(a.work_dir).resolve()
+    checkpoints = {name: models_dir / name / "models" / "model.pt" for name in ("full", "unet")}
+    missing = [n for n, c in checkpoints.items() if not c.is_file()]
+    if missing:
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_lesion_report_quality.py"), "--quick", "--only",
+                        *missing, "--work-dir", str(models_dir)], check=True)
+    data = work / f"phantom_{a.cases}_{a.seed}"
+    if not (data / "dataset.json").is_file():
+        phantom.generate_dataset(data, n_cases=a.cases, seed=a.seed, export_2d=False)
+    dataset = json.loads((data / "dataset.json").read_text())
+    truth_attrs = {c["case_id"]: {les["id"]: les for les in c["attributes"]} for c in dataset["training"]}
+
+    results = {}
+    for name, ckpt in checkpoints.items():
+        out = work / f"{name}_out"
+        results[name] = score_model(name, run_model(ckpt, data / "imagesTr", out), out, data, truth_attrs)
+    large = None if a.skip_large else large_volume_run(checkpoints["full"], work)
+    full, unet = results["full"], results["unet"]
+    report = {
+        "benchmark": "lesion_detection",
+        "command": "python benchmarks/bench_lesion_detection.py" + (" --skip-large" if a.skip_large else ""),
+        "settings": {"test_cases": a.cases, "test_seed": a.seed, "phantom_shape": [192, 192, 48], "phantom_spacing_mm": [1.6, 1.6, 5.0],
+                     "min_lesion_ml": MIN_ML, "hit_iou": MIN_IOU, "models": {k: str(v) for k, v in checkpoints.items()}},
+        "machine": {"cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+        "results": results,
+        "large_volume_512x512x300": large,
+        "checks": {
+            "recall_at_least_0.8": (full["recall"] or 0) >= 0.8,
+            "precision_at_least_0.8": (full["precision"] or 0) >= 0.8,
+            "full_case_dice_vs_unet": round(full["case_dice"] - unet["case_dice"], 4),
+            "peak_memory_at_most_4gb": None if large is None else large["peak_rss_gb"] <= 4.0,
+        },
+    }
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["checks"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""Automatic mode of a promptable 3D model: every lesion in the scan, found and described without a person.
+
+1. **Search.** MONAI's :class:`~monai.inferers.SlidingWindowInferer` runs the model with no click over the
+   lungs' bounding box on the model's grid: ROI-sized windows, ``overlap``, Gaussian blending (nnU-Net's),
+   ``sw_batch_size`` windows per forward, the blended probability accumulated on the CPU whatever the
+   device. The lung mask bounds the search: only windows over the lungs run.
+2. **Candidates.** The probability goes back to the input grid; its connected components of at least
+   ``min_lesion_ml`` with at least :data:`~segreport.vocab.PULMONARY_FRACTION` of their voxels in the lung
+   mask are candidate lesions (what the report would call pulmonary).
+3. **Refinement.** Each candidate, largest first, goes through the model's own interactive path: one
+   simulated positive click at its most interior voxel in a fresh :class:`PromptSession` (ROI centred on
+   it, ROI growth for lesions larger than the ROI), as a person's first click would. Its lesion is the
+   refined mask's components that overlap the candidate; if the click loses it (an empty mask there),
+   the window's outline is kept, so nothing found is dropped. A candidate mostly covered by lesions
+   already refined (a large lesion the windows split in two) is not refined again.
+4. **Merge.** On the input grid, an instance map (first lesion first: a voxel belongs to one lesion) and
+   its union; each lesion's attributes anchored at its most interior voxel.
+
+Memory on a 512×512×300 CT: the model grid's probability and the input-grid maps are the only
+whole-volume arrays (the windows run ``sw_batch_size`` at a time), so it stays near a few volumes of
+float32. Progress is logged per case: windows, candidates, lesions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+from monai.utils import ensure_tuple_rep
+from scipy import ndimage
+from torch import nn
+
+from ..transforms.lung_mask import lung_mask_from_ct
+from ..vocab import MIN_LESION_ML, PULMONARY_FRACTION
+from .geometry import as_affine, interior_voxel, map_points, roi_to_original
+from .predictor import LesionAttributes, Prediction
+
+log = logging.getLogger("segreport.automatic")
+_FULL_3D = np.ones((3, 3, 3), bool)
+
+
+@dataclass
+class SearchSettings:
+    """How the automatic mode searches. ``overlap``: of neighbouring windows (nnU-Net: 0.5; 0.25 is
+    MONAI's default and half the windows); ``covered``: a candidate whose voxels already belong to
+    refined lesions by this fraction is not refined again."""
+
+    overlap: float = 0.25
+    sw_batch_size: int = 4
+    min_lesion_ml: float = MIN_LESION_ML
+    covered: float = 0.5
+    margin_mm: float = 10.0  # around the lungs' box: juxtapleural lesions and the blending's fall-off
+
+
+def zero_click_probability(network: nn.Module):
+    """The network's no-click lesion probability of a batch of ROIs, (B, 1, *roi): what the windows run.
+    Promptable models and the U-Net baseline both return ``mask_logits``."""
+    def predict(rois: torch.Tensor) -> torch.Tensor:
+        out = network(rois)
+        logits = out["mask_logits"] if isinstance(out, dict) else out
+        return torch.sigmoid(logits[:, :1].float())
+    return predict
+
+
+def lung_box(lung: np.ndarray, orig_affine: np.ndarray, volume: MetaTensor, margin_mm: float) -> tuple[slice, ...] | None:
+    """The lungs' bounding box on the model's grid (``volume``: pre-processed, channel first), widened by
+    ``margin_mm``; None without lungs. From the box's corners through world space, so any orientation."""
+    idx = np.argwhere(lung)
+    if not len(idx):
+        return None
+    lo, hi = idx.min(0) - 0.5, idx.max(0) + 0.5
+    corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    vol_affine = as_affine(volume.affine)
+    pts = map_points(corners, orig_affine, vol_affine)
+    spacing = np.linalg.norm(vol_affine[:3, :3], axis=0)
+    pad = np.ceil(margin_mm / spacing)
+    shape = np.asarray(volume.shape[1:])
+    start = np.clip(np.floor(pts.min(0) - pad).astype(int), 0, shape)
+    stop = np.clip(np.ceil(pts.max(0) + pad).astype(int) + 1, 0, shape)
+    return None if np.any(stop <= start) else tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def search_probability(network: nn.Module, volume: MetaTensor, box: tuple[slice, ...], roi_size, device,
+                       settings: SearchSettings) -> tuple[torch.Tensor, np.ndarray, int]:
+    """Sliding-window zero-click probability over ``box`` of ``volume`` (model grid). Returns the box's
+    probability (D, H, W) on the CPU, the box's voxel -> RAS affine and the number of windows run."""
+    roi_size = ensure_tuple_rep(roi_size, 3)
+    crop = volume[(slice(None), *box)]
+    offset = np.array([s.start for s in box], dtype=np.float64)
+    affine = as_affine(volume.affine).copy()
+    affine[:3, 3] = (affine @ np.r_[offset, 1.0])[:3]
+    inferer = SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=settings.sw_batch_size, overlap=settings.overlap,
+                                   mode="gaussian", padding_mode="constant", cval=float(crop.min()), sw_device=device,
+                                   device=torch.device("cpu"))
+    windows = _window_count(crop.shape[1:], roi_size, settings.overlap)
+    prob = inferer(crop.as_tensor()[None].float(), zero_click_probability(network))
+    return prob[0, 0], affine, windows
+
+
+def _window_count(shape, roi_size, overlap: float) -> int:
+    n = 1
+    for s, r in zip(shape, roi_size):
+        step = max(int(r * (1 - overlap)), 1)
+        n *= 1 if s <= r else int(np.ceil((s - r) / step)) + 1
+    return n
+
+
+def candidate_lesions(prob: np.ndarray, lung: np.ndarray, affine: np.ndarray, threshold: float,
+                      min_lesion_ml: float) -> tuple[np.ndarray, list[int], list[tuple[slice, ...]]]:
+    """The candidates on the input grid: components of ``prob > threshold`` of at least ``min_lesion_ml``
+    and at least PULMONARY_FRACTION in the lung. Returns the component map, the candidates' ids
+    (largest first) and their bounding boxes (one map, not a mask per candidate: memory)."""
+    components, n = ndimage.label(prob > threshold, structure=_FULL_3D)
+    if not n:
+        return components, [], []
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    in_lung = np.bincount(components[lung].ravel(), minlength=n + 1)
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    keep = (sizes * voxel_ml >= min_lesion_ml) & (in_lung >= PULMONARY_FRACTION * sizes)
+    keep[0] = False
+    ids = sorted((int(i) for i in np.flatnonzero(keep)), key=lambda i: -sizes[i])
+    boxes = ndimage.find_objects(components)
+    return components, ids, [boxes[i - 1] for i in ids]
+
+
+def _interior(mask_box: np.ndarray, box: tuple[slice, ...]) -> tuple[int, int, int]:
+    """The most interior voxel of a candidate (given as its box crop), in input-grid IJK."""
+    local = interior_voxel(mask_box)
+    return tuple(int(s.start + i) for s, i in zip(box, local))
+
+
+@dataclass
+class Search:
+    """What the search found on one image: the candidates' component map (input grid), their ids
+    (largest first) and boxes, the windows run and the model-grid box searched (None: no lungs)."""
+
+    components: np.ndarray
+    ids: list[int]
+    boxes: list[tuple[slice, ...]]
+    windows: int = 0
+    box: tuple[slice, ...] | None = None
+
+    def mask(self) -> np.ndarray:
+        return np.isin(self.components, self.ids).astype(np.uint8)
+
+
+def search(network: nn.Module, volume: MetaTensor, orig_affine: np.ndarray, shape, lung: np.ndarray, roi_size, device,
+           threshold: float, settings: SearchSettings) -> Search:
+    """Steps 1-2 of the module docstring for any network with a zero-click ``mask_logits`` (the 3D
+    U-Net baseline runs the same windows). ``volume``: the image pre-processed for the model."""
+    box = lung_box(lung, orig_affine, volume, settings.margin_mm)
+    if box is None:
+        return Search(np.zeros(shape, np.int32), [], [])
+    with torch.inference_mode():
+        box_prob, box_affine, windows = search_probability(network, volume, box, roi_size, device, settings)
+    prob = roi_to_original(box_prob, box_affine, orig_affine, shape)
+    components, ids, boxes = candidate_lesions(prob, lung, orig_affine, threshold, settings.min_lesion_ml)
+    return Search(components, ids, boxes, windows, box)
+
+
+def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettings | None = None) -> Prediction:
+    """The automatic mode on the image of ``session`` (a :class:`PromptSession` after ``set_image``):
+    module docstring. ``lung``: the image's lung mask or label (input grid), thresholded from the CT
+    when not given."""
+    settings = settings or SearchSettings()
+    t0 = time.perf_counter()
+    affine, shape, name = session.orig_affine, session.shape, session.source or "image"
+    lung = lung_mask_from_ct(session.ct) if lung is None else np.asarray(lung) > 0
+    found = search(session.network, session.volume, affine, shape, lung, session.roi_size, session.device,
+                   session.threshold, settings)
+    log.info("%s: %d windows, %d candidate lesions", name, found.windows, len(found.ids))
+    instances = np.zeros(shape, dtype=np.int32)
+    lesions: list[LesionAttributes] = []
+    details: list[dict] = []
+    for cid, cbox in zip(found.ids, found.boxes):
+        in_box = found.components[cbox] == cid
+        if (in_box & (instances[cbox] == 0)).sum() < (1 - settings.covered) * in_box.sum():
+            continue  # an earlier lesion's refinement covers it already
+        lesion, info, attrs = _refine(session, found.components == cid, _interior(in_box, cbox))
+        lesion &= instances == 0
+        if not lesion.any():
+            continue
+        instances[lesion] = len(lesions) + 1
+        lbox = ndimage.find_objects(lesion.astype(np.uint8))[0]
+        lesions.append(LesionAttributes(voxel=_interior(lesion[lbox], lbox), attributes=attrs))
+        details.append({"id": len(lesions), **info, "voxels": int(lesion.sum())})
+        log.info("%s: lesion %d of at most %d (%d voxels)", name, len(lesions), len(found.ids), details[-1]["voxels"])
+    session.reset()
+    log.info("%s: %d lesions in %.1f s", name, len(lesions), time.perf_counter() - t0)
+    return Prediction(
+        mask=(instances > 0).astype(np.uint8),
+        case_finding=None,  # the report writes the case sentence from every lesion's geometry
+        lesion_attributes=lesions,
+        extras={"mode": "automatic", "windows": found.windows, "candidates": len(found.ids), "lesions": details,
+                "search": {"overlap": settings.overlap, "min_lesion_ml": settings.min_lesion_ml,
+                           "box": None if found.box is None else [[s.start, s.stop] for s in found.box]}},
+    )
+
+
+def _refine(session, candidate: np.ndarray, click: tuple[int, int, int]) -> tuple[np.ndarray, dict, dict | None]:
+    """One candidate through the interactive path: click ``click`` (its most interior voxel); keep the
+    refined components that overlap it (else the candidate itself). Returns (mask, info, attributes)."""
+    session.reset()
+    pred = session.click(click)
+    components, _ = ndimage.label(pred.mask > 0, structure=_FULL_3D)
+    ids = np.unique(components[candidate])
+    ids = ids[ids > 0]
+    refined = np.isin(components, ids) if len(ids) else candidate
+    extras = {"source": "click refinement" if len(ids) else "sliding window (the click's mask missed it)",
+              "iou_pred": pred.extras.get("iou_pred"), "rois": pred.extras.get("rois"), "roi_growth": pred.extras.get("roi_growth")}
+    attrs = pred.lesion_attributes[0].attributes if pred.lesion_attributes else pred.extras.get("attributes")
+    return refined, {"click_ijk": [int(v) for v in click], **extras}, attrs
