@@ -44,7 +44,7 @@ from test_report import LOWER_RIGHT, UPPER_LEFT, make_chest
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-OUTPUT_KINDS = ("_seg.nii.gz", "_report.json", "_report.txt", "_preview.png")
+OUTPUT_KINDS = ("_seg.nii.gz", "_lesions.nii.gz", "_report.json", "_report.txt", "_preview.png")
 
 
 class ThresholdPredictor:
@@ -217,6 +217,14 @@ def test_reports_find_the_planted_lesions(mixed):
         assert sum(les["attributes"]["density"]["probs"].values()) == pytest.approx(1.0)
     assert report["unmatched_attributes"] == []
     assert report["extras"] == {"inference_mode": True, "autocast_bf16": False}
+    # the instance map holds every report lesion's voxels under its id, on the input grid (LPS here)
+    lesions = nib.load(out / "sub1__chest_lesions.nii.gz")
+    ids = np.asarray(lesions.dataobj)
+    np.testing.assert_array_equal(lesions.affine, nib.load(out / "sub1__chest_seg.nii.gz").affine)
+    assert np.array_equal(ids > 0, seg > 0) and sorted(np.unique(ids[ids > 0])) == [les["id"] for les in report["lesions"]]
+    for les in report["lesions"]:
+        assert (ids == les["id"]).sum() == les["voxels"]
+        assert ids[tuple(int(round(v)) for v in les["centroid_voxel"])] == les["id"]
     text = (out / "sub1__chest_report.txt").read_text()
     assert report["finding"] in text and "#2: right lung, lower zone" in text
     r2 = json.loads((out / "sub2__chest_report.json").read_text())

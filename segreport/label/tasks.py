@@ -244,8 +244,9 @@ class InteractiveTask(ReportTask):
         if not session.clicks and not ordered:
             new.sort(key=lambda c: -c[1])  # Slicer: positives first (the first click says "this lesion")
         encodes, t = session.n_encodes, perf_counter()
-        if not sent:
-            prediction = session.auto(state.loaded.lung)
+        if not sent:  # as a batch run: every lesion (automatic mode), or the one automatic ROI
+            automatic = getattr(predictor, "automatic", False)
+            prediction = session.find_all(state.loaded.lung, predictor.search) if automatic else session.auto(state.loaded.lung)
         elif not new and session.last is not None:
             prediction = session.last  # nothing new: the same answer
         else:
