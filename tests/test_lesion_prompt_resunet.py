@@ -12,7 +12,7 @@ from segreport.losses.lesion_report import LesionReportLoss
 from segreport.models.lesion_report_3d import build_network, spec_for
 from segreport.models.spec import build_network as build_from_spec
 from segreport.networks.blocks.gradient_balance import GradientBalance
-from segreport.networks.blocks.lesion_features import DESCRIPTOR_NAMES, lesion_descriptors
+from segreport.networks.blocks.lesion_features import DESCRIPTOR_NAMES, image_maps, lesion_descriptors
 from segreport.networks.blocks.residual_unet import prompt_maps
 from segreport.networks.lesion_prompt import LesionPromptNet
 from segreport.vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
@@ -40,9 +40,11 @@ def test_cached_encoder_gives_the_same_outputs_as_forward(image):
         embedding = net.encode_image(image)
         split = net.decode(embedding, POINTS, LABELS)
         again = net.decode(embedding, POINTS, LABELS, mask_prompt=split["low_res_logits"])
-    # the decoder reads the encoder skips at every resolution; the ROI travels for the descriptors
+    # the decoder reads the encoder skips at every resolution; the ROI and its image-only maps (gradient,
+    # texture) travel for the descriptors, made once per ROI
     assert [tuple(t.shape[1:]) for t in embedding.high_res] == [(8, 32, 32, 32), (16, 16, 16, 16), (32, 8, 8, 8)]
-    assert embedding.grid.shape == (2, 64, 4, 4, 4) and torch.equal(embedding.image, image)
+    assert embedding.grid.shape == (2, 64, 4, 4, 4) and torch.equal(embedding.image, image_maps(image))
+    assert torch.equal(embedding.image[:, :1], image)
     for key in ("mask_logits", "low_res_logits", "iou_pred"):
         assert torch.equal(full[key], split[key])
     for group in ATTRIBUTE_NAMES:
@@ -126,6 +128,16 @@ def test_gradient_balance_caps_the_auxiliary_gradient_at_the_main_one():
     balance.eval()
     with torch.no_grad():
         assert balance(x)[1] is x  # identity outside training
+
+
+def test_detached_attributes_train_their_head_but_never_the_trunk(image):
+    """attr_gradient="detached": the attribute loss alone moves the attribute head, not the encoder."""
+    net = _net(attr_gradient="detached").train()
+    out = net(image, POINTS, LABELS)
+    sum(out["attr_logits"][g].sum() for g in ATTRIBUTE_NAMES).backward()
+    encoder = [p.grad for p in net.image_encoder.parameters()]
+    assert all(g is None or not g.abs().sum() > 0 for g in encoder)
+    assert net.attribute_classifier.heads[ATTRIBUTE_NAMES[0]].weight.grad.abs().sum() > 0
 
 
 def test_lambda_warmup_ramps_the_attribute_weight_during_training():

@@ -47,7 +47,7 @@ from monai.utils import ensure_tuple_rep
 from torch import nn
 
 from segreport.networks.blocks.gradient_balance import GradientBalance
-from segreport.networks.blocks.lesion_features import LesionAttributeFeatures
+from segreport.networks.blocks.lesion_features import LesionAttributeFeatures, image_maps
 from segreport.networks.blocks.prompt import PAD_LABEL, PromptEncoder3D, kmeans_refine_points
 from segreport.networks.blocks.residual_unet import PromptFusionDecoder3D, ResidualEncoder3D, prompt_maps
 from segreport.networks.blocks.vit3d import ViTImageEncoder3D, channel_layer_norm_3d, self_attention_block
@@ -89,7 +89,8 @@ class ImageEmbedding(NamedTuple):
     ``grid``: (B, embed_dim, *grid_size) image embedding; ``high_res``: finer features, the ViT's
     ``(s0, s1)`` stem features at 4x and 2x the grid (``embed_dim/8`` and ``embed_dim/4`` channels) or
     the residual U-Net's encoder skips (full resolution first), None when the model has none;
-    ``image``: the ROI itself, for the measured lesion descriptors (None when the model has none).
+    ``image``: the ROI's :func:`image_maps` (the ROI, its gradient magnitude and texture), for the
+    measured lesion descriptors (None when the model has none).
     """
 
     grid: torch.Tensor
@@ -159,10 +160,11 @@ class InterTaskSynergy(nn.Module):
         self.norm_attr = nn.LayerNorm(embed_dim)
 
     def forward(
-        self, m: torch.Tensor, a: torch.Tensor, a_valid: torch.Tensor
+        self, m: torch.Tensor, a: torch.Tensor, a_valid: torch.Tensor, m_for_attr: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """m: (B, M, C) mask tokens; a: (B, T, C) attribute tokens; a_valid: (B, T) bool."""
-        pa, pm = self.proj_a(a), self.proj_m(m)
+        """m: (B, M, C) mask tokens; a: (B, T, C) attribute tokens; a_valid: (B, T) bool; ``m_for_attr``:
+        the mask tokens as the attribute side reads them (a gradient-balanced view of ``m``; default m)."""
+        pa, pm = self.proj_a(a), self.proj_m(m if m_for_attr is None else m_for_attr)
         z_seg = self.attn_seg(m, pa, pa, key_padding_mask=~a_valid, need_weights=False)[0]
         z_attr = self.attn_attr(a, pm, pm, need_weights=False)[0]
         return self.norm_seg(m + z_seg), self.norm_attr(a + z_attr)
@@ -335,6 +337,7 @@ class LesionPromptNet(nn.Module):
         ratio = ATTR_GRADIENT_RATIO[attr_gradient]
         self.balance_tokens = GradientBalance(ratio) if ratio is not None else None
         self.balance_features = GradientBalance(ratio) if ratio is not None else None
+        self.balance_mask_tokens = GradientBalance(ratio) if ratio is not None and synergy else None
 
     def _build_vit(self, img_size, in_channels, patch_size, encoder_embed_dim, encoder_depth, encoder_num_heads, mlp_ratio,
                    window_size, global_attn_indexes, embed_dim, dropout_rate, high_res_features) -> int:
@@ -386,8 +389,8 @@ class LesionPromptNet(nn.Module):
     # ------------------------------------------------------------------ API
     def encode_image(self, image: torch.Tensor) -> ImageEmbedding:
         """E_I: (B, in_channels, *img_size) -> :class:`ImageEmbedding` (grid (B, embed_dim, *grid_size)
-        [+ finer features] [+ the image, for the lesion descriptors]). Cache it per ROI."""
-        keep = image if self.lesion_features is not None and self.lesion_features.descriptors else None
+        [+ finer features] [+ the image maps, for the lesion descriptors]). Cache it per ROI."""
+        keep = image_maps(image) if self.lesion_features is not None and self.lesion_features.descriptors else None
         if self.prompt_decoder is not None:
             grid, skips = self.image_encoder(image)
             return ImageEmbedding(grid, tuple(skips), keep)
@@ -451,8 +454,9 @@ class LesionPromptNet(nn.Module):
             m = layer(m, context=context)
         # H_attr: A = H_attr(Z) over the hybrid tokens
         a = self.attribute_head(hs_attr, valid)
-        if self.synergy is not None:
-            m, a = self.synergy(m, a, valid)
+        if self.synergy is not None:  # the attribute side reads the mask tokens through the balance too
+            m, m_attr = self.balance_mask_tokens(m) if self.balance_mask_tokens is not None else (m, m)
+            m, a = self.synergy(m, a, valid, m_for_attr=m_attr)
 
         # mask: hypernetwork weights from the mask tokens x upscaled image embedding
         d, h, w = self.grid_size

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DESCRIPTOR_NAMES", "lesion_descriptors", "LesionAttributeFeatures"]
+__all__ = ["DESCRIPTOR_NAMES", "image_maps", "lesion_descriptors", "LesionAttributeFeatures"]
 
 DESCRIPTOR_NAMES = (
     "core_mean", "core_std", "ring_mean", "far_mean", "contrast", "edge_ratio", "edge_gradient",
@@ -54,12 +54,26 @@ def _wmean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def lesion_descriptors(image: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+def image_maps(image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, D, H, W): the windowed ROI, its gradient magnitude (central differences) and its fine
+    texture (squared difference from the 3³ local mean). They depend on the image only, so a promptable
+    model computes them once per ROI (``encode_image``) and every click reuses them."""
+    x = image[:, :1].float()
+    g = sum(torch.gradient(x, dim=d)[0] ** 2 for d in (2, 3, 4)).sqrt()
+    local_mean = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
+    return torch.cat([x, g, (x - local_mean) ** 2], 1)
+
+
+@torch.no_grad()
+def lesion_descriptors(image: torch.Tensor, prob: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
     """(B, len(DESCRIPTOR_NAMES)) measured descriptors of the lesion ``prob`` (B, 1, D, H, W) in the
-    windowed ROI ``image`` (B, 1, D, H, W), each scaled to about 0..1. Soft: an empty mask gives finite
-    values (zeros for the geometry), never NaN."""
-    x, m = image.float(), prob.float().clamp(0, 1)
-    eroded, grown1, grown2 = _erode(m, 1), _dilate(m, 1), _dilate(m, 2)
+    windowed ROI ``image`` (B, 1, D, H, W); ``maps``: its :func:`image_maps`, when made already. Each
+    scaled to about 0..1. Soft: an empty mask gives finite values (zeros for the geometry), never NaN."""
+    maps = image_maps(image) if maps is None else maps.float()
+    x, g, texture_sq = maps[:, :1], maps[:, 1:2], maps[:, 2:3]
+    m = prob.float().clamp(0, 1)
+    eroded, grown1 = _erode(m, 1), _dilate(m, 1)
+    grown2 = _dilate(grown1, 1)  # a 5³ cube is two 3³ ones: exact, and cheaper
     small = eroded.flatten(1).sum(1) < 8  # as the phantom's density label: the whole mask when the core is tiny
     core = torch.where(small.view(-1, 1, 1, 1, 1), m, eroded)
     ring = (grown1 - m).clamp(min=0)
@@ -69,8 +83,7 @@ def lesion_descriptors(image: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
     contrast = core_mean - far_mean
     den = torch.where(contrast.abs() < 0.02, torch.full_like(contrast, 0.02).copysign(contrast), contrast)
     edge_ratio = ((ring_mean - far_mean) / den).clamp(-2, 2)
-    # edge sharpness: gradient magnitude (central differences) on the boundary shell
-    g = sum(torch.gradient(x, dim=d)[0] ** 2 for d in (2, 3, 4)).sqrt()
+    # edge sharpness: gradient magnitude on the boundary shell
     shell = (grown1 - eroded).clamp(min=0)
     volume = m.flatten(1).sum(1)
     surface = (m - eroded).clamp(min=0).flatten(1).sum(1)
@@ -88,8 +101,7 @@ def lesion_descriptors(image: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
     near = (grown2 - m).clamp(min=0)
     # heterogeneity as the phantom and a radiologist judge it: spread of the core (robust: IQR / 1.349,
     # as a standard deviation) and fine texture (the image minus its local mean), not the edge's ramp
-    local_mean = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
-    texture = _wmean((x - local_mean) ** 2, core).sqrt()
+    texture = _wmean(texture_sq, core).sqrt()
     iqr = []
     for xi, ci in zip(x, core):
         v = xi[ci > 0.5]
@@ -136,7 +148,7 @@ class LesionAttributeFeatures(nn.Module):
         feature_channels: channels of the feature map pooled (the decoder's full-resolution features).
         out_dim: output width.
         ring: ring width in voxels of the feature map.
-        descriptors: concatenate :func:`lesion_descriptors` (needs the ROI image).
+        descriptors: concatenate :func:`lesion_descriptors` (needs the ROI's :func:`image_maps`).
     """
 
     def __init__(self, feature_channels: int, out_dim: int, ring: int = 2, descriptors: bool = True):
@@ -146,8 +158,9 @@ class LesionAttributeFeatures(nn.Module):
         self.standardize = RunningStandardize(len(DESCRIPTOR_NAMES)) if descriptors else None
         self.mlp = nn.Sequential(nn.Linear(n_in, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.LayerNorm(out_dim))
 
-    def forward(self, features: torch.Tensor, prob: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
-        """features (B, C, d, h, w); prob (B, 1, ...) lesion probability at any size; image (B, 1, ...)."""
+    def forward(self, features: torch.Tensor, prob: torch.Tensor, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """features (B, C, d, h, w); prob (B, 1, ...) lesion probability at any size; maps (B, 3, ...):
+        the ROI's :func:`image_maps`."""
         prob = prob.detach().float()
         p = prob if prob.shape[2:] == features.shape[2:] else F.interpolate(prob, size=features.shape[2:], mode="trilinear", align_corners=False)
         ring = (_dilate(p, self.ring) - p).clamp(min=0)
@@ -157,7 +170,7 @@ class LesionAttributeFeatures(nn.Module):
 
         parts = [pool(p), pool(ring)]
         if self.descriptors:
-            if image is None:
-                raise ValueError("descriptors need the ROI image")
-            parts.append(self.standardize(lesion_descriptors(image, prob).to(features.dtype)).clamp(-5, 5))
+            if maps is None:
+                raise ValueError("descriptors need the ROI's image maps")
+            parts.append(self.standardize(lesion_descriptors(maps[:, :1], prob, maps).to(features.dtype)).clamp(-5, 5))
         return self.mlp(torch.cat(parts, 1))
