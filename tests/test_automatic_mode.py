@@ -97,13 +97,16 @@ def test_results_do_not_depend_on_how_the_file_stores_its_voxels():
     assert np.array_equal(other.mask, stored(pred.mask))
 
 
-def test_a_lesion_larger_than_the_roi_is_cut_without_growth():
+def test_beyond_the_refined_rois_the_window_outline_stands():
+    """Without ROI growth the click's ROI sees part of the long lesion; the rest keeps the sliding window's
+    outline, so it is still one whole lesion (a diffuse lesion is not split into fragments)."""
     ct, lung, truth = _chest()
     _, pred = _find(ct, AFFINE, lung, max_rois=1)
     inst = _instances(pred)
     long_ids = set(np.unique(inst[truth["long"]])) - {0}
-    # the windows saw it all; one ROI per refinement cuts it: more than one lesion, or a part, is reported
-    assert len(long_ids) > 1 or dice(inst == long_ids.pop(), truth["long"]) < 0.95
+    assert len(long_ids) == 1 and len(pred.lesion_attributes) == 3
+    assert dice(inst == long_ids.pop(), truth["long"]) > 0.95
+    assert all(les["rois"] == 1 for les in pred.extras["lesions"])
 
 
 def test_the_bundle_predictor_runs_a_real_network_automatically(phantom_dir):

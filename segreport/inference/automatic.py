@@ -10,8 +10,10 @@
 3. **Refinement.** Each candidate, largest first, goes through the model's own interactive path: one
    simulated positive click at its most interior voxel in a fresh :class:`PromptSession` (ROI centred on
    it, ROI growth for lesions larger than the ROI), as a person's first click would. Its lesion is the
-   refined mask's components that overlap the candidate; if the click loses it (an empty mask there),
-   the window's outline is kept, so nothing found is dropped. A candidate mostly covered by lesions
+   refined mask's components that overlap the candidate, and beyond the ROIs the click saw, the
+   candidate itself: a diffuse lesion larger than ``max_rois`` ROIs stays one lesion (measured: keeping
+   only the refined part split 1-L ground-glass lesions into a dozen fragments). If the click loses
+   it (an empty mask there), the window's outline is kept, so nothing found is dropped. A candidate mostly covered by lesions
    already refined (a large lesion the windows split in two) is not refined again.
 4. **Merge.** On the input grid, an instance map (first lesion first: a voxel belongs to one lesion) and
    its union; each lesion's attributes anchored at its most interior voxel.
@@ -210,7 +212,10 @@ def _refine(session, candidate: np.ndarray, click: tuple[int, int, int]) -> tupl
     components, _ = ndimage.label(pred.mask > 0, structure=_FULL_3D)
     ids = np.unique(components[candidate])
     ids = ids[ids > 0]
-    refined = np.isin(components, ids) if len(ids) else candidate
+    if len(ids):  # the click's outline where its ROIs see; beyond them (a lesion larger than the ROIs) the window's
+        refined = np.isin(components, ids) | (candidate & ~session.roi_footprint())
+    else:
+        refined = candidate
     extras = {"source": "click refinement" if len(ids) else "sliding window (the click's mask missed it)",
               "iou_pred": pred.extras.get("iou_pred"), "rois": pred.extras.get("rois"), "roi_growth": pred.extras.get("roi_growth")}
     attrs = pred.lesion_attributes[0].attributes if pred.lesion_attributes else pred.extras.get("attributes")

@@ -185,6 +185,14 @@ class PromptSession:
         self._require_image()
         return find_lesions(self, lung, settings)
 
+    def roi_footprint(self) -> np.ndarray:
+        """Where the current ROIs lie on the input grid (bool): what a prediction could see."""
+        out = np.zeros(self.shape, bool)
+        ones = torch.ones(self.roi_size)
+        for tile in self._tiles:
+            out |= roi_to_original(ones, tile.affine, self.orig_affine, self.shape) > 0.5
+        return out
+
     @property
     def ct(self) -> np.ndarray | None:
         """The image as given (HU, input voxel order)."""
