@@ -304,8 +304,15 @@ def test_image_smaller_than_roi_is_padded(untrained_predictor):
     ct[3:6, 3:5, 1] = -50.0
     pred = untrained_predictor.predict(ct, affine, points=[[4, 3, 1]], point_labels=[1])
     assert pred.mask.shape == (9, 7, 3) and pred.mask.dtype == np.uint8
-    auto = untrained_predictor.predict(ct, affine)
-    assert auto.mask.shape == (9, 7, 3) and auto.extras["roi_center_source"].startswith("auto")
+    # no click: the automatic mode's one window is padded to the ROI (all lung here), and so is the single ROI
+    auto = untrained_predictor.predict(ct, affine, lung=np.ones(ct.shape, np.uint8))
+    assert auto.mask.shape == (9, 7, 3) and auto.extras["mode"] == "automatic" and auto.extras["windows"] == 1
+    untrained_predictor.automatic = False
+    try:
+        single = untrained_predictor.predict(ct, affine)
+    finally:
+        untrained_predictor.automatic = True
+    assert single.mask.shape == (9, 7, 3) and single.extras["roi_center_source"].startswith("auto")
 
 
 def test_world_click_equals_ijk_click_and_embedding_is_cached(untrained_predictor):
