@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from region_grower import RegionGrower
-from segreport.inference.automatic import SearchSettings, _window_count
+from monai.data.utils import dense_patch_slices
+
+from segreport.inference.automatic import SearchSettings
 from segreport.inference.session import PromptSession
 from segreport.metrics.segmentation import dice
 
@@ -76,8 +78,12 @@ def test_the_search_runs_only_over_the_lungs():
     ct, lung, truth = _chest()
     _, both = _find(ct, AFFINE, lung, overlap=0.5)
     _, right = _find(ct, AFFINE, (lung == 1).astype(np.uint8), overlap=0.5)
-    box = right.extras["search"]["box"]
-    assert right.extras["windows"] == _window_count([b - a for a, b in box], (16,) * 3, 0.5) < both.extras["windows"]
+    roi = (16,) * 3
+    box = [max(b - a, r) for (a, b), r in zip(right.extras["search"]["box"], roi)]  # padded up to the ROI
+    # MONAI's own enumeration of the box's windows (scan interval int(roi * (1 - overlap)), the whole ROI
+    # on an axis as long as it)
+    expected = len(dense_patch_slices(box, roi, [r if s == r else int(r * 0.5) for s, r in zip(box, roi)]))
+    assert right.extras["windows"] == expected < both.extras["windows"]
     assert len(right.lesion_attributes) == 1 and right.mask[truth["right"]].all() and not right.mask[truth["long"]].any()
     no_lung = _find(ct, AFFINE, np.zeros_like(lung))[1]
     assert no_lung.extras["windows"] == 0 and not no_lung.mask.any() and not no_lung.lesion_attributes

@@ -13,8 +13,9 @@
    refined mask's components that overlap the candidate, and beyond the ROIs the click saw, the
    candidate itself: a diffuse lesion larger than ``max_rois`` ROIs stays one lesion (measured: keeping
    only the refined part split 1-L ground-glass lesions into a dozen fragments). If the click loses
-   it (an empty mask there), the window's outline is kept, so nothing found is dropped. A candidate mostly covered by lesions
-   already refined (a large lesion the windows split in two) is not refined again.
+   it (an empty mask there), the window's outline is kept, so nothing found is dropped. A candidate
+   mostly covered by lesions already refined (a large lesion the windows split in two) is not refined
+   again.
 4. **Merge.** On the input grid, an instance map (first lesion first: a voxel belongs to one lesion) and
    its union; each lesion's attributes anchored at its most interior voxel.
 
@@ -59,13 +60,13 @@ class SearchSettings:
     margin_mm: float = 10.0  # around the lungs' box: juxtapleural lesions and the blending's fall-off
 
 
-def zero_click_probability(network: nn.Module):
-    """The network's no-click lesion probability of a batch of ROIs, (B, 1, *roi): what the windows run.
-    Promptable models and the U-Net baseline both return ``mask_logits``."""
+def zero_click_probability(network: nn.Module, windows: list[int]):
+    """The network's no-click lesion probability of a batch of ROIs, (B, 1, *roi): what the windows run
+    (promptable models and the U-Net baseline both return ``mask_logits``). Appends each batch's size
+    to ``windows``: the count of windows run is the inferer's own, not recomputed."""
     def predict(rois: torch.Tensor) -> torch.Tensor:
-        out = network(rois)
-        logits = out["mask_logits"] if isinstance(out, dict) else out
-        return torch.sigmoid(logits[:, :1].float())
+        windows.append(len(rois))
+        return torch.sigmoid(network(rois)["mask_logits"][:, :1].float())
     return predict
 
 
@@ -99,17 +100,9 @@ def search_probability(network: nn.Module, volume: MetaTensor, box: tuple[slice,
     inferer = SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=settings.sw_batch_size, overlap=settings.overlap,
                                    mode="gaussian", padding_mode="constant", cval=float(crop.min()), sw_device=device,
                                    device=torch.device("cpu"))
-    windows = _window_count(crop.shape[1:], roi_size, settings.overlap)
-    prob = inferer(crop.as_tensor()[None].float(), zero_click_probability(network))
-    return prob[0, 0], affine, windows
-
-
-def _window_count(shape, roi_size, overlap: float) -> int:
-    n = 1
-    for s, r in zip(shape, roi_size):
-        step = max(int(r * (1 - overlap)), 1)
-        n *= 1 if s <= r else int(np.ceil((s - r) / step)) + 1
-    return n
+    windows: list[int] = []
+    prob = inferer(crop.as_tensor()[None].float(), zero_click_probability(network, windows))
+    return prob[0, 0], affine, sum(windows)
 
 
 def candidate_lesions(prob: np.ndarray, lung: np.ndarray, affine: np.ndarray, threshold: float,

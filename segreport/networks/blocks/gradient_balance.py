@@ -31,8 +31,8 @@ class _Rescale(torch.autograd.Function):
 
 class GradientBalance(nn.Module):
     """``main, aux = balance(x)``: both equal ``x``; the gradient through ``aux`` is capped at ``ratio`` x
-    the running (EMA) norm of the gradient through ``main`` (``ratio=0``: none at all). Until a main gradient has been seen, the
-    auxiliary one passes unchanged. Identity in eval / without grad."""
+    the running (EMA) norm of the gradient through ``main`` (``ratio=0``: none at all). Until a main
+    gradient has been seen, the auxiliary one passes unchanged. Identity in eval / without grad."""
 
     def __init__(self, ratio: float = 1.0, momentum: float = 0.9):
         super().__init__()
