@@ -222,18 +222,23 @@ def test_click_simulation_first_positive_inside_then_corrections():
     assert net.calls[-1][1].tolist() == [[1, 1], [1, 1]]
 
 
-def test_prompt_dropout_trains_without_clicks_and_never_starts_negative():
+def test_prompt_dropout_makes_whole_no_click_steps():
+    """A dropped step is the automatic mode's input: no click and no mask prompt for the whole batch,
+    whatever the number of correction rounds; the other steps start every sample with a positive click."""
     image, label = _blob_batch()
-    net = _StubNet(fill=1.0)
-    ct.SimulatedClicksInferer(train=True, max_rounds=0, prompt_dropout=1.0)(image, net, label)
-    assert net.calls[-1][0] is None and net.calls[-1][2] is None  # no click, no mask prompt
-    for seed in range(4):  # dropped samples get a POSITIVE first click in their first correction round
+    for rounds in (0, 3):
         net = _StubNet(fill=1.0)
-        inf = ct.SimulatedClicksInferer(train=True, max_rounds=3, prompt_dropout=1.0, seed=seed)
-        inf(image, net, label)
-        labels = net.calls[-1][1]
-        if labels is not None:
-            assert (labels[:, 0] == 1).all()
+        out = ct.SimulatedClicksInferer(train=True, max_rounds=rounds, prompt_dropout=1.0)(image, net, label)
+        assert len(net.calls) == 1 and net.calls[-1][0] is None and net.calls[-1][2] is None
+        assert out["n_clicks"].tolist() == [0, 0]
+    steps = [0, 0]
+    for seed in range(40):
+        net = _StubNet(fill=1.0)
+        out = ct.SimulatedClicksInferer(train=True, max_rounds=3, prompt_dropout=0.5, seed=seed)(image, net, label)
+        steps[int(out["n_clicks"].sum() > 0)] += 1
+        if out["n_clicks"].sum():
+            assert (out["n_clicks"] >= 1).all() and (net.calls[-1][1][:, 0] == 1).all()  # never starts negative
+    assert min(steps) >= 10  # about half of the steps each way
 
 
 # ------------------------------------------------------------------------------------------- geometry

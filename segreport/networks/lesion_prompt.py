@@ -49,7 +49,7 @@ from torch import nn
 from segreport.networks.blocks.gradient_balance import GradientBalance
 from segreport.networks.blocks.lesion_features import LesionAttributeFeatures, image_maps
 from segreport.networks.blocks.prompt import PAD_LABEL, PromptEncoder3D, kmeans_refine_points
-from segreport.networks.blocks.residual_unet import PromptFusionDecoder3D, ResidualEncoder3D, prompt_maps
+from segreport.networks.blocks.residual_unet import PointwiseConv3d, PromptFusionDecoder3D, ResidualEncoder3D, prompt_maps
 from segreport.networks.blocks.vit3d import ViTImageEncoder3D, channel_layer_norm_3d, self_attention_block
 from segreport.vocab import ATTRIBUTE_NUM_CLASSES
 
@@ -331,7 +331,7 @@ class LesionPromptNet(nn.Module):
             MLP(embed_dim, embed_dim, mask_channels, 3) for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(embed_dim, iou_head_hidden, self.num_mask_tokens, 3)
-        self.conv_head = nn.Conv3d(mask_channels, self.num_mask_tokens, kernel_size=1) if conv_head else None
+        self.conv_head = PointwiseConv3d(mask_channels, self.num_mask_tokens) if conv_head else None
         self.lesion_features = LesionAttributeFeatures(mask_channels, embed_dim, descriptors=descriptors) if lesion_pooling else None
         self.attribute_classifier = AttributeClassifier(embed_dim, self.attribute_groups, embed_dim if lesion_pooling else 0)
         ratio = ATTR_GRADIENT_RATIO[attr_gradient]

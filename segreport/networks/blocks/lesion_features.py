@@ -36,12 +36,16 @@ _EPS = 1e-6
 
 
 def _dilate(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Grey dilation of (B, C, D, H, W) by a (2r+1)³ cube, one axis at a time (3(2r+1) comparisons per
-    voxel, not (2r+1)³; unfold + amax is several times faster on a CPU than a stride-1 max_pool3d)."""
+    """Grey dilation of (B, C, D, H, W) by a (2r+1)³ cube, one axis at a time, as the running maximum of
+    ``x`` shifted by 1..r each way (a shift past the border adds nothing, as -inf padding would). Exact,
+    and about ten times faster on a CPU than an unfold + amax or a stride-1 max_pool3d: each step is one
+    contiguous elementwise maximum, with no padded copy and no strided reduction."""
     for dim in (2, 3, 4):
-        pad = [0] * 6
-        pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = r
-        x = F.pad(x, pad, value=float("-inf")).unfold(dim, 2 * r + 1, 1).amax(-1)
+        n, y = x.shape[dim], x.clone()
+        for k in range(1, min(r, n - 1) + 1):
+            for dst, src in ((y.narrow(dim, k, n - k), x.narrow(dim, 0, n - k)), (y.narrow(dim, 0, n - k), x.narrow(dim, k, n - k))):
+                torch.maximum(dst, src, out=dst)
+        x = y
     return x
 
 
@@ -102,10 +106,10 @@ def lesion_descriptors(image: torch.Tensor, prob: torch.Tensor, maps: torch.Tens
     # heterogeneity as the phantom and a radiologist judge it: spread of the core (robust: IQR / 1.349,
     # as a standard deviation) and fine texture (the image minus its local mean), not the edge's ramp
     texture = _wmean(texture_sq, core).sqrt()
-    iqr = []
+    iqr, quartiles = [], torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device)  # one sort, not two
     for xi, ci in zip(x, core):
         v = xi[ci > 0.5]
-        iqr.append((v.quantile(0.75) - v.quantile(0.25)) / 1.349 if v.numel() >= 4 else x.new_zeros(()))
+        iqr.append((v.quantile(quartiles).diff()[0]) / 1.349 if v.numel() >= 4 else x.new_zeros(()))
     feats = [
         core_mean, core_std * 10, ring_mean, far_mean, contrast, edge_ratio / 2, _wmean(g, shell) * 5,
         _wmean((x > _DENSE).to(x.dtype), core), _wmean((x > _BRIGHT).to(x.dtype), core),

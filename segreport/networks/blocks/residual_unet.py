@@ -30,11 +30,29 @@ from torch import nn
 
 from .vit3d import channel_layer_norm_3d
 
-__all__ = ["ResidualEncoder3D", "PromptFusionDecoder3D", "prompt_maps", "PROMPT_CHANNELS"]
+__all__ = ["ResidualEncoder3D", "PromptFusionDecoder3D", "PointwiseConv3d", "prompt_maps", "PROMPT_CHANNELS"]
 
 PROMPT_CHANNELS = 3  # positive clicks, negative clicks, previous mask probability
 _NORM = ("instance", {"affine": True})
 _ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})  # nnU-Net's
+
+
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 ``Conv3d`` (same parameters and state dict) computed as one matrix product over the channels.
+
+    At batch 1, PyTorch's CPU heuristic sends small 3D convolutions to its generic im2col kernel
+    (``slow_conv3d``), whose per-call overhead dominates a 1x1x1 kernel: measured 1-2 ms for the three
+    prompt projections of a 32³ ROI, against a few hundredths of that for the product. Used for every
+    1x1x1 convolution of the promptable U-Net, the encoder's neck included."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(self.weight.flatten(1), x.flatten(2))  # (O, C) @ (B, C, N) -> (B, O, N)
+        if self.bias is not None:
+            y = y + self.bias[:, None]
+        return y.view(x.shape[0], self.out_channels, *x.shape[2:])
 
 
 class ResidualEncoder3D(nn.Module):
@@ -60,7 +78,7 @@ class ResidualEncoder3D(nn.Module):
             stages.append(nn.Sequential(*layers))
             prev = f
         self.stages = nn.ModuleList(stages)
-        self.neck = nn.Sequential(nn.Conv3d(prev, out_channels, kernel_size=1, bias=False), channel_layer_norm_3d(out_channels))
+        self.neck = nn.Sequential(PointwiseConv3d(prev, out_channels, bias=False), channel_layer_norm_3d(out_channels))
         self.downsampling = 2 ** (len(self.features) - 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -114,13 +132,13 @@ class PromptFusionDecoder3D(nn.Module):
         for i in reversed(range(len(self.features) - 1)):
             f = self.features[i]
             ups.append(get_conv_layer(3, prev, f, kernel_size=2, stride=2, conv_only=True, is_transposed=True))
-            projs.append(nn.Conv3d(prompt_channels, f, kernel_size=1))
+            projs.append(PointwiseConv3d(prompt_channels, f))
             convs.append(Convolution(3, f, f, kernel_size=3, norm=_NORM, act=_ACT) if i > 0
                          else nn.Sequential(nn.InstanceNorm3d(f, affine=True), nn.LeakyReLU(0.01)))
             prev = f
         self.ups, self.projs, self.convs = nn.ModuleList(ups), nn.ModuleList(projs), nn.ModuleList(convs)
         # the bottleneck sees the prompt maps too (max-pooled, so a click never vanishes)
-        self.bottleneck_proj = nn.Conv3d(prompt_channels, in_channels, kernel_size=1)
+        self.bottleneck_proj = PointwiseConv3d(prompt_channels, in_channels)
 
     def fuse_bottleneck(self, grid: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         return grid + self.bottleneck_proj(_pool_to(maps, grid.shape[2:]))
