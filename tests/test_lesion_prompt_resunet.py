@@ -12,8 +12,9 @@ from segreport.losses.lesion_report import LesionReportLoss
 from segreport.models.lesion_report_3d import build_network, spec_for
 from segreport.models.spec import build_network as build_from_spec
 from segreport.networks.blocks.gradient_balance import GradientBalance
+from segreport.networks.blocks import lesion_features
 from segreport.networks.blocks.lesion_features import DESCRIPTOR_NAMES, image_maps, lesion_descriptors
-from segreport.networks.blocks.residual_unet import prompt_maps
+from segreport.networks.blocks.residual_unet import PointwiseConv3d, prompt_maps
 from segreport.networks.lesion_prompt import LesionPromptNet
 from segreport.vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 
@@ -106,6 +107,21 @@ def test_descriptors_measure_what_the_attributes_name(phantom_dir):
     assert separates("invasion", "tissue_contact", "close relationship with adjacent structures")
     assert separates("surface", "edge_ratio", "ill-defined margin")
     assert separates("heterogeneity", "core_std", "heterogeneous")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5, 9), (1, 1, 2, 1, 3), (1, 1, 32, 32, 32)])
+def test_fast_dilation_and_pointwise_conv_equal_their_reference_ops(shape):
+    """The click path's exact speed-ups: dilation (shifted maxima) == a -inf padded max-pool at every
+    radius, the border and radii past the size included; PointwiseConv3d == Conv3d with its weights."""
+    torch.manual_seed(0)
+    x = torch.rand(shape)
+    for r in (1, 2, 3):
+        reference = torch.nn.functional.max_pool3d(torch.nn.functional.pad(x, [r] * 6, value=float("-inf")), 2 * r + 1, stride=1)
+        assert torch.equal(lesion_features._dilate(x, r), reference), r
+    fast = PointwiseConv3d(shape[1], 4)
+    conv = torch.nn.Conv3d(shape[1], 4, kernel_size=1)
+    conv.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(fast(x), conv(x), rtol=1e-5, atol=1e-6)
 
 
 def test_descriptors_of_an_empty_mask_are_finite():
