@@ -37,7 +37,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch
-from monai.transforms import Compose, EnsureTyped, MapTransform, RandCropByPosNegLabeld, RandSpatialCropd, SelectItemsd
+from monai.transforms import Compose, EnsureTyped, MapTransform, RandSpatialCropd, SelectItemsd
 from scipy import ndimage
 from torch import nn
 
@@ -376,29 +376,16 @@ def spatial_transforms(roi_size: int | Sequence[int], spacing: Sequence[float], 
     ])
 
 
-ROI_CENTRES = ("box", "lesion_voxel")
-
-
 def training_transforms(roi_size: int | Sequence[int], spacing: Sequence[float], window: str | Sequence[float] = "lung",
-                        axcodes: str = "RAS", margin: int = 0, centre: str = "box") -> Compose:
+                        axcodes: str = "RAS", margin: int = 0) -> Compose:
     """Items -> ``image`` (1, *roi) in [0, 1], ``label`` (1, *roi) target lesion, ``attr_target`` (5,).
 
     Deterministic up to the crop (so ``CacheDataset`` caches it); with ``margin`` a random
-    ``roi_size`` crop follows, from the ``roi_size + 2 * margin`` box around the lesion: ``centre``
-    ``"box"`` shifts the lesion's box centre by up to ``margin`` voxels; ``"lesion_voxel"`` centres the
-    ROI on a random voxel of the lesion (MONAI's ``RandCropByPosNegLabeld``, positives only, as nnU-Net
-    samples foreground), so a lesion larger than the ROI is seen in all its parts, as the automatic
-    mode's windows and ROI growth see it, not only around its box centre (which a peripheral band of
-    ground glass may not even contain).
+    ``roi_size`` crop follows.
     """
-    if centre not in ROI_CENTRES:
-        raise ValueError(f"centre must be one of {ROI_CENTRES}, got {centre!r}")
     roi = tuple(int(r) for r in np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)))
     steps = [load_transforms(), spatial_transforms(roi, spacing, window, axcodes, margin)]
-    if margin and centre == "lesion_voxel":
-        steps.append(RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=roi, pos=1.0, neg=0.0,
-                                            num_samples=1, allow_smaller=True))
-    elif margin:
+    if margin:
         steps.append(RandSpatialCropd(keys=["image", "label"], roi_size=roi, random_size=False))
     steps += [EnsureTyped(keys=["image", "label"], track_meta=False),
               SelectItemsd(keys=["image", "label", "attr_target", "lesion_id", "case_id"])]
