@@ -39,8 +39,19 @@ def roi_to_original(roi_prob: torch.Tensor | np.ndarray, roi_affine, orig_affine
     and resampling (checked against MONAI's ``Compose.inverse`` in the tests), but restricted to the
     ROI's footprint on the original grid: a click then costs O(ROI) instead of resampling the whole
     volume, which is what keeps a new click fast on a 512×512×300 scan. Bilinear, so threshold the
-    result (probabilities) rather than a hard mask.
+    result (probabilities) rather than a hard mask. :func:`roi_to_original_box` gives the footprint alone.
     """
+    out = np.zeros(tuple(int(n) for n in orig_shape), dtype=np.float32)
+    box, values = roi_to_original_box(roi_prob, roi_affine, orig_affine, orig_shape)
+    if box is not None:
+        out[box] = values
+    return out
+
+
+def roi_to_original_box(roi_prob, roi_affine, orig_affine, orig_shape: Sequence[int]) -> tuple[tuple[slice, ...] | None, np.ndarray | None]:
+    """:func:`roi_to_original` as ``(box, values)``: the ROI's footprint on the original grid (slices) and the
+    map there, float32; ``(None, None)`` when the ROI lies outside the image. No whole-volume array: what the
+    prompt session merges its ROIs with on a 512×512×300 scan (315 MB per float32 volume)."""
     roi = torch.as_tensor(np.asarray(roi_prob, dtype=np.float32) if not isinstance(roi_prob, torch.Tensor) else roi_prob)
     roi = roi.detach().float().cpu()
     orig_affine, roi_affine = as_affine(orig_affine), as_affine(roi_affine)
@@ -50,9 +61,16 @@ def roi_to_original(roi_prob: torch.Tensor | np.ndarray, roi_affine, orig_affine
     ijk = map_points(corners, roi_affine, orig_affine)
     lo = np.clip(np.floor(ijk.min(0)).astype(int), 0, shape)
     hi = np.clip(np.ceil(ijk.max(0)).astype(int) + 1, 0, shape)
-    out = np.zeros(tuple(shape), dtype=np.float32)
     if np.any(hi <= lo):
-        return out
+        return None, None
+    sub_affine = orig_affine.copy()
+    sub_affine[:3, 3] = (orig_affine @ np.r_[lo, 1.0])[:3]
+    resampled = SpatialResample(mode="bilinear", padding_mode="zeros")(
+        MetaTensor(roi[None], affine=torch.as_tensor(roi_affine)),
+        dst_affine=torch.as_tensor(sub_affine),
+        spatial_size=tuple(int(n) for n in hi - lo),
+    )
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), np.asarray(resampled[0].detach().cpu(), dtype=np.float32)
     sub_affine = orig_affine.copy()
     sub_affine[:3, 3] = (orig_affine @ np.r_[lo, 1.0])[:3]
     resampled = SpatialResample(mode="bilinear", padding_mode="zeros")(

@@ -22,7 +22,7 @@ from ..transforms.crop import CropLargestLesion, roi_box
 from ..transforms.volume import volume_transforms
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 from .automatic import SearchSettings, find_lesions
-from .geometry import as_affine, auto_roi_center, interior_voxel, map_points, roi_to_original
+from .geometry import as_affine, auto_roi_center, interior_voxel, map_points, roi_to_original_box
 from .predictor import LesionAttributes, Prediction
 from .roi_tiles import Tile, covers, growth_starts, overlap_mask
 
@@ -190,7 +190,9 @@ class PromptSession:
         out = np.zeros(self.shape, bool)
         ones = torch.ones(self.roi_size)
         for tile in self._tiles:
-            out |= roi_to_original(ones, tile.affine, self.orig_affine, self.shape) > 0.5
+            box, values = roi_to_original_box(ones, tile.affine, self.orig_affine, self.shape)
+            if box is not None:
+                out[box] |= values > 0.5
         return out
 
     @property
@@ -294,8 +296,10 @@ class PromptSession:
         out = [self._decode(tile) for tile in self._tiles][0]  # attributes: the ROI of the first click
         growth = self._grow()
         prob = np.zeros(self.shape, dtype=np.float32)
-        for tile in self._tiles:
-            np.maximum(prob, roi_to_original(tile.prob, tile.affine, self.orig_affine, self.shape), out=prob)
+        for tile in self._tiles:  # merged box by box: no whole-volume temporary per ROI
+            box, values = roi_to_original_box(tile.prob, tile.affine, self.orig_affine, self.shape)
+            if box is not None:
+                np.maximum(prob[box], values, out=prob[box])
         self._last_prob = prob
         mask = (prob > self.threshold).astype(np.uint8)
         attrs = attribute_probabilities(out["attr_logits"])
