@@ -71,15 +71,6 @@ def roi_to_original_box(roi_prob, roi_affine, orig_affine, orig_shape: Sequence[
         spatial_size=tuple(int(n) for n in hi - lo),
     )
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi)), np.asarray(resampled[0].detach().cpu(), dtype=np.float32)
-    sub_affine = orig_affine.copy()
-    sub_affine[:3, 3] = (orig_affine @ np.r_[lo, 1.0])[:3]
-    resampled = SpatialResample(mode="bilinear", padding_mode="zeros")(
-        MetaTensor(roi[None], affine=torch.as_tensor(roi_affine)),
-        dst_affine=torch.as_tensor(sub_affine),
-        spatial_size=tuple(int(n) for n in hi - lo),
-    )
-    out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = np.asarray(resampled[0].detach().cpu(), dtype=np.float32)
-    return out
 
 
 def auto_roi_center(ct_hu: np.ndarray, lung: np.ndarray | None = None) -> tuple[np.ndarray, str]:

@@ -70,8 +70,9 @@ class SimulatedClicksInferer(Inferer):
     first click inside the lesion, then ``r ~ U{0..max_rounds}`` correction rounds run WITHOUT
     gradient, the image encoded once: decode, compare the prediction with the ground truth, add a
     click from the larger error region (false negatives -> positive, false positives -> negative;
-    ``jitter`` randomises where inside it), and feed the prediction back as the dense mask prompt. The last state (clicks
-    + previous mask) goes through ``network(...)`` WITH gradient; the trainer takes the loss there.
+    ``jitter`` randomises where inside it), and feed the prediction back as the dense mask prompt.
+    The last state (clicks + previous mask) goes through ``network(...)`` WITH gradient; the trainer
+    takes the loss there.
     Sampling the number of rounds (as RITM's iterative training) trains every click count, keeps one
     backward graph per step, and keeps the forward a real ``network(...)`` call, so
     DistributedDataParallel synchronises gradients.
