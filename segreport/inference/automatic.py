@@ -49,11 +49,12 @@ _FULL_3D = np.ones((3, 3, 3), bool)
 
 @dataclass
 class SearchSettings:
-    """How the automatic mode searches. ``overlap``: of neighbouring windows (nnU-Net: 0.5; 0.25 is
-    MONAI's default and half the windows); ``covered``: a candidate whose voxels already belong to
-    refined lesions by this fraction is not refined again."""
+    """How the automatic mode searches. ``overlap``: of neighbouring windows (nnU-Net's 0.5; MONAI's 0.25
+    runs about a third of the windows, and the model sees a lesion best near a window's centre: measured
+    with two models, recall 0.68 -> 0.79 and 0.74 -> 0.79 at 0.5); ``covered``: a candidate whose voxels
+    already belong to refined lesions by this fraction is not refined again."""
 
-    overlap: float = 0.25
+    overlap: float = 0.5
     sw_batch_size: int = 4
     min_lesion_ml: float = MIN_LESION_ML
     covered: float = 0.5
