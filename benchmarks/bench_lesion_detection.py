@@ -86,7 +86,7 @@ def summarise(rows: list[dict]) -> dict:
             "attribute_lesions": len(attr[GROUPS[0]])}
 
 
-def run_model(checkpoint: Path, images: Path, out: Path, overlap: float = 0.5) -> list[dict]:
+def run_model(checkpoint: Path, images: Path, out: Path, overlap: float) -> list[dict]:
     """The batch runner over ``images`` (automatic mode, windows overlapping by ``overlap``); its per-case rows."""
     from segreport import models
     from segreport.pipelines.batch import run_batch
@@ -133,13 +133,15 @@ def large_volume_run(checkpoint: Path, work: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from segreport.inference.automatic import SearchSettings
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--seed", type=int, default=101, help="the test phantom's seed (training used 1)")
     p.add_argument("--models-dir", default="outputs/bench_lesion_report", help="the quality bench's --work-dir")
     p.add_argument("--work-dir", default="outputs/bench_lesion_detection")
     p.add_argument("--skip-large", action="store_true")
-    p.add_argument("--overlap", type=float, default=0.5, help="of the sliding windows (the bundle's default 0.5)")
+    p.add_argument("--overlap", type=float, default=SearchSettings.overlap, help="of the sliding windows (default: the bundle's)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lesion_detection.json"))
     a = p.parse_args(argv)
 
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "lesion_detection",
         "command": "python benchmarks/bench_lesion_detection.py" + (" --skip-large" if a.skip_large else "")
-                   + ("" if a.overlap == 0.5 else f" --overlap {a.overlap}"),
+                   + ("" if a.overlap == SearchSettings.overlap else f" --overlap {a.overlap}"),
         "settings": {"test_cases": a.cases, "test_seed": a.seed, "phantom_shape": [192, 192, 48], "phantom_spacing_mm": [1.6, 1.6, 5.0],
                      "min_lesion_ml": MIN_ML, "hit_iou": MIN_IOU, "overlap": a.overlap, "models": {k: str(v) for k, v in checkpoints.items()}},
         "machine": {"cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},

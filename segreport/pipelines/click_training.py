@@ -96,14 +96,14 @@ class SimulatedClicksInferer(Inferer):
             return network(inputs)
         if label is None:
             raise ValueError("the click simulator needs the ground-truth label (pass it as the inferer's argument)")
-        net = getattr(network, "module", network)
-        gt = (label[:, 0] > 0.5).cpu().numpy()
         b = inputs.shape[0]
-        clicks = ClickSet(b, _spacing(net))
         if self.train and self.rng.random() < self.prompt_dropout:  # a no-click step: as the automatic mode
             outputs = network(inputs)
             outputs["n_clicks"] = torch.zeros(b, dtype=torch.long)
             return outputs
+        net = getattr(network, "module", network)
+        gt = (label[:, 0] > 0.5).cpu().numpy()
+        clicks = ClickSet(b, _spacing(net))
         rounds = int(self.rng.integers(0, self.max_rounds + 1)) if self.train else max(self.n_clicks - 1, 0)
         for i in range(b):
             clicks.add(i, sample_click(gt[i], rng=self.rng, jitter=self.jitter, spacing=clicks.spacing))
