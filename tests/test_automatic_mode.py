@@ -115,6 +115,26 @@ def test_beyond_the_refined_rois_the_window_outline_stands():
     assert all(les["rois"] == 1 for les in pred.extras["lesions"])
 
 
+def test_a_lesion_lies_in_one_lung_candidates_and_refinement_stop_at_the_midline():
+    """One bright band from the right lung through the mediastinum into the left (what a weak model's
+    mask did across diffuse lesions of both lungs): the search's component and the click's grown region
+    both cross, and each side becomes its own lesion, apart in the mask (the report's lesions are its
+    components). The cut is the lungs' midline plane in world x, so a flipped file gives the same."""
+    ct, lung, _ = _chest()  # lungs at i 4:28 (right) and 32:56 (left): midline plane at i = 29.5
+    ct[28:32, 4:36, 3:47] = -850.0  # a dark strip between them (outside the lung mask), so the band is its own component
+    band = np.zeros(ct.shape, bool)
+    band[20:40, 14:20, 14:20] = True
+    ct[band] = -50.0
+    flip = np.array([[-4.0, 0, 0, 59 * 4.0], [0, 4.0, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 1]])
+    for affine in (AFFINE, flip):
+        _, pred = _find(ct, affine, lung)
+        inst = _instances(pred)
+        right, left = band & (np.arange(60) < 29)[:, None, None], band & (np.arange(60) > 30)[:, None, None]
+        ids = [set(np.unique(inst[side])) for side in (right, left)]
+        assert all(len(i) == 1 and 0 not in i for i in ids) and ids[0] != ids[1]  # one lesion per side, whole
+        assert not inst[29:31].any() and len(pred.lesion_attributes) == 2 + 3  # + the chest's three
+
+
 def test_the_bundle_predictor_runs_a_real_network_automatically(phantom_dir):
     """The default 3D network (untrained, tiny) through the bundle's predictor on a phantom case: no click
     means the automatic mode; every lesion has an anchor inside its mask and attributes."""

@@ -222,23 +222,53 @@ def test_click_simulation_first_positive_inside_then_corrections():
     assert net.calls[-1][1].tolist() == [[1, 1], [1, 1]]
 
 
-def test_prompt_dropout_makes_whole_no_click_steps():
-    """A dropped step is the automatic mode's input: no click and no mask prompt for the whole batch,
-    whatever the number of correction rounds; the other steps start every sample with a positive click."""
+def test_no_click_steps_have_no_click_and_no_mask_prompt():
+    """A no-click step is the automatic mode's input: no click and no mask prompt for the whole batch,
+    whatever the number of correction rounds; a click step starts every sample with a positive click."""
     image, label = _blob_batch()
     for rounds in (0, 3):
         net = _StubNet(fill=1.0)
-        out = ct.SimulatedClicksInferer(train=True, max_rounds=rounds, prompt_dropout=1.0)(image, net, label)
+        out = ct.SimulatedClicksInferer(train=True, max_rounds=rounds)(image, net, label, clicks=False)
         assert len(net.calls) == 1 and net.calls[-1][0] is None and net.calls[-1][2] is None
         assert out["n_clicks"].tolist() == [0, 0]
-    steps = [0, 0]
-    for seed in range(40):
-        net = _StubNet(fill=1.0)
-        out = ct.SimulatedClicksInferer(train=True, max_rounds=3, prompt_dropout=0.5, seed=seed)(image, net, label)
-        steps[int(out["n_clicks"].sum() > 0)] += 1
-        if out["n_clicks"].sum():
-            assert (out["n_clicks"] >= 1).all() and (net.calls[-1][1][:, 0] == 1).all()  # never starts negative
-    assert min(steps) >= 10  # about half of the steps each way
+        out = ct.SimulatedClicksInferer(train=True, max_rounds=rounds)(image, net, label)
+        assert (out["n_clicks"] >= 1).all() and (net.calls[-1][1][:, 0] == 1).all()  # never starts negative
+
+
+def test_lesion_batch_draws_no_click_windows_anywhere_with_every_lesion(phantom_dir):
+    """Training steps from the cached margin: a no-click step takes a window anywhere in it, every lesion
+    as the target and no attribute; a click step keeps the lesion within ``jitter`` of the centre."""
+    items = lr.load_datalists(phantom_dir, lesions="all", min_lesion_voxels=20)["training"]
+    tf = lr.training_transforms(16, SPACING, margin=8)
+    batch = [tf(dict(it)) for it in items[:2]]
+    for d in batch:  # the real transform: every lesion holds the selected one
+        assert d["image"].shape == (1, 32, 32, 32) and d["every_lesion"].shape == d["label"].shape
+        assert d["label"].sum() > 0 and bool((d["every_lesion"] >= d["label"]).all())
+    batch = {k: torch.stack([d[k] for d in batch]) for k in ("image", "label", "every_lesion", "attr_target")}
+    # an index image: a window's first voxel tells where it was cut
+    index = torch.arange(32 ** 3, dtype=torch.float32).reshape(1, 1, 32, 32, 32).expand(2, 1, -1, -1, -1)
+    batch["image"] = index.clone()
+    for dropout, clicks in ((1.0, False), (0.0, True)):
+        prep = lr.LesionBatch(16, jitter=2, prompt_dropout=dropout, seed=0)
+        starts = []
+        for _ in range(30):
+            image, targets, (label,), kwargs = prep(batch)
+            assert kwargs == {"clicks": clicks} and image.shape == (2, 1, 16, 16, 16) and label is targets["label"]
+            for b in range(2):
+                start = np.unravel_index(int(image[b, 0, 0, 0, 0]), (32, 32, 32))
+                starts.append(start)
+                window = tuple(slice(int(a), int(a) + 16) for a in start)
+                source = batch["every_lesion" if not clicks else "label"][b, 0]
+                assert torch.equal(label[b, 0], source[window])
+            expected = torch.full_like(batch["attr_target"], IGNORE_INDEX) if not clicks else batch["attr_target"]
+            assert torch.equal(targets["attributes"], expected)
+        starts = np.array(starts)
+        if clicks:
+            assert np.abs(starts - 8).max() <= 2
+        else:
+            assert starts.min() <= 2 and starts.max() >= 14  # far beyond the click steps' jitter
+    image, targets, _, kwargs = lr.LesionBatch()(batch)  # validation: the batch as it comes
+    assert kwargs == {"clicks": True} and torch.equal(targets["label"], batch["label"]) and image.shape[2:] == (32, 32, 32)
 
 
 # ------------------------------------------------------------------------------------------- geometry

@@ -6,16 +6,19 @@
    device. The lung mask bounds the search: only windows over the lungs run.
 2. **Candidates.** The probability goes back to the input grid; its connected components of at least
    ``min_lesion_ml`` with at least :data:`~segreport.vocab.PULMONARY_FRACTION` of their voxels in the lung
-   mask are candidate lesions (what the report would call pulmonary).
+   mask are candidate lesions (what the report would call pulmonary). A pulmonary lesion lies in one
+   lung, so the components are cut at the lungs' midline plane (world x, from the affine): measured,
+   a diffuse lesion in each lung came out as one component across the mediastinum, clicked there.
 3. **Refinement.** Each candidate, largest first, goes through the model's own interactive path: one
    simulated positive click at its most interior voxel in a fresh :class:`PromptSession` (ROI centred on
    it, ROI growth for lesions larger than the ROI), as a person's first click would. Its lesion is the
    refined mask's components that overlap the candidate, and beyond the ROIs the click saw, the
    candidate itself: a diffuse lesion larger than ``max_rois`` ROIs stays one lesion (measured: keeping
    only the refined part split 1-L ground-glass lesions into a dozen fragments). If the click loses
-   it (an empty mask there), the window's outline is kept, so nothing found is dropped. A candidate
-   mostly covered by lesions already refined (a large lesion the windows split in two) is not refined
-   again.
+   it (an empty mask there), the window's outline is kept, so nothing found is dropped. The lesion stays on its candidate's side of the midline, one voxel clear of the plane
+   (ROI growth would follow it into the other lung's), and is one connected region (the report's
+   lesions are the mask's components). A candidate mostly covered by lesions already refined (a
+   large lesion the windows split in two) is not refined again.
 4. **Merge.** On the input grid, an instance map (first lesion first: a voxel belongs to one lesion) and
    its union; each lesion's attributes anchored at its most interior voxel.
 
@@ -106,12 +109,44 @@ def search_probability(network: nn.Module, volume: MetaTensor, box: tuple[slice,
     return prob[0, 0], affine, sum(windows)
 
 
+def midline_x(ct: np.ndarray, affine: np.ndarray) -> float | None:
+    """World x (RAS, mm) of the patient's midline plane: the centre of the body's box (voxels above
+    -500 HU), not of the lungs' (a scan with one lung would be cut through it). None without a body."""
+    body = ct > -500
+    extent = []
+    for axis in range(3):
+        hit = np.flatnonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(hit):
+            return None
+        extent.append((hit[0], hit[-1]))
+    corners = np.array([[a, b, c] for a in extent[0] for b in extent[1] for c in extent[2]], dtype=np.float64)
+    return float((corners @ affine[0, :3] + affine[0, 3]).mean())
+
+
+def right_of_midline(mask: np.ndarray, affine: np.ndarray, midline: float, offset: float = 0.0) -> np.ndarray:
+    """The voxels of ``mask`` on the patient's right of the plane world x = ``midline`` + ``offset`` (only
+    the mask's voxels are mapped: no whole-volume coordinate array)."""
+    idx = np.nonzero(mask)
+    right = np.zeros(mask.shape, bool)
+    x = np.stack(idx, 1) @ affine[0, :3] + affine[0, 3]
+    right[tuple(i[x > midline + offset] for i in idx)] = True
+    return right
+
+
 def candidate_lesions(prob: np.ndarray, lung: np.ndarray, affine: np.ndarray, threshold: float,
-                      min_lesion_ml: float) -> tuple[np.ndarray, list[int], list[tuple[slice, ...]]]:
-    """The candidates on the input grid: components of ``prob > threshold`` of at least ``min_lesion_ml``
-    and at least PULMONARY_FRACTION in the lung. Returns the component map, the candidates' ids
-    (largest first) and their bounding boxes (one map, not a mask per candidate: memory)."""
-    components, n = ndimage.label(prob > threshold, structure=_FULL_3D)
+                      min_lesion_ml: float, midline: float | None = None) -> tuple[np.ndarray, list[int], list[tuple[slice, ...]]]:
+    """The candidates on the input grid: components of ``prob > threshold`` (cut at the plane world x =
+    ``midline``) of at least ``min_lesion_ml`` and at least PULMONARY_FRACTION in the lung. Returns the
+    component map, the candidates' ids (largest first) and their bounding boxes (one map, not a mask
+    per candidate: memory)."""
+    fg = prob > threshold
+    components, n = ndimage.label(fg, structure=_FULL_3D)
+    if n and midline is not None:  # one side, then the other: no component crosses the plane
+        right = right_of_midline(fg, affine, midline)
+        left, n_left = ndimage.label(fg & ~right, structure=_FULL_3D)
+        components, n_right = ndimage.label(right, structure=_FULL_3D)
+        components[left > 0] = left[left > 0] + n_right
+        n = n_right + n_left
     if not n:
         return components, [], []
     sizes = np.bincount(components.ravel(), minlength=n + 1)
@@ -133,30 +168,33 @@ def _interior(mask_box: np.ndarray, box: tuple[slice, ...]) -> tuple[int, int, i
 @dataclass
 class Search:
     """What the search found on one image: the candidates' component map (input grid), their ids
-    (largest first) and boxes, the windows run and the model-grid box searched (None: no lungs)."""
+    (largest first) and boxes, the windows run, the model-grid box searched (None: no lungs) and the
+    world x of the lungs' midline plane."""
 
     components: np.ndarray
     ids: list[int]
     boxes: list[tuple[slice, ...]]
     windows: int = 0
     box: tuple[slice, ...] | None = None
+    midline: float | None = None
 
     def mask(self) -> np.ndarray:
         return np.isin(self.components, self.ids).astype(np.uint8)
 
 
 def search(network: nn.Module, volume: MetaTensor, orig_affine: np.ndarray, shape, lung: np.ndarray, roi_size, device,
-           threshold: float, settings: SearchSettings) -> Search:
+           threshold: float, settings: SearchSettings, midline: float | None = None) -> Search:
     """Steps 1-2 of the module docstring for any network with a zero-click ``mask_logits`` (the 3D
-    U-Net baseline runs the same windows). ``volume``: the image pre-processed for the model."""
+    U-Net baseline runs the same windows). ``volume``: the image pre-processed for the model;
+    ``midline``: :func:`midline_x` of the image (None: components are not cut)."""
     box = lung_box(lung, orig_affine, volume, settings.margin_mm)
     if box is None:
         return Search(np.zeros(shape, np.int32), [], [])
     with torch.inference_mode():
         box_prob, box_affine, windows = search_probability(network, volume, box, roi_size, device, settings)
     prob = roi_to_original(box_prob, box_affine, orig_affine, shape)
-    components, ids, boxes = candidate_lesions(prob, lung, orig_affine, threshold, settings.min_lesion_ml)
-    return Search(components, ids, boxes, windows, box)
+    components, ids, boxes = candidate_lesions(prob, lung, orig_affine, threshold, settings.min_lesion_ml, midline)
+    return Search(components, ids, boxes, windows, box, midline)
 
 
 def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettings | None = None) -> Prediction:
@@ -168,7 +206,7 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
     affine, shape, name = session.orig_affine, session.shape, session.source or "image"
     lung = lung_mask_from_ct(session.ct) if lung is None else np.asarray(lung) > 0
     found = search(session.network, session.volume, affine, shape, lung, session.roi_size, session.device,
-                   session.threshold, settings)
+                   session.threshold, settings, midline_x(session.ct, affine))
     log.info("%s: %d windows, %d candidate lesions", name, found.windows, len(found.ids))
     instances = np.zeros(shape, dtype=np.int32)
     lesions: list[LesionAttributes] = []
@@ -177,9 +215,10 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
         in_box = found.components[cbox] == cid
         if (in_box & (instances[cbox] == 0)).sum() < (1 - settings.covered) * in_box.sum():
             continue  # an earlier lesion's refinement covers it already
-        lesion, info, attrs = _refine(session, found.components == cid, _interior(in_box, cbox))
-        lesion &= instances == 0
-        if not lesion.any():
+        candidate = found.components == cid
+        lesion, info, attrs = _refine(session, candidate, _interior(in_box, cbox))
+        lesion = _one_lesion(lesion & (instances == 0), candidate, affine, found.midline)
+        if lesion is None:
             continue
         instances[lesion] = len(lesions) + 1
         lbox = ndimage.find_objects(lesion.astype(np.uint8))[0]
@@ -196,6 +235,25 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
                 "search": {"overlap": settings.overlap, "min_lesion_ml": settings.min_lesion_ml,
                            "box": None if found.box is None else [[s.start, s.stop] for s in found.box]}},
     )
+
+
+def _one_lesion(lesion: np.ndarray, candidate: np.ndarray, affine: np.ndarray, midline: float | None) -> np.ndarray | None:
+    """A refined lesion as the report will count it, one connected region (the report's lesions are the
+    mask's components): on its candidate's side of the midline and one voxel clear of the plane (else it
+    would join the other side's lesion again), then its largest piece (measured: the click's mask
+    reached into the mediastinum, and the cut left that part as a 170 mL false lesion). None: nothing left."""
+    if midline is not None:
+        width = float(np.abs(affine[0, :3]).max())  # one voxel along x
+        right = right_of_midline(candidate, affine, midline).any()
+        beyond = right_of_midline(lesion, affine, midline, width) if right else ~right_of_midline(lesion, affine, midline, -width)
+        lesion = lesion & beyond
+    if not lesion.any():
+        return None
+    box = ndimage.find_objects(lesion.astype(np.uint8))[0]
+    pieces, _ = ndimage.label(lesion[box], structure=_FULL_3D)
+    lesion = np.zeros_like(lesion)
+    lesion[box] = pieces == int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
+    return lesion
 
 
 def _refine(session, candidate: np.ndarray, click: tuple[int, int, int]) -> tuple[np.ndarray, dict, dict | None]:

@@ -13,7 +13,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from ..errors import InputError
-from ..inference.automatic import SearchSettings, search as sliding_window_search
+from ..inference.automatic import SearchSettings, midline_x, search as sliding_window_search
 from ..inference.geometry import as_affine, auto_roi_center, map_points, roi_to_original
 from ..inference.predictor import LesionAttributes, Prediction
 from ..inference.session import PromptSession, attribute_probabilities, attributes_sentence, is_promptable
@@ -183,7 +183,7 @@ class LesionReportPredictor:
         it takes no clicks): the baseline of the same search."""
         lung = lung_mask_from_ct(ct) if lung is None else np.asarray(lung) > 0
         found = sliding_window_search(self.network, volume, as_affine(affine), ct.shape, lung, self.network.spec["roi_size"],
-                                      self.device, self.threshold, self.search)
+                                      self.device, self.threshold, self.search, midline_x(ct, affine))
         return Prediction(mask=found.mask(), case_finding=None,
                           extras={"mode": "automatic", "windows": found.windows, "candidates": len(found.ids),
                                   "model": self.network.spec["model"]})

@@ -62,11 +62,13 @@ class ClickSet:
 class SimulatedClicksInferer(Inferer):
     """Expert-click simulation (seed 001, Sec. 2.3) as a MONAI inferer, for trainer and evaluator.
 
-    Training (``train=True``), per batch: with probability ``prompt_dropout`` the step is a no-click
-    step, the whole batch with no click and no previous mask, exactly as the automatic mode's sliding
-    windows run the model (per sample, dropped samples would receive a click in the first correction
-    round anyway: measured, only 0.2 x 1/9 of the samples trained without a click at ``max_rounds``
-    8, and the zero-click search missed most of each diffuse lesion). Otherwise each sample gets its
+    ``clicks=False`` (the batch's choice, e.g. :class:`~segreport.pipelines.lesion_report.LesionBatch`'s
+    no-click steps): the whole batch with no click and no previous mask, exactly as the automatic
+    mode's sliding windows run the model (per sample, a dropped sample would receive a click in the
+    first correction round anyway: measured, only 0.2 x 1/9 of the samples trained without a click at
+    ``max_rounds`` 8, and the zero-click search missed most of each diffuse lesion).
+
+    Training (``train=True``), per batch: each sample gets its
     first click inside the lesion, then ``r ~ U{0..max_rounds}`` correction rounds run WITHOUT
     gradient, the image encoded once: decode, compare the prediction with the ground truth, add a
     click from the larger error region (false negatives -> positive, false positives -> negative;
@@ -78,43 +80,40 @@ class SimulatedClicksInferer(Inferer):
     DistributedDataParallel synchronises gradients.
 
     Evaluation (``train=False``): deterministic ``n_clicks`` (first click at the lesion's most interior
-    voxel, then corrections), no dropout. Baselines (no ``decode``) are simply called on the image.
+    voxel, then corrections). Baselines (no ``decode``) are simply called on the image.
     """
 
-    def __init__(self, train: bool = True, max_rounds: int = 4, prompt_dropout: float = 0.2, jitter: float = 0.5,
-                 n_clicks: int = 3, seed: int = 0):
+    def __init__(self, train: bool = True, max_rounds: int = 4, jitter: float = 0.5, n_clicks: int = 3, seed: int = 0):
         super().__init__()
-        if not 0.0 <= prompt_dropout <= 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
-        self.train, self.max_rounds, self.prompt_dropout = train, int(max_rounds), float(prompt_dropout)
+        self.train, self.max_rounds = train, int(max_rounds)
         self.jitter = float(jitter) if train else 0.0
         self.n_clicks = int(n_clicks)
         self.rng = np.random.default_rng(seed)
 
-    def __call__(self, inputs: torch.Tensor, network, label: torch.Tensor | None = None, *args, **kwargs) -> dict:
+    def __call__(self, inputs: torch.Tensor, network, label: torch.Tensor | None = None, *args, clicks: bool = True, **kwargs) -> dict:
         if not is_promptable(network):
             return network(inputs)
-        if label is None:
-            raise ValueError("the click simulator needs the ground-truth label (pass it as the inferer's argument)")
         b = inputs.shape[0]
-        if self.train and self.rng.random() < self.prompt_dropout:  # a no-click step: as the automatic mode
+        if not clicks:  # a no-click step: as the automatic mode
             outputs = network(inputs)
             outputs["n_clicks"] = torch.zeros(b, dtype=torch.long)
             return outputs
+        if label is None:
+            raise ValueError("the click simulator needs the ground-truth label (pass it as the inferer's argument)")
         net = getattr(network, "module", network)
         gt = (label[:, 0] > 0.5).cpu().numpy()
-        clicks = ClickSet(b, _spacing(net))
+        simulated = ClickSet(b, _spacing(net))
         rounds = int(self.rng.integers(0, self.max_rounds + 1)) if self.train else max(self.n_clicks - 1, 0)
         for i in range(b):
-            clicks.add(i, sample_click(gt[i], rng=self.rng, jitter=self.jitter, spacing=clicks.spacing))
+            simulated.add(i, sample_click(gt[i], rng=self.rng, jitter=self.jitter, spacing=simulated.spacing))
         prev = None
         if rounds:
             with torch.no_grad():
                 embedding = net.encode_image(inputs)
                 for _ in range(rounds):
-                    out = net.decode(embedding, *clicks.tensors(inputs.device), mask_prompt=prev)
+                    out = net.decode(embedding, *simulated.tensors(inputs.device), mask_prompt=prev)
                     prev = out["low_res_logits"]
-                    clicks.add_next(gt, (out["mask_logits"][:, 0] > 0).cpu().numpy(), self.rng, self.jitter)
-        outputs = network(inputs, *clicks.tensors(inputs.device), mask_prompt=prev)
-        outputs["n_clicks"] = torch.tensor(clicks.counts())
+                    simulated.add_next(gt, (out["mask_logits"][:, 0] > 0).cpu().numpy(), self.rng, self.jitter)
+        outputs = network(inputs, *simulated.tensors(inputs.device), mask_prompt=prev)
+        outputs["n_clicks"] = torch.tensor(simulated.counts())
         return outputs

@@ -37,7 +37,7 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch
-from monai.transforms import Compose, EnsureTyped, MapTransform, RandSpatialCropd, SelectItemsd
+from monai.transforms import Compose, EnsureTyped, MapTransform, SelectItemsd
 from scipy import ndimage
 from torch import nn
 
@@ -292,6 +292,9 @@ def attribute_targets(attributes: Sequence[Mapping] | None, lesion_id: int, case
     return torch.tensor([codes[g] for g in ATTRIBUTE_NAMES], dtype=torch.long)
 
 
+EVERY_LESION = "every_lesion"  # item key: the mask of all the case's lesions (SelectLesiond)
+
+
 class SelectLesiond(MapTransform):
     """Make one lesion THE lesion of the item: label := its mask, plus its attribute targets.
 
@@ -299,8 +302,9 @@ class SelectLesiond(MapTransform):
 
     Runs on the original grid (before resampling), so the instance map is never interpolated.
     Writes ``label`` (that lesion only: other lesions are background, as an annotator clicking this
-    lesion expects), ``lesion_id`` and ``attr_target`` (LongTensor (5,), IGNORE_INDEX where unknown,
-    see :func:`attribute_targets`); removes ``instance_key``. An empty label raises
+    lesion expects), ``every_key`` (every lesion: the target of a no-click step, which, as the
+    automatic mode's windows, is asked for all the lesions it sees), ``lesion_id`` and ``attr_target``
+    (LongTensor (5,), IGNORE_INDEX where unknown, see :func:`attribute_targets`); removes ``instance_key``. An empty label raises
     :class:`InputError` naming the file (:func:`drop_lesion_free` skips those cases beforehand).
     """
 
@@ -311,11 +315,12 @@ class SelectLesiond(MapTransform):
         attributes_key: str = "attributes",
         id_key: str = "lesion_id",
         attr_key: str = "attr_target",
+        every_key: str = EVERY_LESION,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.instance_key, self.attributes_key = instance_key, attributes_key
-        self.id_key, self.attr_key = id_key, attr_key
+        self.id_key, self.attr_key, self.every_key = id_key, attr_key, every_key
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -334,6 +339,7 @@ class SelectLesiond(MapTransform):
                 problem = "label has no lesion voxels" if wanted is None else f"label has no lesion {wanted}"
                 raise InputError(_filename(label), f"{problem}: no lesion to centre the ROI on")
             d[key] = _like(label, (ids == lesion_id)[None].astype(np.float32))
+            d[self.every_key] = _like(label, (ids > 0)[None].astype(np.float32))
             d[self.id_key] = lesion_id
             d[self.attr_key] = attribute_targets(d.get(self.attributes_key), lesion_id, d.get("case_id"), lesion_id == largest)
         return d
@@ -363,47 +369,79 @@ def spatial_transforms(roi_size: int | Sequence[int], spacing: Sequence[float], 
                        axcodes: str = "RAS", margin: int = 0) -> Compose:
     """:func:`volume_transforms`, then the fixed ROI centred on the (selected) lesion.
 
-    ``margin`` > 0 crops ``roi_size + 2 * margin`` so that a random ``roi_size`` crop after the cache
-    shifts the lesion by up to ``margin`` voxels (training: at inference the ROI is centred on a
-    click, not on the lesion's bounding box). Parts of the ROI outside the image (small images,
-    lesions at the border) are padded: image with 0, i.e. the window minimum (air in the lung
-    window), label with background.
+    ``margin`` > 0 crops ``roi_size + 2 * margin``, from which :class:`LesionBatch` takes the
+    training step's ``roi_size`` window. Parts of the ROI outside the image (small images, lesions at
+    the border) are padded: image with 0, i.e. the window minimum (air in the lung window), labels
+    with background.
     """
     roi = np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)) + 2 * int(margin)
+    keys = ["image", "label", EVERY_LESION]
     return Compose([
-        volume_transforms(spacing, window, axcodes),
-        CropLargestLesiond(keys=["image", "label"], roi_size=tuple(int(r) for r in roi), label_key="label", on_empty="raise"),
+        volume_transforms(spacing, window, axcodes, keys=keys),
+        CropLargestLesiond(keys=keys, roi_size=tuple(int(r) for r in roi), label_key="label", on_empty="raise",
+                           allow_missing_keys=True),
     ])
 
 
 def training_transforms(roi_size: int | Sequence[int], spacing: Sequence[float], window: str | Sequence[float] = "lung",
                         axcodes: str = "RAS", margin: int = 0) -> Compose:
-    """Items -> ``image`` (1, *roi) in [0, 1], ``label`` (1, *roi) target lesion, ``attr_target`` (5,).
+    """Items -> ``image`` (1, *roi) in [0, 1], ``label`` (1, *roi) target lesion, ``every_lesion``
+    (1, *roi) all lesions, ``attr_target`` (5,). With ``margin``: ``roi_size + 2 * margin`` around the
+    lesion, from which :class:`LesionBatch` crops each step's window.
 
-    Deterministic up to the crop (so ``CacheDataset`` caches it); with ``margin`` a random
-    ``roi_size`` crop follows.
+    Deterministic (so ``CacheDataset`` caches all of it): the random window is the batch's, where the
+    step's kind (clicks or none) is drawn.
     """
     roi = tuple(int(r) for r in np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)))
-    steps = [load_transforms(), spatial_transforms(roi, spacing, window, axcodes, margin)]
-    if margin:
-        steps.append(RandSpatialCropd(keys=["image", "label"], roi_size=roi, random_size=False))
-    steps += [EnsureTyped(keys=["image", "label"], track_meta=False),
-              SelectItemsd(keys=["image", "label", "attr_target", "lesion_id", "case_id"])]
-    return Compose(steps).flatten()  # flat: CacheDataset caches up to the first random (or nested) transform
+    keys = ["image", "label", EVERY_LESION]
+    steps = [load_transforms(), spatial_transforms(roi, spacing, window, axcodes, margin),
+             EnsureTyped(keys=keys, track_meta=False),
+             SelectItemsd(keys=[*keys, "attr_target", "lesion_id", "case_id"])]
+    return Compose(steps).flatten()
 
 
 # ===================================================================================== training
 class LesionBatch(PrepareBatch):
-    """Batch -> ``(image, {"label", "attributes"}, (label,), {})``.
+    """Batch -> ``(image, {"label", "attributes"}, (label,), {"clicks": bool})``: one training step.
 
     The label also travels as an inferer argument: the click simulator needs the ground truth.
+
+    Training (``roi_size`` given, items cached with a margin, :func:`training_transforms`): with
+    probability ``prompt_dropout`` the step is a **no-click step**, as the automatic mode's sliding
+    windows run the model: each sample's window lies anywhere in the cached margin (the lesion may sit
+    at its border or partly outside), the target is every lesion in it (``every_lesion``) and the
+    attributes are not asked (no click says which lesion). Measured before: trained on lesion-centred
+    windows only, the search saw 15-20 % of a diffuse lesion's voxels, in fragments. Otherwise a
+    **click step**: the lesion shifted by up to ``jitter`` voxels from the window's centre (at
+    inference the ROI is centred on a click, not on the lesion's bounding box), its own mask the
+    target. Validation (no ``roi_size``): the batch as it comes, a click step.
     """
 
+    def __init__(self, roi_size: int | Sequence[int] | None = None, jitter: int = 0, prompt_dropout: float = 0.0, seed: int = 0):
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        self.roi = None if roi_size is None else tuple(int(r) for r in np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)))
+        self.jitter, self.prompt_dropout = int(jitter), float(prompt_dropout)
+        self.rng = np.random.default_rng(seed)
+
     def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
-        image = batchdata["image"].to(device=device, non_blocking=non_blocking)
-        label = batchdata["label"].to(device=device, non_blocking=non_blocking)
-        targets = {"label": label, "attributes": batchdata["attr_target"].to(device=device, non_blocking=non_blocking)}
-        return image, targets, (label,), {}
+        image, label, attrs = batchdata["image"], batchdata["label"], batchdata["attr_target"]
+        clicks = True
+        if self.roi is not None:
+            clicks = not (self.rng.random() < self.prompt_dropout)
+            margin = (np.asarray(image.shape[2:]) - self.roi) // 2
+            if (margin < 0).any() or (clicks and (margin < self.jitter).any()):
+                raise ValueError(f"batch of spatial size {tuple(image.shape[2:])} holds no {self.roi} window with jitter {self.jitter}")
+            if not clicks:
+                label, attrs = batchdata[EVERY_LESION], torch.full_like(attrs, IGNORE_INDEX)
+            starts = [self.rng.integers(0, 2 * margin + 1) if not clicks else margin + self.rng.integers(-self.jitter, self.jitter + 1, 3)
+                      for _ in range(len(image))]
+            image, label = (torch.stack([x[(slice(None), *(slice(int(a), int(a) + r) for a, r in zip(s, self.roi)))]
+                                         for x, s in zip(t, starts)]) for t in (image, label))
+        image = image.to(device=device, non_blocking=non_blocking)
+        label = label.to(device=device, non_blocking=non_blocking)
+        targets = {"label": label, "attributes": attrs.to(device=device, non_blocking=non_blocking)}
+        return image, targets, (label,), {"clicks": clicks}
 
 
 class LesionReportObjective(nn.Module):
