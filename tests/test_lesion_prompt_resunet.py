@@ -178,3 +178,33 @@ def test_the_spec_rebuilds_the_variant_and_old_specs_the_paper_model():
                                                           if k not in ("backbone", "lesion_pooling", "attr_gradient")}}}
     paper = build_from_spec(old)
     assert paper.backbone == "vit" and paper.lesion_features is None and paper.balance_tokens is None
+
+
+def test_batch_one_convolutions_equal_pytorchs_and_the_model_answers_alike_at_batch_one_and_two():
+    """The oneDNN batch-1 Conv3d and the patch-writing ConvTranspose3d give PyTorch's own numbers (same
+    weights), and the whole model's batch-1 answer equals that sample's answer inside a batch of 2 (which
+    PyTorch itself runs through oneDNN)."""
+    from segreport.networks.blocks.cpu_convs import OneDNNConv3d, PatchConvTranspose3d
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 9, 10, 11)
+    for kwargs in ({"kernel_size": 3, "padding": 1}, {"kernel_size": 3, "stride": 2, "bias": False}, {"kernel_size": (3, 1, 3), "dilation": 2, "groups": 2}):
+        ref = torch.nn.Conv3d(4, 6, **kwargs)
+        fast = OneDNNConv3d(4, 6, **kwargs)
+        fast.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+    for k in (2, (2, 2, 1)):
+        ref = torch.nn.ConvTranspose3d(4, 3, kernel_size=k, stride=k)
+        fast = PatchConvTranspose3d(4, 3, kernel_size=k, stride=k)
+        fast.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+    net = LesionPromptNet.tiny(img_size=(32, 32, 32), backbone="resunet").eval()
+    assert not any(type(m) in (torch.nn.Conv3d, torch.nn.ConvTranspose3d) for m in net.modules())
+    image = torch.rand(2, 1, 32, 32, 32)
+    points, labels = torch.tensor([[[16.0, 16.0, 16.0]]] * 2), torch.ones(2, 1, dtype=torch.long)
+    with torch.inference_mode():
+        both = net(image, points, labels)["mask_logits"]
+        one = net(image[:1], points[:1], labels[:1])["mask_logits"]
+    torch.testing.assert_close(one, both[:1], atol=1e-4, rtol=1e-4)

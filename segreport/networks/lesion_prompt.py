@@ -46,6 +46,7 @@ from monai.networks.nets.vista3d import MLP, TwoWayTransformer
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
+from segreport.networks.blocks.cpu_convs import fast_cpu_convs
 from segreport.networks.blocks.gradient_balance import GradientBalance
 from segreport.networks.blocks.lesion_features import LesionAttributeFeatures, image_maps
 from segreport.networks.blocks.prompt import PAD_LABEL, PromptEncoder3D, kmeans_refine_points
@@ -338,6 +339,7 @@ class LesionPromptNet(nn.Module):
         self.balance_tokens = GradientBalance(ratio) if ratio is not None else None
         self.balance_features = GradientBalance(ratio) if ratio is not None else None
         self.balance_mask_tokens = GradientBalance(ratio) if ratio is not None and synergy else None
+        fast_cpu_convs(self)  # an interactive session runs batch 1: oneDNN, not PyTorch's reference kernel
 
     def _build_vit(self, img_size, in_channels, patch_size, encoder_embed_dim, encoder_depth, encoder_num_heads, mlp_ratio,
                    window_size, global_attn_indexes, embed_dim, dropout_rate, high_res_features) -> int:
