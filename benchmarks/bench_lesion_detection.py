@@ -86,12 +86,12 @@ def summarise(rows: list[dict]) -> dict:
             "attribute_lesions": len(attr[GROUPS[0]])}
 
 
-def run_model(checkpoint: Path, images: Path, out: Path, overlap: float) -> list[dict]:
+def run_model(checkpoint: Path, images: Path, out: Path, overlap: float, outline_min_ml: float) -> list[dict]:
     """The batch runner over ``images`` (automatic mode, windows overlapping by ``overlap``); its per-case rows."""
     from segreport import models
     from segreport.pipelines.batch import run_batch
 
-    predictor = models.load(str(checkpoint), device="cpu", kind="lesion_report_3d", overlap=overlap)
+    predictor = models.load(str(checkpoint), device="cpu", kind="lesion_report_3d", overlap=overlap, outline_min_ml=outline_min_ml)
     summary = run_batch(predictor, str(images), str(out), overwrite=True, device="cpu")
     summary.raise_if_failed()
     return summary.cases
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", default="outputs/bench_lesion_detection")
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--overlap", type=float, default=SearchSettings.overlap, help="of the sliding windows (default: the bundle's)")
+    p.add_argument("--outline-min-ml", type=float, default=SearchSettings.outline_min_ml,
+                   help="candidates under this keep the windows' outline (default: the bundle's)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "lesion_detection.json"))
     a = p.parse_args(argv)
 
@@ -165,15 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, ckpt in checkpoints.items():
         out = work / f"{name}_out"
-        results[name] = score_model(name, run_model(ckpt, data / "imagesTr", out, a.overlap), out, data, truth_attrs)
+        results[name] = score_model(name, run_model(ckpt, data / "imagesTr", out, a.overlap, a.outline_min_ml), out, data, truth_attrs)
     large = None if a.skip_large else large_volume_run(checkpoints["full"], work)
     full, unet = results["full"], results["unet"]
     report = {
         "benchmark": "lesion_detection",
         "command": "python benchmarks/bench_lesion_detection.py" + (" --skip-large" if a.skip_large else "")
-                   + ("" if a.overlap == SearchSettings.overlap else f" --overlap {a.overlap}"),
+                   + ("" if a.overlap == SearchSettings.overlap else f" --overlap {a.overlap}")
+                   + ("" if a.seed == 101 else f" --seed {a.seed}")
+                   + ("" if a.outline_min_ml == SearchSettings.outline_min_ml else f" --outline-min-ml {a.outline_min_ml}"),
         "settings": {"test_cases": a.cases, "test_seed": a.seed, "phantom_shape": [192, 192, 48], "phantom_spacing_mm": [1.6, 1.6, 5.0],
-                     "min_lesion_ml": MIN_ML, "hit_iou": MIN_IOU, "overlap": a.overlap, "models": {k: str(v) for k, v in checkpoints.items()}},
+                     "min_lesion_ml": MIN_ML, "hit_iou": MIN_IOU, "overlap": a.overlap, "outline_min_ml": a.outline_min_ml, "models": {k: str(v) for k, v in checkpoints.items()}},
         "machine": {"cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
         "results": results,
         "large_volume_512x512x300": large,

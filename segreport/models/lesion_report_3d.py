@@ -119,13 +119,15 @@ def trained(spec: Mapping, weights: Mapping) -> nn.Module:
 
 def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", threshold: float | None = None,
               bf16: bool = False, max_rois: int | None = None, automatic: bool | None = None,
-              overlap: float | None = None, sw_batch_size: int | None = None, **_: Any) -> "LesionReportPredictor":
+              overlap: float | None = None, sw_batch_size: int | None = None, outline_min_ml: float | None = None,
+              **_: Any) -> "LesionReportPredictor":
     """``bf16`` is applied by the batch runner's autocast; ``max_rois``: ROI growth for lesions larger than
     the ROI (1 = off; default the spec's); ``automatic``: without clicks, every lesion by sliding window
-    (default) or one automatically placed ROI (False); ``overlap``/``sw_batch_size``: the windows'
-    (:class:`SearchSettings`). Other run-time options are ignored."""
+    (default) or one automatically placed ROI (False); ``overlap``/``sw_batch_size``/``outline_min_ml``:
+    the search's (:class:`SearchSettings`). Other run-time options are ignored."""
     inference = spec["inference"]
-    search = SearchSettings(**{k: v for k, v in (("overlap", overlap), ("sw_batch_size", sw_batch_size)) if v is not None})
+    search = SearchSettings(**{k: v for k, v in (("overlap", overlap), ("sw_batch_size", sw_batch_size),
+                                                 ("outline_min_ml", outline_min_ml)) if v is not None})
     return LesionReportPredictor(trained(spec, weights), device=device,
                                  threshold=inference["threshold"] if threshold is None else threshold,
                                  max_rois=inference.get("max_rois", DEFAULT_MAX_ROIS) if max_rois is None else max_rois,
