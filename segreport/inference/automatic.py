@@ -145,12 +145,17 @@ def candidate_lesions(prob: np.ndarray, lung: np.ndarray, affine: np.ndarray, th
     component map, the candidates' ids (largest first) and their bounding boxes (one map, not a mask
     per candidate: memory)."""
     fg = prob > threshold
-    components, n = ndimage.label(fg, structure=_FULL_3D)
-    if n and midline is not None:  # one side, then the other: no component crosses the plane
+    if midline is None:
+        components, n = ndimage.label(fg, structure=_FULL_3D)
+    else:  # one side, then the other: no component crosses the plane (two label maps at most: memory)
         right = right_of_midline(fg, affine, midline)
-        left, n_left = ndimage.label(fg & ~right, structure=_FULL_3D)
         components, n_right = ndimage.label(right, structure=_FULL_3D)
-        components[left > 0] = left[left > 0] + n_right
+        fg &= ~right
+        del right
+        left, n_left = ndimage.label(fg, structure=_FULL_3D)
+        left[left > 0] += n_right
+        components += left  # disjoint: the left ids land on zeros
+        del left
         n = n_right + n_left
     if not n:
         return components, [], []
@@ -223,13 +228,14 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
         candidate = found.components == cid
         small = in_box.sum() * _voxel_ml(affine) < settings.outline_min_ml
         lesion, info, attrs = _refine(session, candidate, _interior(in_box, cbox), keep_outline=small)
-        lesion = _one_lesion(lesion & (instances == 0), candidate, affine, found.midline)
-        if lesion is None:
+        right = None if found.midline is None else right_of_midline(in_box, _box_affine(affine, cbox), found.midline).any()
+        one = _one_lesion(lesion, instances, right, affine, found.midline)
+        if one is None:
             continue
-        instances[lesion] = len(lesions) + 1
-        lbox = ndimage.find_objects(lesion.astype(np.uint8))[0]
-        lesions.append(LesionAttributes(voxel=_interior(lesion[lbox], lbox), attributes=attrs))
-        details.append({"id": len(lesions), **info, "voxels": int(lesion.sum())})
+        lbox, piece = one
+        instances[lbox][piece] = len(lesions) + 1
+        lesions.append(LesionAttributes(voxel=_interior(piece, lbox), attributes=attrs))
+        details.append({"id": len(lesions), **info, "voxels": int(piece.sum())})
         log.info("%s: lesion %d of at most %d (%d voxels)", name, len(lesions), len(found.ids), details[-1]["voxels"])
     session.reset()
     log.info("%s: %d lesions in %.1f s", name, len(lesions), time.perf_counter() - t0)
@@ -243,23 +249,34 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
     )
 
 
-def _one_lesion(lesion: np.ndarray, candidate: np.ndarray, affine: np.ndarray, midline: float | None) -> np.ndarray | None:
+def _box_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """The voxel -> RAS affine of the crop ``box`` of an image with ``affine``."""
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] = (out @ np.r_[[float(b.start) for b in box], 1.0])[:3]
+    return out
+
+
+def _one_lesion(lesion: np.ndarray, instances: np.ndarray, right: bool | None, affine: np.ndarray,
+                midline: float | None) -> tuple[tuple[slice, ...], np.ndarray] | None:
     """A refined lesion as the report will count it, one connected region (the report's lesions are the
-    mask's components): on its candidate's side of the midline and one voxel clear of the plane (else it
-    would join the other side's lesion again), then its largest piece (measured: the click's mask
-    reached into the mediastinum, and the cut left that part as a 170 mL false lesion). None: nothing left."""
+    mask's components): the voxels no earlier lesion holds, on its candidate's side of the midline
+    (``right``) and one voxel clear of the plane (else it would join the other side's lesion again),
+    then its largest piece (measured: the click's mask reached into the mediastinum, and the cut left
+    that part as a 170 mL false lesion). Returns (box, piece in the box), None when nothing is left.
+    Works in the lesion's box: no whole-volume copies (512×512×300 scans)."""
+    boxes = ndimage.find_objects(lesion.view(np.uint8) if lesion.dtype == bool else lesion.astype(np.uint8))
+    if not boxes or boxes[0] is None:
+        return None
+    box = boxes[0]
+    crop = lesion[box] & (instances[box] == 0)
     if midline is not None:
         width = float(np.abs(affine[0, :3]).max())  # one voxel along x
-        right = right_of_midline(candidate, affine, midline).any()
-        beyond = right_of_midline(lesion, affine, midline, width) if right else ~right_of_midline(lesion, affine, midline, -width)
-        lesion = lesion & beyond
-    if not lesion.any():
+        a = _box_affine(affine, box)
+        crop &= right_of_midline(crop, a, midline, width) if right else ~right_of_midline(crop, a, midline, -width)
+    pieces, n = ndimage.label(crop, structure=_FULL_3D)
+    if not n:
         return None
-    box = ndimage.find_objects(lesion.astype(np.uint8))[0]
-    pieces, _ = ndimage.label(lesion[box], structure=_FULL_3D)
-    lesion = np.zeros_like(lesion)
-    lesion[box] = pieces == int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
-    return lesion
+    return box, pieces == int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
 
 
 def _voxel_ml(affine: np.ndarray) -> float:
