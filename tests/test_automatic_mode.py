@@ -119,8 +119,8 @@ def test_a_lesion_lies_in_one_lung_candidates_and_refinement_stop_at_the_midline
     """One bright band from the right lung through the mediastinum into the left (what a weak model's
     mask did across diffuse lesions of both lungs): the search's component and the click's grown region
     both cross, and each side becomes its own lesion, apart in the mask (the report's lesions are its
-    components). The cut is the lungs' midline plane in world x, so a flipped file gives the same."""
-    ct, lung, _ = _chest()  # lungs at i 4:28 (right) and 32:56 (left): midline plane at i = 29.5
+    components). The cut is the patient's midline plane in world x, so a flipped file gives the same."""
+    ct, lung, _ = _chest()  # lungs at i 4:28 (right) and 32:56 (left), body at 1:59: midline plane at i = 29.5
     ct[28:32, 4:36, 3:47] = -850.0  # a dark strip between them (outside the lung mask), so the band is its own component
     band = np.zeros(ct.shape, bool)
     band[20:40, 14:20, 14:20] = True
@@ -133,6 +133,18 @@ def test_a_lesion_lies_in_one_lung_candidates_and_refinement_stop_at_the_midline
         ids = [set(np.unique(inst[side])) for side in (right, left)]
         assert all(len(i) == 1 and 0 not in i for i in ids) and ids[0] != ids[1]  # one lesion per side, whole
         assert not inst[29:31].any() and len(pred.lesion_attributes) == 2 + 3  # + the chest's three
+
+
+def test_a_speck_keeps_the_windows_outline_and_its_click_gives_the_attributes():
+    """A candidate under ``outline_min_ml`` (here a 0.5 mL speck: 2³ voxels of 4 mm) keeps the search's
+    outline; its click still runs (attributes). With the bound at 0 the click's outline is taken."""
+    ct, lung, _ = _chest()
+    ct[20:22, 28:30, 36:38] = -50.0
+    for bound, source in ((1.0, "sliding window (under outline_min_ml"), (0.0, "click refinement")):
+        _, pred = _find(ct, AFFINE, lung, outline_min_ml=bound)
+        speck = next(d for d in pred.extras["lesions"] if d["voxels"] == 8)
+        assert speck["source"].startswith(source) and speck["click_ijk"] is not None
+        assert pred.lesion_attributes[speck["id"] - 1].attributes is not None
 
 
 def test_the_bundle_predictor_runs_a_real_network_automatically(phantom_dir):

@@ -7,8 +7,9 @@
 2. **Candidates.** The probability goes back to the input grid; its connected components of at least
    ``min_lesion_ml`` with at least :data:`~segreport.vocab.PULMONARY_FRACTION` of their voxels in the lung
    mask are candidate lesions (what the report would call pulmonary). A pulmonary lesion lies in one
-   lung, so the components are cut at the lungs' midline plane (world x, from the affine): measured,
-   a diffuse lesion in each lung came out as one component across the mediastinum, clicked there.
+   lung, so the components are cut at the patient's midline plane (:func:`midline_x`: world x of the
+   body's centre, from the affine): measured, a diffuse lesion in each lung came out as one component
+   across the mediastinum, clicked there.
 3. **Refinement.** Each candidate, largest first, goes through the model's own interactive path: one
    simulated positive click at its most interior voxel in a fresh :class:`PromptSession` (ROI centred on
    it, ROI growth for lesions larger than the ROI), as a person's first click would. Its lesion is the
@@ -16,9 +17,9 @@
    candidate itself: a diffuse lesion larger than ``max_rois`` ROIs stays one lesion (measured: keeping
    only the refined part split 1-L ground-glass lesions into a dozen fragments). If the click loses
    it (an empty mask there), the window's outline is kept, so nothing found is dropped; a candidate
-   under ``outline_min_ml`` keeps it too (its click gives the attributes). The lesion stays on its candidate's side of the midline, one voxel clear of the plane
-   (ROI growth would follow it into the other lung's), and is one connected region (the report's
-   lesions are the mask's components). A candidate mostly covered by lesions already refined (a
+   under ``outline_min_ml`` keeps it too (its click gives the attributes). The lesion stays on its
+   candidate's side of the midline, one voxel clear of the plane (ROI growth would follow it into the
+   other lung's), and is one connected region (the report's lesions are the mask's components). A candidate mostly covered by lesions already refined (a
    large lesion the windows split in two) is not refined again.
 4. **Merge.** On the input grid, an instance map (first lesion first: a voxel belongs to one lesion) and
    its union; each lesion's attributes anchored at its most interior voxel.
@@ -179,7 +180,7 @@ def _interior(mask_box: np.ndarray, box: tuple[slice, ...]) -> tuple[int, int, i
 class Search:
     """What the search found on one image: the candidates' component map (input grid), their ids
     (largest first) and boxes, the windows run, the model-grid box searched (None: no lungs) and the
-    world x of the lungs' midline plane."""
+    world x of the patient's midline plane (None: not cut)."""
 
     components: np.ndarray
     ids: list[int]
