@@ -45,7 +45,7 @@ from torch import nn
 
 from ..transforms.lung_mask import lung_mask_from_ct
 from ..vocab import MIN_LESION_ML, PULMONARY_FRACTION
-from .geometry import as_affine, interior_voxel, map_points, roi_to_original
+from .geometry import as_affine, box_affine, interior_voxel, map_points, roi_to_original, voxel_volume_ml
 from .predictor import LesionAttributes, Prediction
 
 log = logging.getLogger("segreport.automatic")
@@ -104,9 +104,7 @@ def search_probability(network: nn.Module, volume: MetaTensor, box: tuple[slice,
     probability (D, H, W) on the CPU, the box's voxel -> RAS affine and the number of windows run."""
     roi_size = ensure_tuple_rep(roi_size, 3)
     crop = volume[(slice(None), *box)]
-    offset = np.array([s.start for s in box], dtype=np.float64)
-    affine = as_affine(volume.affine).copy()
-    affine[:3, 3] = (affine @ np.r_[offset, 1.0])[:3]
+    affine = box_affine(as_affine(volume.affine), box)
     inferer = SlidingWindowInferer(roi_size=tuple(roi_size), sw_batch_size=settings.sw_batch_size, overlap=settings.overlap,
                                    mode="gaussian", padding_mode="constant", cval=float(crop.min()), sw_device=device,
                                    device=torch.device("cpu"))
@@ -162,7 +160,7 @@ def candidate_lesions(prob: np.ndarray, lung: np.ndarray, affine: np.ndarray, th
         return components, [], []
     sizes = np.bincount(components.ravel(), minlength=n + 1)
     in_lung = np.bincount(components[lung].ravel(), minlength=n + 1)
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
+    voxel_ml = voxel_volume_ml(affine)
     keep = (sizes * voxel_ml >= min_lesion_ml) & (in_lung >= PULMONARY_FRACTION * sizes)
     keep[0] = False
     ids = sorted((int(i) for i in np.flatnonzero(keep)), key=lambda i: -sizes[i])
@@ -227,9 +225,9 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
         if (in_box & (instances[cbox] == 0)).sum() < (1 - settings.covered) * in_box.sum():
             continue  # an earlier lesion's refinement covers it already
         candidate = found.components == cid
-        small = in_box.sum() * _voxel_ml(affine) < settings.outline_min_ml
+        small = in_box.sum() * voxel_volume_ml(affine) < settings.outline_min_ml
         lesion, info, attrs = _refine(session, candidate, _interior(in_box, cbox), keep_outline=small)
-        right = None if found.midline is None else right_of_midline(in_box, _box_affine(affine, cbox), found.midline).any()
+        right = None if found.midline is None else right_of_midline(in_box, box_affine(affine, cbox), found.midline).any()
         one = _one_lesion(lesion, instances, right, affine, found.midline)
         if one is None:
             continue
@@ -250,13 +248,6 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
     )
 
 
-def _box_affine(affine: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
-    """The voxel -> RAS affine of the crop ``box`` of an image with ``affine``."""
-    out = np.array(affine, dtype=np.float64)
-    out[:3, 3] = (out @ np.r_[[float(b.start) for b in box], 1.0])[:3]
-    return out
-
-
 def _one_lesion(lesion: np.ndarray, instances: np.ndarray, right: bool | None, affine: np.ndarray,
                 midline: float | None) -> tuple[tuple[slice, ...], np.ndarray] | None:
     """A refined lesion as the report will count it, one connected region (the report's lesions are the
@@ -265,23 +256,19 @@ def _one_lesion(lesion: np.ndarray, instances: np.ndarray, right: bool | None, a
     then its largest piece (measured: the click's mask reached into the mediastinum, and the cut left
     that part as a 170 mL false lesion). Returns (box, piece in the box), None when nothing is left.
     Works in the lesion's box: no whole-volume copies (512×512×300 scans)."""
-    boxes = ndimage.find_objects(lesion.view(np.uint8) if lesion.dtype == bool else lesion.astype(np.uint8))
-    if not boxes or boxes[0] is None:
+    boxes = ndimage.find_objects(lesion.view(np.uint8))  # a bool mask: the same bytes
+    if not boxes:
         return None
     box = boxes[0]
     crop = lesion[box] & (instances[box] == 0)
     if midline is not None:
         width = float(np.abs(affine[0, :3]).max())  # one voxel along x
-        a = _box_affine(affine, box)
+        a = box_affine(affine, box)
         crop &= right_of_midline(crop, a, midline, width) if right else ~right_of_midline(crop, a, midline, -width)
     pieces, n = ndimage.label(crop, structure=_FULL_3D)
     if not n:
         return None
     return box, pieces == int(np.argmax(np.bincount(pieces.ravel())[1:])) + 1
-
-
-def _voxel_ml(affine: np.ndarray) -> float:
-    return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 
 def _refine(session, candidate: np.ndarray, click: tuple[int, int, int], keep_outline: bool = False) -> tuple[np.ndarray, dict, dict | None]:

@@ -22,6 +22,18 @@ LESION_DENSITY_HU = -500.0  # zero-click ROI: lesions are denser than aerated lu
 _FULL_3D = ndimage.generate_binary_structure(3, 3)  # same connectivity as CropLargestLesion's default
 
 
+def voxel_volume_ml(affine: np.ndarray) -> float:
+    """The volume of one voxel in mL, from its voxel -> world (mm) affine."""
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+
+
+def box_affine(affine: np.ndarray, box: Sequence[slice]) -> np.ndarray:
+    """The voxel -> world affine of the crop ``box`` of an image with ``affine``."""
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] = (out @ np.r_[[float(b.start) for b in box], 1.0])[:3]
+    return out
+
+
 def as_affine(affine) -> np.ndarray:
     return np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
 

@@ -20,7 +20,8 @@ from ..data.io import is_nifti, load_volume, save_nifti, strip_nifti_suffix
 from ..data.readers import read_dicom_folder
 from ..data.plausibility import check_ct
 from ..errors import InputError
-from .report import lung_regions, voxel_volume_ml
+from ..inference.geometry import voxel_volume_ml
+from .report import lung_regions
 
 log = logging.getLogger("segreport.batch")
 

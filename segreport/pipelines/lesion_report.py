@@ -304,7 +304,8 @@ class SelectLesiond(MapTransform):
     Writes ``label`` (that lesion only: other lesions are background, as an annotator clicking this
     lesion expects), ``every_key`` (every lesion: the target of a no-click step, which, as the
     automatic mode's windows, is asked for all the lesions it sees), ``lesion_id`` and ``attr_target``
-    (LongTensor (5,), IGNORE_INDEX where unknown, see :func:`attribute_targets`); removes ``instance_key``. An empty label raises
+    (LongTensor (5,), IGNORE_INDEX where unknown, see :func:`attribute_targets`); removes
+    ``instance_key``. An empty label raises
     :class:`InputError` naming the file (:func:`drop_lesion_free` skips those cases beforehand).
     """
 
@@ -397,7 +398,7 @@ def training_transforms(roi_size: int | Sequence[int], spacing: Sequence[float],
     steps = [load_transforms(), spatial_transforms(roi, spacing, window, axcodes, margin),
              EnsureTyped(keys=keys, track_meta=False),
              SelectItemsd(keys=[*keys, "attr_target", "lesion_id", "case_id"])]
-    return Compose(steps).flatten()
+    return Compose(steps).flatten()  # flat: CacheDataset caches up to the first nested transform
 
 
 # ===================================================================================== training
@@ -436,12 +437,15 @@ class LesionBatch(PrepareBatch):
                 label, attrs = batchdata[EVERY_LESION], torch.full_like(attrs, IGNORE_INDEX)
             starts = [self.rng.integers(0, 2 * margin + 1) if not clicks else margin + self.rng.integers(-self.jitter, self.jitter + 1, 3)
                       for _ in range(len(image))]
-            image, label = (torch.stack([x[(slice(None), *(slice(int(a), int(a) + r) for a, r in zip(s, self.roi)))]
-                                         for x, s in zip(t, starts)]) for t in (image, label))
+            image, label = self._windows(image, starts), self._windows(label, starts)
         image = image.to(device=device, non_blocking=non_blocking)
         label = label.to(device=device, non_blocking=non_blocking)
         targets = {"label": label, "attributes": attrs.to(device=device, non_blocking=non_blocking)}
         return image, targets, (label,), {"clicks": clicks}
+
+    def _windows(self, batch: torch.Tensor, starts) -> torch.Tensor:
+        """Each sample's ``roi`` window starting at its ``starts`` entry (channel-first samples)."""
+        return torch.stack([x[(slice(None), *(slice(int(a), int(a) + r) for a, r in zip(s, self.roi)))] for x, s in zip(batch, starts)])
 
 
 class LesionReportObjective(nn.Module):

@@ -29,6 +29,7 @@ from ..transforms.findings import Findings, FindingsFromMask, label_components
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
 from ..transforms.lung_regions import lung_zone_map
 from ..vocab import LUNG_LABELS, PULMONARY_FRACTION, SIDES, severity_from_percent
+from ..inference.geometry import voxel_volume_ml
 from ..inference.predictor import Prediction
 from . import consistency
 
@@ -41,10 +42,6 @@ def lung_regions(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     lung = split_left_right(lung_mask_from_ct(image), affine)
     zones = lung_zone_map(lung, affine) if lung.any() else np.zeros(lung.shape, dtype=np.uint8)
     return lung, zones
-
-
-def voxel_volume_ml(affine: np.ndarray) -> float:
-    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
 def _to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:

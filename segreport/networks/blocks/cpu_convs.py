@@ -23,8 +23,9 @@ from torch import nn
 __all__ = ["OneDNNConv3d", "PatchConvTranspose3d", "fast_cpu_convs"]
 
 
-def _slow_path(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether PyTorch would run ``x`` through its reference kernel where oneDNN is exact and faster."""
+def _onednn_applies(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether ``x`` is a batch-1 float32 CPU input without gradient: PyTorch would run its reference kernel,
+    and oneDNN is exact and faster."""
     return (x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and not (torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, *params))))
 
@@ -33,7 +34,7 @@ class OneDNNConv3d(nn.Conv3d):
     """``nn.Conv3d`` that calls oneDNN at batch 1 on the CPU (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros" or isinstance(self.padding, str) or not _slow_path(x, self.weight, self.bias):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str) or not _onednn_applies(x, self.weight, self.bias):
             return super().forward(x)
         return torch.mkldnn_convolution(x.contiguous(), self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
 
@@ -44,7 +45,7 @@ class PatchConvTranspose3d(nn.ConvTranspose3d):
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         k = tuple(self.kernel_size)
-        if output_size is not None or not _slow_path(x, self.weight, self.bias):
+        if output_size is not None or not _onednn_applies(x, self.weight, self.bias):
             return super().forward(x, output_size)
         b, c, d, h, w = x.shape
         o = self.out_channels
