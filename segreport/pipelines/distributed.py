@@ -95,6 +95,33 @@ def cleanup(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+def end_training(network: torch.nn.Module) -> None:
+    """Leave a training's process group in order, while Python is still running.
+
+    ``destroy_process_group`` alone unregisters the group and shuts its backends down, but a DDP wrapper
+    keeps its reducer (autograd hooks on the parameters, the last gloo work with its tensors) and the
+    group until the interpreter exits. A gloo thread that needs the GIL then is ended by Python's
+    finalisation and the rank aborts ("terminate called without an active exception";
+    pytorch/pytorch#179291): one rank in a few dozen CPU runs here, after the checkpoint was written.
+    So every rank first waits for the others (none tears down while rank 0 still writes), the wrapper
+    lets go of its reducer and group, then the group is destroyed and garbage collected. Whether that
+    removes the abort cannot be shown in the few dozen runs a CPU allows, so the torchrun test still
+    reruns once on that exact message."""
+    import gc
+
+    if not dist.is_initialized():
+        return
+    dist.barrier(device_ids=[torch.cuda.current_device()]) if dist.get_backend() == "nccl" else dist.barrier()
+    reducer = getattr(network, "reducer", None)
+    if reducer is not None:
+        reducer._remove_autograd_hooks()
+        network.reducer = network.logger = None
+    if hasattr(network, "process_group"):
+        network.process_group = None
+    dist.destroy_process_group()
+    gc.collect()
+
+
 def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Round-robin share of ``items`` for ``rank`` (every rank must see the same sorted list)."""
     if not 0 <= rank < world_size:
