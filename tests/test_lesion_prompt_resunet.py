@@ -14,7 +14,7 @@ from segreport.models.spec import build_network as build_from_spec
 from segreport.networks.blocks.gradient_balance import GradientBalance
 from segreport.networks.blocks import lesion_features
 from segreport.networks.blocks.lesion_features import DESCRIPTOR_NAMES, image_maps, lesion_descriptors
-from segreport.networks.blocks.residual_unet import PointwiseConv3d, prompt_maps
+from segreport.networks.blocks.residual_unet import PointwiseConv3d, PromptPyramid, prompt_maps
 from segreport.networks.lesion_prompt import LesionPromptNet
 from segreport.vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 
@@ -122,6 +122,19 @@ def test_fast_dilation_and_pointwise_conv_equal_their_reference_ops(shape):
     conv = torch.nn.Conv3d(shape[1], 4, kernel_size=1)
     conv.load_state_dict(fast.state_dict())
     torch.testing.assert_close(fast(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("full, sizes", [((32, 32, 32), [(4, 4, 4), (8, 8, 8), (16, 16, 16), (32, 32, 32)]),
+                                         ((32, 24, 12), [(4, 3, 3), (16, 12, 6)]), ((30, 30, 30), [(10, 10, 10), (15, 15, 15)])])
+def test_prompt_pyramid_equals_max_pooling_the_full_maps(full, sizes):
+    """Each level of the decoder's prompt pyramid, asked coarsest first as a click asks, is exactly the
+    full maps max-pooled to it (levels made from halved levels, or pooled directly when sizes do not halve)."""
+    torch.manual_seed(0)
+    maps = torch.rand(1, 3, *full)
+    pyramid = PromptPyramid(maps)
+    for size in sizes:
+        factor = [f // s for f, s in zip(full, size)]
+        assert torch.equal(pyramid.at(size), torch.nn.functional.max_pool3d(maps, factor, factor)), size
 
 
 def test_descriptors_of_an_empty_mask_are_finite():

@@ -50,7 +50,7 @@ from segreport.networks.blocks.cpu_convs import fast_cpu_convs
 from segreport.networks.blocks.gradient_balance import GradientBalance
 from segreport.networks.blocks.lesion_features import LesionAttributeFeatures, image_maps
 from segreport.networks.blocks.prompt import PAD_LABEL, PromptEncoder3D, kmeans_refine_points
-from segreport.networks.blocks.residual_unet import PointwiseConv3d, PromptFusionDecoder3D, ResidualEncoder3D, prompt_maps
+from segreport.networks.blocks.residual_unet import PointwiseConv3d, PromptFusionDecoder3D, PromptPyramid, ResidualEncoder3D, prompt_maps
 from segreport.networks.blocks.vit3d import ViTImageEncoder3D, channel_layer_norm_3d, self_attention_block
 from segreport.vocab import ATTRIBUTE_NUM_CLASSES
 
@@ -430,7 +430,7 @@ class LesionPromptNet(nn.Module):
         grid, high_res, image = embedding.expand(b)
         maps = None
         if self.prompt_decoder is not None:  # the clicks as given (not the refined points) and the previous mask
-            maps = prompt_maps(points, point_labels, self.img_size, mask_prompt).to(grid.dtype)
+            maps = PromptPyramid(prompt_maps(points, point_labels, self.img_size, mask_prompt).to(grid.dtype))
         if self.point_refinement:
             extra, extra_labels = kmeans_refine_points(
                 grid, points, point_labels, self.img_size, self.refine_window, self.refine_k, self.refine_iters

@@ -49,9 +49,13 @@ class PointwiseConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(self.weight.flatten(1), x.flatten(2))  # (O, C) @ (B, C, N) -> (B, O, N)
-        if self.bias is not None:
-            y = y + self.bias[:, None]
+        w = self.weight.flatten(1)
+        if x.shape[0] == 1 and self.bias is not None:  # one fused product + bias (a click): no broadcast copy
+            y = torch.addmm(self.bias[:, None], w, x.reshape(x.shape[1], -1))
+        else:
+            y = torch.matmul(w, x.flatten(2))  # (O, C) @ (B, C, N) -> (B, O, N)
+            if self.bias is not None:
+                y = y + self.bias[:, None]
         return y.view(x.shape[0], self.out_channels, *x.shape[2:])
 
 
@@ -140,17 +144,44 @@ class PromptFusionDecoder3D(nn.Module):
         # the bottleneck sees the prompt maps too (max-pooled, so a click never vanishes)
         self.bottleneck_proj = PointwiseConv3d(prompt_channels, in_channels)
 
-    def fuse_bottleneck(self, grid: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        return grid + self.bottleneck_proj(_pool_to(maps, grid.shape[2:]))
+    def fuse_bottleneck(self, grid: torch.Tensor, maps: torch.Tensor | PromptPyramid) -> torch.Tensor:
+        return grid + self.bottleneck_proj(PromptPyramid.of(maps).at(grid.shape[2:]))
 
-    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], maps: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], maps: torch.Tensor | PromptPyramid) -> torch.Tensor:
+        maps = PromptPyramid.of(maps)
         for up, proj, conv, skip in zip(self.ups, self.projs, self.convs, reversed(skips)):
-            x = up(x) + skip + proj(_pool_to(maps, skip.shape[2:]))
+            x = up(x) + skip + proj(maps.at(skip.shape[2:]))
             x = conv(x)
         return x
 
 
-def _pool_to(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Max-pool the prompt maps to ``size`` (an integer factor of theirs)."""
-    factor = [m // s for m, s in zip(maps.shape[2:], size)]
-    return maps if max(factor) == 1 else F.max_pool3d(maps, kernel_size=factor, stride=factor)
+class PromptPyramid:
+    """The prompt maps max-pooled to each size asked for, each level from the one twice its size (the
+    U-Net's sizes halve, and a 2³ pool of a 2³ pool is exactly the 4³ pool): a click's decoder reads
+    the full-size maps once, not once per level."""
+
+    def __init__(self, maps: torch.Tensor):
+        self.full = tuple(maps.shape[2:])
+        self.levels = {self.full: maps}
+
+    @classmethod
+    def of(cls, maps: torch.Tensor | PromptPyramid) -> PromptPyramid:
+        return maps if isinstance(maps, PromptPyramid) else cls(maps)
+
+    def at(self, size: Sequence[int]) -> torch.Tensor:
+        size = tuple(int(s) for s in size)
+        if size not in self.levels:
+            double = tuple(2 * s for s in size)
+            parent = double if all(f % d == 0 for f, d in zip(self.full, double)) else self.full
+            source = self.at(parent)
+            factor = [a // b for a, b in zip(parent, size)]
+            self.levels[size] = _halve_max(source) if factor == [2, 2, 2] else F.max_pool3d(source, kernel_size=factor, stride=factor)
+        return self.levels[size]
+
+
+def _halve_max(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool3d(x, 2, 2)`` of even-sized (B, C, D, H, W) as three maxima of even and odd slices: the
+    same numbers, about ten times faster on a CPU at batch 1 (measured 0.09 vs 0.96 ms for 3 x 32³)."""
+    x = torch.maximum(x[:, :, 0::2], x[:, :, 1::2])
+    x = torch.maximum(x[:, :, :, 0::2], x[:, :, :, 1::2])
+    return torch.maximum(x[..., 0::2], x[..., 1::2])
