@@ -271,41 +271,6 @@ def test_lesion_batch_draws_no_click_windows_anywhere_with_every_lesion(phantom_
     assert kwargs == {"clicks": True} and torch.equal(targets["label"], batch["label"]) and image.shape[2:] == (32, 32, 32)
 
 
-def test_lung_windows_lie_in_the_lungs_carry_their_lesions_and_feed_no_click_steps(phantom_dir):
-    """The lung window of an item (real phantom transforms): centred on a lung voxel of the CT, drawn per
-    item and the same on every call (cached), its lesions its target; a no-click step with
-    ``lung_windows=1`` cuts every sample's window from it, a click step never does."""
-    from segreport.transforms.lung_mask import lung_mask_from_ct
-    from segreport.transforms.lung_window import LUNG_POINT, LungPointd
-
-    items = lr.load_datalists(phantom_dir, lesions="all", min_lesion_voxels=20)["training"][:3]
-    loaded = [lr.load_transforms()(dict(it)) for it in items]
-    points = [LungPointd()(d)[LUNG_POINT] for d in loaded]
-    for d, point in zip(loaded, points):
-        ijk = np.round(np.linalg.inv(np.asarray(d["image"].affine)) @ np.append(point, 1))[:3].astype(int)
-        assert lung_mask_from_ct(np.asarray(d["image"])[0])[tuple(ijk)]
-        assert np.allclose(LungPointd()(d)[LUNG_POINT], point)  # deterministic: CacheDataset keeps it
-    assert len({tuple(np.round(p, 3)) for p in points}) == len(points)  # a place per item, not one for all
-    tf = lr.training_transforms(16, SPACING, margin=8, lung_window=True)
-    d = tf(dict(items[0]))
-    assert d["lung_image"].shape == d["image"].shape == (1, 32, 32, 32) and d["lung_every_lesion"].shape == d["every_lesion"].shape
-    assert not torch.equal(d["lung_image"], d["image"])
-    batch = {k: torch.stack([tf(dict(it))[k] for it in items[:2]]) for k in ("image", "label", "every_lesion", "attr_target", *lr.LUNG_WINDOW_KEYS)}
-    index = torch.arange(32 ** 3, dtype=torch.float32).reshape(1, 1, 32, 32, 32).expand(2, 1, -1, -1, -1)
-    batch["image"], batch["lung_image"] = index.clone(), -index - 1  # negative: cut from the lung window
-    for dropout, clicks in ((1.0, False), (0.0, True)):
-        image, targets, _, _ = lr.LesionBatch(16, jitter=2, prompt_dropout=dropout, lung_windows=1.0, seed=0)(batch)
-        for b in range(2):
-            first = int(image[b, 0, 0, 0, 0])
-            assert (first < 0) == (not clicks)
-            if not clicks:
-                start = np.unravel_index(-first - 1, (32, 32, 32))
-                window = tuple(slice(int(a), int(a) + 16) for a in start)
-                assert torch.equal(targets["label"][b, 0], batch["lung_every_lesion"][b, 0][window])
-    with pytest.raises(ValueError, match="lung window"):
-        lr.LesionBatch(16, prompt_dropout=1.0, lung_windows=0.5)({k: batch[k] for k in ("image", "label", "every_lesion", "attr_target")})
-
-
 # ------------------------------------------------------------------------------------------- geometry
 def test_roi_to_original_equals_monai_inverse(phantom_dir):
     """ROI -> original grid through affines == paste_back + inverting orientation/resampling (MONAI)."""

@@ -49,7 +49,6 @@ from ..losses.lesion_report import LesionReportLoss
 from ..metrics.segmentation import dice as dice_score
 from ..transforms.attributes import IGNORE_INDEX, encode_attribute, encode_attributes
 from ..transforms.crop import CropLargestLesiond
-from ..transforms.lung_window import CropAtPointd, LungPointd
 from ..transforms.volume import volume_transforms
 from ..vocab import ATTRIBUTE_NAMES
 from .loaders import engine_loss, make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
@@ -294,7 +293,6 @@ def attribute_targets(attributes: Sequence[Mapping] | None, lesion_id: int, case
 
 
 EVERY_LESION = "every_lesion"  # item key: the mask of all the case's lesions (SelectLesiond)
-LUNG_WINDOW_KEYS = ["lung_image", "lung_" + EVERY_LESION]  # a window of the lungs and its lesions (CropAtPointd)
 
 
 class SelectLesiond(MapTransform):
@@ -369,40 +367,35 @@ def load_transforms(select: bool = True) -> Compose:
 
 
 def spatial_transforms(roi_size: int | Sequence[int], spacing: Sequence[float], window: str | Sequence[float] = "lung",
-                       axcodes: str = "RAS", margin: int = 0, lung_window: bool = False) -> Compose:
+                       axcodes: str = "RAS", margin: int = 0) -> Compose:
     """:func:`volume_transforms`, then the fixed ROI centred on the (selected) lesion.
 
     ``margin`` > 0 crops ``roi_size + 2 * margin``, from which :class:`LesionBatch` takes the
     training step's ``roi_size`` window. Parts of the ROI outside the image (small images, lesions at
     the border) are padded: image with 0, i.e. the window minimum (air in the lung window), labels
-    with background. ``lung_window``: also the same size around the item's ``lung_point``
-    (:class:`~segreport.transforms.lung_window.LungPointd`) into ``lung_image`` / ``lung_every_lesion``.
+    with background.
     """
-    roi = tuple(int(r) for r in np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)) + 2 * int(margin))
+    roi = np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)) + 2 * int(margin)
     keys = ["image", "label", EVERY_LESION]
-    lung = [CropAtPointd(keys=["image", EVERY_LESION], roi_size=roi)] if lung_window else []
     return Compose([
         volume_transforms(spacing, window, axcodes, keys=keys),
-        *lung,
-        CropLargestLesiond(keys=keys, roi_size=roi, label_key="label", on_empty="raise", allow_missing_keys=True),
+        CropLargestLesiond(keys=keys, roi_size=tuple(int(r) for r in roi), label_key="label", on_empty="raise",
+                           allow_missing_keys=True),
     ])
 
 
 def training_transforms(roi_size: int | Sequence[int], spacing: Sequence[float], window: str | Sequence[float] = "lung",
-                        axcodes: str = "RAS", margin: int = 0, lung_window: bool = False, seed: int = 0) -> Compose:
+                        axcodes: str = "RAS", margin: int = 0) -> Compose:
     """Items -> ``image`` (1, *roi) in [0, 1], ``label`` (1, *roi) target lesion, ``every_lesion``
     (1, *roi) all lesions, ``attr_target`` (5,). With ``margin``: ``roi_size + 2 * margin`` around the
-    lesion, from which :class:`LesionBatch` crops each step's window; with ``lung_window`` too, the same
-    size somewhere in the lungs (``lung_image``, ``lung_every_lesion``; :mod:`~segreport.transforms.lung_window`,
-    its place drawn per item with ``seed``).
+    lesion, from which :class:`LesionBatch` crops each step's window.
 
     Deterministic (so ``CacheDataset`` caches all of it): the random window is the batch's, where the
     step's kind (clicks or none) is drawn.
     """
     roi = tuple(int(r) for r in np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)))
-    keys = ["image", "label", EVERY_LESION] + (LUNG_WINDOW_KEYS if lung_window else [])
-    steps = [load_transforms(), *([LungPointd("image", seed=seed)] if lung_window else []),
-             spatial_transforms(roi, spacing, window, axcodes, margin, lung_window),
+    keys = ["image", "label", EVERY_LESION]
+    steps = [load_transforms(), spatial_transforms(roi, spacing, window, axcodes, margin),
              EnsureTyped(keys=keys, track_meta=False),
              SelectItemsd(keys=[*keys, "attr_target", "lesion_id", "case_id"])]
     return Compose(steps).flatten()  # flat: CacheDataset caches up to the first nested transform
@@ -423,19 +416,13 @@ class LesionBatch(PrepareBatch):
     **click step**: the lesion shifted by up to ``jitter`` voxels from the window's centre (at
     inference the ROI is centred on a click, not on the lesion's bounding box), its own mask the
     target. Validation (no ``roi_size``): the batch as it comes, a click step.
-
-    ``lung_windows``: the share of a no-click step's samples whose window is cut from the item's
-    window of the lungs instead (``lung_image``; :func:`training_transforms` with ``lung_window``),
-    mostly lesion-free, as most of the automatic mode's windows are.
     """
 
-    def __init__(self, roi_size: int | Sequence[int] | None = None, jitter: int = 0, prompt_dropout: float = 0.0, seed: int = 0,
-                 lung_windows: float = 0.0):
-        for name, share in (("prompt_dropout", prompt_dropout), ("lung_windows", lung_windows)):
-            if not 0.0 <= share <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {share}")
+    def __init__(self, roi_size: int | Sequence[int] | None = None, jitter: int = 0, prompt_dropout: float = 0.0, seed: int = 0):
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
         self.roi = None if roi_size is None else tuple(int(r) for r in np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)))
-        self.jitter, self.prompt_dropout, self.lung_windows = int(jitter), float(prompt_dropout), float(lung_windows)
+        self.jitter, self.prompt_dropout = int(jitter), float(prompt_dropout)
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
@@ -448,12 +435,6 @@ class LesionBatch(PrepareBatch):
                 raise ValueError(f"batch of spatial size {tuple(image.shape[2:])} holds no {self.roi} window with jitter {self.jitter}")
             if not clicks:
                 label, attrs = batchdata[EVERY_LESION], torch.full_like(attrs, IGNORE_INDEX)
-                if self.lung_windows > 0:
-                    if LUNG_WINDOW_KEYS[0] not in batchdata:
-                        raise ValueError("lung_windows > 0 needs items with a lung window (training_transforms(lung_window=True))")
-                    lung = torch.as_tensor(self.rng.random(len(image)) < self.lung_windows).view(-1, 1, 1, 1, 1)
-                    image = torch.where(lung, batchdata[LUNG_WINDOW_KEYS[0]], image)
-                    label = torch.where(lung, batchdata[LUNG_WINDOW_KEYS[1]], label)
             starts = [self.rng.integers(0, 2 * margin + 1) if not clicks else margin + self.rng.integers(-self.jitter, self.jitter + 1, 3)
                       for _ in range(len(image))]
             image, label = self._windows(image, starts), self._windows(label, starts)
