@@ -271,6 +271,25 @@ def test_lesion_batch_draws_no_click_windows_anywhere_with_every_lesion(phantom_
     assert kwargs == {"clicks": True} and torch.equal(targets["label"], batch["label"]) and image.shape[2:] == (32, 32, 32)
 
 
+def test_mirrored_search_windows_average_the_window_and_its_mirror_image():
+    """Test-time mirroring along x: the probability is the mean of the window's and of its mirror image's
+    (mirrored back), so an asymmetric network's answer changes and a symmetric input's does not."""
+    from segreport.inference.automatic import zero_click_probability
+
+    class Ramp(torch.nn.Module):  # an x-asymmetric "network": logit grows with x and with intensity
+        def forward(self, x):
+            ramp = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1)
+            return {"mask_logits": x + ramp - x.shape[2] / 2}
+
+    rois = torch.rand(2, 1, 8, 6, 4)
+    windows: list[int] = []
+    plain = zero_click_probability(Ramp(), windows)(rois)
+    mirrored = zero_click_probability(Ramp(), windows, (0,))(rois)
+    flipped = torch.sigmoid(Ramp()(rois.flip(2))["mask_logits"]).flip(2)
+    torch.testing.assert_close(mirrored, (plain + flipped) / 2)
+    assert not torch.allclose(mirrored, plain) and windows == [2, 2]
+
+
 # ------------------------------------------------------------------------------------------- geometry
 def test_roi_to_original_equals_monai_inverse(phantom_dir):
     """ROI -> original grid through affines == paste_back + inverting orientation/resampling (MONAI)."""

@@ -60,7 +60,10 @@ class SearchSettings:
     already belong to refined lesions by this fraction is not refined again; ``outline_min_ml``: a
     smaller candidate keeps the windows' outline, its click gives only its attributes (the click's
     prompt ball and the least the model answers a click with are larger than such a speck: measured on
-    the seed-101 phantom, clicks on 0.5-0.7 mL false candidates drew 1.8-3.2 mL masks)."""
+    the seed-101 phantom, clicks on 0.5-0.7 mL false candidates drew 1.8-3.2 mL masks); ``mirror_axes``:
+    each window also run mirrored along these model-grid axes and averaged, nnU-Net's test-time
+    mirroring, here left-right only (measured, x: precision 0.84 -> 1.00 and 0.75 -> 0.80 on the seed-101
+    and seed-202 phantoms, recall 0.84 -> 0.79 and 0.78 -> 0.78, time per volume x1.3; () = off)."""
 
     overlap: float = 0.5
     sw_batch_size: int = 4
@@ -68,15 +71,21 @@ class SearchSettings:
     covered: float = 0.5
     outline_min_ml: float = 1.0
     margin_mm: float = 10.0  # around the lungs' box: juxtapleural lesions and the blending's fall-off
+    mirror_axes: tuple[int, ...] = (0,)
 
 
-def zero_click_probability(network: nn.Module, windows: list[int]):
+def zero_click_probability(network: nn.Module, windows: list[int], mirror_axes: tuple[int, ...] = ()):
     """The network's no-click lesion probability of a batch of ROIs, (B, 1, *roi): what the windows run
-    (promptable models and the U-Net baseline both return ``mask_logits``). Appends each batch's size
-    to ``windows``: the count of windows run is the inferer's own, not recomputed."""
+    (promptable models and the U-Net baseline both return ``mask_logits``). ``mirror_axes`` (model-grid
+    axes, 0 = x): also each mirrored ROI, mirrored back and averaged (nnU-Net's test-time mirroring).
+    Appends each batch's size to ``windows``: the count of windows run is the inferer's own."""
     def predict(rois: torch.Tensor) -> torch.Tensor:
         windows.append(len(rois))
-        return torch.sigmoid(network(rois)["mask_logits"][:, :1].float())
+        prob = torch.sigmoid(network(rois)["mask_logits"][:, :1].float())
+        for axis in mirror_axes:
+            dim = 2 + int(axis)
+            prob = prob + torch.sigmoid(network(rois.flip(dim))["mask_logits"][:, :1].float()).flip(dim)
+        return prob / (1 + len(mirror_axes))
     return predict
 
 
@@ -109,7 +118,7 @@ def search_probability(network: nn.Module, volume: MetaTensor, box: tuple[slice,
                                    mode="gaussian", padding_mode="constant", cval=float(crop.min()), sw_device=device,
                                    device=torch.device("cpu"))
     windows: list[int] = []
-    prob = inferer(crop.as_tensor()[None].float(), zero_click_probability(network, windows))
+    prob = inferer(crop.as_tensor()[None].float(), zero_click_probability(network, windows, tuple(settings.mirror_axes)))
     return prob[0, 0], affine, sum(windows)
 
 
