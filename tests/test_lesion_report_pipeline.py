@@ -273,7 +273,7 @@ def test_lesion_batch_draws_no_click_windows_anywhere_with_every_lesion(phantom_
 
 def test_mirrored_search_windows_average_the_window_and_its_mirror_image():
     """Test-time mirroring along x: the probability is the mean of the window's and of its mirror image's
-    (mirrored back), so an asymmetric network's answer changes and a symmetric input's does not."""
+    (mirrored back), so an x-asymmetric network's answer changes; every window is counted once."""
     from segreport.inference.automatic import zero_click_probability
 
     class Ramp(torch.nn.Module):  # an x-asymmetric "network": logit grows with x and with intensity

@@ -104,9 +104,10 @@ def end_training(network: torch.nn.Module) -> None:
     finalisation and the rank aborts ("terminate called without an active exception";
     pytorch/pytorch#179291): one rank in a few dozen CPU runs here, after the checkpoint was written.
     So every rank first waits for the others (none tears down while rank 0 still writes), the wrapper
-    lets go of its reducer and group, then the group is destroyed and garbage collected. Whether that
-    removes the abort cannot be shown in the few dozen runs a CPU allows, so the torchrun test still
-    reruns once on that exact message."""
+    lets go of its reducer and group, then the group is destroyed (its backends shut down) and a
+    garbage collection runs. The group's Python object still stayed referenced from inside torch in a
+    check here, and whether all this removes the abort cannot be shown in the few dozen runs a CPU
+    allows, so the torchrun test still reruns once on that exact message."""
     import gc
 
     if not dist.is_initialized():

@@ -49,13 +49,9 @@ class PointwiseConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.flatten(1)
-        if x.shape[0] == 1 and self.bias is not None:  # one fused product + bias (a click): no broadcast copy
-            y = torch.addmm(self.bias[:, None], w, x.reshape(x.shape[1], -1))
-        else:
-            y = torch.matmul(w, x.flatten(2))  # (O, C) @ (B, C, N) -> (B, O, N)
-            if self.bias is not None:
-                y = y + self.bias[:, None]
+        y = torch.matmul(self.weight.flatten(1), x.flatten(2))  # (O, C) @ (B, C, N) -> (B, O, N)
+        if self.bias is not None:
+            y = y + self.bias[:, None]
         return y.view(x.shape[0], self.out_channels, *x.shape[2:])
 
 
