@@ -72,6 +72,7 @@ class SearchSettings:
     outline_min_ml: float = 1.0
     margin_mm: float = 10.0  # around the lungs' box: juxtapleural lesions and the blending's fall-off
     mirror_axes: tuple[int, ...] = (0,)
+    threshold: float | None = None  # of the candidates' probability; None: the model's
 
 
 def zero_click_probability(network: nn.Module, windows: list[int], mirror_axes: tuple[int, ...] = ()):
@@ -224,7 +225,8 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
     affine, shape, name = session.orig_affine, session.shape, session.source or "image"
     lung = lung_mask_from_ct(session.ct) if lung is None else np.asarray(lung) > 0
     found = search(session.network, session.volume, affine, shape, lung, session.roi_size, session.device,
-                   session.threshold, settings, midline_x(session.ct, affine))
+                   session.threshold if settings.threshold is None else settings.threshold, settings,
+                   midline_x(session.ct, affine))
     log.info("%s: %d windows, %d candidate lesions", name, found.windows, len(found.ids))
     instances = np.zeros(shape, dtype=np.int32)
     lesions: list[LesionAttributes] = []

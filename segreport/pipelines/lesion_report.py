@@ -25,6 +25,7 @@ import csv
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,28 @@ def expand_lesions(items: Sequence[dict], min_voxels: int = 20) -> list[dict]:
             log.warning("case %s: %d lesion(s) under %d voxels not used as targets", item.get("case_id"), small, min_voxels)
         out += [{**item, "lesion_id": i} for i in keep]
     return out
+
+
+def sampling_weights(items: Sequence[dict], by: str | None, power: float = 0.5) -> list[float] | None:
+    """A sampling weight per training item, 1 / count(value)^``power`` of its lesion's ``by`` (an
+    attribute group or ``lesion_type``; lesions without one form their own group): rare kinds of lesion
+    are drawn more often (nnU-Net oversamples rare foreground the same way; 0.5 is the square-root
+    sampling of Mahajan et al. 2018). None (``by`` None): plain shuffling. Why: measured, solid nodules,
+    a few of the phantom's training lesions, were not learned (Dice 0.01-0.06 even clicked at the centre)."""
+    if by is None:
+        return None
+    values = [_lesion_value(it, by) for it in items]
+    counts = Counter(values)
+    log.info("sampling balanced by %s (power %s): %s", by, power, dict(counts))
+    return [float(counts[v]) ** -float(power) for v in values]
+
+
+def _lesion_value(item: Mapping, key: str):
+    """``key`` of the item's own lesion: its attribute row (``id`` = ``lesion_id``), else the item's."""
+    lesion = item.get("lesion_id")
+    row = next((r for r in item.get("attributes") or [] if r.get("id") is not None and lesion is not None
+                and int(r["id"]) == int(lesion)), None)
+    return (row or {}).get(key, item.get(key))
 
 
 def load_datalists(
