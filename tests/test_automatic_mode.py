@@ -147,6 +147,15 @@ def test_a_speck_keeps_the_windows_outline_and_its_click_gives_the_attributes():
         assert pred.lesion_attributes[speck["id"] - 1].attributes is not None
 
 
+def test_the_candidates_threshold_is_the_searchs_own_when_set():
+    """``SearchSettings.threshold`` replaces the model's for the candidates: above the grower's
+    probability (sigmoid 8 = 0.99966) nothing is a candidate; unset, the model's 0.5 finds all three."""
+    ct, lung, _ = _chest()
+    assert _find(ct, AFFINE, lung)[1].extras["candidates"] == 3
+    assert _find(ct, AFFINE, lung, threshold=0.9999)[1].extras["candidates"] == 0
+    assert _find(ct, AFFINE, lung, threshold=0.9)[1].extras["candidates"] == 3
+
+
 def test_the_bundle_predictor_runs_a_real_network_automatically(phantom_dir):
     """The default 3D network (untrained, tiny) through the bundle's predictor on a phantom case: no click
     means the automatic mode; every lesion has an anchor inside its mask and attributes."""

@@ -179,6 +179,35 @@ def test_all_lesions_gives_one_item_per_lesion_split_by_case(phantom_dir):
     assert int(d["label"].sum()) == sizes[smallest]  # that lesion, not the largest
 
 
+def test_balanced_sampling_draws_rare_lesions_in_proportion_to_their_weights(phantom_dir):
+    """``sampling_weights`` gives each lesion 1 / count(its value)^power (from its own attribute row),
+    and the loader draws that: with power 1 every shape comes about equally often, as many
+    items per epoch as the dataset holds."""
+    from segreport.pipelines.loaders import make_loader
+
+    items = lr.load_datalists(phantom_dir, lesions="all", min_lesion_voxels=20)["training"]
+    assert lr.sampling_weights(items, None) is None
+    values = [lr._lesion_value(it, "shape") for it in items]
+    counts = {v: values.count(v) for v in set(values)}
+    assert len(counts) > 1 and len(set(counts.values())) > 1  # the phantom's shapes are imbalanced
+    case = json.loads((phantom_dir / "dataset.json").read_text())["training"]
+    rows = {(c["case_id"], a["id"]): a["shape"] for c in case for a in c["attributes"]}
+    assert values == [rows[(it["case_id"], it["lesion_id"])] for it in items]  # the item's own lesion's
+    for power in (0.5, 1.0):
+        weights = lr.sampling_weights(items, "shape", power)
+        assert weights == pytest.approx([counts[v] ** -power for v in values])
+    torch.manual_seed(0)
+    loader = make_loader(list(range(len(items))), batch_size=len(items), weights=lr.sampling_weights(items, "shape", 1.0))
+    drawn = [values[i] for _ in range(300) for i in next(iter(loader)).tolist()]
+    assert len(drawn) == 300 * len(items)
+    shares = [drawn.count(v) / len(drawn) for v in counts]
+    assert max(shares) - min(shares) < 0.05, shares  # shuffled, the most common would come most often
+    with pytest.raises(ValueError, match="distributed"):
+        make_loader(list(range(len(items))), weights=[1.0] * len(items), distributed=True)
+    with pytest.raises(ValueError, match="sampling weights for"):
+        make_loader(list(range(3)), weights=[1.0, 2.0])
+
+
 # ----------------------------------------------------------------------------------- click simulation
 class _StubNet(torch.nn.Module):
     """Records the prompts; predicts ``fill`` everywhere (1 -> false positives, 0 -> false negatives)."""
