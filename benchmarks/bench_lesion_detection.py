@@ -125,7 +125,7 @@ def large_volume_run(checkpoint: Path, work: Path) -> dict:
     # the peak is this process's own VmHWM: ru_maxrss survives fork + exec, so it would report the
     # parent's size at the fork (measured: 4.68 GB right after this process generated the 512³ phantom,
     # 3.63 GB in a fresh run of the same code)
-    code = ("import json, resource, sys, time; sys.path.insert(0, %r); from segreport import models; "
+    code = ("import json, sys, time; sys.path.insert(0, %r); from segreport import models; "
             "peak_gb = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 2**20; "
             "from segreport.pipelines.batch import run_batch; p = models.load(%r, device='cpu', kind='lesion_report_3d'); "
             "t = time.perf_counter(); s = run_batch(p, %r, %r, overwrite=True, device='cpu'); s.raise_if_failed(); "

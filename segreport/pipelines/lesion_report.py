@@ -191,8 +191,10 @@ def sampling_weights(items: Sequence[dict], by: str | None, power: float = 0.5) 
     """A sampling weight per training item, 1 / count(value)^``power`` of its lesion's ``by`` (an
     attribute group or ``lesion_type``; lesions without one form their own group): rare kinds of lesion
     are drawn more often (nnU-Net oversamples rare foreground the same way; 0.5 is the square-root
-    sampling of Mahajan et al. 2018). None (``by`` None): plain shuffling. Why: measured, solid nodules,
-    a few of the phantom's training lesions, were not learned (Dice 0.01-0.06 even clicked at the centre)."""
+    sampling of Mahajan et al. 2018). None (``by`` None): plain shuffling. Why: solid nodules, a few of
+    the phantom's training lesions, were not learned (Dice 0.01-0.06 clicked at their centre). Measured,
+    density at power 1 fixes them (0.47-0.79) but breaks the diffuse ground glass and the automatic
+    mode, so the bundle keeps it off (docs/results.md)."""
     if by is None:
         return None
     values = [_lesion_value(it, by) for it in items]
