@@ -207,7 +207,9 @@ def search(network: nn.Module, volume: MetaTensor, orig_affine: np.ndarray, shap
            threshold: float, settings: SearchSettings, midline: float | None = None) -> Search:
     """Steps 1-2 of the module docstring for any network with a zero-click ``mask_logits`` (the 3D
     U-Net baseline runs the same windows). ``volume``: the image pre-processed for the model;
-    ``midline``: :func:`midline_x` of the image (None: components are not cut)."""
+    ``midline``: :func:`midline_x` of the image (None: components are not cut); ``threshold``: the
+    model's, unless ``settings.threshold`` is set."""
+    threshold = threshold if settings.threshold is None else settings.threshold
     box = lung_box(lung, orig_affine, volume, settings.margin_mm)
     if box is None:
         return Search(np.zeros(shape, np.int32), [], [])
@@ -227,8 +229,7 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
     affine, shape, name = session.orig_affine, session.shape, session.source or "image"
     lung = lung_mask_from_ct(session.ct) if lung is None else np.asarray(lung) > 0
     found = search(session.network, session.volume, affine, shape, lung, session.roi_size, session.device,
-                   session.threshold if settings.threshold is None else settings.threshold, settings,
-                   midline_x(session.ct, affine))
+                   session.threshold, settings, midline_x(session.ct, affine))
     log.info("%s: %d windows, %d candidate lesions", name, found.windows, len(found.ids))
     instances = np.zeros(shape, dtype=np.int32)
     lesions: list[LesionAttributes] = []
