@@ -206,9 +206,13 @@ def sampling_weights(items: Sequence[dict], by: str | None, power: float = 0.5) 
 def _lesion_value(item: Mapping, key: str):
     """``key`` of the item's own lesion: its attribute row (``id`` = ``lesion_id``), else the item's."""
     lesion = item.get("lesion_id")
-    row = next((r for r in item.get("attributes") or [] if r.get("id") is not None and lesion is not None
-                and int(r["id"]) == int(lesion)), None)
+    row = None if lesion is None else lesion_row(item.get("attributes"), int(lesion))
     return (row or {}).get(key, item.get(key))
+
+
+def lesion_row(attributes: Sequence[Mapping] | None, lesion_id: int) -> Mapping | None:
+    """The attribute row whose ``id`` is ``lesion_id``, None without one."""
+    return next((r for r in attributes or [] if r.get("id") is not None and int(r["id"]) == lesion_id), None)
 
 
 def load_datalists(
@@ -304,7 +308,7 @@ def attribute_targets(attributes: Sequence[Mapping] | None, lesion_id: int, case
     dataset still trains.
     """
     rows = list(attributes or [])
-    row = next((r for r in rows if r.get("id") is not None and int(r["id"]) == lesion_id), None)
+    row = lesion_row(rows, lesion_id)
     if row is None and largest:
         row = next((r for r in rows if r.get("id") is None), None)
     if row is None:
