@@ -197,11 +197,21 @@ def test_balanced_sampling_draws_rare_lesions_in_proportion_to_their_weights(pha
         weights = lr.sampling_weights(items, "shape", power)
         assert weights == pytest.approx([counts[v] ** -power for v in values])
     torch.manual_seed(0)
-    loader = make_loader(list(range(len(items))), batch_size=len(items), weights=lr.sampling_weights(items, "shape", 1.0))
-    drawn = [values[i] for _ in range(300) for i in next(iter(loader)).tolist()]
-    assert len(drawn) == 300 * len(items)
+    weights = lr.sampling_weights(items, "shape", 1.0)
+    indexed = [{"i": i} for i in range(len(items))]
+    loader = make_loader(indexed, batch_size=len(items), weights=weights)
+    assert len(loader) == 1  # as many per epoch as shuffling gives
+    batches = [next(iter(loader)) for _ in range(1000)]
+    drawn = [values[i] for b in batches for i in b["i"].tolist()]
+    assert len(drawn) == 1000 * len(items) and all(bool(b["weighted"].all()) for b in batches)
     shares = [drawn.count(v) / len(drawn) for v in counts]
     assert max(shares) - min(shares) < 0.05, shares  # shuffled, the most common would come most often
+    # importance = natural / weighted probability: the importance-weighted mean of any per-item value is its
+    # natural mean (here: how often each shape is drawn weighs back to its count)
+    importance = torch.cat([b["importance"] for b in batches]).double()
+    for v in counts:
+        hit = torch.tensor([x == v for x in drawn], dtype=torch.double)
+        assert float((hit * importance).mean()) == pytest.approx(counts[v] / len(items), abs=0.03)
     with pytest.raises(ValueError, match="distributed"):
         make_loader(list(range(len(items))), weights=[1.0] * len(items), distributed=True)
     with pytest.raises(ValueError, match="sampling weights for"):
@@ -264,6 +274,58 @@ def test_no_click_steps_have_no_click_and_no_mask_prompt():
         assert (out["n_clicks"] >= 1).all() and (net.calls[-1][1][:, 0] == 1).all()  # never starts negative
 
 
+def test_balanced_click_steps_leave_the_no_click_steps_on_the_natural_mix():
+    """``balance_steps: clicks``: the loader draws a share of its batches uniformly, and exactly those are
+    the no-click steps; the weighted ones are click steps with the importance as attribute weight. A
+    loader with neither weights nor tags leaves the step to ``prompt_dropout``."""
+    from segreport.pipelines.loaders import make_loader
+
+    n, rare = 40, 3
+    weights = [10.0 if i < rare else 1.0 for i in range(n)]  # items 0..2 rare, drawn 10x as often
+    items = [{"image": torch.full((1, 4, 4, 4), float(i)), "label": torch.zeros(1, 4, 4, 4), "every_lesion": torch.zeros(1, 4, 4, 4),
+              "attr_target": torch.zeros(5, dtype=torch.long)} for i in range(n)]
+    torch.manual_seed(0)
+    loader = make_loader(items, batch_size=8, weights=weights, unweighted_share=0.25)
+    prep = lr.LesionBatch(4, prompt_dropout=0.25, seed=0, balanced_steps="clicks")
+    steps = {True: [], False: []}
+    for _ in range(60):
+        for batch in loader:
+            image, targets, _, kwargs = prep(batch)
+            steps[kwargs["clicks"]].append(image[:, 0, 0, 0, 0].long())
+            assert ("attr_weight" in targets) == kwargs["clicks"]
+            if kwargs["clicks"]:
+                assert torch.allclose(targets["attr_weight"], torch.tensor([0.1675 if i < rare else 1.675 for i in image[:, 0, 0, 0, 0].long()]))
+    share_rare = {k: float(torch.cat(v).lt(rare).double().mean()) for k, v in steps.items()}
+    assert share_rare[True] == pytest.approx(30 / 67, abs=0.06)  # weighted: 3 x 10 of 67
+    assert share_rare[False] == pytest.approx(rare / n, abs=0.04)  # uniform: 3 of 40
+    no_click_share = len(steps[False]) / (len(steps[False]) + len(steps[True]))
+    assert no_click_share == pytest.approx(0.25, abs=0.06)
+    with pytest.raises(ValueError, match="balanced_steps"):
+        lr.LesionBatch(4, balanced_steps="some")
+    with pytest.raises(ValueError, match="unweighted_share"):
+        make_loader(items, weights=weights, unweighted_share=1.5)
+
+
+def test_importance_weights_scale_each_samples_attribute_loss():
+    """The attribute CE with per-sample weights is the weighted sum over the annotated samples / their
+    count: all-ones weights give the plain mean, a zero weight removes a sample."""
+    from segreport.losses.lesion_report import attribute_cross_entropy
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(4, 3), torch.tensor([0, 2, IGNORE_INDEX, 1])
+    plain = torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+    assert torch.allclose(attribute_cross_entropy(logits, y, IGNORE_INDEX, torch.ones(4)), plain)
+    each = torch.nn.functional.cross_entropy(logits, y.clamp(min=0), reduction="none")
+    w = torch.tensor([2.0, 0.0, 5.0, 1.0])
+    assert torch.allclose(attribute_cross_entropy(logits, y, IGNORE_INDEX, w), (2 * each[0] + each[3]) / 3)
+    # the objective takes the batch's weights from its targets (LesionBatch's attr_weight)
+    objective = lr.LesionReportObjective(lambda_attr=1.0, lambda_iou=0.0)
+    pred = {"attr_logits": {g: logits for g in ATTRIBUTE_NAMES}}
+    targets = {"label": None, "attributes": y[:, None].expand(4, len(ATTRIBUTE_NAMES)), "attr_weight": w}
+    assert torch.allclose(objective(pred, targets), len(ATTRIBUTE_NAMES) * (2 * each[0] + each[3]) / 3)
+    assert not torch.allclose(objective(pred, {**targets, "attr_weight": None}), objective(pred, targets))
+
+
 def test_lesion_batch_draws_no_click_windows_anywhere_with_every_lesion(phantom_dir):
     """Training steps from the cached margin: a no-click step takes a window anywhere in it, every lesion
     as the target and no attribute; a click step keeps the lesion within ``jitter`` of the centre."""
@@ -298,6 +360,29 @@ def test_lesion_batch_draws_no_click_windows_anywhere_with_every_lesion(phantom_
             assert starts.min() <= 2 and starts.max() >= 14  # far beyond the click steps' jitter
     image, targets, _, kwargs = lr.LesionBatch()(batch)  # validation: the batch as it comes
     assert kwargs == {"clicks": True} and torch.equal(targets["label"], batch["label"]) and image.shape[2:] == (32, 32, 32)
+
+
+def test_training_mirroring_flips_image_and_target_together():
+    """``mirror_prob``: a sample is flipped along the axes drawn for it, its target with it (an index
+    image tells which axes); at 0.5 each axis is flipped about half the time, at 0 never."""
+    index = torch.arange(16 ** 3, dtype=torch.float32).reshape(1, 1, 16, 16, 16).expand(4, 1, -1, -1, -1).clone()
+    batch = {"image": index, "label": index.clone(), "every_lesion": index.clone(), "attr_target": torch.zeros(4, 5, dtype=torch.long)}
+    flips = []
+    for prob in (0.0, 0.5):
+        prep = lr.LesionBatch(16, prompt_dropout=0.0, seed=1, mirror_prob=prob)
+        for _ in range(50):
+            image, targets, _, _ = prep(batch)
+            assert torch.equal(image, targets["label"])
+            for x in image[:, 0]:
+                corner = np.unravel_index(int(x[0, 0, 0]), (16, 16, 16))  # 15 along a flipped axis, else 0
+                axes = [d + 1 for d in range(3) if corner[d] == 15]
+                assert torch.equal(x.flip([a - 1 for a in axes]), index[0, 0])
+                flips.append((prob, tuple(c == 15 for c in corner)))
+    assert not any(any(f) for p, f in flips if p == 0.0)
+    shares = np.mean([f for p, f in flips if p == 0.5], axis=0)
+    assert np.all(np.abs(shares - 0.5) < 0.1), shares
+    with pytest.raises(ValueError, match="mirror_prob"):
+        lr.LesionBatch(16, mirror_prob=2.0)
 
 
 def test_mirrored_search_windows_average_the_window_and_its_mirror_image():

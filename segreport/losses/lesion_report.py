@@ -18,7 +18,20 @@ from torch import nn
 
 from segreport.vocab import ATTRIBUTE_NAMES
 
-__all__ = ["LesionReportLoss"]
+__all__ = ["LesionReportLoss", "attribute_cross_entropy"]
+
+
+def attribute_cross_entropy(logits: torch.Tensor, y: torch.Tensor, ignore_index: int = -100,
+                            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE over the annotated samples; with ``weight`` (B,) each sample's CE is scaled by it first
+    (importance weights of a balanced loader: the mean is then that of the natural mix, so the head keeps
+    the natural prior of the classes while the masks see the rare lesions more often)."""
+    y = y.to(logits.device).long()
+    if weight is None:
+        return F.cross_entropy(logits, y, ignore_index=ignore_index)
+    ce = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
+    valid = y != ignore_index
+    return (ce * weight.to(ce))[valid].sum() / valid.sum().clamp(min=1)
 
 
 class LesionReportLoss(nn.Module):
@@ -73,6 +86,7 @@ class LesionReportLoss(nn.Module):
         outputs: Mapping[str, torch.Tensor | Mapping[str, torch.Tensor]],
         target_mask: torch.Tensor | None = None,
         target_attributes: Mapping[str, torch.Tensor] | torch.Tensor | None = None,
+        attribute_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Args:
             outputs: model outputs: ``mask_logits`` (B, M, D, H, W), ``iou_pred`` (B, M) and
@@ -81,6 +95,7 @@ class LesionReportLoss(nn.Module):
             target_mask: (B, 1, D, H, W) binary lesion mask, needed with ``mask_logits``.
             target_attributes: {group: (B,) class ids} or (B, G) in ``attribute_names`` order; None or
                 ``ignore_index`` entries contribute nothing.
+            attribute_weight: (B,) per-sample weight of the attribute CE (:func:`attribute_cross_entropy`).
 
         Returns:
             (total, components): components holds detached ``seg``, ``dice_loss``, ``bce``, ``attr``,
@@ -109,7 +124,7 @@ class LesionReportLoss(nn.Module):
                 y = self._group_target(target_attributes, name)
                 if y is None or not bool((y != self.ignore_index).any()):
                     continue  # CE over zero labelled samples is NaN; skip the group
-                ce = F.cross_entropy(group_logits, y.to(group_logits.device).long(), ignore_index=self.ignore_index)
+                ce = attribute_cross_entropy(group_logits, y, self.ignore_index, attribute_weight)
                 parts[f"attr/{name}"] = ce
                 attr = attr + ce
 

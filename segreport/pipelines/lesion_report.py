@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.config import KeysCollection
@@ -46,7 +45,7 @@ from ..data import phantom, readers, splits as splits_mod
 from ..data.io import load_volume
 from ..data.reader import LoadVolumed
 from ..errors import InputError
-from ..losses.lesion_report import LesionReportLoss
+from ..losses.lesion_report import LesionReportLoss, attribute_cross_entropy
 from ..metrics.segmentation import dice as dice_score
 from ..transforms.attributes import IGNORE_INDEX, encode_attribute, encode_attributes
 from ..transforms.crop import CropLargestLesiond
@@ -193,8 +192,9 @@ def sampling_weights(items: Sequence[dict], by: str | None, power: float = 0.5) 
     are drawn more often (nnU-Net oversamples rare foreground the same way; 0.5 is the square-root
     sampling of Mahajan et al. 2018). None (``by`` None): plain shuffling. Why: solid nodules, a few of
     the phantom's training lesions, were not learned (Dice 0.01-0.06 clicked at their centre). Measured,
-    density at power 1 fixes them (0.47-0.79) but breaks the diffuse ground glass and the automatic
-    mode, so the bundle keeps it off (docs/results.md)."""
+    density at power 1 on every step fixes them (0.47-0.79) but breaks the diffuse ground glass and the
+    automatic mode; on the click steps only (:class:`LesionBatch` ``balanced_steps="clicks"``) it keeps
+    the automatic mode but not the nodules. So the bundle keeps it off (docs/results.md)."""
     if by is None:
         return None
     values = [_lesion_value(it, by) for it in items]
@@ -445,20 +445,39 @@ class LesionBatch(PrepareBatch):
     **click step**: the lesion shifted by up to ``jitter`` voxels from the window's centre (at
     inference the ROI is centred on a click, not on the lesion's bounding box), its own mask the
     target. Validation (no ``roi_size``): the batch as it comes, a click step.
+
+    ``balanced_steps``, for a batch drawn by a weighted loader (``make_loader(weights=...)``, its items
+    tagged ``weighted``): ``"all"``, the step is drawn as above; ``"clicks"``, the loader's draw decides
+    it: weighted batches are click steps, unweighted ones no-click steps (give the loader
+    ``unweighted_share = prompt_dropout``), so the windows keep the natural mix of lesions while the
+    clicks see the rare ones more often. Either way a weighted click step passes the items'
+    ``importance`` as ``attr_weight``: the attribute CE of the natural mix, not of the balanced one.
+
+    ``mirror_prob``: each training sample's window is mirrored along each spatial axis with this
+    probability (nnU-Net's mirroring; image and target together). Nothing the model predicts depends
+    on the side: left/right and zones come from the affine, after the network.
     """
 
-    def __init__(self, roi_size: int | Sequence[int] | None = None, jitter: int = 0, prompt_dropout: float = 0.0, seed: int = 0):
+    def __init__(self, roi_size: int | Sequence[int] | None = None, jitter: int = 0, prompt_dropout: float = 0.0, seed: int = 0,
+                 balanced_steps: str = "all", mirror_prob: float = 0.0):
         if not 0.0 <= prompt_dropout <= 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        if balanced_steps not in ("all", "clicks"):
+            raise ValueError(f"balanced_steps must be 'all' or 'clicks', got {balanced_steps!r}")
+        if not 0.0 <= mirror_prob <= 1.0:
+            raise ValueError(f"mirror_prob must be in [0, 1], got {mirror_prob}")
+        self.balanced_steps, self.mirror_prob = balanced_steps, float(mirror_prob)
         self.roi = None if roi_size is None else tuple(int(r) for r in np.broadcast_to(np.asarray(roi_size, dtype=int), (3,)))
         self.jitter, self.prompt_dropout = int(jitter), float(prompt_dropout)
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
         image, label, attrs = batchdata["image"], batchdata["label"], batchdata["attr_target"]
-        clicks = True
+        clicks, weighted = True, batchdata.get("weighted")
         if self.roi is not None:
             clicks = not (self.rng.random() < self.prompt_dropout)
+            if weighted is not None and self.balanced_steps == "clicks":
+                clicks = bool(torch.as_tensor(weighted).all())
             margin = (np.asarray(image.shape[2:]) - self.roi) // 2
             if (margin < 0).any() or (clicks and (margin < self.jitter).any()):
                 raise ValueError(f"batch of spatial size {tuple(image.shape[2:])} holds no {self.roi} window with jitter {self.jitter}")
@@ -467,10 +486,23 @@ class LesionBatch(PrepareBatch):
             starts = [self.rng.integers(0, 2 * margin + 1) if not clicks else margin + self.rng.integers(-self.jitter, self.jitter + 1, 3)
                       for _ in range(len(image))]
             image, label = self._windows(image, starts), self._windows(label, starts)
+            if self.mirror_prob > 0:
+                image, label = self._mirror(image, label)
         image = image.to(device=device, non_blocking=non_blocking)
         label = label.to(device=device, non_blocking=non_blocking)
         targets = {"label": label, "attributes": attrs.to(device=device, non_blocking=non_blocking)}
+        if clicks and weighted is not None:
+            targets["attr_weight"] = torch.as_tensor(batchdata["importance"], dtype=torch.float32).to(device=device)
         return image, targets, (label,), {"clicks": clicks}
+
+    def _mirror(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample flipped along each spatial axis with probability ``mirror_prob``."""
+        out_image, out_label = [], []
+        for x, y in zip(image, label):
+            axes = [d for d in (1, 2, 3) if self.rng.random() < self.mirror_prob]
+            out_image.append(x.flip(axes) if axes else x)
+            out_label.append(y.flip(axes) if axes else y)
+        return torch.stack(out_image), torch.stack(out_label)
 
     def _windows(self, batch: torch.Tensor, starts) -> torch.Tensor:
         """Each sample's ``roi`` window starting at its ``starts`` entry (channel-first samples)."""
@@ -492,21 +524,21 @@ class LesionReportObjective(nn.Module):
     def forward(self, pred: Mapping, targets: Mapping) -> torch.Tensor:
         attrs = targets.get("attributes")
         if "mask_logits" in pred:
-            total, parts = self.loss(pred, targets["label"], attrs)
+            total, parts = self.loss(pred, targets["label"], attrs, targets.get("attr_weight"))
         else:
-            total, parts = _attribute_ce(pred["attr_logits"], attrs)
+            total, parts = _attribute_ce(pred["attr_logits"], attrs, targets.get("attr_weight"))
         self.last = {k: float(v) for k, v in parts.items()}
         return total
 
 
-def _attribute_ce(logits: Mapping[str, torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def _attribute_ce(logits: Mapping[str, torch.Tensor], targets: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Sum over groups of categorical CE (eq. 6); groups with no annotated sample are skipped."""
     total = next(iter(logits.values())).new_zeros(())
     parts = {}
     for i, group in enumerate(ATTRIBUTE_NAMES):
         y = targets[:, i].long()
         if bool((y != IGNORE_INDEX).any()):
-            ce = F.cross_entropy(logits[group], y, ignore_index=IGNORE_INDEX)
+            ce = attribute_cross_entropy(logits[group], y, IGNORE_INDEX, weight)
             parts[f"attr/{group}"] = ce.detach()
             total = total + ce
     parts["attr"] = total.detach()
