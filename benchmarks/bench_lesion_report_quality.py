@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -125,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         runs.update({name: [overlay] for name, overlay in ABLATION.items()})
     run_dirs = {name: work / (overlays[0].removesuffix(".yaml") if name in ABLATION else name) for name, overlays in runs.items()}
     if full_overrides:  # a variant of the full model must not overwrite the default's outputs
-        run_dirs["full"] = work / ("full_" + "_".join(f"{k}-{v}" for k, v in full_overrides.items()))
+        # only [\w.=-] in the folder name: MONAI reads "#" in a config value as an id separator
+        # (``--set network_def#unet_blocks=...`` had trained into ".../full_network_def::unet_blocks-...")
+        name = "_".join(f"{k}-{v}" for k, v in full_overrides.items())
+        run_dirs["full"] = work / ("full_" + re.sub(r"[^\w.=-]+", "_", name))
     if a.only:
         runs = {name: runs.get(name, [ABLATION.get(name)]) for name in a.only}
     for name, overlays in runs.items():

@@ -76,6 +76,50 @@ def test_prompt_maps_put_each_click_in_its_channel():
     assert prompt_maps(POINTS[:, :0], LABELS[:, :0], ROI).abs().sum() == 0  # no click, no mask: empty maps
 
 
+def test_prompt_maps_hold_no_subnormal_floats():
+    """A click's Gaussian ball is a product of three 1D factors; far from the click that product is a
+    subnormal float, which made every layer reading the maps several times slower. Tails under 1e-8 are
+    0, and a very negative previous-mask logit gives 0, not sigmoid's subnormal."""
+    size = (32, 32, 32)
+    clicks = torch.tensor([[[3.0, 4.0, 5.0], [28.0, 27.0, 26.0]]])
+    maps = prompt_maps(clicks, torch.tensor([[1, 0]]), size, mask_prompt=torch.full((1, 1, *size), -95.0))
+    subnormal = (maps != 0) & (maps.abs() < torch.finfo(torch.float32).tiny)
+    assert not subnormal.any(), f"{int(subnormal.sum())} subnormal values"
+    assert maps[0, 0, 3, 4, 5] == 1 and maps[0, 1, 28, 27, 26] == 1 and maps[0, 2].max() == 0
+    near = prompt_maps(clicks[:, :1], torch.tensor([[1]]), size)[0, 0, 3, 4, 5 + 4]  # 4 voxels away: kept exactly
+    assert torch.isclose(near, torch.exp(torch.tensor(-16 / (2 * 1.5**2))))
+
+
+def test_click_affinity_marks_the_clicked_speck_not_the_glass_around_it():
+    """With the ROI image, two more maps: near a positive (negative) click, the voxels that look like the
+    clicked one. A click on a solid speck inside ground glass marks the speck; the glass is ~0."""
+    roi = torch.full((1, 1, *ROI), 0.2)  # aerated lung (lung window)
+    roi[..., 8:24, 8:24, 8:24] = 0.5  # ground glass
+    roi[..., 15:18, 15:18, 15:18] = 0.93  # a 3³ solid speck in it
+    clicks, labels = torch.tensor([[[16.0, 16, 16], [10, 10, 10]]]), torch.tensor([[1, 0]])
+    maps = prompt_maps(clicks, labels, ROI, image=roi)
+    assert maps.shape == (1, 5, *ROI) and torch.equal(maps[:, :3], prompt_maps(clicks, labels, ROI))
+    positive, negative = maps[0, 3], maps[0, 4]
+    speck = roi[0, 0] > 0.9
+    assert positive[speck].min() > 0.9 and positive[~speck].max() < 1e-3
+    glass_near_negative = (roi[0, 0] == 0.5) & (prompt_maps(clicks[:, 1:], labels[:, 1:] * 0 + 1, ROI, sigma=4.0)[0, 0] > 0.5)
+    assert negative[glass_near_negative].min() > 0.5 and negative[speck].max() < 1e-3
+    # a padding click marks nothing
+    assert prompt_maps(clicks, torch.tensor([[1, -1]]), ROI, image=roi)[0, 4].max() == 0
+
+
+def test_click_affinity_model_trains_and_its_spec_rebuilds_it(image):
+    net = build_network(backbone="resunet", lesion_pooling=True, attr_gradient="normalised", click_affinity=True)
+    target = (torch.rand(2, 1, *ROI) > 0.7).float()
+    out = net(image, POINTS, LABELS)
+    LesionReportLoss()(out, target, torch.tensor([[1, 0, 2, 1, 0], [3, 1, 0, 0, 1]]))[0].backward()
+    assert net.prompt_decoder.projs[-1].weight.grad[:, 3:].abs().sum() > 0  # the affinity maps reach the decoder
+    rebuilt = build_from_spec(spec_for(net))
+    assert rebuilt.click_affinity and rebuilt.prompt_decoder.projs[0].in_channels == 5
+    with pytest.raises(ValueError, match="click_affinity"):
+        LesionPromptNet.tiny(backbone="vit", click_affinity=True)
+
+
 def _phantom_rois(phantom_dir):
     """(image, lesion mask, attribute targets) of every lesion of the test phantom, as the bundle crops them."""
     from segreport.pipelines.lesion_report import load_datalists, training_transforms
@@ -188,7 +232,7 @@ def test_the_spec_rebuilds_the_variant_and_old_specs_the_paper_model():
     assert rebuilt.backbone == "resunet" and rebuilt.lesion_features is not None and rebuilt.balance_tokens is not None
     assert rebuilt.state_dict().keys() == net.state_dict().keys()
     old = {**spec, "network": {**spec["network"], "args": {k: v for k, v in spec["network"]["args"].items()
-                                                          if k not in ("backbone", "lesion_pooling", "attr_gradient")}}}
+                                                          if k not in ("backbone", "lesion_pooling", "attr_gradient", "click_affinity")}}}
     paper = build_from_spec(old)
     assert paper.backbone == "vit" and paper.lesion_features is None and paper.balance_tokens is None
 

@@ -65,11 +65,12 @@ def build_network(
     backbone: str = "vit",
     lesion_pooling: bool = False,
     attr_gradient: str = "full",
+    click_affinity: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """The bundle's network: ``lesion_prompt`` (seed 001's model) or a baseline of its comparison tables,
     ``unet`` (Table 2, seg-only, no clicks) or ``cnn_attr`` (Table 3, attributes only), both from
-    :mod:`segreport.networks.baselines3d`. ``backbone``, ``lesion_pooling`` and ``attr_gradient`` select
+    :mod:`segreport.networks.baselines3d`. ``backbone``, ``lesion_pooling``, ``attr_gradient`` and ``click_affinity`` select
     the interactive model's variant (:class:`LesionPromptNet`); their defaults are the paper's model, so a
     spec written before they existed rebuilds what it trained.
 
@@ -83,7 +84,8 @@ def build_network(
     if model == "lesion_prompt":
         net = LesionPromptNet.from_config(config, img_size=int(roi_size), point_refinement=bool(point_refinement),
                                           synergy=bool(synergy), high_res_features=bool(high_res_features), backbone=backbone,
-                                          lesion_pooling=bool(lesion_pooling), attr_gradient=attr_gradient, **overrides)
+                                          lesion_pooling=bool(lesion_pooling), attr_gradient=attr_gradient,
+                                          click_affinity=bool(click_affinity), **overrides)
     elif model == "unet":
         net = DictOutput(unet_baseline(**{**BASELINE_CONFIGS[model][config], **overrides}), "mask_logits")
     else:
@@ -92,7 +94,8 @@ def build_network(
         "model": model, "config": config, "roi_size": int(roi_size), "point_refinement": bool(point_refinement),
         "synergy": bool(synergy), "high_res_features": bool(high_res_features), "spacing": [float(s) for s in spacing],
         "window": window if isinstance(window, str) else [float(w) for w in window], "axcodes": axcodes,
-        **({"backbone": backbone, "lesion_pooling": bool(lesion_pooling), "attr_gradient": attr_gradient} if model == "lesion_prompt" else {}),
+        **({"backbone": backbone, "lesion_pooling": bool(lesion_pooling), "attr_gradient": attr_gradient,
+            "click_affinity": bool(click_affinity)} if model == "lesion_prompt" else {}),
         **overrides,
     }  # fmt: skip
     return net

@@ -50,7 +50,9 @@ from segreport.networks.blocks.cpu_convs import fast_cpu_convs
 from segreport.networks.blocks.gradient_balance import GradientBalance
 from segreport.networks.blocks.lesion_features import LesionAttributeFeatures, image_maps
 from segreport.networks.blocks.prompt import PAD_LABEL, PromptEncoder3D, kmeans_refine_points
-from segreport.networks.blocks.residual_unet import PointwiseConv3d, PromptFusionDecoder3D, PromptPyramid, ResidualEncoder3D, prompt_maps
+from segreport.networks.blocks.residual_unet import (
+    AFFINITY_CHANNELS, PROMPT_CHANNELS, PointwiseConv3d, PromptFusionDecoder3D, PromptPyramid, ResidualEncoder3D, prompt_maps,
+)
 from segreport.networks.blocks.vit3d import ViTImageEncoder3D, channel_layer_norm_3d, self_attention_block
 from segreport.vocab import ATTRIBUTE_NUM_CLASSES
 
@@ -246,6 +248,8 @@ class LesionPromptNet(nn.Module):
         attr_gradient: what the attribute loss sends into the shared trunk: ``"full"`` (the paper),
             ``"normalised"`` (capped at the mask loss's running gradient norm, :class:`GradientBalance`),
             ``"detached"`` (none: the attribute head reads the trunk's features without training them).
+        click_affinity: ``"resunet"`` only: two more prompt maps, which voxels near each positive / negative
+            click look like the clicked voxel (:func:`prompt_maps` with the ROI image).
     """
 
     def __init__(
@@ -282,15 +286,19 @@ class LesionPromptNet(nn.Module):
         descriptors: bool = True,
         attr_gradient: str = "full",
         conv_head: bool = False,
+        click_affinity: bool = False,
     ):
         super().__init__()
         if embed_dim % 8:
             raise ValueError(f"embed_dim must be a multiple of 8 (upscaling to embed_dim/8), got {embed_dim}")
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
+        if click_affinity and backbone != "resunet":
+            raise ValueError("click_affinity feeds the residual U-Net's prompt-fusion decoder: it needs backbone='resunet'")
         if attr_gradient not in ATTR_GRADIENT_RATIO:
             raise ValueError(f"attr_gradient must be one of {sorted(ATTR_GRADIENT_RATIO)}, got {attr_gradient!r}")
         self.backbone = backbone
+        self.click_affinity = bool(click_affinity)
         self.img_size = ensure_tuple_rep(img_size, 3)
         self.point_refinement = point_refinement
         self.refine_window, self.refine_k, self.refine_iters = refine_window, refine_k, refine_iters
@@ -305,7 +313,7 @@ class LesionPromptNet(nn.Module):
             if any(s % down for s in self.img_size):
                 raise ValueError(f"img_size {self.img_size} must be divisible by {down} ({len(unet_features)} stages)")
             self.grid_size = tuple(s // down for s in self.img_size)
-            self.prompt_decoder = PromptFusionDecoder3D(unet_features, embed_dim)
+            self.prompt_decoder = PromptFusionDecoder3D(unet_features, embed_dim, PROMPT_CHANNELS + AFFINITY_CHANNELS * bool(click_affinity))
             mask_channels = int(unet_features[0])
         else:
             mask_channels = self._build_vit(img_size, in_channels, patch_size, encoder_embed_dim, encoder_depth, encoder_num_heads,
@@ -392,7 +400,8 @@ class LesionPromptNet(nn.Module):
     def encode_image(self, image: torch.Tensor) -> ImageEmbedding:
         """E_I: (B, in_channels, *img_size) -> :class:`ImageEmbedding` (grid (B, embed_dim, *grid_size)
         [+ finer features] [+ the image maps, for the lesion descriptors]). Cache it per ROI."""
-        keep = image_maps(image) if self.lesion_features is not None and self.lesion_features.descriptors else None
+        descriptors = self.lesion_features is not None and self.lesion_features.descriptors
+        keep = image_maps(image) if descriptors or self.click_affinity else None
         if self.prompt_decoder is not None:
             grid, skips = self.image_encoder(image)
             return ImageEmbedding(grid, tuple(skips), keep)
@@ -430,7 +439,8 @@ class LesionPromptNet(nn.Module):
         grid, high_res, image = embedding.expand(b)
         maps = None
         if self.prompt_decoder is not None:  # the clicks as given (not the refined points) and the previous mask
-            maps = PromptPyramid(prompt_maps(points, point_labels, self.img_size, mask_prompt).to(grid.dtype))
+            roi = image[:, :1] if self.click_affinity else None  # the click-affinity channels read the ROI
+            maps = PromptPyramid(prompt_maps(points, point_labels, self.img_size, mask_prompt, image=roi).to(grid.dtype))
         if self.point_refinement:
             extra, extra_labels = kmeans_refine_points(
                 grid, points, point_labels, self.img_size, self.refine_window, self.refine_k, self.refine_iters

@@ -17,6 +17,8 @@ the mask to serve the classifier.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,19 +55,38 @@ def _erode(x: torch.Tensor, r: int) -> torch.Tensor:
     return -_dilate(-x, r)
 
 
+def _pooled(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(B, C): the sums of ``x`` (B, C, ...) weighted by ``w`` (B, 1, ...), as one batched product: no
+    weighted copy of the volume (a 32³ ROI's descriptors and pooling made fifteen of them per click)."""
+    return torch.bmm(x.flatten(2), w.flatten(1).unsqueeze(-1)).squeeze(-1)
+
+
 def _wmean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (x * w).flatten(1).sum(1) / (w.flatten(1).sum(1) + _EPS)
+    """(B,): the mean of single-channel ``x`` weighted by ``w``."""
+    return _pooled(x, w)[:, 0] / (w.flatten(1).sum(1) + _EPS)
 
 
 @torch.no_grad()
 def image_maps(image: torch.Tensor) -> torch.Tensor:
-    """(B, 3, D, H, W): the windowed ROI, its gradient magnitude (central differences) and its fine
-    texture (squared difference from the 3³ local mean). They depend on the image only, so a promptable
-    model computes them once per ROI (``encode_image``) and every click reuses them."""
+    """(B, 6, D, H, W): the windowed ROI, its gradient magnitude (central differences), its fine texture
+    (squared difference from the 3³ local mean) and its tissue, dense and bright indicators (0/1 above
+    the thresholds above). They depend on the image only, so a promptable model computes them once per
+    ROI (``encode_image``) and every click reuses them."""
     x = image[:, :1].float()
     g = sum(torch.gradient(x, dim=d)[0] ** 2 for d in (2, 3, 4)).sqrt()
     local_mean = F.avg_pool3d(x, 3, stride=1, padding=1, count_include_pad=False)
-    return torch.cat([x, g, (x - local_mean) ** 2], 1)
+    levels = torch.tensor([_TISSUE, _DENSE, _BRIGHT], dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
+    return torch.cat([x, g, (x - local_mean) ** 2, (x > levels).to(x.dtype)], 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, V) voxel coordinates and the (1, 1, *shape) border-face indicator of a volume ``shape``:
+    the same for every click on a ROI, so made once (read only)."""
+    grids = torch.meshgrid(*[torch.arange(s, device=device, dtype=dtype) for s in shape], indexing="ij")
+    faces = torch.zeros((1, 1, *shape), dtype=dtype, device=device)
+    faces[:, :, [0, -1]], faces[:, :, :, [0, -1]], faces[:, :, :, :, [0, -1]] = 1, 1, 1
+    return torch.stack([c.flatten() for c in grids], 0), faces
 
 
 @torch.no_grad()
@@ -75,6 +96,7 @@ def lesion_descriptors(image: torch.Tensor, prob: torch.Tensor, maps: torch.Tens
     scaled to about 0..1. Soft: an empty mask gives finite values (zeros for the geometry), never NaN."""
     maps = image_maps(image) if maps is None else maps.float()
     x, g, texture_sq = maps[:, :1], maps[:, 1:2], maps[:, 2:3]
+    tissue, dense, bright = maps[:, 3:4], maps[:, 4:5], maps[:, 5:6]
     m = prob.float().clamp(0, 1)
     eroded, grown1 = _erode(m, 1), _dilate(m, 1)
     grown2 = _dilate(grown1, 1)  # a 5³ cube is two 3³ ones: exact, and cheaper
@@ -94,14 +116,11 @@ def lesion_descriptors(image: torch.Tensor, prob: torch.Tensor, maps: torch.Tens
     closed = _erode(grown2, 2)
     hollowness = (closed - m).clamp(min=0).flatten(1).sum(1) / (closed.flatten(1).sum(1) + _EPS)
     # shape of the mass distribution: eigenvalues of the voxel-coordinate covariance
-    grids = torch.meshgrid(*[torch.arange(s, device=x.device, dtype=x.dtype) for s in x.shape[2:]], indexing="ij")
-    coords = torch.stack([c.flatten() for c in grids], 0)  # (3, V)
+    coords, faces = _grid(tuple(x.shape[2:]), x.dtype, x.device)  # (3, V), (1, 1, D, H, W)
     w = m.flatten(1) / (volume.view(-1, 1) + _EPS)  # (B, V)
     mu = w @ coords.T  # (B, 3)
     cov = torch.einsum("bv,iv,jv->bij", w, coords, coords) - mu[:, :, None] * mu[:, None, :]
     eig = torch.linalg.eigvalsh(cov + _EPS * torch.eye(3, device=x.device)).clamp(min=_EPS)  # ascending
-    faces = torch.zeros_like(m)
-    faces[:, :, [0, -1]], faces[:, :, :, [0, -1]], faces[:, :, :, :, [0, -1]] = 1, 1, 1
     near = (grown2 - m).clamp(min=0)
     # heterogeneity as the phantom and a radiologist judge it: spread of the core (robust: IQR / 1.349,
     # as a standard deviation) and fine texture (the image minus its local mean), not the edge's ramp
@@ -112,10 +131,10 @@ def lesion_descriptors(image: torch.Tensor, prob: torch.Tensor, maps: torch.Tens
         iqr.append((v.quantile(quartiles).diff()[0]) / 1.349 if v.numel() >= 4 else x.new_zeros(()))
     feats = [
         core_mean, core_std * 10, ring_mean, far_mean, contrast, edge_ratio / 2, _wmean(g, shell) * 5,
-        _wmean((x > _DENSE).to(x.dtype), core), _wmean((x > _BRIGHT).to(x.dtype), core),
+        _wmean(dense, core), _wmean(bright, core),
         torch.log1p(volume) / 10, surface / (volume.clamp(min=1) ** (2 / 3)) / 10, hollowness,
         (eig[:, 0] / eig[:, 2]).sqrt(), (eig[:, 1] / eig[:, 2]).sqrt(),
-        _wmean((x > _TISSUE).to(x.dtype), near), (m * faces).flatten(1).sum(1) / (volume + _EPS),
+        _wmean(tissue, near), (m * faces).flatten(1).sum(1) / (volume + _EPS),
         torch.stack(iqr) * 10, texture * 20,
     ]
     return torch.stack(feats, 1)
@@ -170,7 +189,7 @@ class LesionAttributeFeatures(nn.Module):
         ring = (_dilate(p, self.ring) - p).clamp(min=0)
 
         def pool(w):
-            return (features * w).flatten(2).sum(-1) / (w.flatten(2).sum(-1) + _EPS)
+            return _pooled(features, w) / (w.flatten(2).sum(-1) + _EPS)
 
         parts = [pool(p), pool(ring)]
         if self.descriptors:
