@@ -249,7 +249,8 @@ class LesionPromptNet(nn.Module):
             ``"normalised"`` (capped at the mask loss's running gradient norm, :class:`GradientBalance`),
             ``"detached"`` (none: the attribute head reads the trunk's features without training them).
         click_affinity: ``"resunet"`` only: two more prompt maps, which voxels near each positive / negative
-            click look like the clicked voxel (:func:`prompt_maps` with the ROI image).
+            click look like the clicked voxel (:func:`prompt_maps` with the ROI image), within a Gaussian
+            of ``affinity_sigma`` voxels around it.
     """
 
     def __init__(
@@ -287,6 +288,7 @@ class LesionPromptNet(nn.Module):
         attr_gradient: str = "full",
         conv_head: bool = False,
         click_affinity: bool = False,
+        affinity_sigma: float = 4.0,
     ):
         super().__init__()
         if embed_dim % 8:
@@ -298,7 +300,7 @@ class LesionPromptNet(nn.Module):
         if attr_gradient not in ATTR_GRADIENT_RATIO:
             raise ValueError(f"attr_gradient must be one of {sorted(ATTR_GRADIENT_RATIO)}, got {attr_gradient!r}")
         self.backbone = backbone
-        self.click_affinity = bool(click_affinity)
+        self.click_affinity, self.affinity_sigma = bool(click_affinity), float(affinity_sigma)
         self.img_size = ensure_tuple_rep(img_size, 3)
         self.point_refinement = point_refinement
         self.refine_window, self.refine_k, self.refine_iters = refine_window, refine_k, refine_iters
@@ -440,7 +442,8 @@ class LesionPromptNet(nn.Module):
         maps = None
         if self.prompt_decoder is not None:  # the clicks as given (not the refined points) and the previous mask
             roi = image[:, :1] if self.click_affinity else None  # the click-affinity channels read the ROI
-            maps = PromptPyramid(prompt_maps(points, point_labels, self.img_size, mask_prompt, image=roi).to(grid.dtype))
+            maps = PromptPyramid(prompt_maps(points, point_labels, self.img_size, mask_prompt, image=roi,
+                                             affinity_sigma=self.affinity_sigma).to(grid.dtype))
         if self.point_refinement:
             extra, extra_labels = kmeans_refine_points(
                 grid, points, point_labels, self.img_size, self.refine_window, self.refine_k, self.refine_iters
