@@ -92,8 +92,8 @@ class ImageEmbedding(NamedTuple):
     ``grid``: (B, embed_dim, *grid_size) image embedding; ``high_res``: finer features, the ViT's
     ``(s0, s1)`` stem features at 4x and 2x the grid (``embed_dim/8`` and ``embed_dim/4`` channels) or
     the residual U-Net's encoder skips (full resolution first), None when the model has none;
-    ``image``: the ROI's :func:`image_maps` (the ROI, its gradient magnitude and texture), for the
-    measured lesion descriptors (None when the model has none).
+    ``image``: the ROI's :func:`image_maps` (the ROI, its gradient, texture and density indicators), for the
+    measured lesion descriptors and the click-affinity maps (None when the model uses neither).
     """
 
     grid: torch.Tensor
