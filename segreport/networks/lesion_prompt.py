@@ -46,6 +46,7 @@ from monai.networks.nets.vista3d import MLP, TwoWayTransformer
 from monai.utils import ensure_tuple_rep
 from torch import nn
 
+from segreport.networks.blocks.click_components import clicked_components, keep_clicked
 from segreport.networks.blocks.cpu_convs import fast_cpu_convs
 from segreport.networks.blocks.gradient_balance import GradientBalance
 from segreport.networks.blocks.lesion_features import LesionAttributeFeatures, image_maps
@@ -251,6 +252,10 @@ class LesionPromptNet(nn.Module):
         click_affinity: ``"resunet"`` only: two more prompt maps, which voxels near each positive / negative
             click look like the clicked voxel (:func:`prompt_maps` with the ROI image), within a Gaussian
             of ``affinity_sigma`` voxels around it.
+        click_components: with positive clicks, the mask is the connected components they touch
+            (:mod:`~segreport.networks.blocks.click_components`), and the attribute head pools over
+            those. In a training step with gradient the returned mask stays whole (the loss trains
+            every voxel); the no-gradient correction rounds and inference see the clicked lesion.
     """
 
     def __init__(
@@ -289,6 +294,7 @@ class LesionPromptNet(nn.Module):
         conv_head: bool = False,
         click_affinity: bool = False,
         affinity_sigma: float = 4.0,
+        click_components: bool = False,
     ):
         super().__init__()
         if embed_dim % 8:
@@ -301,6 +307,7 @@ class LesionPromptNet(nn.Module):
             raise ValueError(f"attr_gradient must be one of {sorted(ATTR_GRADIENT_RATIO)}, got {attr_gradient!r}")
         self.backbone = backbone
         self.click_affinity, self.affinity_sigma = bool(click_affinity), float(affinity_sigma)
+        self.click_components = bool(click_components)
         self.img_size = ensure_tuple_rep(img_size, 3)
         self.point_refinement = point_refinement
         self.refine_window, self.refine_k, self.refine_iters = refine_window, refine_k, refine_iters
@@ -437,6 +444,7 @@ class LesionPromptNet(nn.Module):
         if (embedding.high_res is None) != (self.high_res_stem is None and self.prompt_decoder is None):
             raise ValueError("this embedding was not made by this model's encode_image (high-resolution features differ)")
         points, point_labels = self._prepare_points(embedding.grid, points, point_labels, mask_prompt)
+        clicks, click_labels = points, point_labels  # as given: the refined points are added below
         b = points.shape[0]
         grid, high_res, image = embedding.expand(b)
         maps = None
@@ -497,9 +505,15 @@ class LesionPromptNet(nn.Module):
             mask_logits = low_res
         else:
             mask_logits = F.interpolate(low_res, size=self.img_size, mode="trilinear", align_corners=False)
+        lesion_logits = mask_logits
+        if self.click_components and clicks.shape[1]:  # the lesion clicked, not every lesion-like region
+            keep = clicked_components(mask_logits[:, :1], clicks, click_labels)
+            lesion_logits = keep_clicked(mask_logits, keep)
+            if not (self.training and torch.is_grad_enabled()):  # the loss still trains every voxel
+                mask_logits, low_res = lesion_logits, keep_clicked(low_res, keep)
         extra = None
         if self.lesion_features is not None:  # H_attr also looks at the predicted lesion and its surroundings
-            extra = self.lesion_features(up_attr, torch.sigmoid(mask_logits[:, :1]), image)
+            extra = self.lesion_features(up_attr, torch.sigmoid(lesion_logits[:, :1]), image)
         return {
             "mask_logits": mask_logits,
             "low_res_logits": low_res,
