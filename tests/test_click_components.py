@@ -47,17 +47,19 @@ def test_a_click_keeps_its_lesion_and_drops_the_others_on_the_phantoms_instance_
     assert clicked_components(logits, both, torch.tensor([[1, 0]]))[0, 0].numpy()[inst == ids[0]].sum() == 0
 
 
-def test_without_a_positive_click_on_the_mask_everything_is_kept():
+def test_a_click_that_misses_the_mask_keeps_no_component_and_no_positive_click_keeps_all():
     logits = torch.full((2, 1, 12, 12, 12), -3.0)
     logits[:, :, 2:5, 2:5, 2:5] = 3.0
     logits[:, :, 8:11, 8:11, 8:11] = 3.0
     points = torch.tensor([[[6.0, 6, 6], [3, 3, 3]], [[3.0, 3, 3], [0, 0, 0]]])
     keep = clicked_components(logits, points, torch.tensor([[1, -1], [0, -1]]))  # a miss; a negative click only
-    assert keep.all()
+    assert not keep[0][logits[0] > 0].any() and keep[0][logits[0] <= 0].all()
+    assert keep[1].all()
     # a click one voxel beside a component counts (``reach``), two voxels beside it does not
     one = logits[:1]
-    assert not clicked_components(one, torch.tensor([[[5.0, 3, 3]]]), torch.tensor([[1]]))[0, 0, 9, 9, 9]
-    assert clicked_components(one, torch.tensor([[[6.0, 3, 3]]]), torch.tensor([[1]])).all()
+    beside = clicked_components(one, torch.tensor([[[5.0, 3, 3]]]), torch.tensor([[1]]))[0, 0]
+    assert beside[3, 3, 3] and not beside[9, 9, 9]
+    assert not clicked_components(one, torch.tensor([[[6.0, 3, 3]]]), torch.tensor([[1]]))[one > 0].any()
 
 
 @pytest.fixture(scope="module")

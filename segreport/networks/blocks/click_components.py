@@ -3,11 +3,12 @@
 A positive click says "this is the lesion". A mask prediction can hold other lesion-looking regions of
 the ROI as well: next to diffuse ground glass, one click on a small solid nodule gave a mask with the
 nodule AND 10-20 ground-glass pieces (measured: 37 of 5,834 predicted voxels were the clicked nodule's
-component, Dice 0.007). Interactive tools keep the clicked object (RITM, DeepEdit-style post-processing):
-here the components of ``logits > 0`` that hold a positive click, or come within ``reach`` voxels of
-one, are kept; the others are pushed under the threshold. A prediction whose mask misses every positive
-click is left as it is (nothing says which part to keep), as is one without a positive click (the
-automatic mode's windows).
+component, Dice 0.007). So the components of ``logits > 0`` that hold a positive click, or come within ``reach`` voxels of
+one, are kept; the others are pushed under the threshold. A mask that misses every positive click is
+then empty: the model finds no lesion where the person clicked, and other regions would answer a
+question nobody asked (measured on the quick bench's model: attributes 0.711 with such masks kept whole,
+0.756 with them empty; the Dice is the same). A prediction without a positive click (the automatic mode's
+windows) is left whole.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as the lesion
 def clicked_components(logits: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, reach: int = 1) -> torch.Tensor:
     """(B, 1, D, H, W) bool, False on the components of ``logits`` (B, 1, D, H, W) > 0 that neither hold a
     positive click (``points`` (B, N, 3) ROI voxels, ``labels`` (B, N)) nor come within ``reach`` voxels
-    (Chebyshev) of one; everything True for an item without a positive click or whose mask misses all
-    of them. scipy's labelling on the CPU: a 32³ ROI takes well under a millisecond."""
+    (Chebyshev) of one: when the mask misses every positive click, no component is kept. Everything is
+    True for an item without a positive click. scipy's labelling on the CPU: a 32³ ROI takes well under a millisecond."""
     fg = (logits[:, 0] > 0).cpu().numpy()
     keep = np.ones_like(fg)
     size = np.array(fg.shape[1:])
@@ -43,9 +44,8 @@ def clicked_components(logits: torch.Tensor, points: torch.Tensor, labels: torch
         for c in clicks:
             lo, hi = np.maximum(c - reach, 0), np.minimum(c + reach + 1, size)
             hit.update(np.unique(components[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).tolist())
-        hit.discard(0)
-        if hit:  # the background stays: the kept lesion's soft edge (p < 0.5) is there
-            keep[b] = (components == 0) | np.isin(components, sorted(hit))
+        hit.discard(0)  # the background stays: the kept lesion's soft edge (p < 0.5) is there
+        keep[b] = (components == 0) | np.isin(components, sorted(hit))
     return torch.from_numpy(keep).to(logits.device)[:, None]
 
 
