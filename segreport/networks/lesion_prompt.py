@@ -510,7 +510,8 @@ class LesionPromptNet(nn.Module):
             keep = clicked_components(mask_logits[:, :1], clicks, click_labels)
             lesion_logits = keep_clicked(mask_logits, keep)
             if not (self.training and torch.is_grad_enabled()):  # the loss still trains every voxel
-                mask_logits, low_res = lesion_logits, keep_clicked(low_res, keep)
+                low_res = lesion_logits if low_res is mask_logits else keep_clicked(low_res, keep)
+                mask_logits = lesion_logits
         extra = None
         if self.lesion_features is not None:  # H_attr also looks at the predicted lesion and its surroundings
             extra = self.lesion_features(up_attr, torch.sigmoid(lesion_logits[:, :1]), image)

@@ -39,19 +39,22 @@ def clicked_components(logits: torch.Tensor, points: torch.Tensor, labels: torch
         clicks = clicks[np.all((clicks >= 0) & (clicks < size), axis=1)]
         if not len(clicks) or not fg[b].any():
             continue
-        components, _ = ndimage.label(fg[b], _CONNECTIVITY)
-        hit = set()
+        components, n = ndimage.label(fg[b], _CONNECTIVITY)
+        kept = np.zeros(n + 1, dtype=bool)  # a lookup per component id: one gather, not an isin
         for c in clicks:
             lo, hi = np.maximum(c - reach, 0), np.minimum(c + reach + 1, size)
-            hit.update(np.unique(components[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).tolist())
-        hit.discard(0)  # the background stays: the kept lesion's soft edge (p < 0.5) is there
-        keep[b] = (components == 0) | np.isin(components, sorted(hit))
+            kept[components[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]] = True
+        kept[0] = True  # the background stays: the kept lesion's soft edge (p < 0.5) is there
+        if not kept.all():
+            keep[b] = kept[components]
     return torch.from_numpy(keep).to(logits.device)[:, None]
 
 
 def keep_clicked(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``logits`` (B, M, ...) capped at :data:`DROPPED_LOGIT` outside ``keep`` (B, 1, D, H, W), which is
     max-pooled to the logits' size when that is smaller (the ViT's low-resolution mask)."""
+    if bool(keep.all()):  # one component, clicked: nothing to drop
+        return logits
     if keep.shape[2:] != logits.shape[2:]:
         keep = F.adaptive_max_pool3d(keep.float(), logits.shape[2:]) > 0
     return torch.where(keep, logits, logits.clamp(max=DROPPED_LOGIT))
