@@ -3,12 +3,15 @@
 A positive click says "this is the lesion". A mask prediction can hold other lesion-looking regions of
 the ROI as well: next to diffuse ground glass, one click on a small solid nodule gave a mask with the
 nodule AND 10-20 ground-glass pieces (measured: 37 of 5,834 predicted voxels were the clicked nodule's
-component, Dice 0.007). So the components of ``logits > 0`` that hold a positive click, or come within ``reach`` voxels of
-one, are kept; the others are pushed under the threshold. A mask that misses every positive click is
-then empty: the model finds no lesion where the person clicked, and other regions would answer a
-question nobody asked (measured on the quick bench's model: attributes 0.711 with such masks kept whole,
-0.756 with them empty; the Dice is the same). A prediction without a positive click (the automatic mode's
-windows) is left whole.
+component, Dice 0.007). So the components of ``logits > 0`` that hold a positive click, or come within
+``reach`` voxels of one, are kept; the others are pushed under the threshold. A mask that misses every
+positive click is then empty: the model finds no lesion where the person clicked, and other regions
+would answer a question nobody asked (measured on the quick bench's model: attributes 0.711 with such
+masks kept whole, 0.756 with them empty; the Dice is the same). A prediction without a positive click
+(the automatic mode's windows) is left whole.
+
+The labelling is scipy's, on the CPU (a GPU batch is copied to the host): about 0.7 ms per click for a
+32³ ROI half covered by the mask (benchmarks/bench_click_latency.py, docs/results.md).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def clicked_components(logits: torch.Tensor, points: torch.Tensor, labels: torch
     """(B, 1, D, H, W) bool, False on the components of ``logits`` (B, 1, D, H, W) > 0 that neither hold a
     positive click (``points`` (B, N, 3) ROI voxels, ``labels`` (B, N)) nor come within ``reach`` voxels
     (Chebyshev) of one: when the mask misses every positive click, no component is kept. Everything is
-    True for an item without a positive click. scipy's labelling on the CPU: a 32³ ROI takes well under a millisecond."""
+    True for an item without a positive click."""
     fg = (logits[:, 0] > 0).cpu().numpy()
     keep = np.ones_like(fg)
     size = np.array(fg.shape[1:])
