@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "lesion_report_quality",
         "command": "python benchmarks/bench_lesion_report_quality.py" + (" --quick" if a.quick else "")
                    + ("" if a.cases is None else f" --cases {a.cases}") + ("" if a.epochs is None else f" --epochs {a.epochs}")
-                   + ("" if a.lesions == "all" else f" --lesions {a.lesions}") + (" --ablation" if a.ablation else "")
+                   + ("" if a.lesions == "all" else f" --lesions {a.lesions}") + ("" if a.seed == 1 else f" --seed {a.seed}")
+                   + (" --ablation" if a.ablation else "")
                    + "".join(f" --set {kv}" for kv in a.set),
         "settings": {"cases": cases, "epochs": epochs, "batch_size": a.batch_size, "max_clicks": a.max_clicks,
                      "seed": a.seed, "target_lesions": a.lesions, "full_model_overrides": full_overrides, "phantom_shape": [128, 128, 32], "phantom_spacing_mm": [2.4, 2.4, 7.5],
