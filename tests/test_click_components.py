@@ -12,7 +12,7 @@ import torch
 from segreport.models.lesion_report_3d import build_network, spec_for
 from segreport.models.spec import build_network as build_from_spec
 from segreport.networks.blocks.click_components import DROPPED_LOGIT, clicked_components, keep_clicked
-from segreport.transforms.clicks import interior_distance
+from segreport.inference.geometry import interior_voxel
 
 
 def _phantom_instances(phantom_dir) -> np.ndarray:
@@ -22,7 +22,7 @@ def _phantom_instances(phantom_dir) -> np.ndarray:
 
 
 def _interior(region: np.ndarray) -> list[float]:
-    return [float(v) for v in np.unravel_index(int(np.argmax(interior_distance(region))), region.shape)]
+    return [float(v) for v in interior_voxel(region)]  # a phantom lesion is one component
 
 
 def test_a_click_keeps_its_lesion_and_drops_the_others_on_the_phantoms_instance_map(phantom_dir):
