@@ -265,3 +265,32 @@ def test_batch_one_convolutions_equal_pytorchs_and_the_model_answers_alike_at_ba
         both = net(image, points, labels)["mask_logits"]
         one = net(image[:1], points[:1], labels[:1])["mask_logits"]
     torch.testing.assert_close(one, both[:1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "dense"])
+def test_full_res_conv_mixes_neighbours_and_old_specs_rebuild_without_it(kind):
+    """Without the full-resolution conv, a full-resolution voxel's decoder output depends on its own skip
+    voxel only; with it, on its neighbours' too (what lets a small lesion's mask close its holes)."""
+    from segreport.networks.blocks.residual_unet import PromptFusionDecoder3D
+
+    torch.manual_seed(0)
+    feats, maps = (8, 16), torch.zeros(1, 3, 8, 8, 8)
+    x, skip = torch.randn(1, 32, 4, 4, 4), torch.randn(1, 8, 8, 8, 8)
+    poked = skip.clone()
+    poked[0, :, 4, 4, 4] += 5.0
+    for conv, spreads in ((None, False), (kind, True)):
+        dec = PromptFusionDecoder3D(feats, 32, full_res_conv=conv).eval()
+        with torch.no_grad():
+            change = (dec(x, [poked], maps) - dec(x, [skip], maps)).abs().sum(1)[0]
+        # instance norm spreads a tiny global shift everywhere: compare the neighbour with the far corner
+        assert (change[4, 4, 5] > 10 * change[0, 0, 0]) == spreads
+    net = build_network(backbone="resunet", lesion_pooling=True, full_res_conv=kind)
+    assert build_from_spec(spec_for(net)).prompt_decoder.full_res_mix is not None
+    old = spec_for(build_network(backbone="resunet", lesion_pooling=True))
+    old["network"]["args"].pop("full_res_conv", None)  # a spec written before the option existed
+    plain = build_from_spec(old)
+    assert plain.prompt_decoder.full_res_mix is None
+    missing = set(net.state_dict()) - set(plain.state_dict())
+    assert missing == {"prompt_decoder.full_res_mix.weight", "prompt_decoder.full_res_mix.bias"}
+    with pytest.raises(ValueError, match="full_res_conv"):
+        LesionPromptNet.tiny(backbone="vit", full_res_conv=kind)

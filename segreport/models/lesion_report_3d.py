@@ -67,11 +67,12 @@ def build_network(
     attr_gradient: str = "full",
     click_affinity: bool = False,
     click_components: bool = False,
+    full_res_conv: str | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """The bundle's network: ``lesion_prompt`` (seed 001's model) or a baseline of its comparison tables,
     ``unet`` (Table 2, seg-only, no clicks) or ``cnn_attr`` (Table 3, attributes only), both from
-    :mod:`segreport.networks.baselines3d`. ``backbone``, ``lesion_pooling``, ``attr_gradient``, ``click_affinity`` and ``click_components`` select
+    :mod:`segreport.networks.baselines3d`. ``backbone``, ``lesion_pooling``, ``attr_gradient``, ``click_affinity``, ``click_components`` and ``full_res_conv`` select
     the interactive model's variant (:class:`LesionPromptNet`); their defaults are the paper's model, so a
     spec written before they existed rebuilds what it trained.
 
@@ -86,7 +87,8 @@ def build_network(
         net = LesionPromptNet.from_config(config, img_size=int(roi_size), point_refinement=bool(point_refinement),
                                           synergy=bool(synergy), high_res_features=bool(high_res_features), backbone=backbone,
                                           lesion_pooling=bool(lesion_pooling), attr_gradient=attr_gradient,
-                                          click_affinity=bool(click_affinity), click_components=bool(click_components), **overrides)
+                                          click_affinity=bool(click_affinity), click_components=bool(click_components),
+                                          full_res_conv=full_res_conv, **overrides)
     elif model == "unet":
         net = DictOutput(unet_baseline(**{**BASELINE_CONFIGS[model][config], **overrides}), "mask_logits")
     else:
@@ -96,7 +98,8 @@ def build_network(
         "synergy": bool(synergy), "high_res_features": bool(high_res_features), "spacing": [float(s) for s in spacing],
         "window": window if isinstance(window, str) else [float(w) for w in window], "axcodes": axcodes,
         **({"backbone": backbone, "lesion_pooling": bool(lesion_pooling), "attr_gradient": attr_gradient,
-            "click_affinity": bool(click_affinity), "click_components": bool(click_components)} if model == "lesion_prompt" else {}),
+            "click_affinity": bool(click_affinity), "click_components": bool(click_components),
+            "full_res_conv": full_res_conv} if model == "lesion_prompt" else {}),
         **overrides,
     }  # fmt: skip
     return net

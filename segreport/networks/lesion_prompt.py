@@ -252,6 +252,8 @@ class LesionPromptNet(nn.Module):
         click_affinity: ``"resunet"`` only: two more prompt maps, which voxels near each positive / negative
             click look like the clicked voxel (:func:`prompt_maps` with the ROI image), within a Gaussian
             of ``affinity_sigma`` voxels around it.
+        full_res_conv: ``"resunet"`` only: the decoder's 3x3x3 conv at full resolution, ``None`` (none),
+            ``"depthwise"`` or ``"dense"`` (:class:`PromptFusionDecoder3D`).
         click_components: with positive clicks, the mask is the connected components they touch
             (:mod:`~segreport.networks.blocks.click_components`), and the attribute head pools over
             those. In a training step with gradient the returned mask stays whole (the loss trains
@@ -295,6 +297,7 @@ class LesionPromptNet(nn.Module):
         click_affinity: bool = False,
         affinity_sigma: float = 4.0,
         click_components: bool = False,
+        full_res_conv: str | None = None,
     ):
         super().__init__()
         if embed_dim % 8:
@@ -303,6 +306,8 @@ class LesionPromptNet(nn.Module):
             raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
         if click_affinity and backbone != "resunet":
             raise ValueError("click_affinity feeds the residual U-Net's prompt-fusion decoder: it needs backbone='resunet'")
+        if full_res_conv is not None and backbone != "resunet":
+            raise ValueError("full_res_conv is the residual U-Net decoder's: it needs backbone='resunet'")
         if attr_gradient not in ATTR_GRADIENT_RATIO:
             raise ValueError(f"attr_gradient must be one of {sorted(ATTR_GRADIENT_RATIO)}, got {attr_gradient!r}")
         self.backbone = backbone
@@ -322,7 +327,8 @@ class LesionPromptNet(nn.Module):
             if any(s % down for s in self.img_size):
                 raise ValueError(f"img_size {self.img_size} must be divisible by {down} ({len(unet_features)} stages)")
             self.grid_size = tuple(s // down for s in self.img_size)
-            self.prompt_decoder = PromptFusionDecoder3D(unet_features, embed_dim, PROMPT_CHANNELS + AFFINITY_CHANNELS * bool(click_affinity))
+            self.prompt_decoder = PromptFusionDecoder3D(unet_features, embed_dim, PROMPT_CHANNELS + AFFINITY_CHANNELS * bool(click_affinity),
+                                                        full_res_conv=full_res_conv)
             mask_channels = int(unet_features[0])
         else:
             mask_channels = self._build_vit(img_size, in_channels, patch_size, encoder_embed_dim, encoder_depth, encoder_num_heads,
