@@ -15,7 +15,7 @@ only (measured in benchmarks/bench_click_latency.py).
 * :class:`PromptFusionDecoder3D`: per level, transposed conv up + encoder skip + a 1x1 projection of
   the prompt maps at that resolution, then one conv. At full resolution ``full_res_conv`` says which:
   none (the sum is normalised and activated only: a dense 3x3x3 conv there costs as much as the
-  encoder's first stage), ``"depthwise"`` (a 3x3x3 conv per channel, a quarter of that) or ``"dense"``.
+  encoder's first stage), ``"depthwise"`` (a 3x3x3 conv per channel, a third of that) or ``"dense"``.
 """
 
 from __future__ import annotations
@@ -163,6 +163,8 @@ class PromptFusionDecoder3D(nn.Module):
     patch plus its own skip and prompt values, and nothing mixes neighbours. Measured on the quick bench,
     the small lesions' masks came out speckled (holes inside, isolated voxels around) and stayed near
     Dice 0.5 whatever the clicks, where a plain intensity threshold of the same ROI scored 0.8-0.96.
+    With ``"dense"`` the clicks helped far more, but the attributes, ROI growth and zero-click recall got
+    worse (docs/results.md), so the bundle leaves it off.
     """
 
     def __init__(self, features: Sequence[int], in_channels: int, prompt_channels: int = PROMPT_CHANNELS,
