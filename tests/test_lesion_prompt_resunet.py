@@ -14,7 +14,7 @@ from segreport.models.spec import build_network as build_from_spec
 from segreport.networks.blocks.gradient_balance import GradientBalance
 from segreport.networks.blocks import lesion_features
 from segreport.networks.blocks.lesion_features import DESCRIPTOR_NAMES, image_maps, lesion_descriptors
-from segreport.networks.blocks.residual_unet import PointwiseConv3d, PromptPyramid, prompt_maps
+from segreport.networks.blocks.residual_unet import PointwiseConv3d, PromptFusionDecoder3D, PromptPyramid, prompt_maps
 from segreport.networks.lesion_prompt import LesionPromptNet
 from segreport.vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 
@@ -271,8 +271,6 @@ def test_batch_one_convolutions_equal_pytorchs_and_the_model_answers_alike_at_ba
 def test_full_res_conv_mixes_neighbours_and_old_specs_rebuild_without_it(kind):
     """Without the full-resolution conv, a full-resolution voxel's decoder output depends on its own skip
     voxel only; with it, on its neighbours' too (what lets a small lesion's mask close its holes)."""
-    from segreport.networks.blocks.residual_unet import PromptFusionDecoder3D
-
     torch.manual_seed(0)
     feats, maps = (8, 16), torch.zeros(1, 3, 8, 8, 8)
     x, skip = torch.randn(1, 32, 4, 4, 4), torch.randn(1, 8, 8, 8, 8)
