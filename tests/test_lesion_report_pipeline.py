@@ -187,7 +187,7 @@ def test_balanced_sampling_draws_rare_lesions_in_proportion_to_their_weights(pha
 
     items = lr.load_datalists(phantom_dir, lesions="all", min_lesion_voxels=20)["training"]
     assert lr.sampling_weights(items, None) is None
-    values = [lr._lesion_value(it, "shape") for it in items]
+    values = [lr.lesion_value(it, "shape") for it in items]
     counts = {v: values.count(v) for v in set(values)}
     assert len(counts) > 1 and len(set(counts.values())) > 1  # the phantom's shapes are imbalanced
     case = json.loads((phantom_dir / "dataset.json").read_text())["training"]

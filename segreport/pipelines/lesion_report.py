@@ -197,13 +197,13 @@ def sampling_weights(items: Sequence[dict], by: str | None, power: float = 0.5) 
     the automatic mode but not the nodules. So the bundle keeps it off (docs/results.md)."""
     if by is None:
         return None
-    values = [_lesion_value(it, by) for it in items]
+    values = [lesion_value(it, by) for it in items]
     counts = Counter(values)
     log.info("sampling balanced by %s (power %s): %s", by, power, dict(counts))
     return [float(counts[v]) ** -float(power) for v in values]
 
 
-def _lesion_value(item: Mapping, key: str):
+def lesion_value(item: Mapping, key: str):
     """``key`` of the item's own lesion: its attribute row (``id`` = ``lesion_id``), else the item's."""
     lesion = item.get("lesion_id")
     row = None if lesion is None else lesion_row(item.get("attributes"), int(lesion))

@@ -28,7 +28,7 @@ from ..transforms.attributes import IGNORE_INDEX
 from ..transforms.clicks import sample_click
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 from .click_training import ClickSet, _spacing
-from .lesion_report import load_transforms, spatial_transforms
+from .lesion_report import lesion_value, load_transforms, spatial_transforms
 from ..data.outputs import write_csv, write_json
 
 log = logging.getLogger("segreport.lesion_report")
@@ -95,7 +95,7 @@ def evaluate(
             image = d["image"].as_tensor()[None].float().to(device)
             gt_roi = np.asarray(d["label"][0]) > 0.5
             row = {"split": split, "case_id": item.get("case_id"), "lesion_id": d["lesion_id"],
-                   "lesion_type": item.get("lesion_type"), "lesion_voxels": int(target_orig.sum())}
+                   "lesion_type": lesion_value(item, "lesion_type"), "lesion_voxels": int(target_orig.sum())}
             if interactive:
                 traj = _click_trajectory(net, image, gt_roi, max_clicks)
                 dices = [t["dice"] for t in traj]
