@@ -564,6 +564,20 @@ def test_evaluate_baselines_without_clicks(phantom_dir, tmp_path):
     assert "dice" not in cnn["test"] and 0.0 <= cnn["test"]["attribute_accuracy_average"] <= 1.0
 
 
+def test_per_case_rows_name_each_lesions_own_type(phantom_dir, tmp_path):
+    """With every lesion a target, a case's lesions differ in type: each per_case.csv row carries its own
+    lesion's, not the case's first lesion's (which the item's ``lesion_type`` is)."""
+    items = [it for split in ("training", "validation", "test") for it in lr.load_datalists(phantom_dir, lesions="all")[split]]
+    case = next(c for c in {it["case_id"] for it in items}
+                if len({lr.lesion_value(it, "lesion_type") for it in items if it["case_id"] == c}) > 1)
+    chosen = [it for it in items if it["case_id"] == case]
+    assert any(lr.lesion_value(it, "lesion_type") != it["lesion_type"] for it in chosen)  # the case the fix is for
+    lre.evaluate(m3d.build_network("unet", spacing=SPACING), {"test": chosen}, tmp_path, splits=("test",), n_panels=0)
+    rows = list(csv.DictReader(open(tmp_path / "per_case.csv")))
+    own = {str(it["lesion_id"]): lr.lesion_value(it, "lesion_type") for it in chosen}
+    assert len(rows) == len(chosen) and all(r["lesion_type"] == own[r["lesion_id"]] for r in rows)
+
+
 def test_ablation_table_reads_eval_outputs(tmp_path):
     from monai.bundle import run
 
