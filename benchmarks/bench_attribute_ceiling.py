@@ -49,7 +49,7 @@ def lesion_rows(net, items: list) -> list[dict]:
     model's one-click attributes."""
     import torch
 
-    from segreport.networks.blocks.lesion_features import lesion_descriptors
+    from segreport.networks.blocks.lesion_features import image_maps, lesion_descriptors
     from segreport.pipelines.lesion_report import load_transforms, spatial_transforms
     from segreport.pipelines.lesion_report_eval import _click_trajectory
     from segreport.vocab import ATTRIBUTE_NAMES
@@ -64,9 +64,10 @@ def lesion_rows(net, items: list) -> list[dict]:
             gt = np.asarray(d["label"][0]) > 0.5
             one = _click_trajectory(net, image, gt, 1)[1]
             truth = torch.from_numpy(gt.astype(np.float32))[None, None]
+            maps = image_maps(image)  # the ROI's, for both masks
             rows.append({"targets": d["attr_target"].tolist(), "dice_1_click": one["dice"],
-                         "gt": lesion_descriptors(image, truth)[0].tolist(),
-                         "one_click": lesion_descriptors(image, one["prob"][None, None])[0].tolist(),
+                         "gt": lesion_descriptors(image, truth, maps)[0].tolist(),
+                         "one_click": lesion_descriptors(image, one["prob"][None, None], maps)[0].tolist(),
                          "model": [one["attr"][g] for g in ATTRIBUTE_NAMES]})
     return rows
 
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "attribute_ceiling",
         "command": " ".join(["python benchmarks/bench_attribute_ceiling.py", *(argv if argv is not None else sys.argv[1:])]),
-        "model": str(checkpoint.relative_to(work.parent)) if work.parent in checkpoint.parents else str(checkpoint),
+        "model": str(checkpoint.relative_to(work.parent)),
         "seed": a.seed,
         "lesions": {"training": len(train), "test": len(test)},
         "test_dice_1_click": round(float(np.mean([r["dice_1_click"] for r in test])), 4),

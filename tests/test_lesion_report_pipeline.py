@@ -568,7 +568,7 @@ def test_per_case_rows_name_each_lesions_own_type(phantom_dir, tmp_path):
     """With every lesion a target, a case's lesions differ in type: each per_case.csv row carries its own
     lesion's, not the case's first lesion's (which the item's ``lesion_type`` is)."""
     items = [it for split in ("training", "validation", "test") for it in lr.load_datalists(phantom_dir, lesions="all")[split]]
-    case = next(c for c in {it["case_id"] for it in items}
+    case = next(c for c in sorted({it["case_id"] for it in items})
                 if len({lr.lesion_value(it, "lesion_type") for it in items if it["case_id"] == c}) > 1)
     chosen = [it for it in items if it["case_id"] == case]
     assert any(lr.lesion_value(it, "lesion_type") != it["lesion_type"] for it in chosen)  # the case the fix is for
