@@ -519,7 +519,8 @@ def ensure_dataset(out_dir: str | os.PathLike, present: Sequence[str] = ("datase
 
 
 # any of these in a folder means "a dataset is here": it is never generated over (a user's data)
-DATASET_MARKERS = ("dataset.json", "*_Folder", "slices2d", "imagesTr", "labelsTr", "studies")  # studies: MosMedData
+# studies: MosMedData; cases.csv: a folder of PNG slices (data.slice_folder)
+DATASET_MARKERS = ("dataset.json", "*_Folder", "slices2d", "imagesTr", "labelsTr", "studies", "cases.csv")
 
 
 DEFAULT_DATASET_DIR = "outputs/phantom"  # relative to the repository root, where bundles run from
@@ -536,7 +537,7 @@ def ensure_default(out_dir: str | os.PathLike, n_cases: int = 40, seed: int = 0)
     if any(next(root.glob(pattern), None) for pattern in DATASET_MARKERS):
         return str(root)
     if root.absolute() != Path(DEFAULT_DATASET_DIR).absolute():
-        raise InputError(root, "no dataset found (looked for dataset.json, imagesTr/ + labelsTr/, or the LViT "
-                               "Train_Folder/Val_Folder/Test_Folder layout); nothing is generated into a folder you "
+        raise InputError(root, "no dataset found (looked for dataset.json, imagesTr/ + labelsTr/, the LViT "
+                               "Train_Folder/Val_Folder/Test_Folder layout, or ct/ + infection/ + lungs/ + cases.csv); nothing is generated into a folder you "
                                "name: use `segreport synth --out DIR` to make a phantom there")
     return ensure_dataset(out_dir, DATASET_MARKERS, n_cases=n_cases, seed=seed, slice_filter="lung")

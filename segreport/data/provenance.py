@@ -29,13 +29,16 @@ def dataset_provenance(dataset_dir: str | os.PathLike, datalists: dict | None = 
                 info = {}
             break
     synthetic = info.get("name") == "segreport-phantom"
-    splits = {k: len({str(it.get("case_id")) for it in v}) for k, v in (datalists or {}).items() if isinstance(v, list)}
+    case_ids = {k: sorted({str(it.get("case_id")) for it in v}) for k, v in (datalists or {}).items() if isinstance(v, list)}
+    splits = {k: len(ids) for k, ids in case_ids.items()}
     return {
         "dataset": info.get("name") or root.name,
         "dataset_dir": str(root.absolute()),
         "synthetic": synthetic,
         "phantom": {"seed": info.get("seed"), "version": info.get("version")} if synthetic else None,
         "n_cases": splits,
+        # which cases trained it, so another folder's evaluation can tell what it has not seen
+        "case_ids": case_ids if sum(splits.values()) <= 1000 else None,
         "command": _command(),
     }
 

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from monai.engines import PrepareBatch
 from tqdm import tqdm
@@ -21,10 +22,13 @@ from ..metrics.segmentation import SegmentationScores
 from ..metrics.text import text_metrics
 from ..transforms.text import decode_tokens
 from ..data.outputs import write_csv, write_json
+from .consistency import compare
+from .slice_sentences import slice_finding
 from .loaders import make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
 # the slice data and validation score are shared with the other slice models; re-exported for the YAMLs
 from .slices2d import (  # noqa: F401
-    SegTextScore, build_tokenizer, engine_output, load_datalists, slice_transforms, volume_to_slice_items,
+    SegTextScore, build_tokenizer, engine_output, eval_items, intensity_augmentations, load_datalists, slice_transforms, summarize_slices,
+    volume_to_slice_items,
 )
 
 log = logging.getLogger("segreport.medsegtext")
@@ -81,6 +85,14 @@ def predict_slices(network, images: torch.Tensor, max_length: int | None = None,
 
 
 # ------------------------------------------------------------------------------- evaluation
+def sentence_agrees(text: str, mask: np.ndarray, zone_map: np.ndarray) -> bool:
+    """Whether a generated slice sentence names the sides, areas and zones of ``mask`` on ``zone_map``
+    (by the rules that wrote the training sentences: :func:`.slice_sentences.slice_finding`)."""
+    found = slice_finding(mask, zone_map)
+    checked = compare(text, found.n_areas, found.zones, "slice")
+    return bool(checked is not None and checked["agree"])
+
+
 @torch.inference_mode()
 def evaluate(
     checkpoint: str | os.PathLike,
@@ -91,7 +103,9 @@ def evaluate(
     device: str = "cpu",
     n_panels: int = 8,
 ) -> dict:
-    """Dice/IoU (per slice and per case), BLEU-1..4, METEOR, ROUGE-L -> metrics.json, per_sample.csv, panels.
+    """Dice/IoU (per slice and per case), BLEU-1..4, METEOR, ROUGE-L -> metrics.json (its ``test`` block),
+    per_case.csv, per_sample.csv, panels. Slices that carry a zone map (slice folders) also get the
+    ``consistency_rate``: the share of generated sentences that agree with the model's own mask.
 
     The model, its image size, decoding length and tokenizer all come from the checkpoint's spec.
     """
@@ -116,33 +130,35 @@ def evaluate(
         for i in range(len(images)):
             case_id, sl = batch["case_id"][i], int(batch.get("slice_index", [-1] * len(images))[i])
             row = {"case_id": case_id, "slice_index": sl, "reference": ref[i], "generated": gen[i]}
+            mask = None
             if "seg_logits" in pred:
                 mask = (torch.sigmoid(pred["seg_logits"][i, 0]) > 0.5).cpu().numpy()
                 gt = batch["label"][i, 0].cpu().numpy() > 0.5
                 scored = seg.add(mask, gt, case_id=case_id, slice_index=sl)
                 row.update(dice=scored["dice"], iou=scored["iou"])
+                if gen[i] and "lung_zones" in batch:  # does the sentence say what its own mask shows?
+                    row["consistent"] = sentence_agrees(gen[i], mask, batch["lung_zones"][i, 0].cpu().numpy())
             rows.append(row)
             refs.append(ref[i])
             hyps.append(gen[i])
             if shown < n_panels:
                 save_panel(out / "panels" / f"{case_id}_s{sl:03d}.png", images[i, 0].cpu().numpy(), batch["label"][i, 0].cpu().numpy(),
-                           mask if "seg_logits" in pred else None, ref[i], gen[i], row.get("dice"))
+                           mask, ref[i], gen[i], row.get("dice"))
                 shown += 1
     metrics: dict = {"n_slices": len(rows)}
     if len(seg):
-        # per slice (the seed's "Avg Dice") and per case (slices of a case pooled into one volume)
-        for level, scores in seg.summary().items():
-            for name in ("dice", "iou"):
-                metrics[f"{name}_{'slice' if level == 'item' else 'case'}_mean"] = scores[name]["mean"]
-                metrics[f"{name}_{'slice' if level == 'item' else 'case'}_std"] = scores[name]["std"]
-        write_csv(out / "per_case.csv", seg.case_rows())
+        metrics, case_rows = summarize_slices(rows, {r["case_id"]: r for r in seg.case_rows()})
+        write_csv(out / "per_case.csv", case_rows)
     if any(hyps):
         scores = text_metrics(refs, hyps, per_sample=True)
         per_sample = scores.pop("per_sample")
         metrics.update(scores)
         for row, s in zip(rows, per_sample):
             row.update(s)
-    write_json(metrics, out / "metrics.json")
+    checked = [r["consistent"] for r in rows if "consistent" in r]
+    if checked:
+        metrics["consistency_rate"] = float(np.mean(checked))
+    write_json({"test": metrics}, out / "metrics.json")
     write_csv(out / "per_sample.csv", rows)
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     return metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -57,5 +58,39 @@ def save_prompt_panel(path: str | os.PathLike, image: np.ndarray, label: np.ndar
     fig.subplots_adjust(bottom=0.14, top=0.9, wspace=0.03)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_sentence_grid(path: str | os.PathLike, items: list[dict], columns: int = 4) -> None:
+    """Slices beside the sentences derived from their masks: the lung's zones tinted (patient right lung
+    blue, left lung orange; darker = lower), the lesion outlined in red, the case, level and sentence under
+    each. ``items``: dicts with ``image`` (1 x H x W, 0-255), ``label``, ``lung_zones``, ``text``,
+    ``case_id``, ``slice_index``, ``slices_in_case``."""
+    from ..vocab import ZONES
+
+    path = Path(path)
+    rows = -(-len(items) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.9 * rows), squeeze=False)
+    tint = np.zeros((len(ZONES) + 1, 4))
+    for code, zone in enumerate(ZONES, start=1):
+        level, side = zone.split("_")
+        alpha = {"upper": 0.15, "middle": 0.25, "lower": 0.35}[level]
+        tint[code] = (0.2, 0.4, 1.0, alpha) if side == "right" else (1.0, 0.55, 0.1, alpha)
+    for ax, item in zip(axes.ravel(), items):
+        ax.imshow(np.asarray(item["image"])[0], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(tint[np.asarray(item["lung_zones"])[0].astype(int)])
+        label = np.asarray(item["label"])[0] > 127
+        if label.any():
+            ax.contour(label, levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(f"{item['case_id']} slice {item['slice_index'] + 1}/{item['slices_in_case']}", fontsize=8)
+        ax.text(0.5, -0.02, textwrap.fill(item["text"], 44), transform=ax.transAxes, ha="center", va="top", fontsize=7)
+        ax.axis("off")
+    for ax in axes.ravel()[len(items):]:
+        ax.axis("off")
+    fig.subplots_adjust(hspace=0.35, wspace=0.05, left=0.01, right=0.99, top=0.97, bottom=0.03)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
     plt.close(fig)
     os.replace(tmp, path)

@@ -27,6 +27,7 @@ from monai.transforms import Compose, DeleteItemsd, EnsureChannelFirstd, EnsureT
 
 from ..data import readers, splits as splits_mod
 from ..data.io import load_volume
+from ..data.slice_folder import is_slice_folder
 from ..errors import InputError
 from ..metrics.text import text_metrics
 from ..text.findings import restrict_finding
@@ -39,6 +40,7 @@ from ..transforms.orientation import display_to_file_index, to_display
 from ..transforms.slicing import VolumeToSlicesd, axial_axis
 from ..transforms.text import TokenizeTextd, decode_tokens
 from ..vocab import ZONES
+from .slice_sentences import slice_folder_datalists
 
 log = logging.getLogger("segreport.slices2d")
 
@@ -58,25 +60,29 @@ def load_datalists(
     slice_mode: str = "mix",
     text: str = "slice",
     keep_zones: bool = False,
+    orientation: str = "radiological",
 ) -> dict[str, list[dict]]:
     """Training/validation/test items for a 2D model (``mosmeddata``: MosMedData COVID19_1110's studies
-    with masks, split by CT-k like ``volumes``).
+    with masks, split by CT-k like ``volumes``; ``slices``: a folder of PNG slices with ``ct/``,
+    ``infection/``, ``lungs/`` and ``cases.csv``, split at case level by infection burden, each slice's
+    sentence from its masks, :mod:`.slice_sentences`, with ``orientation`` its display convention).
 
-    ``data_format``: ``lvit`` (MosMedData+/QaTa LViT layout, or the phantom's ``slices2d`` export: the
+    ``data_format``: ``auto`` (:func:`_detect_format`), ``lvit`` (MosMedData+/QaTa LViT layout, or the phantom's ``slices2d`` export: the
     split is the folders'), ``volumes`` (NIfTI volumes from an MSD ``dataset.json`` or ``imagesTr``/
     ``labelsTr`` folders, split at CASE level and then sliced, so no case has slices in two splits),
-    or ``auto`` (LViT folders when present, else volumes). ``text`` and ``keep_zones``: see
+    ``slices`` (above). ``text`` and ``keep_zones``: see
     :func:`volume_to_slice_items` (LViT slices keep their own sentences and have no zone map).
     """
     root = Path(dataset_dir)
     if data_format == "auto":
-        data_format = "lvit" if any(_lvit_root(root).glob("*_Folder")) else (
-            "mosmeddata" if (root / "studies").is_dir() else "volumes")
+        data_format = _detect_format(root, text)
+    if data_format == "slices":  # a slice's own finding is its sentence for every model (text="slice" or "level")
+        return slice_folder_datalists(root, ratios, seed, orientation, keep_zones)
     if data_format == "lvit":
         lroot = _lvit_root(root)
         return {key: readers.read_lvit(lroot, split=folder) for key, folder in SPLIT_FOLDERS.items()}
     if data_format not in ("volumes", "mosmeddata"):
-        raise InputError(root, f"unknown data_format {data_format!r}: use 'auto', 'lvit', 'volumes' or 'mosmeddata'")
+        raise InputError(root, f"unknown data_format {data_format!r}: use 'auto', 'slices', 'lvit', 'volumes' or 'mosmeddata'")
     if data_format == "mosmeddata":  # COVID19_1110: the studies with a lesion mask, stratified by CT-k
         cases = readers.read_mosmeddata(root, only_masked=True)
     elif (root / "dataset.json").is_file():
@@ -90,6 +96,27 @@ def load_datalists(
                                                                           keep_zones=keep_zones)]
         for key in SPLIT_FOLDERS
     }
+
+
+def _detect_format(root: Path, text: str) -> str:
+    """A slice folder, else LViT folders, else MosMedData, else volumes. A model trained on case sentences
+    (``text="level"``) takes a folder's volumes over its LViT export (the phantom holds both)."""
+    has_volumes = (root / "dataset.json").is_file() or (root / "imagesTr").is_dir()
+    if is_slice_folder(root):
+        return "slices"
+    if any(_lvit_root(root).glob("*_Folder")) and not (text == "level" and has_volumes):
+        return "lvit"
+    return "mosmeddata" if (root / "studies").is_dir() else "volumes"
+
+
+def eval_items(datalists: dict[str, list[dict]], split: str = "test") -> list[dict]:
+    """The items an evaluation scores: one split, or ``"all"`` (every slice of the folder, e.g. another
+    hospital's folder scored with a checkpoint trained elsewhere)."""
+    if split == "all":
+        return [it for name in SPLIT_FOLDERS for it in datalists.get(name, [])]
+    if split not in datalists:
+        raise InputError(None, f"unknown eval_split {split!r}: use 'all' or one of {sorted(datalists)}")
+    return datalists[split]
 
 
 def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, neg_ratio: float = 0.25, text: str = "slice",
@@ -160,6 +187,27 @@ def build_tokenizer(train_items: list[dict], tokenizer_path: str | None = None):
     return build_word_tokenizer(texts)
 
 
+def intensity_augmentations(prob: float = 0.25) -> list:
+    """What another scanner or site changes in a slice, as training transforms on the image in [0, 1]:
+    the contrast curve (gamma, a random piecewise-linear histogram curve), window level and width (scale
+    and shift), noise, sharpness, and the field of view (zoom 0.8-1.25, the masks with it). Each is drawn
+    with ``prob``; the image is clipped back to [0, 1]."""
+    from monai.transforms import (RandAdjustContrastd, RandGaussianNoised, RandGaussianSmoothd, RandHistogramShiftd,
+                                  RandScaleIntensityd, RandShiftIntensityd)
+
+    return [
+        RandZoomd(keys=["image", "label", "lesion_zones"], prob=prob, min_zoom=0.8, max_zoom=1.25, padding_mode="constant",
+                  mode=("bilinear", "nearest", "nearest"), allow_missing_keys=True),
+        RandAdjustContrastd(keys="image", prob=prob, gamma=(0.6, 1.6)),
+        RandHistogramShiftd(keys="image", prob=prob, num_control_points=(5, 10)),
+        RandScaleIntensityd(keys="image", prob=prob, factors=0.2),
+        RandShiftIntensityd(keys="image", prob=prob, offsets=0.1),
+        RandGaussianSmoothd(keys="image", prob=prob / 2, sigma_x=(0.4, 1.0), sigma_y=(0.4, 1.0)),
+        RandGaussianNoised(keys="image", prob=prob, std=0.03),
+        Lambdad(keys="image", func=lambda x: x.clamp(0.0, 1.0) if isinstance(x, torch.Tensor) else np.clip(x, 0.0, 1.0)),
+    ]
+
+
 def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, train: bool = False,
                      augment: Sequence | None = None, zone_labels: bool = False) -> Compose:
     """Loading (PNG paths or in-memory arrays) -> 1×S×S image in [0, 1], binary label, token ids.
@@ -187,8 +235,8 @@ def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, tra
     tail = [
         Lambdad(keys="image", func=to_gray01),
         Lambdad(keys="label", func=to_binary),
-        Resized(keys=["image", "label", "lesion_zones"], spatial_size=(image_size, image_size),
-                mode=("bilinear", "nearest", "nearest"), allow_missing_keys=True),
+        Resized(keys=["image", "label", "lesion_zones", "lung_zones"], spatial_size=(image_size, image_size),
+                mode=("bilinear", "nearest", "nearest", "nearest"), allow_missing_keys=True),
     ]
     if train:
         tail.append(RandZoomd(keys=["image", "label", "lesion_zones"], prob=0.1, min_zoom=0.9, max_zoom=1.1,
@@ -196,8 +244,9 @@ def slice_transforms(tokenizer, image_size: int = 224, max_length: int = 50, tra
         tail += list(augment or [])
     if zone_labels:
         tail.append(LungZonesFromTextd(keys="text", output_keys="zones"))
+    # lesion_zones: for the augmentations only; lung_zones (slice folders): for the evaluation's checks
     tail += [TokenizeTextd(keys="text", tokenizer=tokenizer, max_length=max_length),
-             DeleteItemsd(keys="lesion_zones"),  # used by the augmentations only; batches do not carry it
+             DeleteItemsd(keys=["lesion_zones", "lung_zones"] if train else "lesion_zones"),
              EnsureTyped(keys=["image", "label"], track_meta=False)]
     return _PathOrArray(Compose(steps), Compose(tail))
 
@@ -212,6 +261,38 @@ class _PathOrArray:
         if isinstance(item.get("image"), (str, os.PathLike)):
             item = self.load(item)
         return self.rest(dict(item))
+
+
+# ------------------------------------------------------------------------------- evaluation summary
+def summarize_slices(rows: list[dict], pooled: dict[str, dict] | None = None) -> tuple[dict, list[dict]]:
+    """The ``test`` block every 2D evaluation writes, and one row per case.
+
+    Per slice as the LViT papers compute it (Dice and IoU of each slice, averaged: ``dice_slice_mean``,
+    ``miou_slice_mean``); per case as the TMC paper reports it (a case's slices averaged, then the cases:
+    ``dice_case_mean``, ``miou_case_mean``), and, with ``pooled`` (SegmentationScores.case_rows by case
+    id), Dice over a case's slices pooled into one volume (``dice_pooled_case_mean``).
+    """
+    by_case: dict[str, list[dict]] = {}
+    for row in rows:
+        by_case.setdefault(str(row["case_id"]), []).append(row)
+    case_rows = []
+    for cid, rs in by_case.items():
+        case = {"case_id": cid, "n_slices": len(rs), "dice": float(np.mean([r["dice"] for r in rs])),
+                "iou": float(np.mean([r["iou"] for r in rs]))}
+        if pooled is not None:
+            case.update(dice_pooled=pooled[cid]["dice"], iou_pooled=pooled[cid]["iou"])
+        case_rows.append(case)
+
+    def mean_std(values):
+        return (float(np.mean(values)), float(np.std(values))) if values else (float("nan"), float("nan"))
+
+    metrics: dict = {"n_slices": len(rows), "n_cases": len(case_rows)}
+    for name, values in (("dice_slice", [r["dice"] for r in rows]), ("miou_slice", [r["iou"] for r in rows]),
+                         ("dice_case", [r["dice"] for r in case_rows]), ("miou_case", [r["iou"] for r in case_rows]),
+                         ("dice_pooled_case", [r["dice_pooled"] for r in case_rows if "dice_pooled" in r])):
+        if values or not name.startswith("dice_pooled"):
+            metrics[f"{name}_mean"], metrics[f"{name}_std"] = mean_std(values)
+    return metrics, case_rows
 
 
 # ------------------------------------------------------------------------------- validation score

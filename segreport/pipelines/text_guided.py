@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -22,10 +21,9 @@ from tqdm import tqdm
 
 from ..data.outputs import write_csv, write_json
 from ..metrics.segmentation import SegmentationScores
-from ..metrics.stats import mean_std
 from ..transforms.guided_text import RandLateralFlipd, RandZoneSubsetd
 from .loaders import make_dataset, make_loader
-from .slices2d import build_tokenizer, slice_transforms
+from .slices2d import build_tokenizer, intensity_augmentations, slice_transforms, summarize_slices
 
 log = logging.getLogger("segreport.text_guided")
 
@@ -86,11 +84,14 @@ def plateau_schedule(optimizer, metric: str = "val_dice", factor: float = 0.1, p
     return handlers
 
 
-def train_transforms(tokenizer, image_size: int, max_length: int, zone_labels: bool = False, **augment_kwargs):
-    """Training slice transforms with :func:`augmentations`; ``zone_labels`` adds ``zones``, the six-zone
-    multi-hot of the (augmented) sentence, LAPFT's location targets."""
+def train_transforms(tokenizer, image_size: int, max_length: int, zone_labels: bool = False,
+                     intensity_augmentation: bool = True, **augment_kwargs):
+    """Training slice transforms with :func:`augmentations` (and, with ``intensity_augmentation``, the
+    other-site changes of :func:`.slices2d.intensity_augmentations`); ``zone_labels`` adds ``zones``, the
+    six-zone multi-hot of the (augmented) sentence, LAPFT's location targets."""
+    extra = intensity_augmentations() if intensity_augmentation else []
     return slice_transforms(tokenizer, image_size, max_length, train=True, zone_labels=zone_labels,
-                            augment=augmentations(**augment_kwargs))
+                            augment=extra + augmentations(**augment_kwargs))
 
 
 class TextGuidedBatch(PrepareBatch):
@@ -111,7 +112,8 @@ class TextGuidedBatch(PrepareBatch):
 def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str | os.PathLike, batch_size: int = 8,
              device: str = "cpu", observers: Sequence = ()) -> dict:
     """Dice and IoU per slice, and per case as the paper reports them (the mean over a case's slices)
-    plus pooled over the case's slices -> metrics.json, per_case.csv, per_sample.csv.
+    plus pooled over the case's slices -> metrics.json (its ``test`` block: :func:`.slices2d.summarize_slices`;
+    for slices with zone maps also ``text_control``, :func:`slice_text_control`), per_case.csv, per_sample.csv.
 
     The model, its image size, text length and tokenizer come from the checkpoint's spec. ``observers``
     see every batch and the network's whole output in the same pass (``update(batch, out)``) and write
@@ -139,26 +141,61 @@ def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str |
             scored = seg.add(masks[i], batch["label"][i, 0].numpy() > 0.5, case_id=case_id, slice_index=sl)
             rows.append({"case_id": case_id, "slice_index": sl, "text": batch["text"][i], "dice": scored["dice"],
                          "iou": scored["iou"]})
-    by_case: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_case[row["case_id"]].append(row)
-    pooled = {r["case_id"]: r for r in seg.case_rows()}
-    case_rows = [{"case_id": cid, "n_slices": len(rs), "dice": float(np.mean([r["dice"] for r in rs])),
-                  "iou": float(np.mean([r["iou"] for r in rs])), "dice_pooled": pooled[cid]["dice"],
-                  "iou_pooled": pooled[cid]["iou"]} for cid, rs in by_case.items()]
-    metrics = {"n_slices": len(rows), "n_cases": len(case_rows)}
-    for name in ("dice", "iou", "dice_pooled", "iou_pooled"):
-        summary = mean_std([r[name] for r in case_rows])
-        metrics[f"{name}_case_mean"], metrics[f"{name}_case_std"] = summary["mean"], summary["std"]
-    metrics["dice_slice_mean"] = float(np.mean([r["dice"] for r in rows])) if rows else float("nan")
+    metrics, case_rows = summarize_slices(rows, {r["case_id"]: r for r in seg.case_rows()})
+    result: dict = {"test": metrics}
+    if items and "lung_zones" in items[0]:  # slice folders carry each slice's zone map
+        result["text_control"] = slice_text_control(network, tokenizer, spec, items, batch_size, device)
     out = Path(output_dir)
     for observer in observers:
         observer.finish(out)
-    write_json(metrics, out / "metrics.json")
+    write_json(result, out / "metrics.json")
     write_csv(out / "per_case.csv", case_rows)
     write_csv(out / "per_sample.csv", rows)
     log.info("evaluation: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     return metrics
+
+
+@torch.inference_mode()
+def slice_text_control(network, tokenizer, spec: dict, items: list[dict], batch_size: int = 8, device: str = "cpu") -> dict:
+    """Does the text steer the mask, on 2D slices? Every slice whose sentence names both lungs is given
+    that sentence and, for each lung, the sentence restricted to that lung alone. Returned: the share of
+    the predicted lesion that lies in the lung the sentence leaves out, pooled over slices and sides, with
+    the true and with the one-lung text, and their ratio (the target: at most 0.5). A predicted pixel's
+    lung is the report's rule on the slice's zone map (pixels outside the lungs: the nearest lung zone)."""
+    from ..text.findings import parse_finding, restrict_finding
+    from ..transforms.findings import FindingsFromMask
+    from ..vocab import SIDES, ZONES
+
+    bilateral = [it for it in items if {z.split("_")[1] for z in parse_finding(it["text"]).zones} == set(SIDES)]
+    variants = [(it, None) for it in bilateral]
+    variants += [(it, kept) for it in bilateral for kept in SIDES]
+    inputs = [{**it, "text": it["text"] if kept is None else restrict_finding(it["text"], [z for z in ZONES if z.endswith(kept)])}
+              for it, kept in variants]
+    image_size, max_length = spec["preprocessing"]["image_size"], spec["inference"]["max_length"]
+    loader = make_loader(make_dataset(inputs, slice_transforms(tokenizer, image_size, max_length), cache=False), batch_size)
+    describe = FindingsFromMask(min_size=1).describe
+    side_volumes = []  # {side: predicted pixels} per input, in input order
+    for batch in loader:
+        out = network(batch["image"].to(device), batch["tokens"].to(device), batch["tokens_mask"].to(device))
+        masks = (torch.sigmoid(out["seg_logits"][:, 0]) > spec["inference"]["threshold"]).cpu().numpy()
+        for mask, zones in zip(masks, batch["lung_zones"][:, 0].numpy()):
+            codes = describe(mask, affine=np.eye(4), zone_map=zones).voxel_zones if mask.any() and zones.any() else np.zeros_like(zones)
+            side_volumes.append({side: float(np.isin(codes, [i + 1 for i, z in enumerate(ZONES) if z.endswith(side)]).sum())
+                                 for side in SIDES})
+    true = {id(it): vols for (it, kept), vols in zip(variants, side_volumes) if kept is None}
+    left_out = {"true_text": 0.0, "one_lung_text": 0.0}
+    total = {"true_text": 0.0, "one_lung_text": 0.0}
+    for (it, kept), vols in zip(variants, side_volumes):
+        if kept is None:
+            continue
+        other = SIDES[1 - SIDES.index(kept)]
+        for key, v in (("true_text", true[id(it)]), ("one_lung_text", vols)):
+            left_out[key] += v[other]
+            total[key] += sum(v.values())
+    share = {k: left_out[k] / total[k] if total[k] else float("nan") for k in left_out}
+    return {"n_slices": len(bilateral), "left_out_share_true_text": share["true_text"],
+            "left_out_share_one_lung_text": share["one_lung_text"],
+            "share_ratio": share["one_lung_text"] / share["true_text"] if share["true_text"] else float("nan")}
 
 
 def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str = "cpu") -> dict:

@@ -150,6 +150,19 @@ def lung_zone_map(lung, affine, z_extent: Mapping[str, Sequence[float]] | None =
     return out
 
 
+def slice_zone_map(lung, level: float, affine) -> np.ndarray:
+    """Zone map of one axial slice that comes without its volume (a PNG slice): sides from its binary
+    lung mask through ``affine`` (:func:`split_left_right`), the level from ``level``, the slice's
+    craniocaudal position in its lungs in [0, 1] (0 at the bases, 1 at the apices; for a slice series,
+    ``(index + 0.5) / count``: an approximation that takes the series to span the lungs evenly)."""
+    if not 0.0 <= float(level) <= 1.0:
+        raise ValueError(f"level must be in [0, 1], got {level}")
+    a = np.array(affine, dtype=np.float64)
+    a[2, 3] = float(level)  # the slice's world z, in units of its lungs' craniocaudal extent
+    sides = split_left_right(spatial_array(lung)[..., None] > 0, a)[..., 0]
+    return lung_zone_map(sides, a, {side: (0.0, 1.0) for side in SIDES})
+
+
 class LungZones(Transform):
     """Lung label (1 right, 2 left; channel-first or not) -> zone map of the same layout and type.
 

@@ -68,3 +68,20 @@ def display_slices(volume: np.ndarray, affine) -> tuple[np.ndarray, np.ndarray]:
     shown = to_display(np.asarray(volume)[None], affine)
     slices = np.moveaxis(np.asarray(shown[0].as_tensor()), -1, 0)
     return slices, display_to_file_index(shown, affine, axial_axis(affine))
+
+
+
+# a 2D slice stored in display order (rows, columns) has no file affine of its own: the one its display
+# convention implies (unit pixels, z = 0). "neurological": patient left on the image's left.
+DISPLAY_CONVENTIONS = {"radiological": "PLS", "neurological": "PRS"}
+_AXIS_DIRECTIONS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0), "S": (0, 0, 1), "I": (0, 0, -1)}
+
+
+def display_affine(convention: str = "radiological") -> np.ndarray:
+    """The 4x4 affine (RAS+ mm, unit pixels) of a slice stored as ``(rows, columns[, 1])`` in a display
+    convention, so its sides are read through an affine like every other image's."""
+    if convention not in DISPLAY_CONVENTIONS:
+        raise ValueError(f"unknown display convention {convention!r}; use one of {sorted(DISPLAY_CONVENTIONS)}")
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([_AXIS_DIRECTIONS[c] for c in DISPLAY_CONVENTIONS[convention]], dtype=float).T
+    return affine
