@@ -50,9 +50,9 @@ def main() -> None:
         run("training", config_file=files, epochs=a.epochs, val_interval=max(1, a.epochs // 3), **common)
         train_s = time.perf_counter() - t
         run("evaluating", config_file=files + [str(CONFIGS / "evaluate.yaml")], **common)
-        metrics = json.loads((out / name / "eval" / "metrics.json").read_text())
+        metrics = json.loads((out / name / "eval" / "metrics.json").read_text())["test"]
         results[name] = {"train_seconds": round(train_s, 1), **{k: metrics.get(k) for k in (
-            "dice_slice_mean", "dice_case_mean", "iou_slice_mean", "bleu1", "bleu4", "meteor", "rouge_l", "n_slices")}}
+            "dice_slice_mean", "dice_case_mean", "miou_slice_mean", "bleu1", "bleu4", "meteor", "rouge_l", "n_slices")}}
         print(name, json.dumps(results[name]), flush=True)
 
     joint, seg, text = results["joint"], results["seg_only"], results["text_only"]

@@ -66,9 +66,9 @@ def train_and_evaluate(name: str, seed: int, data: str, out: Path, a, configs: P
     run("training", config_file=files, epochs=a.epochs, val_interval=1, **common)
     train_s = time.perf_counter() - t
     run("evaluating", config_file=files + [str(configs / "evaluate.yaml")], **common)
-    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())["test"]
     per_case = {r["case_id"]: r for r in _csv(work / "eval" / "per_case.csv")}
-    result = {"train_seconds": round(train_s, 1), "dice": metrics["dice_case_mean"], "miou": metrics["iou_case_mean"],
+    result = {"train_seconds": round(train_s, 1), "dice": metrics["dice_case_mean"], "miou": metrics["miou_case_mean"],
               "per_case_dice": {k: float(r["dice"]) for k, r in per_case.items()}}
     for extra in ("zones.json", "../parameters.json"):  # LAPFT: GPFC zone accuracy, parameter counts
         path = work / "eval" / extra

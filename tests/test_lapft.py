@@ -122,7 +122,7 @@ def test_bundle_trains_counts_parameters_and_evaluates_zones(trained, shared_dat
     zones = json.loads((trained / "eval" / "zones.json").read_text())
     assert len(zones["stages"]) == 4 and 0 <= zones["frequency_baseline"]["accuracy"] <= 1
     assert any((trained / "eval" / "panels").glob("*.png"))
-    assert json.loads((trained / "eval" / "metrics.json").read_text())["n_cases"] >= 1
+    assert json.loads((trained / "eval" / "metrics.json").read_text())["test"]["n_cases"] >= 1
 
 
 def test_infer_reports_gpfc_zones_and_points_in_patient_space(trained, phantom_dir, tmp_path, capsys):

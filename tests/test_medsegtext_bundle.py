@@ -63,8 +63,8 @@ def test_evaluation_writes_metrics_csv_and_panels(trained):
 
     out, common = trained
     run("evaluating", config_file=[str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")], **common)
-    metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    for key in ("dice_slice_mean", "dice_case_mean", "iou_slice_mean", "bleu1", "bleu4", "meteor", "rouge_l"):
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())["test"]
+    for key in ("dice_slice_mean", "dice_case_mean", "miou_slice_mean", "bleu1", "bleu4", "meteor", "rouge_l"):
         assert 0.0 <= metrics[key] <= 1.0, key
     rows = list(csv.DictReader(open(out / "eval" / "per_sample.csv")))
     assert len(rows) == metrics["n_slices"] and {"reference", "generated", "dice", "meteor"} <= set(rows[0])

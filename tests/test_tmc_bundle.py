@@ -44,7 +44,7 @@ def test_checkpoint_carries_the_tmc_spec_and_evaluation_scores_cases(trained):
     assert spec["preprocessing"]["image_size"] == 64 and spec["inference"]["max_length"] == 32
     assert spec["network"]["args"]["mcm_stages"] == [2, 3, 4] or tuple(spec["network"]["args"]["mcm_stages"]) == (2, 3, 4)
     assert "tokenizer.json" in spec["tokenizer"]
-    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())["test"]
     assert metrics["n_cases"] >= 1 and 0.0 <= metrics["dice_case_mean"] <= 1.0
     rows = list(csv.DictReader(open(trained / "eval" / "per_case.csv")))
     assert len(rows) == metrics["n_cases"]

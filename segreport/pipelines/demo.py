@@ -51,7 +51,7 @@ def run_medsegtext(out: Path, data_dir: Path, epochs: int) -> dict:
     print(f"    trained in {time.perf_counter() - t:.0f} s")
     _step("MedSegText: evaluating on the held-out test split")
     run("evaluating", config_file=_configs("medsegtext", "train.yaml", "evaluate.yaml"), **common)
-    metrics = json.loads((bundle_out / "eval" / "metrics.json").read_text())
+    metrics = json.loads((bundle_out / "eval" / "metrics.json").read_text())["test"]
     _step("MedSegText: inference on one CT volume")
     volume = _showcase_volume(data_dir)
     run("inferring", config_file=_configs("medsegtext", "inference.yaml"), bundle_root=str(BUNDLES / "medsegtext"),
@@ -98,7 +98,7 @@ def run_tmc(out: Path, data_dir: Path, epochs: int, medsegtext_checkpoint: Path,
     texts = GuideTexts(text_from=load(medsegtext_checkpoint))
     run_batch(load(bundle_out / "models" / "model.pt"), volume, bundle_out / "inference", overwrite=True, texts=texts,
               progress=False)
-    return {"metrics": json.loads((bundle_out / "eval" / "metrics.json").read_text()), "outputs": str(bundle_out)}
+    return {"metrics": json.loads((bundle_out / "eval" / "metrics.json").read_text())["test"], "outputs": str(bundle_out)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if results.get("tmc"):
         tm = results["tmc"]["metrics"]
         print(f"  TMC outputs:           {results['tmc']['outputs']}  (models/, eval/metrics.json, inference/: guided by "
-              f"MedSegText's finding); test Dice per case {tm['dice_case_mean']:.3f}, mIoU {tm['iou_case_mean']:.3f}")
+              f"MedSegText's finding); test Dice per case {tm['dice_case_mean']:.3f}, mIoU {tm['miou_case_mean']:.3f}")
     print(f"  use a trained model:   segreport infer --bundle bundles/medsegtext --checkpoint {m['outputs']}/models/model.pt -i CT_FOLDER -o OUT")
     (out / "demo_summary.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"  summary:               {out / 'demo_summary.json'}")

@@ -16,8 +16,10 @@ def make_dataset(items: list[dict], transform, cache: bool = True):
 
 
 def make_loader(dataset, batch_size: int = 8, shuffle: bool = False, num_workers: int = 0, distributed: bool = False,
-                weights=None, unweighted_share: float = 0.0):
+                weights=None, unweighted_share: float = 0.0, drop_last: bool = False):
     """A DataLoader; ``distributed`` swaps shuffling for a DistributedSampler (multi-GPU configs).
+    ``drop_last`` (training): a last batch of ONE item is dropped (batch norm cannot train on it); a
+    larger remainder is kept.
 
     ``weights`` (one per item, optional): items drawn with replacement in proportion to them, as many
     batches per epoch as shuffling gives (the budget of an epoch does not change), from torch's global
@@ -32,7 +34,9 @@ def make_loader(dataset, batch_size: int = 8, shuffle: bool = False, num_workers
             from torch.utils.data.distributed import DistributedSampler
 
             sampler, shuffle = DistributedSampler(dataset, shuffle=shuffle), False
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers)
+        drop = drop_last and len(dataset) % batch_size == 1 and len(dataset) > batch_size
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
+                          drop_last=drop)
     if distributed:
         raise ValueError("sampling weights with distributed training are not supported: drop one of them")
     if len(weights) != len(dataset):
