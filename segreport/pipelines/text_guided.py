@@ -155,46 +155,68 @@ def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str |
     return metrics
 
 
+MASK_OUTPUTS = {"seg_logits": "", "coarse_logits": "coarse_"}  # a prompt-making model's coarse mask is scored too
+
+
 @torch.inference_mode()
 def slice_text_control(network, tokenizer, spec: dict, items: list[dict], batch_size: int = 8, device: str = "cpu") -> dict:
     """Does the text steer the mask, on 2D slices? Every slice whose sentence names both lungs is given
     that sentence and, for each lung, the sentence restricted to that lung alone. Returned: the share of
     the predicted lesion that lies in the lung the sentence leaves out, pooled over slices and sides, with
     the true and with the one-lung text, and their ratio (the target: at most 0.5). A predicted pixel's
-    lung is the report's rule on the slice's zone map (pixels outside the lungs: the nearest lung zone)."""
+    lung is the report's rule on the slice's zone map (pixels outside the lungs: the nearest lung zone).
+    A model that also outputs ``coarse_logits`` (LAPFT's text-made coarse mask, its prompt) gets the same
+    numbers for it under ``coarse_*``: where the text is lost, before or inside the mask decoder."""
     from ..text.findings import parse_finding, restrict_finding
-    from ..transforms.findings import FindingsFromMask
     from ..vocab import SIDES, ZONES
 
     bilateral = [it for it in items if {z.split("_")[1] for z in parse_finding(it["text"]).zones} == set(SIDES)]
-    variants = [(it, None) for it in bilateral]
-    variants += [(it, kept) for it in bilateral for kept in SIDES]
-    inputs = [{**it, "text": it["text"] if kept is None else restrict_finding(it["text"], [z for z in ZONES if z.endswith(kept)])}
-              for it, kept in variants]
+    variants = [(i, None) for i in range(len(bilateral))] + [(i, kept) for i in range(len(bilateral)) for kept in SIDES]
+    inputs = [{**bilateral[i], "text": bilateral[i]["text"] if kept is None else
+               restrict_finding(bilateral[i]["text"], [z for z in ZONES if z.endswith(kept)])} for i, kept in variants]
     image_size, max_length = spec["preprocessing"]["image_size"], spec["inference"]["max_length"]
     loader = make_loader(make_dataset(inputs, slice_transforms(tokenizer, image_size, max_length), cache=False), batch_size)
-    describe = FindingsFromMask(min_size=1).describe
-    side_volumes = []  # {side: predicted pixels} per input, in input order
+    volumes: dict[str, list[dict]] = {}  # output -> {side: predicted pixels} per input, in input order
     for batch in loader:
         out = network(batch["image"].to(device), batch["tokens"].to(device), batch["tokens_mask"].to(device))
-        masks = (torch.sigmoid(out["seg_logits"][:, 0]) > spec["inference"]["threshold"]).cpu().numpy()
-        for mask, zones in zip(masks, batch["lung_zones"][:, 0].numpy()):
-            codes = describe(mask, affine=np.eye(4), zone_map=zones).voxel_zones if mask.any() and zones.any() else np.zeros_like(zones)
-            side_volumes.append({side: float(np.isin(codes, [i + 1 for i, z in enumerate(ZONES) if z.endswith(side)]).sum())
-                                 for side in SIDES})
-    true = {id(it): vols for (it, kept), vols in zip(variants, side_volumes) if kept is None}
+        zone_maps = batch["lung_zones"][:, 0].numpy()
+        for key in MASK_OUTPUTS:
+            if key in out:
+                masks = (torch.sigmoid(out[key][:, 0]) > spec["inference"]["threshold"]).cpu().numpy()
+                volumes.setdefault(key, []).extend(_side_pixels(m, z) for m, z in zip(masks, zone_maps))
+    result: dict = {"n_slices": len(bilateral)}
+    for key, per_input in volumes.items():
+        result.update({MASK_OUTPUTS[key] + k: v for k, v in _left_out_shares(variants, per_input).items()})
+    return result
+
+
+def _side_pixels(mask: np.ndarray, zone_map: np.ndarray) -> dict[str, float]:
+    """Predicted pixels per patient side, by the report's rule (outside the lungs: the nearest lung zone)."""
+    from ..transforms.findings import FindingsFromMask
+    from ..vocab import SIDES, ZONES
+
+    if not (mask.any() and zone_map.any()):
+        return {side: 0.0 for side in SIDES}
+    codes = FindingsFromMask(min_size=1).describe(mask, affine=np.eye(4), zone_map=zone_map).voxel_zones
+    return {side: float(np.isin(codes, [i + 1 for i, z in enumerate(ZONES) if z.endswith(side)]).sum()) for side in SIDES}
+
+
+def _left_out_shares(variants: list[tuple], per_input: list[dict]) -> dict:
+    """Left-out lung's share of the prediction, true vs one-lung sentences, pooled; and their ratio."""
+    from ..vocab import SIDES
+
+    true = {i: vols for (i, kept), vols in zip(variants, per_input) if kept is None}
     left_out = {"true_text": 0.0, "one_lung_text": 0.0}
     total = {"true_text": 0.0, "one_lung_text": 0.0}
-    for (it, kept), vols in zip(variants, side_volumes):
+    for (i, kept), vols in zip(variants, per_input):
         if kept is None:
             continue
         other = SIDES[1 - SIDES.index(kept)]
-        for key, v in (("true_text", true[id(it)]), ("one_lung_text", vols)):
+        for key, v in (("true_text", true[i]), ("one_lung_text", vols)):
             left_out[key] += v[other]
             total[key] += sum(v.values())
     share = {k: left_out[k] / total[k] if total[k] else float("nan") for k in left_out}
-    return {"n_slices": len(bilateral), "left_out_share_true_text": share["true_text"],
-            "left_out_share_one_lung_text": share["one_lung_text"],
+    return {"left_out_share_true_text": share["true_text"], "left_out_share_one_lung_text": share["one_lung_text"],
             "share_ratio": share["one_lung_text"] / share["true_text"] if share["true_text"] else float("nan")}
 
 
