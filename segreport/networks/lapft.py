@@ -235,6 +235,12 @@ class LAPFT(nn.Module):
         self.proj_v, self.proj_t = nn.Linear(c_v, fusion_dim), nn.Linear(c_t, fusion_dim)
         self.mask_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.mask_bias = nn.Parameter(torch.zeros(()))
+        # the channel sum of F_t[EOS] ⊙ F_v is linear in each patch's features: it can weigh "lesion" but not
+        # "lesion AND on the side the text names". An FFN over the same product (zero-initialised, so training
+        # starts from the paper's M) adds the nonlinearity that lets the text pick a lung
+        self.coarse_ffn = Mlp(fusion_dim, fusion_dim, 1)
+        nn.init.zeros_(self.coarse_ffn.fc2.weight)
+        nn.init.zeros_(self.coarse_ffn.fc2.bias)
         hidden = int(self.sam.config.prompt_encoder_config.hidden_size)
         self.text_prompt = Mlp(c_t, hidden, hidden)
         self.config: dict[str, Any] = dict(
@@ -291,8 +297,9 @@ class LAPFT(nn.Module):
                 zone_logits.append(self.gpfc[i](v[:, 1:], t[rows, eos]))
         t_eos = t[rows, eos]
         patches = self.proj_v(v[:, 1:])  # (B, g*g, D), the CLS token left out
-        coarse = (patches @ self.proj_t(t_eos)[:, :, None]).squeeze(-1) / math.sqrt(patches.shape[-1])
-        coarse = (coarse * self.mask_scale.exp() + self.mask_bias).view(b, 1, self.grid, self.grid)
+        product = patches * self.proj_t(t_eos)[:, None, :] / math.sqrt(patches.shape[-1])  # F_t[EOS] ⊙ F_v
+        coarse = product.sum(-1) * self.mask_scale.exp() + self.mask_bias + self.coarse_ffn(product).squeeze(-1)
+        coarse = coarse.view(b, 1, self.grid, self.grid)
         points, valid = select_points(torch.sigmoid(coarse[:, 0]), self.top_k, self.theta)
         scale = self.image_size / self.grid
         xy = (points.flip(-1).float() + 0.5) * scale  # SAM2 wants (x, y) in input pixels
