@@ -97,3 +97,35 @@ def test_a_bundle_refuses_another_bundles_checkpoint(tmp_path, phantom_dir, caps
     err = capsys.readouterr().err
     assert code == 2 and "m3.pt: checkpoint is a 'lesion_report_3d' model, not 'medsegtext'" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_checkpoint_is_data_never_code(tmp_path):
+    """A spec naming any callable outside the network registry is refused before anything is imported or
+    called (issue 32: `os.system` in `network._target_` used to run); bad values are refused by name."""
+    import copy
+
+    good = tmp_path / "good.pt"
+    _medsegtext_checkpoint(good)
+    state = torch.load(good, weights_only=True)
+    marker = tmp_path / "ran"
+    attacks = {
+        "os.system": ({"_target_": "os.system", "args": {"command": f"touch {marker}"}}, "not a segreport network"),
+        "builtins.eval": ({"_target_": "builtins.eval", "args": {"source": f"open('{marker}', 'w')"}}, "not a segreport network"),
+        "subprocess.run": ({"_target_": "subprocess.run", "args": {"args": ["touch", str(marker)]}}, "not a segreport network"),
+    }
+    for name, (network, message) in attacks.items():
+        spec = copy.deepcopy(state["spec"])
+        spec["network"] = network
+        torch.save({"model": state["model"], "spec": spec}, tmp_path / f"{name}.pt")
+        with pytest.raises(InputError, match=message) as err:
+            load(tmp_path / f"{name}.pt")
+        assert str(tmp_path / f"{name}.pt") in str(err.value) and not marker.exists()
+    for where, key, value, message in (("preprocessing", "image_size", 100000, "image_size 100000"),
+                                       ("preprocessing", "axcodes", "XYZ", "axcodes 'XYZ'"),
+                                       ("inference", "threshold", 7.0, "threshold 7.0")):
+        spec = copy.deepcopy(state["spec"])
+        spec[where][key] = value
+        torch.save({"model": state["model"], "spec": spec}, tmp_path / "bad.pt")
+        with pytest.raises(InputError, match=message) as err:
+            load(tmp_path / "bad.pt")
+        assert str(tmp_path / "bad.pt") in str(err.value)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.utils import optional_import
 from torch import nn
 
 from ..errors import InputError
@@ -77,17 +76,81 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise InputError(path, f"checkpoint spec is not a {SPEC_FORMAT} (old layout?): {CONVERT_HINT}")
     if int(spec.get("version", 0)) > SPEC_VERSION:
         raise InputError(path, f"checkpoint spec version {spec['version']} is newer than this segreport ({SPEC_VERSION}): upgrade segreport")
+    check_spec(spec, path)
     return spec, dict(state["model"])
 
 
-def build_network(spec: Mapping) -> nn.Module:
-    """The network a spec describes, randomly initialised (its ``_target_`` called with ``args``)."""
-    target = spec["network"]["_target_"]
-    module, _, name = target.rpartition(".")
-    factory, found = optional_import(module, name=name)
-    if not found:
-        raise InputError(None, f"the checkpoint's network {target!r} cannot be imported")
-    return factory(**spec["network"]["args"])
+def check_spec(spec: Mapping, path=None) -> None:
+    """Refuse a spec that is not plain data, names a network outside :data:`NETWORK_FACTORIES`, or holds
+    values no model could run with (image size, axis codes, threshold), before anything is built."""
+    _check_plain(spec, "spec", path)
+    network = spec.get("network")
+    if not isinstance(network, Mapping) or network.get("_target_") not in NETWORK_FACTORIES:
+        target = network.get("_target_") if isinstance(network, Mapping) else None
+        raise InputError(path, f"checkpoint spec names network {target!r}, which is not a segreport network "
+                               f"(refused: a checkpoint is data, never code to run); known: {sorted(NETWORK_FACTORIES)}")
+    pre, inference = spec.get("preprocessing") or {}, spec.get("inference") or {}
+    size = pre.get("image_size")
+    if size is not None and not (isinstance(size, int) and 8 <= size <= 4096):
+        raise InputError(path, f"checkpoint spec: image_size {size!r} is not a whole number of pixels in 8..4096")
+    axcodes = pre.get("axcodes")
+    if axcodes is not None and not (isinstance(axcodes, str) and len(axcodes) == 3
+                                    and sorted(_AXIS_PAIR[c] for c in axcodes if c in _AXIS_PAIR) == ["AP", "LR", "SI"]):
+        raise InputError(path, f"checkpoint spec: axcodes {axcodes!r} are not three of R/L, A/P, S/I, one of each")
+    threshold = inference.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+        raise InputError(path, f"checkpoint spec: threshold {threshold!r} is not a probability in [0, 1]")
+
+
+_AXIS_PAIR = {"R": "LR", "L": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}
+
+
+# The only factories a checkpoint's spec may name, by the qualified name specs record (a registry, as timm's
+# create_model names): a spec is data, and importing and calling whatever it names would run a file's code.
+NETWORK_FACTORIES: dict[str, tuple[str, str]] = {
+    "segreport.networks.MedSegText": ("segreport.networks.medsegtext", "MedSegText"),
+    "segreport.networks.medsegtext.MedSegText": ("segreport.networks.medsegtext", "MedSegText"),
+    "segreport.networks.tmc.TMC": ("segreport.networks.tmc", "TMC"),
+    "segreport.networks.tmc.ImageOnlyUNet": ("segreport.networks.tmc", "ImageOnlyUNet"),
+    "segreport.networks.lapft.LAPFT": ("segreport.networks.lapft", "LAPFT"),
+    "segreport.models.lesion_report_3d.build_network": ("segreport.models.lesion_report_3d", "build_network"),
+}
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(value, where: str, path) -> None:
+    """Spec values are JSON-like data (dicts with str keys, lists, numbers, strings, None), nothing else."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InputError(path, f"checkpoint spec: {where} has a non-string key {k!r}")
+            _check_plain(v, f"{where}.{k}", path)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]", path)
+    elif not isinstance(value, _PLAIN):
+        raise InputError(path, f"checkpoint spec: {where} is a {type(value).__name__}, not plain data")
+
+
+def build_network(spec: Mapping, path=None) -> nn.Module:
+    """The network a spec describes, randomly initialised: its ``_target_``, which must be one of
+    :data:`NETWORK_FACTORIES`, called with ``args``, which must be plain data. ``path``: the checkpoint,
+    named in every error."""
+    import importlib
+
+    network = spec.get("network")
+    if not isinstance(network, Mapping) or not isinstance(network.get("args"), Mapping):
+        raise InputError(path, "checkpoint spec has no network {'_target_': ..., 'args': {...}}")
+    target = network.get("_target_")
+    if target not in NETWORK_FACTORIES:
+        raise InputError(path, f"checkpoint spec names network {target!r}, which is not a segreport network "
+                               f"(refused: a checkpoint is data, never code to run); known: {sorted(NETWORK_FACTORIES)}")
+    _check_plain(network["args"], "network.args", path)
+    module, name = NETWORK_FACTORIES[target]
+    try:
+        return getattr(importlib.import_module(module), name)(**network["args"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise InputError(path, f"checkpoint spec's network {target} cannot be built from its args: {err}") from err
 
 
 def load_weights(network: nn.Module, weights: Mapping[str, torch.Tensor], path: Any = None) -> nn.Module:
@@ -111,7 +174,7 @@ def load_weights(network: nn.Module, weights: Mapping[str, torch.Tensor], path: 
 def network_from_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """``(network with its trained weights, spec)``."""
     spec, weights = read_checkpoint(path, map_location)
-    return load_weights(build_network(spec), weights, path), spec
+    return load_weights(build_network(spec, path), weights, path), spec
 
 
 def slice_spec(kind: str, target: str, config: Mapping, tokenizer, image_size: int, max_length: int,
