@@ -153,6 +153,26 @@ def targets(table: dict) -> dict:
     return out
 
 
+PAPERS = {"medsegtext": 0.728, "tmc": 0.784, "lapft": 0.798}  # the seed papers' Dice on MosMedData+ (224 px, GPU)
+
+
+def markdown_table(table: dict) -> str:
+    """The results as a Markdown table (mean ± std over seeds), for docs/results.md and the README."""
+    def cell(row, key, digits=3):
+        v = row.get(key)
+        return "–" if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+
+    lines = ["| model | Dice / slice | mIoU / slice | Dice / case | Dice, other site | BLEU-4 | ROUGE-L | METEOR "
+             "| consistency | text control | paper Dice (MosMedData+) | train s |", "|" + "---|" * 12]
+    for name, row in table.items():
+        lines.append(" | ".join([f"| {name}", cell(row, "dice_slice_mean"), cell(row, "miou_slice_mean"),
+                                 cell(row, "dice_case_mean"), cell(row, "other_site_dice_slice_mean"), cell(row, "bleu4"),
+                                 cell(row, "rouge_l"), cell(row, "meteor"), cell(row, "consistency_rate", 2),
+                                 cell(row, "text_control_share_ratio", 2), str(PAPERS.get(name, "–")),
+                                 cell(row, "train_seconds", 0)]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DATA, help="a folder in the slice layout (ct/, infection/, lungs/, cases.csv)")
@@ -200,6 +220,7 @@ def main() -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
+    print(markdown_table(table))
 
 
 if __name__ == "__main__":

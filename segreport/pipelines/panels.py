@@ -91,6 +91,6 @@ def save_sentence_grid(path: str | os.PathLike, items: list[dict], columns: int 
     fig.subplots_adjust(hspace=0.35, wspace=0.05, left=0.01, right=0.99, top=0.97, bottom=0.03)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    fig.savefig(tmp, dpi=64)
     plt.close(fig)
     os.replace(tmp, path)
