@@ -180,11 +180,14 @@ def cli_setup(tmp_path):
 @pytest.mark.parametrize("where, says", [
     ("file", "names a file, not a folder"), ("under_file", "cannot write there"),
     ("input", "the output folder is the input folder"), ("inside_input", "inside the input folder"),
+    ("link_into_input", "inside the input folder"), ("link_to_input", "the output folder is the input folder"),
 ])
 def test_bad_output_folders_stop_before_the_model_loads(cli_setup, capsys, where, says):
     data, bundle, tmp = cli_setup
     (tmp / "afile").write_text("x")
-    out = {"file": tmp / "afile", "under_file": tmp / "afile" / "sub", "input": data, "inside_input": data / "results"}[where]
+    (tmp / "link_in").symlink_to(data, target_is_directory=True)  # -o through a symlink (issue 32, item 4)
+    out = {"file": tmp / "afile", "under_file": tmp / "afile" / "sub", "input": data, "inside_input": data / "results",
+           "link_into_input": tmp / "link_in" / "results", "link_to_input": tmp / "link_in"}[where]
     before = sorted(p.name for p in data.rglob("*"))
     assert main(["--bundle", str(bundle), "-i", str(data), "-o", str(out), "--no-progress"]) == 2
     assert says in capsys.readouterr().err and sorted(p.name for p in data.rglob("*")) == before

@@ -47,10 +47,12 @@ def check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> N
     """A folder (or a path where one can be made) that is writable and is not, nor is inside, an input folder."""
     if output_dir.exists() and not output_dir.is_dir():
         raise CannotStartError(f"{output_dir}: -o names a file, not a folder")
+    real_output = output_dir.resolve()  # symlinks resolved on both sides: a link into the input is the input
     for given in inputs:
         folder = Path(given).absolute()
-        if folder.is_dir() and (output_dir == folder or folder in output_dir.parents):
-            raise CannotStartError(f"{output_dir}: the output folder is {'the' if output_dir == folder else 'inside the'} "
+        real = folder.resolve()
+        if folder.is_dir() and (real_output == real or real in real_output.parents):
+            raise CannotStartError(f"{output_dir}: the output folder is {'the' if real_output == real else 'inside the'} "
                                    f"input folder {folder}; outputs never go into a folder given as input: pick another -o")
     existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
