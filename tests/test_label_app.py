@@ -157,11 +157,41 @@ def test_bad_requests_get_a_4xx_with_the_reason(served, model, image, params, st
 
 
 def test_the_batch_input_checks_apply(served, tmp_path):
-    """A volume that is not a CT in HU (here values 0..1) is refused with the batch's reason, as a 422."""
-    bad = tmp_path / "not_ct.nii.gz"
+    """A volume of the studies that is not a CT in HU (here values 0..1) is refused with the batch's reason, as a 422."""
+    bad = served["studies"] / "sub" / "not_ct.nii.gz"
+    bad.parent.mkdir(exist_ok=True)
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 12), dtype=np.float32), np.diag([2.0, 2.0, 5.0, 1.0])), bad)
     r = _infer(served, "medsegtext", str(bad))
     assert r.status_code == 422 and str(bad) in r.json()["detail"] and "CT" in r.json()["detail"]
+
+
+def test_the_server_serves_only_its_studies(served, tmp_path):
+    """A path outside the studies folder is a 404 with the same words whether or not the file exists
+    (absolute, with .., or through a symlink into the folder's parent); issue 32, item 2."""
+    outside = tmp_path / "outside.nii.gz"
+    shutil.copy(next(served["studies"].glob("*.nii.gz")), outside)
+    (served["studies"] / "escape").mkdir(exist_ok=True)
+    link = served["studies"] / "escape" / "up"
+    if not link.exists():
+        link.symlink_to(tmp_path, target_is_directory=True)
+    details = set()
+    for image in (str(outside), str(served["studies"] / ".." / outside.name), str(link / outside.name),
+                  str(tmp_path / "missing.nii.gz"), "/etc/shadow"):
+        r = _infer(served, "medsegtext", image)
+        assert r.status_code == 404, (image, r.text[:300])
+        details.add(r.json()["detail"].replace(repr(image), "IMAGE"))
+    assert len(details) == 1  # nothing tells an existing file from a missing one
+
+
+def test_many_clicks_or_a_long_text_are_refused_at_once(served):
+    """20,000 clicks once held the whole server; now a 422 before any is read (issue 32, item 3)."""
+    import time
+
+    t = time.perf_counter()
+    r = _infer(served, "lesion_report_3d", "case_0005", {"foreground": [[40, 40, 10]] * 20000, "reset_state": True})
+    assert r.status_code == 422 and "20000 clicks" in r.json()["detail"] and time.perf_counter() - t < 30
+    r = _infer(served, "tmc", "case_0005", {"text": "lower left lung " * 500})
+    assert r.status_code == 422 and "characters" in r.json()["detail"]
 
 
 def test_training_runs_the_bundle_on_the_studies_labels_and_is_then_served(served, tmp_path):

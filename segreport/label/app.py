@@ -75,12 +75,28 @@ class SegreportLabelApp(MONAILabelApp):
             raise HTTPException(404, detail=f"unknown model {model!r}; this server has {sorted(self._infers)}")
         if isinstance(image, str):
             store = datastore or self.datastore()
-            # a local datastore answers cheaply; a DICOMweb one would fetch the series twice (the task
-            # then says 404 when its image did not come)
-            if not os.path.exists(image) and isinstance(store, LocalDatastore) and not store.get_image_uri(image):
-                raise HTTPException(404, detail=f"unknown image {image!r}: not in the studies folder {self.studies}")
+            if not self._serves(image, store):  # the same answer whether or not such a file exists
+                raise HTTPException(404, detail=f"unknown image {image!r}: not an image of this server's studies")
             request = {**request, "image_id": image if not os.path.exists(image) else Path(image).name.split(".")[0]}
         return super().infer(request, datastore)
+
+    def _serves(self, image: str, store) -> bool:
+        """Whether ``image`` is one this server may read: an image id of its datastore, or a path whose
+        real location (symlinks and ``..`` resolved) is inside the studies folder or MONAI Label's session
+        uploads. Any other path on the host is refused, existing or not."""
+        from monailabel.config import settings
+
+        if not isinstance(store, LocalDatastore):  # DICOMweb: the datastore's ids only (the task 404s a failed fetch)
+            roots = [settings.MONAI_LABEL_SESSION_PATH]
+            if not os.path.exists(image):
+                return True
+        else:
+            if not os.path.exists(image) and store.get_image_uri(image):
+                return True
+            roots = [self.studies, settings.MONAI_LABEL_SESSION_PATH]
+        real = Path(os.path.realpath(image))
+        return any(root and (real == Path(os.path.realpath(root)) or Path(os.path.realpath(root)) in real.parents)
+                   for root in roots)
 
     def train(self, request: dict):
         if request.get("model") not in self._trainers:

@@ -154,9 +154,18 @@ def _ijk_list(value: Any, what: str) -> list[tuple[float, float, float]]:
     return points
 
 
+MAX_CLICKS = 256  # a person clicks tens of times; one request with thousands must not hold the server
+MAX_TEXT_CHARS = 2000
+
+
 def request_clicks(request: dict) -> tuple[list[tuple[tuple[float, float, float], int]], bool]:
     """``([(ijk, label), ...], ordered)`` from a request: OHIF's ``points`` + ``point_labels`` (in click
-    order) or 3D Slicer's ``foreground`` / ``background`` lists (order between the two lists unknown)."""
+    order) or 3D Slicer's ``foreground`` / ``background`` lists (order between the two lists unknown).
+    At most :data:`MAX_CLICKS`, counted before any is read."""
+    given = sum(len(request.get(k) or []) for k in ("points", "foreground", "background")
+                if isinstance(request.get(k), (list, tuple)))
+    if given > MAX_CLICKS:
+        raise BadRequest(None, f"{given} clicks in one request; at most {MAX_CLICKS}")
     if request.get("points") is not None:
         points = _ijk_list(request["points"], "points")
         labels = request.get("point_labels", [1] * len(points))
@@ -275,6 +284,8 @@ class AutomaticTask(ReportTask):
         if text not in (None, ""):
             if not isinstance(text, str):
                 raise BadRequest(None, f"text must be a string, got {text!r}"[:300])
+            if len(text) > MAX_TEXT_CHARS:
+                raise BadRequest(None, f"text of {len(text)} characters; a finding has at most {MAX_TEXT_CHARS}")
             return text, "request text"
         if self.text_from is None:
             raise BadRequest(None, f"{self.name} segments what a sentence says: give params.text (e.g. "
