@@ -179,3 +179,14 @@ def test_bundle_trains_on_slices_and_scores_another_folder(bundle, small_folder,
     spec = torch.load(tmp_path / "run" / "models" / "model.pt", weights_only=True)["spec"]
     ids = spec["training"]["case_ids"]
     assert set(ids["training"]).isdisjoint(ids["test"]) and set().union(*ids.values()) == {"cc01", "cc02", "cc04", "cc05"}
+
+
+def test_one_epoch_shorter_than_the_validation_interval_still_writes_model_pt(small_folder, tmp_path):
+    """`--epochs 1` with the bundle's val_interval 2 used to exit 0 without models/model.pt (issue 32, item 9)."""
+    from monai.bundle import run
+
+    configs = REPO / "bundles" / "medsegtext" / "configs"
+    run("training", config_file=[str(configs / "train.yaml")], bundle_root=str(configs.parent), output_dir=str(tmp_path),
+        ckpt_dir=str(tmp_path / "models"), dataset_dir=str(small_folder), image_size=32, num_threads=1,
+        split_ratios=[0.5, 0.25, 0.25], epochs=1, batch_size=4)
+    assert (tmp_path / "models" / "model.pt").is_file()
