@@ -2,7 +2,8 @@
 
   segreport synth --out DIR [--cases N] [--seed S] [--shape X Y Z]   synthetic chest-CT phantom
   segreport infer --bundle bundles/<name> -i INPUT -o OUTPUT_DIR ...  batch inference (see --help)
-  segreport evaluate -p PRED_DIR -g LABEL_DIR [--dataset dataset.json]  score predictions (Dice, HD95, text, attributes)
+  segreport evaluate -p PRED_DIR -g LABEL_DIR [--dataset dataset.json]  score predictions (Dice, HD95, text, attributes);
+                                                                         exit 1 when a case is missing or cannot be scored
   segreport label --studies DIR [--host 127.0.0.1] [--port 8000] [--bundles ...]  MONAI Label server (Slicer, OHIF)
   segreport demo [--out DIR]                                         the `make demo` job
 """
@@ -51,6 +52,10 @@ def _evaluate(argv: list[str]) -> int:
         print(f"segreport evaluate: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in metrics.items() if k in ("n_cases", "n_scored", "n_failed", "dice", "hd95_mm")}, indent=2))
+    if metrics["n_failed"]:  # missing or unscorable cases: per_case.csv says why; not a clean run
+        print(f"segreport evaluate: {metrics['n_failed']} of {metrics['n_cases']} case(s) not scored (see per_case.csv)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

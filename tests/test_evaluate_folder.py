@@ -58,7 +58,8 @@ def test_scores_masks_text_and_attributes_and_reports_bad_cases(phantom_dir, tmp
     # case 3: no ground truth at all
     save_nifti(np.zeros((8, 8, 8), np.uint8), np.eye(4), pred_dir / "stranger_seg.nii.gz")
 
-    metrics = evaluate_folder(pred_dir, phantom_dir / "labelsTr", tmp_path / "eval", phantom_dir / "dataset.json")
+    labels = {c: phantom_dir / "labelsTr" / f"{c}.nii.gz" for c in (case, other["case_id"])}
+    metrics = evaluate_folder(pred_dir, labels, tmp_path / "eval", phantom_dir / "dataset.json")
     assert metrics["n_cases"] == 3 and metrics["n_scored"] == 1 and metrics["n_failed"] == 2
     assert metrics["dice"]["mean"] == 1.0 and metrics["hd95_mm"]["mean"] == 0.0
     acc = metrics["attribute_accuracy"]
@@ -80,7 +81,33 @@ def test_cli_evaluate(phantom_dir, tmp_path, capsys):
 
     label = phantom_dir / "labelsTr" / "case_0001.nii.gz"
     (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
     (tmp_path / "p" / "case_0001_seg.nii.gz").write_bytes(label.read_bytes())
-    assert main(["evaluate", "-p", str(tmp_path / "p"), "-g", str(phantom_dir / "labelsTr")]) == 0
+    (tmp_path / "g" / "case_0001.nii.gz").write_bytes(label.read_bytes())
+    assert main(["evaluate", "-p", str(tmp_path / "p"), "-g", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "p" / "metrics.json").read_text())["dice"]["mean"] == 1.0
     assert main(["evaluate", "-p", str(tmp_path / "empty"), "-g", str(phantom_dir / "labelsTr")]) == 2
+    # labels without predictions are failed cases, and the run says so with exit 1
+    assert main(["evaluate", "-p", str(tmp_path / "p"), "-g", str(phantom_dir / "labelsTr")]) == 1
+    assert "not scored" in capsys.readouterr().err
+
+
+def test_labels_that_are_not_binary_and_labels_without_predictions_fail_by_name(phantom_dir, tmp_path):
+    """Issue 32, item 8: a label value -1 gave HD95 496 mm, a lung class 2 was scored as lesion, a label
+    without a prediction was silently left out."""
+    img = nib.load(phantom_dir / "labelsTr" / "case_0001.nii.gz")
+    label = (np.asarray(img.dataobj) > 0).astype(np.int16)
+    pred, gt = tmp_path / "p", tmp_path / "g"
+    pred.mkdir(), gt.mkdir()
+    for case, value in (("signed", -1), ("lung_class", 2), ("fine", 1)):
+        save_nifti(label, img.affine, pred / f"{case}_seg.nii.gz")
+        bad = label.copy()
+        bad[0, 0, 0] = value
+        save_nifti(bad, img.affine, gt / f"{case}.nii.gz")
+    save_nifti(label, img.affine, gt / "unpredicted.nii.gz")
+    metrics = evaluate_folder(pred, gt, tmp_path / "eval")
+    assert metrics["n_cases"] == 4 and metrics["n_scored"] == 1 and metrics["hd95_mm"]["mean"] == 0.0
+    rows = {r["case_id"]: r for r in csv.DictReader(open(tmp_path / "eval" / "per_case.csv"))}
+    assert "values -1 outside {0, 1}" in rows["signed"]["error"] and "signed.nii.gz" in rows["signed"]["error"]
+    assert "values 2 outside {0, 1}" in rows["lung_class"]["error"]
+    assert "no prediction unpredicted_seg.nii.gz" in rows["unpredicted"]["error"]

@@ -4,7 +4,8 @@ nnU-Net's ``compute_metrics_on_folder``).
 Predictions are what ``segreport infer`` writes: ``<case>_seg.nii.gz`` and ``<case>_report.json``.
 Ground truth is a folder of ``<case>.nii.gz`` label files (or a case -> path mapping), and
 optionally a dataset JSON (MSD layout, as the phantom writes) whose items carry the reference finding
-``text``, an instance map ``lesions`` and per-lesion ``attributes``. Per case: Dice, IoU and HD95 (mm)
+``text``, an instance map ``lesions`` and per-lesion ``attributes``. Every case with a prediction or a label is a row: a label without a prediction, a prediction without a
+label and a volume with values other than 0 and 1 are failed rows with the reason. Per case: Dice, IoU and HD95 (mm)
 on the prediction's own grid (which must be the label's: same shape and affine), the report's finding
 against the reference text (BLEU-1..4, METEOR, ROUGE-L over the cohort) and, where attributes are
 annotated, the accuracy of each ground-truth lesion's attributes as the report gives them for the
@@ -81,6 +82,17 @@ def _attribute_accuracy(pairs: list[tuple[dict, dict]]) -> dict:
     return {**acc, "average": float(np.mean(list(acc.values()))) if acc else None, "n_lesions": n}
 
 
+def _check_binary(path, volume: np.ndarray) -> None:
+    """A lesion label or mask holds 0 and 1 only: anything else (-1, a lung class 2, a lesion id map) would
+    be scored as lesion, or push HD95 to the edge of the image."""
+    values = np.unique(volume)
+    other = values[~np.isin(values, (0, 1))]
+    if other.size:
+        shown = ", ".join(f"{v:g}" for v in other[:5]) + (" ..." if other.size > 5 else "")
+        raise InputError(path, f"values {shown} outside {{0, 1}}: a lesion label is binary (a lung class, an "
+                               "instance map or a signed type cannot be scored as lesion)")
+
+
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | dict, output_dir: str | os.PathLike | None = None,
                     dataset_json: str | os.PathLike | None = None) -> dict:
     """Per-case and summary metrics (module docstring); written to ``output_dir`` (default ``pred_dir``).
@@ -96,13 +108,18 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | dic
     refs = _references(dataset_json)
     attributing = False  # does the model predict attributes at all? (MedSegText does not: no accuracy then)
     rows, texts, pairs = [], ([], []), []
-    for case, pred_path in preds.items():
+    for case in sorted(set(preds) | set(gt)):
         row: dict = {"case_id": case}
+        pred_path = preds.get(case)
         try:
+            if pred_path is None:  # a label nobody predicted is a failed case, not one to leave out
+                raise InputError(gt[case], f"no prediction {case}_seg.nii.gz in {pred_dir}")
             if case not in gt:
                 raise InputError(pred_path, f"no ground truth {case}.nii.gz in {gt_dir}")
             pred, p_aff, _ = load_volume(pred_path)
             label, g_aff, _ = load_volume(gt[case])
+            for path, volume in ((gt[case], label), (pred_path, pred)):
+                _check_binary(path, volume)
             if pred.shape != label.shape or not np.allclose(p_aff, g_aff, atol=1e-3):
                 raise InputError(pred_path, f"prediction grid {pred.shape} does not match the label's {label.shape} "
                                  "(shape and affine must be equal: predictions are written on the input grid)")
