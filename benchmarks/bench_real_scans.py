@@ -39,14 +39,14 @@ def lung_mask_quality() -> dict:
 
     ct, affine, _ = load_volume(SHARED / "example_ct_sm.nii.gz")
     ref = lung_label_from_lobes(load_volume(SHARED / "example_seg.nii.gz")[0])
-    pred = split_left_right(lung_mask_from_ct(ct), affine)
+    pred = split_left_right(lung_mask_from_ct(ct, affine), affine)
     out = {"dice_vs_totalsegmentator_lobes": {"example_ct_sm": {
         "right": round(dice(pred == 1, ref == 1), 3), "left": round(dice(pred == 2, ref == 2), 3),
         "reference_ml": round(float((ref > 0).sum() * 27 / 1000), 1), "found_ml": round(float((pred > 0).sum() * 27 / 1000), 1)}},
         "lung_ml_found": {}}
     for name, rel in SCANS.items():
         ct, affine, _ = load_volume(SHARED / rel)
-        out["lung_ml_found"][name] = round(float(lung_mask_from_ct(ct).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000), 1)
+        out["lung_ml_found"][name] = round(float(lung_mask_from_ct(ct, affine).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000), 1)
     return out
 
 

@@ -149,7 +149,7 @@ def throughput(volume: str, repeats: int = 3) -> dict:
     from segreport.transforms.lung_mask import lung_mask_from_ct, split_left_right
 
     image, affine, _ = load_volume(volume)
-    lung = split_left_right(lung_mask_from_ct(image), affine)
+    lung = split_left_right(lung_mask_from_ct(image, affine), affine)
     tokenizer = build_word_tokenizer(["bilateral pulmonary infection , two infected areas , all left lung and all right lung ."])
     text = "Bilateral pulmonary infection, two infected areas, all left lung and all right lung."
     out = {"volume": Path(volume).name, "n_slices": int(image.shape[2])}

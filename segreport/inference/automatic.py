@@ -227,7 +227,7 @@ def find_lesions(session, lung: np.ndarray | None = None, settings: SearchSettin
     settings = settings or SearchSettings()
     t0 = time.perf_counter()
     affine, shape, name = session.orig_affine, session.shape, session.source or "image"
-    lung = lung_mask_from_ct(session.ct) if lung is None else np.asarray(lung) > 0
+    lung = lung_mask_from_ct(session.ct, affine) if lung is None else np.asarray(lung) > 0
     found = search(session.network, session.volume, affine, shape, lung, session.roi_size, session.device,
                    session.threshold, settings, midline_x(session.ct, affine))
     log.info("%s: %d windows, %d candidate lesions", name, found.windows, len(found.ids))

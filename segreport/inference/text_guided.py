@@ -57,7 +57,7 @@ def level_sentences(text: str, image: np.ndarray, affine: np.ndarray, lung: np.n
     """The sentence of each FILE axial slice (module docstring); the lung label (1 right, 2 left) is
     thresholded from the CT when not given."""
     if lung is None:
-        lung = split_left_right(lung_mask_from_ct(image), affine)
+        lung = split_left_right(lung_mask_from_ct(image, affine), affine)
     if not np.any(lung):  # no lung to cut into levels: every slice gets the whole sentence
         return [text] * image.shape[axial_axis(affine)]
     zones = lung_zone_map(lung, affine)

@@ -190,7 +190,7 @@ class LesionReportPredictor:
     def _sliding_window_baseline(self, ct: np.ndarray, affine: np.ndarray, volume: MetaTensor, lung: np.ndarray | None) -> Prediction:
         """The U-Net over the lungs with the automatic mode's windows and candidate rules (no refinement:
         it takes no clicks): the baseline of the same search."""
-        lung = lung_mask_from_ct(ct) if lung is None else np.asarray(lung) > 0
+        lung = lung_mask_from_ct(ct, affine) if lung is None else np.asarray(lung) > 0
         found = sliding_window_search(self.network, volume, as_affine(affine), ct.shape, lung, self.network.spec["roi_size"],
                                       self.device, self.threshold, self.search, midline_x(ct, affine))
         return Prediction(mask=found.mask(), case_finding=None,

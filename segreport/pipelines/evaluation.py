@@ -64,5 +64,5 @@ def reference_sentence(item: dict) -> str:
 
     image, affine, _ = load_volume(item["image"])
     label = load_volume(item["label"])[0] > 0
-    lung = load_volume(item["lung"])[0].astype(np.uint8) if item.get("lung") else split_left_right(lung_mask_from_ct(image), affine)
+    lung = load_volume(item["lung"])[0].astype(np.uint8) if item.get("lung") else split_left_right(lung_mask_from_ct(image, affine), affine)
     return FindingsFromMask().describe(label, lung=lung if lung.any() else None, affine=affine, image=image).text

@@ -39,7 +39,7 @@ ZONE_FRACTION = 0.1
 
 def lung_regions(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Lung label (1 right, 2 left: the patient's, from the affine) and zone map (1..6) of a CT in HU."""
-    lung = split_left_right(lung_mask_from_ct(image), affine)
+    lung = split_left_right(lung_mask_from_ct(image, affine), affine)
     zones = lung_zone_map(lung, affine) if lung.any() else np.zeros(lung.shape, dtype=np.uint8)
     return lung, zones
 

@@ -136,7 +136,7 @@ def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, neg_rati
         raise ValueError(f"text must be 'slice' or 'level', got {text!r}")
     image, affine, _ = load_volume(case["image"])
     label = (load_volume(case["label"])[0] > 0).astype(np.uint8) if case.get("label") else np.zeros(image.shape, np.uint8)
-    lung = load_volume(case["lung"])[0].astype(np.uint8) if case.get("lung") else split_left_right(lung_mask_from_ct(image), affine)
+    lung = load_volume(case["lung"])[0].astype(np.uint8) if case.get("lung") else split_left_right(lung_mask_from_ct(image, affine), affine)
     windowed = np.asarray(HUWindow(preset="lung")(image[None]))[0]
     if not lung.any():  # FindingsFromMask's documented fallback: sides about the body, levels from its extent
         log.warning("%s: no lung found in the CT and no lung label: slice findings place lesions by the body's extent",

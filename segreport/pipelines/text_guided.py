@@ -247,7 +247,7 @@ def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str =
         if named_sides != set(SIDES):
             continue
         image, affine, _ = load_volume(item["image"])
-        lung = split_left_right(lung_mask_from_ct(image), affine)
+        lung = split_left_right(lung_mask_from_ct(image, affine), affine)
 
         def side_volumes(text: str) -> dict[str, float]:
             mask = predictor.predict(image, affine, lung=lung, text=text).mask

@@ -17,9 +17,13 @@ OUTSIDE_AIR_HU = -950.0  # air outside the body; aerated lung is about -850 HU
 
 
 def lung_mask_from_ct(
-    ct_hu: np.ndarray, threshold: float = -400.0, min_fraction: float = 0.002, max_air_fraction: float = 0.15
+    ct_hu: np.ndarray, affine: np.ndarray | None = None, threshold: float = -400.0, min_fraction: float = 0.002,
+    max_air_fraction: float = 0.15,
 ) -> np.ndarray:
-    """Binary lung mask of a 3D CT in HU: low-density components not connected to the air outside the body.
+    """Binary lung mask of a 3D CT in HU (on the CT's own grid): low-density components not connected to
+    the air outside the body. With ``affine`` the volume is first put in its closest canonical (RAS)
+    axis order, so the mask does not depend on how the file stores its voxels (z first, flipped ...);
+    without one, the last array axis must be the axial one.
 
     Components smaller than ``min_fraction`` of the volume are dropped, and so is gas (bowel, stomach):
     parenchyma with its vessels and partial volume is rarely pure air, so a component with more than
@@ -30,6 +34,12 @@ def lung_mask_from_ct(
     ct = np.asarray(ct_hu)
     if ct.ndim != 3:
         raise ValueError(f"lung_mask_from_ct expects a 3D volume, got shape {ct.shape}")
+    if affine is not None:  # the border and slice-wise steps below need axial slices along the last axis
+        from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+        to_ras = io_orientation(np.asarray(affine))
+        mask = lung_mask_from_ct(apply_orientation(ct, to_ras), None, threshold, min_fraction, max_air_fraction)
+        return apply_orientation(mask, ornt_transform(axcodes2ornt("RAS"), to_ras)).astype(bool)
     low = ct < threshold
     labels, n = ndimage.label(low)
     if n == 0:
