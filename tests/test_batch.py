@@ -517,3 +517,18 @@ def test_case_outputs_stay_inside_output_dir(tmp_path):
     case = Case("a__b", "/x/a/b.nii.gz")
     for path in case.outputs(tmp_path).values():
         assert path.parent == tmp_path
+
+
+def test_ctrl_c_in_the_cli_is_one_line_and_exit_130(tmp_path, capsys):
+    """Issue 32, item 10: SIGINT printed a 35-line traceback."""
+    from segreport.pipelines.infer_cli import main
+
+    ct, affine, _ = make_chest()
+    for name in ("a", "b"):
+        save_ct(tmp_path / "in" / f"{name}.nii.gz", ct, affine)
+    bundle = write_bundle(tmp_path / "bundle")
+    config = bundle / "configs" / "inference.yaml"
+    config.write_text(config.read_text().replace("test_batch.ThresholdPredictor\n", "test_batch.InterruptingPredictor\n  stop_at: 2\n"))
+    assert main(["--bundle", str(bundle), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err

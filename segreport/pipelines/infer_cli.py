@@ -194,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, OutputExistsError, BundleError, CannotStartError, RunLockedError) as exc:
         print(f"segreport infer: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; finished cases are kept (--resume goes on)
+        print(f"segreport infer: interrupted; finished cases are kept in {output_dir}: rerun with --resume",
+              file=sys.stderr)
+        return 130
     finally:
         distributed.cleanup(ctx)
     if rank != 0:
