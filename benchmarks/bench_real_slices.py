@@ -39,7 +39,7 @@ BUNDLES = REPO / "bundles"
 MODELS = {
     "medsegtext": ("medsegtext", [], {}, ["train_paper.yaml"]),
     "medsegtext_seg_only": ("medsegtext", ["train_seg_only.yaml"], {}, ["train_paper.yaml", "train_seg_only.yaml"]),
-    "unet": ("tmc", ["train_unet_baseline.yaml"], {}, ["train_unet_baseline.yaml"]),
+    "unet": ("tmc", ["train_unet_baseline.yaml"], {}, ["train_paper.yaml", "train_unet_baseline.yaml"]),
     "tmc": ("tmc", [], {}, ["train_paper.yaml"]),
     "lapft": ("lapft", [], {}, ["train_paper.yaml"]),
     "medsegtext_seg_only_no_intensity_aug": ("medsegtext", ["train_seg_only.yaml"], {"intensity_augmentation": False},
