@@ -320,9 +320,16 @@ class LAPFT(nn.Module):
                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                         multimask_output=False, high_resolution_features=features[:-1])[0]
         size = (self.image_size, self.image_size)
+        coarse_full = F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+        seg = F.interpolate(low_res[:, 0], size=size, mode="bilinear", align_corners=False)
+        if "mask" in self.prompts:
+            # the decoder refines the coarse mask (a residual on its logits): SAM2 trained from random
+            # initialisation segments from its own image features and can learn to disregard a dense prompt,
+            # so the text's choice of lung (carried by M) would not reach the mask
+            seg = seg + coarse_full
         return {
-            "seg_logits": F.interpolate(low_res[:, 0], size=size, mode="bilinear", align_corners=False),
-            "coarse_logits": F.interpolate(coarse, size=size, mode="bilinear", align_corners=False),
+            "seg_logits": seg,
+            "coarse_logits": coarse_full,
             "zone_logits": torch.stack(zone_logits, 1) if zone_logits else image.new_zeros(b, 0, N_ZONES),
             "points": ((points.float() + 0.5) * scale), "points_valid": valid,
         }
