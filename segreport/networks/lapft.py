@@ -8,7 +8,9 @@ and a GPFC head (Sec. 2.4) classifies the six lung zones from the pooled image a
 feature. From the final features (Sec. 2.2): the coarse mask M = F_t[EOS] ⊙ F_v (per-patch similarity),
 up to ``top_k`` point prompts (above θ, the most likely first, then farthest-point), and a text prompt
 FFN(F_t[EOS]). SAM2's prompt encoder and mask decoder (transformers' ``Sam2Model``) take the SAM2 image
-encoder's features plus the coarse-mask embedding and the point and text tokens (eq. 3).
+encoder's features plus the coarse-mask embedding and the point and text tokens (eq. 3). Two changes
+let the text choose a lung (bundles/lapft/docs/README.md): M adds an FFN over F_t[EOS] ⊙ F_v to the
+channel sum, and with the mask prompt on, the decoder's logits refine M's (final = decoder + M).
 
 Built from configuration (random initialisation) or from local checkpoints: ``clip_vision_path`` (a
 transformers CLIP vision folder), ``text_encoder_path`` (a BERT-family folder, e.g. all-MiniLM-L6-v2),
