@@ -84,11 +84,7 @@ def check_spec(spec: Mapping, path=None) -> None:
     """Refuse a spec that is not plain data, names a network outside :data:`NETWORK_FACTORIES`, or holds
     values no model could run with (image size, axis codes, threshold), before anything is built."""
     _check_plain(spec, "spec", path)
-    network = spec.get("network")
-    if not isinstance(network, Mapping) or network.get("_target_") not in NETWORK_FACTORIES:
-        target = network.get("_target_") if isinstance(network, Mapping) else None
-        raise InputError(path, f"checkpoint spec names network {target!r}, which is not a segreport network "
-                               f"(refused: a checkpoint is data, never code to run); known: {sorted(NETWORK_FACTORIES)}")
+    _registered_network(spec, path)
     pre, inference = spec.get("preprocessing") or {}, spec.get("inference") or {}
     size = pre.get("image_size")
     if size is not None and not (isinstance(size, int) and 8 <= size <= 4096):
@@ -118,6 +114,17 @@ NETWORK_FACTORIES: dict[str, tuple[str, str]] = {
 _PLAIN = (str, int, float, bool, type(None))
 
 
+def _registered_network(spec: Mapping, path) -> Mapping:
+    """The spec's ``network`` entry, refused unless its ``_target_`` is in :data:`NETWORK_FACTORIES`."""
+    network = spec.get("network")
+    if not isinstance(network, Mapping) or not isinstance(network.get("args"), Mapping):
+        raise InputError(path, "checkpoint spec has no network {'_target_': ..., 'args': {...}}")
+    if network.get("_target_") not in NETWORK_FACTORIES:
+        raise InputError(path, f"checkpoint spec names network {network.get('_target_')!r}, which is not a segreport "
+                               f"network (refused: a checkpoint is data, never code to run); known: {sorted(NETWORK_FACTORIES)}")
+    return network
+
+
 def _check_plain(value, where: str, path) -> None:
     """Spec values are JSON-like data (dicts with str keys, lists, numbers, strings, None), nothing else."""
     if isinstance(value, Mapping):
@@ -138,13 +145,8 @@ def build_network(spec: Mapping, path=None) -> nn.Module:
     named in every error."""
     import importlib
 
-    network = spec.get("network")
-    if not isinstance(network, Mapping) or not isinstance(network.get("args"), Mapping):
-        raise InputError(path, "checkpoint spec has no network {'_target_': ..., 'args': {...}}")
-    target = network.get("_target_")
-    if target not in NETWORK_FACTORIES:
-        raise InputError(path, f"checkpoint spec names network {target!r}, which is not a segreport network "
-                               f"(refused: a checkpoint is data, never code to run); known: {sorted(NETWORK_FACTORIES)}")
+    network = _registered_network(spec, path)
+    target = network["_target_"]
     _check_plain(network["args"], "network.args", path)
     module, name = NETWORK_FACTORIES[target]
     try:
