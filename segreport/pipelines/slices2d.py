@@ -29,6 +29,7 @@ from ..data import readers, splits as splits_mod
 from ..data.io import load_volume
 from ..data.slice_folder import is_slice_folder
 from ..errors import InputError
+from ..metrics.stats import mean_std
 from ..metrics.text import text_metrics
 from ..text.findings import restrict_finding
 from ..text.tokenizers import build_word_tokenizer, load_tokenizer
@@ -283,15 +284,13 @@ def summarize_slices(rows: list[dict], pooled: dict[str, dict] | None = None) ->
             case.update(dice_pooled=pooled[cid]["dice"], iou_pooled=pooled[cid]["iou"])
         case_rows.append(case)
 
-    def mean_std(values):
-        return (float(np.mean(values)), float(np.std(values))) if values else (float("nan"), float("nan"))
-
     metrics: dict = {"n_slices": len(rows), "n_cases": len(case_rows)}
     for name, values in (("dice_slice", [r["dice"] for r in rows]), ("miou_slice", [r["iou"] for r in rows]),
                          ("dice_case", [r["dice"] for r in case_rows]), ("miou_case", [r["iou"] for r in case_rows]),
                          ("dice_pooled_case", [r["dice_pooled"] for r in case_rows if "dice_pooled" in r])):
         if values or not name.startswith("dice_pooled"):
-            metrics[f"{name}_mean"], metrics[f"{name}_std"] = mean_std(values)
+            summary = mean_std(values)
+            metrics[f"{name}_mean"], metrics[f"{name}_std"] = summary["mean"], summary["std"]
     return metrics, case_rows
 
 
