@@ -43,17 +43,17 @@ def slice_finding(label: np.ndarray, zone_map: np.ndarray):
 
 
 def describe_slices(items: list[dict], orientation: str = "radiological", keep_zones: bool = False) -> list[dict]:
-    """Adds ``text`` (the slice's finding), ``lung_zones`` (1 x H x W zone map), ``burden`` (lesion share of
-    the lung) and, with ``keep_zones``, ``lesion_zones`` (the zone of every counted lesion pixel)."""
+    """Adds ``text`` (the slice's finding), ``lung_zones`` (1 x H x W zone map), ``lesion_pixels`` and
+    ``lung_pixels`` (for the case's burden) and, with ``keep_zones``, ``lesion_zones`` (the zone of every
+    counted lesion pixel); the lung mask itself is dropped (its sides and level are in ``lung_zones``)."""
     affine = display_affine(orientation)
     for item in items:
         level = (item["slice_index"] + 0.5) / item["slices_in_case"]
         lung, label = item["lung"][0] > 127, item["label"][0] > 127
         zones = slice_zone_map(lung, level, affine)
         found = slice_finding(label, zones)
-        item.update(text=found.text, lung_zones=zones[None], lesion_pixels=int(label.sum()), lung_pixels=int(lung.sum()),
-                    burden_stratum=None)
-        del item["lung"]  # its sides and level are in lung_zones
+        item.update(text=found.text, lung_zones=zones[None], lesion_pixels=int(label.sum()), lung_pixels=int(lung.sum()))
+        del item["lung"]
         if keep_zones:
             item["lesion_zones"] = found.voxel_zones[None]
     return items
@@ -86,7 +86,7 @@ def slice_folder_datalists(root: str | os.PathLike, ratios: Sequence[float] = (0
     for item in items:
         item["burden_stratum"] = strata[item["case_id"]]
     cases = [{"case_id": c, "burden": strata[c]} for c in sorted(burdens)]
-    if len(cases) < 3:  # too few to split: everything is every split's (an evaluation folder)
+    if len(cases) < 3:  # too few to split: all in training (a folder to score whole: --eval_split all)
         case_splits = {"training": [c["case_id"] for c in cases], "validation": [], "test": []}
     else:
         case_splits = splits_mod.split_cases(cases, ratios=ratios, seed=seed, stratify_by="burden")
