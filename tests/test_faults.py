@@ -292,6 +292,24 @@ def test_a_dicom_series_with_a_missing_slice_fails_its_case(shared_data, tmp_pat
     assert not zipfile.is_zipfile(series / files[0].name)  # the input is as it was (still DICOM, untouched)
 
 
+def test_a_dicom_series_that_says_it_is_mr_fails_its_case(shared_data, tmp_path):
+    """Issue 32, item 10: a series with Modality MR was run as CT. Its voxels are the real CT's, so only
+    the header can tell; --allow-non-ct still runs it."""
+    import pydicom
+
+    series = tmp_path / "in" / "series"
+    series.mkdir(parents=True)
+    for src in sorted((shared_data / "totalsegmentator" / "example_ct_dicom").iterdir()):
+        ds = pydicom.dcmread(src)
+        ds.Modality = "MR"
+        ds.save_as(series / src.name)
+    summary = run_batch(ThresholdPredictor(), series, tmp_path / "out", progress=False)
+    (row,) = summary.cases
+    assert row["status"] == "failed" and str(series) in row["error"] and "Modality is MR, not CT" in row["error"]
+    summary = run_batch(ThresholdPredictor(), series, tmp_path / "out2", progress=False, allow_non_ct=True)
+    assert summary.cases[0]["status"] == "ok"
+
+
 def test_dicom_series_beside_nifti_files_are_found_and_other_files_listed(shared_data, tmp_path):
     data = tmp_path / "in"
     ct, affine = _good_ct()

@@ -61,9 +61,12 @@ def ct_problems(image: np.ndarray, affine: np.ndarray, dtype_on_disk: str | None
 
 
 def check_ct(image: np.ndarray, affine: np.ndarray, path=None, dtype_on_disk: str | None = None,
-             allow_non_ct: bool = False) -> None:
-    """Raise :class:`InputError` naming the file and every reason, unless ``allow_non_ct``."""
+             allow_non_ct: bool = False, modality: str | None = None) -> None:
+    """Raise :class:`InputError` naming the file and every reason, unless ``allow_non_ct``. ``modality``:
+    what a DICOM header says the series is (anything but CT is a reason, whatever its values look like)."""
     problems = ct_problems(image, affine, dtype_on_disk)
+    if modality is not None and modality.upper() != "CT":
+        problems.insert(0, f"its DICOM Modality is {modality}, not CT")
     if problems and not allow_non_ct:
         raise InputError(path, "not a plausible CT in Hounsfield units: " + "; ".join(problems)
                          + " (pass --allow-non-ct to run anyway)")

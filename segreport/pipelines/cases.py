@@ -242,7 +242,7 @@ def load_case(case: Case, points_spec: dict | None = None, points_source: str | 
     image, affine, meta = load_volume(case.path, expect_ndim=3, series_uid=case.series_uid)
     if min(image.shape) < 2:
         raise InputError(case.path, f"shape {image.shape}: a single slice, not a 3D volume")
-    check_ct(image, affine, case.path, meta.get("dtype"), allow_non_ct)
+    check_ct(image, affine, case.path, meta.get("dtype"), allow_non_ct, meta.get("modality"))
     supplied = next((p for p in (Path(lung_masks) / f"{case.case_id}{sfx}" for sfx in (".nii.gz", ".nii")) if p.is_file()),
                     None) if lung_masks else None
     if supplied is not None:  # the user's own lung mask (e.g. TotalSegmentator's) instead of the HU threshold
