@@ -159,6 +159,23 @@ def targets(table: dict) -> dict:
     return out
 
 
+def sentence_figure(data: Path, dest: Path) -> str:
+    """Twenty slices spread over the cases and levels (every 48th, from the 8th) beside their derived
+    sentences, as a picture at ``dest`` and a Markdown table (returned): what docs/results.md shows."""
+    from segreport.data.slice_folder import read_slice_folder
+    from segreport.pipelines.panels import save_sentence_grid
+    from segreport.pipelines.slice_sentences import describe_slices
+
+    picked = describe_slices(read_slice_folder(data))[7::48][:20]
+    save_sentence_grid(dest, picked, columns=5)
+    rows = ["| file | case | slice (caudal→cranial) | level | derived sentence |", "|---|---|---|---|---|"]
+    for it in picked:
+        level = (it["slice_index"] + 0.5) / it["slices_in_case"]
+        name = "upper" if level >= 2 / 3 else "middle" if level >= 1 / 3 else "lower"
+        rows.append(f"| {it['file']} | {it['case_id']} | {it['slice_index'] + 1} / {it['slices_in_case']} | {name} | {it['text']} |")
+    return "\n".join(rows)
+
+
 PAPERS = {"medsegtext": 0.728, "tmc": 0.784, "lapft": 0.798}  # the seed papers' Dice on MosMedData+ (224 px, GPU)
 
 
@@ -195,7 +212,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "bench_real_slices")
     p.add_argument("--tag", default="")
+    p.add_argument("--sentence-figure", type=Path, metavar="PNG",
+                   help="only draw twenty slices beside their derived sentences (docs/real_slice_sentences.png)")
     a = p.parse_args()
+    if a.sentence_figure:
+        print(sentence_figure(a.data, a.sentence_figure))
+        return
     if a.ablate_intensity and ABLATION not in a.models:
         a.models.append(ABLATION)
     logging.basicConfig(level=logging.WARNING)

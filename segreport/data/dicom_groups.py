@@ -30,6 +30,11 @@ def _tag(reader, tag: str) -> str:
     return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
 
 
+def header_tag(path: str, tag: str) -> str | None:
+    """One tag (``"0008|0060"``) of a DICOM file's header, stripped; None when absent or empty."""
+    return _tag(_header(path), tag) or None
+
+
 def groups(files: list[str]) -> list[list[str]]:
     """The files of GDCM's "" series split into volumes, each sorted along its slice normal."""
     by_key: dict[tuple, list[tuple[float, str]]] = defaultdict(list)

@@ -20,7 +20,7 @@ import numpy as np
 
 from segreport.errors import InputError
 
-from .dicom_groups import uid_series
+from .dicom_groups import header_tag, uid_series
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # ITK/SimpleITK (DICOM) world coordinates are LPS+; nibabel's are RAS+: x and y change sign.
@@ -170,20 +170,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
     array, affine, dtype = _sitk_to_ras(image)
     # anonymised series may lack SeriesInstanceUID: GDCM then names the series ""
     meta = {"format": "dicom", "dtype": dtype, "series_uid": series_uid or None, "n_files": len(files),
-            "modality": _dicom_modality(files[0])}
+            "modality": header_tag(files[0], "0008|0060")}
     return array, affine, meta
-
-
-def _dicom_modality(path: str) -> str | None:
-    """The series' Modality (0008,0060) as its first file states it, or None."""
-    import SimpleITK as sitk
-
-    header = sitk.ImageFileReader()
-    header.SetFileName(path)
-    header.ReadImageInformation()
-    if not header.HasMetaDataKey("0008|0060"):
-        return None
-    return header.GetMetaData("0008|0060").strip() or None
 
 
 def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:

@@ -67,9 +67,9 @@ def save_sentence_grid(path: str | os.PathLike, items: list[dict], columns: int 
     blue, left lung orange; darker = lower), the lesion outlined in red, the case, level and sentence under
     each. ``items``: dicts with ``image`` (1 x H x W, 0-255), ``label``, ``lung_zones``, ``text``,
     ``case_id``, ``slice_index``, ``slices_in_case``."""
+    from ..data.io import atomic_path
     from ..vocab import ZONES
 
-    path = Path(path)
     rows = -(-len(items) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.9 * rows), squeeze=False)
     tint = np.zeros((len(ZONES) + 1, 4))
@@ -89,8 +89,6 @@ def save_sentence_grid(path: str | os.PathLike, items: list[dict], columns: int 
     for ax in axes.ravel()[len(items):]:
         ax.axis("off")
     fig.subplots_adjust(hspace=0.35, wspace=0.05, left=0.01, right=0.99, top=0.97, bottom=0.03)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=64)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=64)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -186,38 +186,48 @@ def slice_text_control(network, tokenizer, spec: dict, items: list[dict], batch_
                 volumes.setdefault(key, []).extend(_side_pixels(m, z) for m, z in zip(masks, zone_maps))
     result: dict = {"n_slices": len(bilateral)}
     for key, per_input in volumes.items():
-        result.update({MASK_OUTPUTS[key] + k: v for k, v in _left_out_shares(variants, per_input).items()})
+        true = {i: vols for (i, kept), vols in zip(variants, per_input) if kept is None}
+        pairs = [(kept, true[i], vols) for (i, kept), vols in zip(variants, per_input) if kept is not None]
+        result.update({MASK_OUTPUTS[key] + k: v for k, v in _pooled_shares(pairs).items()})
     return result
 
 
 def _side_pixels(mask: np.ndarray, zone_map: np.ndarray) -> dict[str, float]:
     """Predicted pixels per patient side, by the report's rule (outside the lungs: the nearest lung zone)."""
     from ..transforms.findings import FindingsFromMask
-    from ..vocab import SIDES, ZONES
+    from ..vocab import SIDES
 
     if not (mask.any() and zone_map.any()):
         return {side: 0.0 for side in SIDES}
-    codes = FindingsFromMask(min_size=1).describe(mask, affine=np.eye(4), zone_map=zone_map).voxel_zones
-    return {side: float(np.isin(codes, [i + 1 for i, z in enumerate(ZONES) if z.endswith(side)]).sum()) for side in SIDES}
+    return _side_counts(FindingsFromMask(min_size=1).describe(mask, affine=np.eye(4), zone_map=zone_map).voxel_zones)
 
 
-def _left_out_shares(variants: list[tuple], per_input: list[dict]) -> dict:
-    """Left-out lung's share of the prediction, true vs one-lung sentences, pooled; and their ratio."""
+def _side_counts(voxel_zones: np.ndarray) -> dict[str, float]:
+    """Voxels per patient side of a zone-code map (values 1..6 in vocab.ZONES order)."""
+    from ..vocab import SIDES, ZONES
+
+    return {side: float(np.isin(voxel_zones, [i + 1 for i, z in enumerate(ZONES) if z.endswith(side)]).sum())
+            for side in SIDES}
+
+
+def _pooled_shares(pairs: list[tuple[str, dict, dict]]) -> dict:
+    """The left-out lung's share of the prediction, pooled over ``(kept side, side counts with the true
+    sentence, side counts with the one-lung sentence)``: with each sentence, their ratio, and the ratio of
+    the left-out volumes themselves."""
     from ..vocab import SIDES
 
-    true = {i: vols for (i, kept), vols in zip(variants, per_input) if kept is None}
     left_out = {"true_text": 0.0, "one_lung_text": 0.0}
     total = {"true_text": 0.0, "one_lung_text": 0.0}
-    for (i, kept), vols in zip(variants, per_input):
-        if kept is None:
-            continue
+    for kept, true, one in pairs:
         other = SIDES[1 - SIDES.index(kept)]
-        for key, v in (("true_text", true[i]), ("one_lung_text", vols)):
+        for key, v in (("true_text", true), ("one_lung_text", one)):
             left_out[key] += v[other]
             total[key] += sum(v.values())
     share = {k: left_out[k] / total[k] if total[k] else float("nan") for k in left_out}
     return {"left_out_share_true_text": share["true_text"], "left_out_share_one_lung_text": share["one_lung_text"],
-            "share_ratio": share["one_lung_text"] / share["true_text"] if share["true_text"] else float("nan")}
+            "share_ratio": share["one_lung_text"] / share["true_text"] if share["true_text"] else float("nan"),
+            "left_out_volume_ratio": left_out["one_lung_text"] / left_out["true_text"] if left_out["true_text"]
+            else float("nan")}
 
 
 def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str = "cpu") -> dict:
@@ -238,9 +248,7 @@ def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str =
 
     predictor = load(checkpoint, device=device)
     describe = FindingsFromMask().describe
-    left_out = {"true_text": 0.0, "one_lung_text": 0.0}
-    total = {"true_text": 0.0, "one_lung_text": 0.0}
-    cases = []
+    pairs, cases = [], []
     for item in items:
         sentence = reference_sentence(item)
         named_sides = {z.split("_")[1] for z in parse_finding(sentence).zones}
@@ -251,26 +259,17 @@ def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str =
 
         def side_volumes(text: str) -> dict[str, float]:
             mask = predictor.predict(image, affine, lung=lung, text=text).mask
-            zones = describe(mask, lung=lung, affine=affine, image=image).voxel_zones
-            return {side: float(np.isin(zones, [i + 1 for i, z in enumerate(ZONES) if z.endswith(side)]).sum())
-                    for side in SIDES}
+            return _side_counts(describe(mask, lung=lung, affine=affine, image=image).voxel_zones)
 
         true = side_volumes(sentence)
         for kept in SIDES:
             other = SIDES[1 - SIDES.index(kept)]
             one = side_volumes(restrict_finding(sentence, [z for z in ZONES if z.endswith(kept)]))
-            for key, vols in (("true_text", true), ("one_lung_text", one)):
-                left_out[key] += vols[other]
-                total[key] += sum(vols.values())
+            pairs.append((kept, true, one))
             cases.append({"case_id": item["case_id"], "kept": kept, "left_out_voxels_true": true[other],
                           "left_out_voxels_one_lung": one[other], "total_true": sum(true.values()),
                           "total_one_lung": sum(one.values())})
-    share = {k: left_out[k] / total[k] if total[k] else float("nan") for k in left_out}
-    return {"n_cases": len({c["case_id"] for c in cases}), "left_out_share_true_text": share["true_text"],
-            "left_out_share_one_lung_text": share["one_lung_text"],
-            "share_ratio": share["one_lung_text"] / share["true_text"] if share["true_text"] else float("nan"),
-            "left_out_volume_ratio": left_out["one_lung_text"] / left_out["true_text"] if left_out["true_text"] else float("nan"),
-            "cases": cases}
+    return {"n_cases": len({c["case_id"] for c in cases}), **_pooled_shares(pairs), "cases": cases}
 
 
 def write_parameter_counts(network, output_dir: str | os.PathLike) -> dict:

@@ -74,14 +74,17 @@ def display_slices(volume: np.ndarray, affine) -> tuple[np.ndarray, np.ndarray]:
 # a 2D slice stored in display order (rows, columns) has no file affine of its own: the one its display
 # convention implies (unit pixels, z = 0). "neurological": patient left on the image's left.
 DISPLAY_CONVENTIONS = {"radiological": "PLS", "neurological": "PRS"}
-_AXIS_DIRECTIONS = {"R": (1, 0, 0), "L": (-1, 0, 0), "A": (0, 1, 0), "P": (0, -1, 0), "S": (0, 0, 1), "I": (0, 0, -1)}
 
 
 def display_affine(convention: str = "radiological") -> np.ndarray:
     """The 4x4 affine (RAS+ mm, unit pixels) of a slice stored as ``(rows, columns[, 1])`` in a display
     convention, so its sides are read through an affine like every other image's."""
+    from nibabel.orientations import axcodes2ornt
+
     if convention not in DISPLAY_CONVENTIONS:
         raise ValueError(f"unknown display convention {convention!r}; use one of {sorted(DISPLAY_CONVENTIONS)}")
     affine = np.eye(4)
-    affine[:3, :3] = np.array([_AXIS_DIRECTIONS[c] for c in DISPLAY_CONVENTIONS[convention]], dtype=float).T
+    affine[:3, :3] = 0
+    for array_axis, (ras_axis, direction) in enumerate(axcodes2ornt(DISPLAY_CONVENTIONS[convention])):
+        affine[int(ras_axis), array_axis] = direction
     return affine
