@@ -15,7 +15,7 @@ the seg-only MedSegText trained without the intensity augmentation, the check th
 re-rendered split.
 Writes benchmarks/results/real_slices[_TAG].json.
 
-    python benchmarks/bench_real_slices.py                      # CPU protocol (64 px, 12 epochs, seeds 0 1)
+    python benchmarks/bench_real_slices.py --threads 1          # CPU protocol (64 px, 20 epochs, seeds 0 1 2)
     python benchmarks/bench_real_slices.py --paper --tag paper  # paper protocol (224 px, paper configs): a GPU job
 """
 
@@ -201,8 +201,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA, help="a folder in the slice layout (ct/, infection/, lungs/, cases.csv)")
     p.add_argument("--models", nargs="+", default=[m for m in MODELS if m != ABLATION], choices=list(MODELS))
     p.add_argument("--ablate-intensity", action="store_true", help="also seg-only MedSegText without intensity augmentation")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--val-interval", type=int, default=2)
     p.add_argument("--split-seed", type=int, default=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from os import PathLike
 
 
@@ -12,3 +13,25 @@ class InputError(ValueError):
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+def report_input_errors_last() -> None:
+    """Make an uncaught error whose cause is an :class:`InputError` end with one line naming the input
+    and the problem. MONAI's config parser wraps every error of a bundle expression in "Failed to
+    evaluate ConfigExpression", which would otherwise be the last line of a bundle run. Idempotent;
+    the traceback before it is Python's own."""
+    previous = sys.excepthook
+    if getattr(previous, "segreport_input_errors", False):
+        return
+
+    def hook(kind, value, tb):
+        previous(kind, value, tb)
+        cause, seen = value, set()
+        while cause is not None and not isinstance(cause, InputError) and id(cause) not in seen:
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, InputError) and cause is not value:
+            print(f"segreport: error: {cause}", file=sys.stderr)
+
+    hook.segreport_input_errors = True
+    sys.excepthook = hook

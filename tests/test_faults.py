@@ -281,6 +281,31 @@ def test_dataset_faults_name_the_file(phantom_dir, tmp_path):
         load_pair(phantom_dir / "imagesTr" / "case_0000.nii.gz", label)
 
 
+def test_training_refuses_a_label_off_its_image(phantom_dir, tmp_path):
+    """Issue 32, item 9: a label 50 mm off its image was trained on (3D and the 2D volume slices)."""
+    import nibabel as nib
+
+    from segreport.pipelines.lesion_report import load_datalists
+    from segreport.pipelines.slices2d import volume_to_slice_items
+
+    data = tmp_path / "data"
+    for sub in ("imagesTr", "labelsTr"):
+        (data / sub).mkdir(parents=True)
+        for f in sorted((phantom_dir / sub).glob("*.nii.gz"))[:4]:
+            shutil.copy(f, data / sub / f.name)
+    moved = sorted((data / "labelsTr").glob("*.nii.gz"))[1]
+    img = nib.load(moved)
+    affine = img.affine.copy()
+    affine[0, 3] += 50.0
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), moved)
+    with pytest.raises(InputError, match="label affine differs from the image's") as err:
+        load_datalists(data)
+    assert str(moved) in str(err.value)
+    case = {"image": str(data / "imagesTr" / moved.name), "label": str(moved), "case_id": "moved"}
+    with pytest.raises(InputError, match="label affine differs"):
+        volume_to_slice_items(case)
+
+
 def test_a_dicom_series_with_a_missing_slice_fails_its_case(shared_data, tmp_path):
     series = tmp_path / "in" / "series"
     shutil.copytree(shared_data / "totalsegmentator" / "example_ct_dicom", series)
@@ -290,6 +315,17 @@ def test_a_dicom_series_with_a_missing_slice_fails_its_case(shared_data, tmp_pat
     (row,) = summary.cases
     assert row["status"] == "failed" and str(series) in row["error"] and "slice" in row["error"]
     assert not zipfile.is_zipfile(series / files[0].name)  # the input is as it was (still DICOM, untouched)
+
+
+def test_a_truncated_dicom_file_fails_its_case_by_name(shared_data, tmp_path):
+    """Issue 32, item 10: a truncated file was dropped from the series and reported as 'missing slices'."""
+    series = tmp_path / "in" / "series"
+    shutil.copytree(shared_data / "totalsegmentator" / "example_ct_dicom", series)
+    damaged = sorted(series.iterdir())[9]
+    damaged.write_bytes(damaged.read_bytes()[:2000])  # the preamble stays: it says DICOM, its header is cut
+    summary = run_batch(ThresholdPredictor(), series, tmp_path / "out", progress=False)
+    (row,) = summary.cases
+    assert row["status"] == "failed" and str(damaged) in row["error"] and "truncated or damaged" in row["error"]
 
 
 def test_a_dicom_series_that_says_it_is_mr_fails_its_case(shared_data, tmp_path):
@@ -316,10 +352,15 @@ def test_dicom_series_beside_nifti_files_are_found_and_other_files_listed(shared
     save_ct(data / "nifti_case.nii.gz", ct, affine)
     shutil.copytree(shared_data / "totalsegmentator" / "example_ct_dicom", data / "patient1" / "ct")
     (data / "notes.txt").write_text("not an image")
+    (data / "dangling.nii.gz").symlink_to(tmp_path / "gone.nii.gz")  # issue 32, item 10: links to nothing
+    (data / "loop.nii.gz").symlink_to(data / "loop.nii.gz")
     summary = run_batch(ThresholdPredictor(), data, tmp_path / "out", progress=False)
     assert {r["case_id"]: r["status"] for r in summary.cases} == {"nifti_case": "ok", "patient1_ct": "ok"}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["skipped_inputs"] == [{"path": str(data / "notes.txt"), "reason": "not a NIfTI file nor part of a DICOM series"}]
+    broken = "a broken symbolic link (its target is missing, or the links loop)"
+    assert manifest["skipped_inputs"] == [{"path": str(data / "notes.txt"), "reason": "not a NIfTI file nor part of a DICOM series"},
+                                          {"path": str(data / "dangling.nii.gz"), "reason": broken},
+                                          {"path": str(data / "loop.nii.gz"), "reason": broken}]
 
 
 def test_series_option_picks_one_series_and_names_the_ones_found(shared_data, tmp_path, capsys):

@@ -184,6 +184,21 @@ def test_dicom_slices_and_series_errors(shared_data, tmp_path):
     with pytest.raises(InputError, match="zero slice spacing"):
         load_volume(dup)
 
+    # a 20-degree gantry tilt: each slice's origin also moves along y by step * tan(20)
+    series = shared_data / "totalsegmentator" / "example_ct_dicom"
+    tilted = tmp_path / "tilted"
+    tilted.mkdir()
+    slices = sorted((pydicom.dcmread(f) for f in series.iterdir() if f.is_file()), key=lambda d: float(d.ImagePositionPatient[2]))
+    first_z = float(slices[0].ImagePositionPatient[2])
+    for k, ds in enumerate(slices):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + (z - first_z) * np.tan(np.radians(20)), z]
+        ds.save_as(tilted / f"{k}.dcm")
+    with pytest.raises(InputError, match="tilted or sheared geometry: the slices step 20.0 degrees") as err:
+        load_volume(tilted)
+    assert "tilted" in str(err.value).split(":")[0]  # names the series folder
+    assert load_volume(series)[0].shape[2] == len(slices)  # the untilted series still reads
+
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no DICOM series"):
         load_volume(tmp_path / "empty")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import json
 import shutil
 
@@ -214,7 +215,7 @@ def _png(path, value=0):
     Image.fromarray(np.full((4, 4), value, np.uint8)).save(path)
 
 
-def test_lvit_reader_on_real_lv_loss_spreadsheet(shared_data, tmp_path):
+def test_lvit_reader_on_real_lv_loss_spreadsheet(shared_data, tmp_path, caplog):
     """LViT's own xlsx (MosMedData+ convention: mask and image share a name) as Train_text.xlsx."""
     real = shared_data / "lvit_lv_loss"
     folder = tmp_path / "Train_Folder"
@@ -231,6 +232,24 @@ def test_lvit_reader_on_real_lv_loss_spreadsheet(shared_data, tmp_path):
     assert first["image"] == str(folder / "img" / "fig1.png")
     assert first["label"] == str(folder / "labelcol" / "fig1.png")
     assert items[13]["text"].startswith("Bilateral pulmonary infection, four infected areas")
+
+    # issue 32, item 9: a mask of another size, a colour mask, images without a row, an empty finding
+    (folder / "labelcol" / "fig2.png").unlink()
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(folder / "labelcol" / "fig2.png")
+    with pytest.raises(InputError, match=r"fig2.png: mask size 9x7 differs from its image fig2.png"):
+        read_lvit(tmp_path, "Train")
+    Image.open(folder / "img" / "fig2.png").convert("RGB").save(folder / "labelcol" / "fig2.png")
+    with pytest.raises(InputError, match=r"labelcol/fig2.png: a RGB mask \(row 3 of Train_text.xlsx\)"):
+        read_lvit(tmp_path, "Train")
+    Image.open(folder / "img" / "fig2.png").convert("L").save(folder / "labelcol" / "fig2.png")
+    _png(folder / "img" / "extra.png")
+    with caplog.at_level(logging.WARNING, logger="segreport.data"):
+        assert len(read_lvit(tmp_path, "Train")) == 14
+    assert "1 image(s)" in caplog.text and "extra.png" in caplog.text
+    table = folder / "Train_text.csv"
+    table.write_text("Image,Description\nfig1.png,\n")
+    with pytest.raises(InputError, match=r"Train_text.csv: row 2: empty Description cell for fig1.png"):
+        read_lvit(tmp_path, "Train", text_file=table)
 
     (folder / "labelcol" / "fig3.png").unlink()
     with pytest.raises(InputError, match=r"Train_text.xlsx: row 4: no mask for fig3.png"):

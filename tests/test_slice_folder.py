@@ -190,3 +190,34 @@ def test_one_epoch_shorter_than_the_validation_interval_still_writes_model_pt(sm
         ckpt_dir=str(tmp_path / "models"), dataset_dir=str(small_folder), image_size=32, num_threads=1,
         split_ratios=[0.5, 0.25, 0.25], epochs=1, batch_size=4)
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_a_bundle_run_on_bad_data_ends_with_the_file_and_the_problem(tmp_path):
+    """Issue 32, item 9: MONAI wraps a config expression's error in 'Failed to evaluate ConfigExpression';
+    the run's last line names the bad file instead."""
+    import subprocess
+    import sys
+
+    folder = make_folder(tmp_path / "data", handful(2, ("cc01", "cc02")))
+    missing = sorted((folder / "lungs").iterdir())[1]
+    missing.unlink()
+    out = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(REPO / "bundles/medsegtext/configs/train.yaml"),
+         "--bundle_root", str(REPO / "bundles/medsegtext"), "--dataset_dir", str(folder), "--output_dir", str(tmp_path / "out"),
+         "--ckpt_dir", str(tmp_path / "models"), "--epochs", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == f"segreport: error: {missing}: lung mask of {missing.name} (case cc01) not found", last
+
+
+def test_three_cases_train_validating_on_the_training_slices(tmp_path, caplog):
+    """Issue 32, item 9: a split of three cases leaves no validation case; it trains with a warning."""
+    from segreport.pipelines.slices2d import load_datalists
+
+    folder = make_folder(tmp_path / "data", handful(2, ("cc01", "cc02", "cc04")))
+    with caplog.at_level("WARNING", logger="segreport.slices2d"):
+        lists = load_datalists(folder, ratios=(0.7, 0.1, 0.2))
+    assert lists["training"] and lists["validation"] == lists["training"] and "no validation slices" in caplog.text
+    with pytest.raises(InputError, match="no training slices after the split"):
+        load_datalists(folder, ratios=(0.0, 0.5, 0.5))

@@ -96,6 +96,10 @@ def test_text_sources_and_their_errors(trained, phantom_dir, tmp_path, capsys):
     assert _infer(["--bundle", BUNDLE, "--checkpoint", ckpt, "-i", inputs, "-o", tmp_path / "u", "--texts", unknown]) == 2
     assert "unknown case(s) ['no_such_case']" in capsys.readouterr().err
 
+    bom = tmp_path / "bom.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+    bom.write_text(f'case_id,text\n{ids[0]},"{TEXT}"\n{ids[1]},"{TEXT}"\n', encoding="utf-8-sig")
+    assert _infer(["--bundle", BUNDLE, "--checkpoint", ckpt, "-i", inputs, "-o", tmp_path / "b", "--texts", bom]) == 0
+
     partial = tmp_path / "partial.csv"
     partial.write_text(f'case_id,text\n{ids[0]},"{TEXT}"\n')
     assert _infer(["--bundle", BUNDLE, "--checkpoint", ckpt, "-i", inputs, "-o", tmp_path / "p", "--texts", partial]) == 1

@@ -47,6 +47,23 @@ def groups(files: list[str]) -> list[list[str]]:
     return [[f for _, f in sorted(by_key[k])] for k in sorted(by_key)]
 
 
+def damaged_files(folder: Path, listed: set[str]) -> list[Path]:
+    """Files of ``folder`` that announce themselves as DICOM (the "DICM" preamble) but that GDCM put in
+    no series because their header cannot be read (truncated, damaged): a series without them misses slices."""
+    damaged = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and str(p) not in listed):
+        try:
+            with open(path, "rb") as f:
+                if f.read(132)[128:] != b"DICM":
+                    continue
+            _header(str(path))
+        except RuntimeError:
+            damaged.append(path)
+        except OSError:
+            continue
+    return damaged
+
+
 def uid_series(folder: Path, series_reader) -> list[tuple[str, list[str]]]:
     """``(series id, files)`` of every series in ``folder``: GDCM's UIDs, with the UID-less ones split.
     A folder's only series keeps GDCM's "" when it has no UID (nothing to tell apart); otherwise every

@@ -20,7 +20,7 @@ import numpy as np
 
 from segreport.errors import InputError
 
-from .dicom_groups import header_tag, uid_series
+from .dicom_groups import damaged_files, header_tag, uid_series
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # ITK/SimpleITK (DICOM) world coordinates are LPS+; nibabel's are RAS+: x and y change sign.
@@ -28,6 +28,7 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Slice positions may differ from the nominal step by this fraction before a DICOM series is called
 # non-uniform (missing slices); real scanners jitter by well under 1 %.
 _SLICE_STEP_RTOL = 0.05
+_MAX_TILT_DEG = 0.5  # slices stepping further off their normal than this are a tilted (sheared) series
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
@@ -161,6 +162,10 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
     elif series_uid not in found:
         raise InputError(folder, f"no DICOM series {series_uid!r} here (found {series})")
     files = found[series_uid]
+    damaged = damaged_files(folder, {str(f) for listed in found.values() for f in listed})
+    if damaged:
+        raise InputError(damaged[0], f"a DICOM file of {folder.name}/ whose header cannot be read (truncated or damaged?): "
+                                     f"the series would miss its slice ({len(damaged)} such file(s))")
     _check_slice_positions(folder, files)
     reader.SetFileNames(files)
     try:
@@ -175,19 +180,21 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray
 
 
 def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
-    """A series with a missing or duplicated slice has no single affine: refuse it rather than
-    return a volume whose world coordinates are wrong for part of the slices."""
+    """A series with a missing or duplicated slice, or whose slices step off their normal (gantry
+    tilt, shear), has no orthogonal affine: refuse it rather than return a volume whose world
+    coordinates are wrong for part of the slices."""
     import SimpleITK as sitk
 
     if len(files) < 2:
         return
-    positions = []
+    origins = []
     for name in files:
         info = sitk.ImageFileReader()
         info.SetFileName(name)
         info.ReadImageInformation()
         normal = np.asarray(info.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
-        positions.append(float(np.dot(normal, info.GetOrigin())))
+        origins.append(np.asarray(info.GetOrigin(), dtype=np.float64))
+    positions = [float(np.dot(normal, o)) for o in origins]
     steps = np.diff(positions)
     nominal = float(np.median(steps))
     if abs(nominal) < 1e-6 or np.any(np.abs(steps) < 1e-6):
@@ -197,6 +204,16 @@ def _check_slice_positions(folder: Path, files: Sequence[str]) -> None:
             folder,
             f"non-uniform slice positions (steps {np.round(np.unique(np.round(steps, 3)), 3).tolist()} mm): "
             "missing slices or several stacks in one series",
+        )
+    step = (origins[-1] - origins[0]) / (len(origins) - 1)  # the mean step between slice origins, in mm
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(np.dot(step, normal)) / np.linalg.norm(step)))))
+    if tilt > _MAX_TILT_DEG:
+        off = float(np.linalg.norm(origins[-1] - (origins[0] + normal * (positions[-1] - positions[0]))))
+        raise InputError(
+            folder,
+            f"tilted or sheared geometry: the slices step {tilt:.1f} degrees off their normal (gantry tilt?), so the "
+            f"last slice lies {off:.1f} mm from where an orthogonal grid puts it; resample the series to an "
+            "orthogonal grid first (e.g. dcm2niix, which corrects gantry tilt) and give the NIfTI",
         )
 
 

@@ -11,10 +11,11 @@ file or folder at fault; readers only look at names and headers, the voxels are 
 from __future__ import annotations
 
 import csv
-import zipfile
-import re
 import json
+import logging
 import os
+import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from segreport.data.dicom_groups import uid_series
 from segreport.data.io import atomic_path, strip_nifti_suffix
 from segreport.errors import InputError
 from segreport.vocab import SEVERITY_BINS
+
+log = logging.getLogger("segreport.data")
 
 PATH_KEYS = ("image", "label", "lung", "lesions")
 SEVERITIES = tuple(name for name, _ in SEVERITY_BINS)  # CT-0..CT-4
@@ -353,6 +356,23 @@ def _first_existing(candidates: Sequence[Path]) -> Path | None:
 
 
 _SLICE_NAME = re.compile(r"(.+)_s(\d{3,})")
+_MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "F")  # single-channel PNG modes
+
+
+def _check_png_mask(table: Path, row: int, image: Path, label: Path) -> None:
+    """A mask PNG must be one channel and the size of its image (read from the PNG headers only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as im, Image.open(label) as lab:
+            size, mode, label_size = im.size, lab.mode, lab.size
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(table, f"row {row}: cannot read {image.name} or its mask ({exc})") from exc
+    if mode not in _MASK_MODES:
+        raise InputError(label, f"a {mode} mask (row {row} of {table.name}): save masks as one-channel (greyscale) PNG")
+    if label_size != size:
+        raise InputError(label, f"mask size {label_size[0]}x{label_size[1]} differs from its image {image.name} "
+                                f"{size[0]}x{size[1]} (row {row} of {table.name})")
 
 
 def read_lvit(
@@ -401,9 +421,12 @@ def read_lvit(
         image = _first_existing([image_dir / name, image_dir / name.removeprefix("mask_")])
         if image is None:
             raise InputError(text_file, f"row {n}: image {name!r} not found in {image_dir}")
+        text = _cell(row, col["Description"])
+        if not text:
+            raise InputError(text_file, f"row {n}: empty Description cell for {name} (every image needs its finding sentence)")
         item = {
             "image": str(image),
-            "text": _cell(row, col["Description"]),
+            "text": text,
             "case_id": image.stem,
             "split": split,
             "source": "lvit",
@@ -417,11 +440,17 @@ def read_lvit(
         if label_dir is not None:
             label = _first_existing([label_dir / image.name, label_dir / f"mask_{image.name}"])
         if label is not None:
+            _check_png_mask(text_file, n, image, label)
             item["label"] = str(label)
         elif require_labels:
             raise InputError(text_file, f"row {n}: no mask for {image.name} in {label_dir or folder}")
         items.append(item)
     _check_unique_case_ids(items, text_file)
+    listed = {Path(it["image"]).name for it in items}
+    unlisted = sorted(p.name for p in image_dir.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in listed)
+    if unlisted:  # not an error (a text file may cover a subset), never silent
+        log.warning("%s: %d image(s) of %s have no row and are left out, e.g. %s", text_file, len(unlisted), image_dir,
+                    ", ".join(unlisted[:5]))
     return items
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..transforms.intensity import HUWindow
+from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+from ..transforms.lung_regions import slice_levels
 from ..transforms.orientation import display_to_file_index, from_display, to_display
 from ..transforms.postprocess import remove_small_lesions
 from ..transforms.slicing import axial_axis
@@ -47,13 +49,14 @@ class SliceWisePredictor:
     def __init__(self, name: str, forward: Callable[..., dict], image_size: int, window: str = "lung",
                  decode: Callable[[torch.Tensor], list[str]] | None = None, device: str | torch.device = "cpu",
                  batch_size: int = 16, threshold: float = 0.5, min_lesion_ml: float = MIN_LESION_ML, bf16: bool = False,
-                 extras: dict | None = None, needs_lungs: bool = False):
+                 extras: dict | None = None, needs_lungs: bool = False, takes_levels: bool = False):
         self.name, self.forward, self.decode = name, forward, decode
         self.image_size, self.window = int(image_size), window
         self.device, self.batch_size, self.bf16 = torch.device(device), int(batch_size), bool(bf16)
         self.threshold, self.min_lesion_ml = float(threshold), float(min_lesion_ml)
         self.extras = dict(extras or {})
         self.needs_lungs = bool(needs_lungs)  # a lung-lesion model: the batch refuses scans without lungs
+        self.takes_levels = bool(takes_levels)  # forward(images, level=...): each slice's place in the lungs
         self.checkpoint_path: str | None = None
 
     def probabilities(self, image: np.ndarray, affine: np.ndarray, slice_prompts: Callable[[np.ndarray], dict] | None = None,
@@ -106,10 +109,21 @@ class SliceWisePredictor:
             collected.setdefault("prompt_points", {})[int(file_index[start + i])] = [
                 {"ijk": [round(float(v), 1) for v in p], "ras_mm": [round(float(v), 1) for v in w]} for p, w in zip(ijk, world)]
 
+    @staticmethod
+    def _level_prompts(image: np.ndarray, affine: np.ndarray, lung) -> Callable[[np.ndarray], dict]:
+        """Each slice's level (:func:`~segreport.transforms.lung_regions.slice_levels`; the lung label is
+        thresholded from the CT when not given), as a per-slice prompt."""
+        if lung is None:
+            lung = split_left_right(lung_mask_from_ct(image, affine), affine)
+        levels = torch.as_tensor(slice_levels(lung, affine), dtype=torch.float32)
+        return lambda file_indices: {"level": levels[np.asarray(file_indices)]}
+
     def predict(self, image: np.ndarray, affine: np.ndarray, points=None, point_labels=None, lung=None,
                 slice_prompts: Callable[[np.ndarray], dict] | None = None, **prompts) -> Prediction:
         if points is not None and len(points):
             log.warning("%s takes no clicks: %d point(s) ignored", self.name, len(points))
+        if self.takes_levels and slice_prompts is None:
+            slice_prompts = self._level_prompts(image, affine, lung)
         collected: dict = {}
         prob, texts = self.probabilities(image, affine, slice_prompts=slice_prompts, collected=collected, **prompts)
         mask = remove_small_lesions(prob > self.threshold, affine, self.min_lesion_ml)

@@ -32,8 +32,9 @@ def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", batch_size: 
     network = network.to(device)
     inf, pre = spec["inference"], spec["preprocessing"]
 
-    def forward(images: torch.Tensor) -> dict:
-        return network.predict(images, max_length=inf["max_length"], beam_size=beam_size)
+    def forward(images: torch.Tensor, level: torch.Tensor | None = None) -> dict:
+        return network.predict(images, max_length=inf["max_length"], beam_size=beam_size, level=level,
+                               threshold=inf["threshold"] if threshold is None else threshold)
 
     return SliceWisePredictor(
         KIND, forward, image_size=pre["image_size"], window=pre["window"],
@@ -42,4 +43,5 @@ def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", batch_size: 
         threshold=inf["threshold"] if threshold is None else threshold,
         min_lesion_ml=inf["min_lesion_ml"] if min_lesion_ml is None else min_lesion_ml,
         extras={"slice_findings_source": "MedSegText text decoder, one sentence per axial slice"}, needs_lungs=True,
+        takes_levels=network.grounding is not None,
     )

@@ -3,6 +3,11 @@
 A CT slice goes through the shared encoder once; f1..f4 feed the U-Net decoder (mask logits at the
 input size) and the flattened f4 is the cross-attention memory of the text decoder (next-token
 logits under teacher forcing, or generated ids).
+
+Not in the paper (its "future work": the segmentation guiding the text): in the joint model the text
+memory also holds :class:`~.blocks.mask_grounding.MaskGrounding` tokens, one per lesion of a mask and
+one for the slice's level, the reference mask under teacher forcing and the model's own thresholded mask at inference, so
+the sentence describes the returned mask (docs/results.md has the measurement).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 
 from .blocks.configs import named_config
 from .blocks.encoders import ConvNeXtEncoder
+from .blocks.mask_grounding import MaskGrounding
 from .blocks.text_decoder import TransformerTextDecoder
 from .blocks.unet_decoder import UNetDecoder
 
@@ -108,6 +114,7 @@ class MedSegText(nn.Module):
             if has_text
             else None
         )
+        self.grounding = MaskGrounding(d_model, channels[0]) if mode == "joint" else None
 
     # ---- named configurations --------------------------------------------------------------
     @classmethod
@@ -137,9 +144,21 @@ class MedSegText(nn.Module):
         if min(image.shape[-2:]) < self.min_size:
             raise ValueError(f"image is {tuple(image.shape[-2:])}; each side must be at least {self.min_size} px")
 
-    def forward(self, image: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def _memory(self, image: torch.Tensor, features: list[torch.Tensor], mask: torch.Tensor | None,
+                level: torch.Tensor | None) -> torch.Tensor:
+        memory = self.text_decoder.encode_memory(features[-1])
+        if self.grounding is None:
+            return memory
+        # the lesion tokens read f1 detached: describing the mask must not pull the features it was segmented from
+        return torch.cat([memory, self.grounding(mask, image, features[0].detach(), level)], 1)
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                level: torch.Tensor | None = None, threshold: float = 0.5) -> dict[str, torch.Tensor]:
         """Mask logits and, with ``tokens`` [B, L] (input ids starting with BOS), next-token logits.
 
+        ``mask`` [B, 1, H, W]: the mask the sentence describes (teacher forcing: the reference mask);
+        without it, the model's own mask at ``threshold``. ``level`` [B]: each slice's place between the
+        lung bases (0) and apices (1), NaN or None when unknown. Both only matter to the joint model.
         ``tokens`` are ignored in segmentation mode; text mode requires them (use ``generate``
         for inference).
         """
@@ -152,8 +171,9 @@ class MedSegText(nn.Module):
             if tokens is not None:
                 if tokens.shape[0] != image.shape[0]:
                     raise ValueError(f"tokens batch {tokens.shape[0]} != image batch {image.shape[0]}")
-                memory = self.text_decoder.encode_memory(features[-1])
-                out["text_logits"] = self.text_decoder(tokens, memory)
+                if mask is None and self.grounding is not None:
+                    mask = (torch.sigmoid(out["seg_logits"].detach()) > threshold).float()
+                out["text_logits"] = self.text_decoder(tokens, self._memory(image, features, mask, level))
             elif self.mode == "text":
                 raise ValueError("mode='text' forward needs tokens (teacher forcing); use generate() for inference")
         return out
@@ -171,13 +191,13 @@ class MedSegText(nn.Module):
         beam_size: int = 1,
         length_penalty: float = 1.0,
         use_cache: bool = True,
+        level: torch.Tensor | None = None,
+        threshold: float = 0.5,
     ) -> torch.Tensor:
         """Finding token ids [B, T] (no BOS; EOS then pad). Greedy for ``beam_size=1``.
         See ``TransformerTextDecoder.generate``; call ``model.eval()`` first."""
-        decoder = self._require_text()
-        self._check_image(image)
-        memory = decoder.encode_memory(self.encoder(image)[-1])
-        return decoder.generate(memory, max_length, beam_size, length_penalty, use_cache)
+        self._require_text()
+        return self.predict(image, max_length, beam_size, length_penalty, use_cache, level, threshold)["tokens"]
 
     @torch.no_grad()
     def predict(
@@ -187,15 +207,19 @@ class MedSegText(nn.Module):
         beam_size: int = 1,
         length_penalty: float = 1.0,
         use_cache: bool = True,
+        level: torch.Tensor | None = None,
+        threshold: float = 0.5,
     ) -> dict[str, torch.Tensor]:
         """One encoder pass for both outputs: ``seg_logits`` (if the mode has it) and generated
-        ``tokens`` (if it has a text head)."""
+        ``tokens`` (if it has a text head), the joint model's sentence describing its mask at
+        ``threshold`` on the slices' ``level`` (see ``forward``)."""
         self._check_image(image)
         features = self.encoder(image)
         out = {}
         if self.seg_decoder is not None:
             out["seg_logits"] = self.seg_decoder(features, image.shape[-2:])
         if self.text_decoder is not None:
-            memory = self.text_decoder.encode_memory(features[-1])
+            mask = None if self.grounding is None else (torch.sigmoid(out["seg_logits"]) > threshold).float()
+            memory = self._memory(image, features, mask, level)
             out["tokens"] = self.text_decoder.generate(memory, max_length, beam_size, length_penalty, use_cache)
         return out

@@ -56,9 +56,13 @@ def _is_under(path: Path, folder: Path | None) -> bool:
     return folder is not None and (path == folder or folder in path.parents)
 
 
-def _visible(f: Path, root: Path, exclude: Path | None) -> bool:
+def _listed(f: Path, root: Path, exclude: Path | None) -> bool:
     # hidden names are skipped (temp files, .DS_Store); OUTPUT_DIR is never input
-    return f.is_file() and not any(part.startswith(".") for part in f.relative_to(root).parts) and not _is_under(f.absolute(), exclude)
+    return not any(part.startswith(".") for part in f.relative_to(root).parts) and not _is_under(f.absolute(), exclude)
+
+
+def _visible(f: Path, root: Path, exclude: Path | None) -> bool:
+    return f.is_file() and _listed(f, root, exclude)
 
 
 def _folder_cases(root: Path, pattern: str, exclude: Path | None, skipped: list[dict] | None = None) -> list[Case]:
@@ -87,6 +91,9 @@ def _folder_cases(root: Path, pattern: str, exclude: Path | None, skipped: list[
         if f.parent not in dicom_folders and skipped is not None:
             reason = ("a NIfTI file not matching --pattern " + repr(pattern)) if is_nifti(f) else "not a NIfTI file nor part of a DICOM series"
             skipped.append({"path": str(f), "reason": reason})
+    if skipped is not None:  # a link to nothing is not a file: say so rather than pass over it
+        skipped += [{"path": str(f), "reason": "a broken symbolic link (its target is missing, or the links loop)"}
+                    for f in sorted(root.rglob("*")) if f.is_symlink() and not f.exists() and _listed(f, root, exclude)]
     if not cases:
         raise InputError(root, f"no file matches {pattern!r} and no DICOM series was found")
     return cases

@@ -79,7 +79,7 @@ class GuideTexts:
 
 def read_texts_csv(path: str | os.PathLike) -> dict[str, str]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(path, f"cannot read the texts CSV ({type(exc).__name__}: {exc})") from exc

@@ -42,7 +42,7 @@ from scipy import ndimage
 from torch import nn
 
 from ..data import phantom, readers, splits as splits_mod
-from ..data.io import load_volume
+from ..data.io import load_pair, load_volume
 from ..data.reader import LoadVolumed
 from ..errors import InputError
 from ..losses.lesion_report import LesionReportLoss, attribute_cross_entropy
@@ -93,7 +93,7 @@ def read_attribute_table(path: str | os.PathLike) -> dict[str, list[dict]]:
             raise InputError(path, "expected a list of rows or {case_id: [rows]}")
         columns = set().union(*(r.keys() for r in rows)) if rows else set()
     else:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
             reader = csv.DictReader(f)
             rows = list(reader)
             columns = set(reader.fieldnames or ())
@@ -140,8 +140,9 @@ def read_attribute_table(path: str | os.PathLike) -> dict[str, list[dict]]:
 
 
 def _has_lesion(item: Mapping) -> bool:
-    """Whether the item's label holds any lesion voxel (the one reader: a broken file is named)."""
-    return bool(np.any(load_volume(item["label"])[0] > 0))
+    """Whether the item's label holds any lesion voxel; an InputError naming the label when it does not
+    belong to its image (shape, affine, non-integer values: :func:`~segreport.data.io.load_pair`)."""
+    return not load_pair(item["image"], item["label"], allow_empty=True)[3]["label_empty"]
 
 
 def drop_lesion_free(items: Sequence[dict]) -> tuple[list[dict], list[dict]]:

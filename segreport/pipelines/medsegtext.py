@@ -22,8 +22,7 @@ from ..metrics.segmentation import SegmentationScores
 from ..metrics.text import text_metrics
 from ..transforms.text import decode_tokens
 from ..data.outputs import write_csv, write_json
-from .consistency import compare
-from .slice_sentences import slice_finding
+from .slice_sentences import sentence_agrees
 from .loaders import make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
 # the slice data and validation score are shared with the other slice models; re-exported for the YAMLs
 from .slices2d import (  # noqa: F401
@@ -37,18 +36,24 @@ log = logging.getLogger("segreport.medsegtext")
 class MedSegTextBatch(PrepareBatch):
     """Batch -> (image, targets, (input tokens,), {}) for SupervisedTrainer/Evaluator.
 
-    Teacher forcing: the decoder reads tokens[:, :-1] and is scored on tokens[:, 1:].
+    Teacher forcing: the decoder reads tokens[:, :-1] and is scored on tokens[:, 1:], and it reads the
+    reference mask (``mask``) it is to describe. The slices' ``level`` goes along when the data has it.
     """
 
     def __call__(self, batchdata, device=None, non_blocking=False, **kwargs):
         image = batchdata["image"].to(device=device, non_blocking=non_blocking)
         targets = {"label": batchdata["label"].to(device=device, non_blocking=non_blocking)}
+        if "lung_zones" in batchdata:  # validation on slice folders: the consistency check's zone maps
+            targets["lung_zones"] = batchdata["lung_zones"]
         args: tuple = ()
+        options = {"mask": targets["label"]}
+        if "level" in batchdata:
+            options["level"] = torch.as_tensor(batchdata["level"], dtype=torch.float32).to(device)
         if "tokens" in batchdata:
             tokens = batchdata["tokens"].to(device=device, non_blocking=non_blocking)
             targets["tokens"] = tokens
             args = (tokens[:, :-1],)
-        return image, targets, args, {}
+        return image, targets, args, options
 
 
 class MedSegTextLoss(torch.nn.Module):
@@ -75,24 +80,18 @@ class MedSegTextInferer:
     def __init__(self, max_length: int | None = None, beam_size: int = 1):
         self.max_length, self.beam_size = max_length, beam_size
 
-    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> dict:
-        return predict_slices(network, inputs, max_length=self.max_length, beam_size=self.beam_size)
+    def __call__(self, inputs: torch.Tensor, network, *args, level=None, **kwargs) -> dict:
+        # the reference mask (kwargs["mask"]) is for teacher forcing: the sentence describes the model's own
+        return predict_slices(network, inputs, max_length=self.max_length, beam_size=self.beam_size, level=level)
 
 
-def predict_slices(network, images: torch.Tensor, max_length: int | None = None, beam_size: int = 1) -> dict:
+def predict_slices(network, images: torch.Tensor, max_length: int | None = None, beam_size: int = 1,
+                   level: torch.Tensor | None = None) -> dict:
     """Seg logits and/or generated ids for a batch of slices, from ONE encoder pass."""
-    return getattr(network, "module", network).predict(images, max_length=max_length, beam_size=beam_size)
+    return getattr(network, "module", network).predict(images, max_length=max_length, beam_size=beam_size, level=level)
 
 
 # ------------------------------------------------------------------------------- evaluation
-def sentence_agrees(text: str, mask: np.ndarray, zone_map: np.ndarray) -> bool:
-    """Whether a generated slice sentence names the sides, areas and zones of ``mask`` on ``zone_map``
-    (by the rules that wrote the training sentences: :func:`.slice_sentences.slice_finding`)."""
-    found = slice_finding(mask, zone_map)
-    checked = compare(text, found.n_areas, found.zones, "slice")
-    return bool(checked is not None and checked["agree"])
-
-
 @torch.inference_mode()
 def evaluate(
     checkpoint: str | os.PathLike,
@@ -124,7 +123,8 @@ def evaluate(
     rows, refs, hyps, shown = [], [], [], 0
     for batch in tqdm(loader, desc="evaluate", leave=False):
         images = batch["image"].to(device)
-        pred = predict_slices(network, images, max_length=max_length, beam_size=beam_size)
+        level = batch["level"].float().to(device) if "level" in batch else None
+        pred = predict_slices(network, images, max_length=max_length, beam_size=beam_size, level=level)
         gen = decode_tokens(tokenizer, pred["tokens"]) if "tokens" in pred else [""] * len(images)
         ref = decode_tokens(tokenizer, batch["tokens"]) if "tokens" in batch else [""] * len(images)
         for i in range(len(images)):

@@ -24,6 +24,7 @@ import numpy as np
 from ..data import splits as splits_mod
 from ..data.slice_folder import read_slice_folder
 from ..transforms.findings import FindingsFromMask
+from .consistency import compare
 from ..transforms.lung_regions import slice_zone_map
 from ..transforms.orientation import display_affine
 
@@ -42,8 +43,17 @@ def slice_finding(label: np.ndarray, zone_map: np.ndarray):
                                                                      zone_map=zone_map)
 
 
+def sentence_agrees(text: str, mask: np.ndarray, zone_map: np.ndarray) -> bool:
+    """Whether a generated slice sentence names the sides, areas and zones of ``mask`` on ``zone_map``
+    (by the rules that wrote the training sentences: :func:`slice_finding`)."""
+    found = slice_finding(mask, zone_map)
+    checked = compare(text, found.n_areas, found.zones, "slice")
+    return bool(checked is not None and checked["agree"])
+
+
 def describe_slices(items: list[dict], orientation: str = "radiological", keep_zones: bool = False) -> list[dict]:
-    """Adds ``text`` (the slice's finding), ``lung_zones`` (1 x H x W zone map), ``lesion_pixels`` and
+    """Adds ``text`` (the slice's finding), ``lung_zones`` (1 x H x W zone map), ``level`` (the slice's place
+    in its case, 0 caudal to 1 cranial: the level the sentence names), ``lesion_pixels`` and
     ``lung_pixels`` (for the case's burden) and, with ``keep_zones``, ``lesion_zones`` (the zone of every
     counted lesion pixel); the lung mask itself is dropped (its sides and level are in ``lung_zones``)."""
     affine = display_affine(orientation)
@@ -52,7 +62,8 @@ def describe_slices(items: list[dict], orientation: str = "radiological", keep_z
         lung, label = item["lung"][0] > 127, item["label"][0] > 127
         zones = slice_zone_map(lung, level, affine)
         found = slice_finding(label, zones)
-        item.update(text=found.text, lung_zones=zones[None], lesion_pixels=int(label.sum()), lung_pixels=int(lung.sum()))
+        item.update(text=found.text, lung_zones=zones[None], level=float(level), lesion_pixels=int(label.sum()),
+                    lung_pixels=int(lung.sum()))
         del item["lung"]
         if keep_zones:
             item["lesion_zones"] = found.voxel_zones[None]

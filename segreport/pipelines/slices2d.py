@@ -26,7 +26,7 @@ from ignite.metrics import Metric
 from monai.transforms import Compose, DeleteItemsd, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged, RandZoomd, Resized
 
 from ..data import readers, splits as splits_mod
-from ..data.io import load_volume
+from ..data.io import load_pair, load_volume
 from ..data.slice_folder import is_slice_folder
 from ..errors import InputError
 from ..metrics.stats import mean_std
@@ -36,12 +36,12 @@ from ..text.tokenizers import build_word_tokenizer, load_tokenizer
 from ..transforms.findings import FindingsFromMask, LungZonesFromTextd
 from ..transforms.intensity import HUWindow
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
-from ..transforms.lung_regions import lung_zone_map
+from ..transforms.lung_regions import lung_zone_map, slice_levels
 from ..transforms.orientation import display_to_file_index, to_display
 from ..transforms.slicing import VolumeToSlicesd, axial_axis
 from ..transforms.text import TokenizeTextd, decode_tokens
 from ..vocab import ZONES
-from .slice_sentences import slice_folder_datalists
+from .slice_sentences import sentence_agrees, slice_folder_datalists
 
 log = logging.getLogger("segreport.slices2d")
 
@@ -78,10 +78,10 @@ def load_datalists(
     if data_format == "auto":
         data_format = _detect_format(root, text)
     if data_format == "slices":  # a slice's own finding is its sentence for every model (text="slice" or "level")
-        return slice_folder_datalists(root, ratios, seed, orientation, keep_zones)
+        return _usable(slice_folder_datalists(root, ratios, seed, orientation, keep_zones), root)
     if data_format == "lvit":
         lroot = _lvit_root(root)
-        return {key: readers.read_lvit(lroot, split=folder) for key, folder in SPLIT_FOLDERS.items()}
+        return _usable({key: readers.read_lvit(lroot, split=folder) for key, folder in SPLIT_FOLDERS.items()}, root)
     if data_format not in ("volumes", "mosmeddata"):
         raise InputError(root, f"unknown data_format {data_format!r}: use 'auto', 'slices', 'lvit', 'volumes' or 'mosmeddata'")
     if data_format == "mosmeddata":  # COVID19_1110: the studies with a lesion mask, stratified by CT-k
@@ -92,11 +92,24 @@ def load_datalists(
         cases = readers.read_nifti_folder(root / "imagesTr", root / "labelsTr")
     case_splits = splits_mod.split_cases(cases, ratios=ratios, seed=seed, stratify_by="severity" if "severity" in cases[0] else None)
     by_id = {c["case_id"]: c for c in cases}
-    return {
+    return _usable({
         key: [s for cid in case_splits.get(key, []) for s in volume_to_slice_items(by_id[cid], mode=slice_mode, seed=seed, text=text,
                                                                           keep_zones=keep_zones)]
         for key in SPLIT_FOLDERS
-    }
+    }, root)
+
+
+def _usable(datalists: dict[str, list[dict]], root: Path) -> dict[str, list[dict]]:
+    """No training slices is an error naming the dataset and the split sizes; no validation slices (a
+    handful of cases) validates on the training slices, with a warning, as the 3D bundle does."""
+    sizes = {k: f"{len(v)} slice(s) of {len({it.get('case_id') for it in v})} case(s)" for k, v in datalists.items()}
+    if not datalists.get("training"):
+        raise InputError(root, f"no training slices after the split ({sizes}): too few cases for split_ratios, "
+                               "or add cases")
+    if not datalists.get("validation"):
+        log.warning("%s: no validation slices (%s): validating on the training slices", root, sizes)
+        datalists["validation"] = list(datalists["training"])
+    return datalists
 
 
 def _detect_format(root: Path, text: str) -> str:
@@ -135,8 +148,12 @@ def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, neg_rati
     """
     if text not in ("slice", "level"):
         raise ValueError(f"text must be 'slice' or 'level', got {text!r}")
-    image, affine, _ = load_volume(case["image"])
-    label = (load_volume(case["label"])[0] > 0).astype(np.uint8) if case.get("label") else np.zeros(image.shape, np.uint8)
+    if case.get("label"):  # checked to belong to its image: same grid, integer values
+        image, label, affine, _ = load_pair(case["image"], case["label"], allow_empty=True)
+        label = (label > 0).astype(np.uint8)
+    else:
+        image, affine, _ = load_volume(case["image"])
+        label = np.zeros(image.shape, np.uint8)
     lung = load_volume(case["lung"])[0].astype(np.uint8) if case.get("lung") else split_left_right(lung_mask_from_ct(image, affine), affine)
     windowed = np.asarray(HUWindow(preset="lung")(image[None]))[0]
     if not lung.any():  # FindingsFromMask's documented fallback: sides about the body, levels from its extent
@@ -167,10 +184,12 @@ def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, neg_rati
 
     slicer = VolumeToSlicesd(keys=("image", "label", "zones", "lung_zones"), mode=mode, neg_ratio=neg_ratio, seed=seed,
                              finding_fn=finding, axis=2)
+    levels = slice_levels(lung, affine)  # NaN outside the lungs or without them: the "unknown" level
     items = []
     for it in slicer(volume):
+        k = int(file_index[it["slice_index"]])
         item = {"image": it["image"].astype(np.float32), "label": it["label"].astype(np.float32), "text": it["text"],
-                "case_id": it["case_id"], "slice_index": int(file_index[it["slice_index"]])}
+                "case_id": it["case_id"], "slice_index": k, "level": float(levels[k])}
         if keep_zones:
             item["lesion_zones"] = it["zones"].astype(np.uint8)
         items.append(item)
@@ -296,11 +315,13 @@ def summarize_slices(rows: list[dict], pooled: dict[str, dict] | None = None) ->
 
 # ------------------------------------------------------------------------------- validation score
 class SegTextScore(Metric):
-    """Validation score for checkpoint selection: the mean of Dice and corpus BLEU-4.
+    """Validation score for checkpoint selection: the mean of Dice, corpus BLEU-4 and, where the slices
+    carry zone maps (slice folders), the share of sentences that agree with the model's own mask.
 
     Selecting on Dice alone would happily keep a model whose text has collapsed (the seed's Exp1:
-    Dice 0.75 with BLEU-4 0.0035); the mean rewards neither task being sacrificed. Missing tasks
-    (seg-only or text-only baselines) are left out of the mean.
+    Dice 0.75 with BLEU-4 0.0035); the mean rewards no task being sacrificed, and a sentence that
+    contradicts its mask is not kept for its BLEU. Missing tasks (seg-only or text-only baselines) are
+    left out of the mean.
     """
 
     def __init__(self, tokenizer, output_transform=lambda x: x):
@@ -311,6 +332,7 @@ class SegTextScore(Metric):
         self.inter = self.total = 0.0
         self.refs: list[str] = []
         self.hyps: list[str] = []
+        self.agree: list[bool] = []
 
     def update(self, output):
         pred, targets = output
@@ -320,19 +342,29 @@ class SegTextScore(Metric):
             self.inter += float((p * g).sum())
             self.total += float(p.sum() + g.sum())
         if "tokens" in pred and "tokens" in targets:
-            self.hyps += decode_tokens(self.tokenizer, pred["tokens"])
+            hyps = decode_tokens(self.tokenizer, pred["tokens"])
+            self.hyps += hyps
             self.refs += decode_tokens(self.tokenizer, targets["tokens"])
+            if "seg_logits" in pred and "lung_zones" in targets:
+                masks = (torch.sigmoid(pred["seg_logits"][:, 0]) > 0.5).cpu().numpy()
+                zones = np.asarray(targets["lung_zones"])[:, 0]
+                self.agree += [sentence_agrees(h, m, z) for h, m, z in zip(hyps, masks, zones)]
 
     def compute(self):
         inter, total, refs, hyps = self.inter, self.total, self.refs, self.hyps
         if idist.get_world_size() > 1:  # every rank scores its own shard: reduce, so rank 0 selects on all
             inter, total = (float(v) for v in idist.all_reduce(torch.tensor([inter, total], dtype=torch.float64)))
             refs, hyps = _gather_texts(refs), _gather_texts(hyps)
+        n_agree, n_checked = float(sum(self.agree)), float(len(self.agree))
+        if idist.get_world_size() > 1:
+            n_agree, n_checked = (float(v) for v in idist.all_reduce(torch.tensor([n_agree, n_checked], dtype=torch.float64)))
         parts = []
         if total > 0 or inter > 0:
             parts.append(2 * inter / max(total, 1e-8))
         if hyps:
             parts.append(text_metrics(refs, hyps)["bleu4"])
+        if n_checked:
+            parts.append(n_agree / n_checked)
         return float(np.mean(parts)) if parts else 0.0
 
 

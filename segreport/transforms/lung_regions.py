@@ -22,6 +22,7 @@ from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
 from ..vocab import LEVELS, LUNG_LABELS, SIDES, ZONES
 from .lung_mask import split_left_right
+from .slicing import axial_axis
 
 # TotalSegmentator v2 class ids of the lung lobes (left upper/lower; right upper/middle/lower).
 TOTALSEG_LEFT_LOBES: tuple[int, ...] = (10, 11)
@@ -148,6 +149,24 @@ def lung_zone_map(lung, affine, z_extent: Mapping[str, Sequence[float]] | None =
     z = np.broadcast_to(world_grid(lung.shape, a, 2), lung.shape)[inside]
     out[inside] = zone_codes(lung[inside], z, extents)
     return out
+
+
+def slice_levels(lung, affine) -> np.ndarray:
+    """Each axial slice's level, in file order along the axial axis: the world z of its centre between
+    the lowest (0) and highest (1) lung voxel centre of both lungs; NaN for slices outside that range
+    (by more than half a slice) and for every slice when there is no lung label (1 right, 2 left)."""
+    lung = spatial_array(lung)
+    a = affine_of(lung, affine)
+    axis = axial_axis(a)
+    extents = lung_z_extent(lung, a).values()
+    if not extents:
+        return np.full(lung.shape[axis], np.nan)
+    lo, hi = min(e[0] for e in extents), max(e[1] for e in extents)
+    centre = (np.asarray(lung.shape, dtype=np.float64) - 1) / 2
+    z = np.array([a[2, :3] @ np.where(np.arange(3) == axis, k, centre) + a[2, 3] for k in range(lung.shape[axis])])
+    half = abs(a[2, axis]) / 2
+    level = np.clip((z - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    return np.where((z >= lo - half) & (z <= hi + half), level, np.nan)
 
 
 def slice_zone_map(lung, level: float, affine) -> np.ndarray:
