@@ -442,3 +442,40 @@ def test_a_user_supplied_lung_mask_replaces_the_hu_mask_and_a_wrong_one_is_named
     assert report["lung"]["volume_ml"]["right"] == pytest.approx((lobes == 1).sum() * 27 / 1000, abs=0.01)
     assert rows["ct_cropped"]["status"] == "failed" and "does not match the scan" in rows["ct_cropped"]["error"]
     assert str(masks / "ct_cropped.nii.gz") in rows["ct_cropped"]["error"]
+
+
+def test_a_mirrored_scan_is_warned_about_and_a_normal_one_is_not(shared_data, tmp_path):
+    """Issue 32, item 7: the real CT's voxels mirrored left-right under the same header (what an LPS file
+    labelled RAS looks like): the liver then lies on the header's left, and the report says so."""
+    ts = shared_data / "totalsegmentator"
+    img = nib.load(ts / "example_ct_sm.nii.gz")
+    ct = np.asarray(img.dataobj, dtype=np.float32)
+    save_ct(tmp_path / "in" / "as_is.nii.gz", ct, img.affine)
+    save_ct(tmp_path / "in" / "mirrored.nii.gz", np.ascontiguousarray(ct[::-1]), img.affine)  # axis 0 is x here
+    run_batch(ThresholdPredictor(), tmp_path / "in", tmp_path / "out", progress=False, allow_no_lungs=True)
+    as_is = json.loads((tmp_path / "out" / "as_is_report.json").read_text())
+    mirrored = json.loads((tmp_path / "out" / "mirrored_report.json").read_text())
+    assert as_is["laterality"]["verdict"] == "consistent" and not any("mirrored" in w for w in as_is["warnings"])
+    assert mirrored["laterality"]["verdict"] == "looks mirrored"
+    assert any("looks mirrored" in w for w in mirrored["warnings"])
+    assert "looks mirrored" in (tmp_path / "out" / "mirrored_report.txt").read_text()
+
+
+def test_lung_mask_labels_1_and_2_swapped_are_refused(shared_data, tmp_path):
+    """Issue 32, item 7: --lung-masks with right (1) and left (2) swapped would swap every side."""
+    from segreport.transforms.lung_regions import lung_label_from_lobes
+
+    ts = shared_data / "totalsegmentator"
+    shutil.copy(ts / "example_ct_sm.nii.gz", tmp_path / "in.nii.gz")
+    lobes = lung_label_from_lobes(np.asarray(nib.load(ts / "example_seg.nii.gz").dataobj))
+    affine = nib.load(ts / "example_seg.nii.gz").affine
+    masks = tmp_path / "lungs"
+    masks.mkdir()
+    swapped = np.where(lobes == 1, 2, np.where(lobes == 2, 1, 0)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(swapped, affine), masks / "in.nii.gz")
+    summary = run_batch(ThresholdPredictor(), tmp_path / "in.nii.gz", tmp_path / "out", progress=False, lung_masks=masks)
+    (row,) = summary.cases
+    assert row["status"] == "failed" and str(masks / "in.nii.gz") in row["error"] and "lung labels look swapped" in row["error"]
+    nib.save(nib.Nifti1Image(lobes.astype(np.uint8), affine), masks / "in.nii.gz")
+    assert run_batch(ThresholdPredictor(), tmp_path / "in.nii.gz", tmp_path / "out2", progress=False,
+                     lung_masks=masks).cases[0]["status"] == "ok"

@@ -238,3 +238,56 @@ def test_lesions_outside_the_lungs_are_never_called_pulmonary(phantom_dir, share
     report = build_report(Prediction(mask=gut), real, real_affine, case_id="abdomen")
     assert report["n_lesions"] == 0 and report["total_volume_ml"] == 0 and "pulmonary infection" not in report["finding"]
     assert report["volume_outside_lungs_ml"] > 0
+
+
+def _world_summary(report: dict) -> dict:
+    """What a report says about the patient, without the storage-dependent fields (voxel indices, axcodes)."""
+    return {
+        "finding": report["finding"],
+        "lung_ml": {k: round(v, 1) for k, v in report["lung"]["volume_ml"].items()},
+        "lesions": [(les["side"], les["zone"], les["voxels"], tuple(np.round(les["centroid_ras_mm"], 1)))
+                    for les in report["lesions"]],
+        "outside": [(les["side"], les["voxels"]) for les in report["lesions_outside_lungs"]],
+    }
+
+
+def _reports_agree_in_every_storage_order(ct, affine, mask):
+    from storage_orders import storage_orders
+
+    reference = _world_summary(_report(ct, affine, mask))
+    assert reference["lesions"] and min(reference["lung_ml"].values()) > 10
+    mask_stored = dict(((p, f), (m, a)) for p, f, m, a in storage_orders(mask, affine))
+    for perm, flips, stored, stored_affine in storage_orders(ct, affine):
+        got = _world_summary(_report(stored, stored_affine, mask_stored[perm, flips][0]))
+        assert got == reference, f"axis order {perm}, flips {flips}"
+
+
+def test_the_report_of_a_real_ct_is_the_same_in_all_48_storage_orders(shared_data):
+    """Issue 32, item 5: the report, not only the lung mask, whatever the voxel order (TotalSegmentator's
+    real CT, with a lesion marked deep in each lung)."""
+    import nibabel as nib
+
+    from segreport.transforms.lung_mask import lung_mask_from_ct
+    from segreport.transforms.lung_regions import lung_label_from_lobes
+
+    ts = shared_data / "totalsegmentator"
+    img = nib.load(ts / "example_ct_sm.nii.gz")
+    ct = np.asarray(img.dataobj, dtype=np.float32)
+    lobes = lung_label_from_lobes(np.asarray(nib.load(ts / "example_seg.nii.gz").dataobj))
+    lobes[~lung_mask_from_ct(ct, img.affine)] = 0  # where the report's own lung mask is too
+    mask = np.zeros(ct.shape, np.uint8)
+    for side in (1, 2):
+        depth = ndimage.distance_transform_edt(lobes == side)
+        centre = np.unravel_index(np.argmax(depth), depth.shape)
+        ball = np.zeros(ct.shape, bool)
+        ball[centre] = True
+        mask |= ndimage.binary_dilation(ball, iterations=2) & (lobes == side)
+    _reports_agree_in_every_storage_order(ct, img.affine, mask)
+
+
+def test_the_report_of_a_phantom_case_is_the_same_in_all_48_storage_orders(phantom_dir):
+    import nibabel as nib
+
+    img = nib.load(phantom_dir / "imagesTr" / "case_0000.nii.gz")
+    label = np.asarray(nib.load(phantom_dir / "labelsTr" / "case_0000.nii.gz").dataobj) > 0
+    _reports_agree_in_every_storage_order(np.asarray(img.dataobj, dtype=np.float32), img.affine, label.astype(np.uint8))

@@ -222,7 +222,7 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
                             "guide_texts": None if settings.texts is None else settings.texts.fingerprint()}
     report["model_training"] = settings.training
     report["model_training_summary"] = provenance.describe(settings.training)
-    report["warnings"] = provenance.warnings_for(settings.training, meta)
+    report["warnings"] = provenance.warnings_for(settings.training, meta) + report["warnings"]
     write_text(format_report_text(report), paths["report_txt"])
     caption = " ".join([report["finding"], f"[{report['model_training_summary']}]", *report["warnings"]])
     save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=caption,

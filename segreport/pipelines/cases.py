@@ -221,6 +221,19 @@ def input_fingerprint(case: Case) -> dict:
             "files": len(files), "series_uid": case.series_uid}
 
 
+def _check_lung_label_sides(path: Path, label: np.ndarray, affine: np.ndarray) -> None:
+    """Label 1 must lie to the patient's right of label 2 (RAS+: at larger world x): swapped labels would
+    swap every side in the report."""
+    from nibabel.affines import apply_affine
+
+    if not (label == 1).any():
+        return
+    right_x, left_x = (float(apply_affine(affine, np.argwhere(label == v).mean(0))[0]) for v in (1, 2))
+    if right_x < left_x:
+        raise InputError(path, f"lung labels look swapped: label 1 (right lung) lies at x = {right_x:.0f} mm, to the patient's "
+                               f"left of label 2 (left lung, x = {left_x:.0f} mm) in RAS+ world; expected 1 right / 2 left")
+
+
 def user_lung_label(path: Path, image_shape, affine: np.ndarray) -> np.ndarray:
     """A lung mask the user supplied, on the scan's own grid: 1 right / 2 left, a binary mask (sides
     from the affine), or TotalSegmentator's multi-label output (lobes 10-14)."""
@@ -232,6 +245,7 @@ def user_lung_label(path: Path, image_shape, affine: np.ndarray) -> np.ndarray:
         raise InputError(path, f"lung mask grid {label.shape} does not match the scan's {tuple(image_shape)} (same shape and affine needed)")
     values = set(np.unique(label).astype(int).tolist())
     if values <= {0, 1, 2} and 2 in values:
+        _check_lung_label_sides(path, label, affine)
         return label.astype(np.uint8)
     if values <= {0, 1}:
         return split_left_right(label > 0, affine)

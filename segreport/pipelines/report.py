@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..data.outputs import write_json, write_text  # noqa: F401  (re-exported: report writers)
+from ..transforms.laterality import laterality_check, warning_lines as laterality_warnings
 from ..transforms.findings import Findings, FindingsFromMask, label_components
 from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
 from ..transforms.lung_regions import lung_zone_map
@@ -231,6 +232,7 @@ def build_report(
     sentences.update({f"guide text {i}": t for i, t in enumerate(prediction.extras.get("guide_texts", []))})
     consistent = consistency.check(prediction.slice_findings, findings, affine, sentences)
     consistent["lesions_outside_lungs"] = len(elsewhere)  # in the mask, not in any sentence
+    sides_check = laterality_check(image, affine, lung)  # does the anatomy agree with the header's sides?
     return {
         "case_id": case_id,
         "input": input_path,
@@ -256,6 +258,8 @@ def build_report(
             "involvement_percent": None if percent is None else round(percent, 3),
             "severity": None if percent is None else severity_from_percent(percent),
         },
+        "laterality": sides_check,
+        "warnings": laterality_warnings(sides_check),
         "lesions": lesions,
         # never called pulmonary infection (PULMONARY_FRACTION): where they are, apart from the finding
         "lesions_outside_lungs": elsewhere,

@@ -126,8 +126,8 @@ def _detect_format(root: Path, text: str) -> str:
 def eval_items(datalists: dict[str, list[dict]], split: str = "test") -> list[dict]:
     """The items an evaluation scores: one split, or ``"all"`` (every slice of the folder, e.g. another
     hospital's folder scored with a checkpoint trained elsewhere)."""
-    if split == "all":
-        return [it for name in SPLIT_FOLDERS for it in datalists.get(name, [])]
+    if split == "all":  # each slice once: a split may reuse another's items (validation on training, _usable)
+        return list({id(it): it for name in SPLIT_FOLDERS for it in datalists.get(name, [])}.values())
     if split not in datalists:
         raise InputError(None, f"unknown eval_split {split!r}: use 'all' or one of {sorted(datalists)}")
     return datalists[split]
