@@ -6,7 +6,7 @@ VENV = $(shell scripts/venv.sh)
 DEMO_DIR ?= outputs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow venv bench clean
+.PHONY: demo test test-slow lint venv bench clean
 
 venv:
 	@scripts/venv.sh
@@ -19,7 +19,11 @@ demo:
 	@V=$$(scripts/venv.sh) && $$V/bin/python -m segreport.pipelines.demo --out $(DEMO_DIR)
 
 test:
+	@scripts/lint.sh
 	@V=$$(scripts/venv.sh) && HF_HUB_OFFLINE=1 $$V/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lint:
+	@scripts/lint.sh
 
 test-slow:
 	@V=$$(scripts/venv.sh) && HF_HUB_OFFLINE=1 $$V/bin/python -m pytest -q -m slow $(PYTEST_ARGS)

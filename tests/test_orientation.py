@@ -18,7 +18,7 @@ from segreport.models.spec import read_checkpoint
 from segreport.networks import MedSegText
 from segreport.pipelines.batch import run_batch
 from segreport.text.tokenizers import build_word_tokenizer
-from segreport.transforms.orientation import display_slices, from_display, to_display
+from segreport.transforms.orientation import from_display, to_display
 
 
 def _storages(path, out):

@@ -69,7 +69,7 @@ from .cases import (  # noqa: F401  (re-exported: the batch runner's public name
     OUTPUT_SUFFIXES, Case, LoadedCase, case_points, discover_cases, input_fingerprint, load_case, load_points, prefetch,
     select_series,
 )
-from .run_lock import RunLock, RunLockedError
+from .run_lock import RunLock
 from .report import build_report, format_report_text, write_json, write_text
 
 log = logging.getLogger("segreport.batch")

@@ -41,7 +41,7 @@ from monai.transforms import Compose, EnsureTyped, MapTransform, SelectItemsd
 from scipy import ndimage
 from torch import nn
 
-from ..data import phantom, readers, splits as splits_mod
+from ..data import readers, splits as splits_mod
 from ..data.io import load_pair, load_volume
 from ..data.reader import LoadVolumed
 from ..errors import InputError

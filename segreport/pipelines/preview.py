@@ -15,7 +15,6 @@ import numpy as np
 # a bare Figure (no pyplot): no global figure registry to leak during a long batch, no GUI backend
 from matplotlib.figure import Figure
 from nibabel.orientations import io_orientation
-from scipy import ndimage
 
 from ..data.io import atomic_path
 from ..transforms.intensity import window_range
