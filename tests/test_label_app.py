@@ -49,7 +49,7 @@ def served(phantom_dir, tmp_path_factory):
         bundles.append(bundle)
     app_dir = root / "app"
     with running_server(studies, bundles, app_dir, root / "server.log", cwd=REPO) as url:
-        yield {"url": url, "studies": studies, "app": app_dir, "phantom": phantom_dir}
+        yield {"url": url, "studies": studies, "app": app_dir, "phantom": phantom_dir, "bundles": root / "bundles"}
 
 
 def _infer(served, model: str, image: str, params: dict | str | None = None, output: str = "all"):
@@ -121,6 +121,25 @@ def test_ohif_point_prompts_in_click_order(served, tmp_path):
     far = [fg[0], fg[1] + 3, fg[2]]
     _, second = _parts(_infer(served, "lesion_report_3d", case, {"points": [fg, far], "point_labels": [1, 1]}), tmp_path)
     assert not second["image_encoded"] and second["points"]["labels"] == [1, 1]
+
+
+def test_the_label_app_and_the_batch_report_a_case_alike(served, tmp_path):
+    """Issue 33: one per-case path. The same case and checkpoint give the same report JSON over HTTP and
+    from `segreport infer` (provenance, training, warnings included), the response's own fields aside."""
+    from segreport.pipelines.batch import run_batch
+    from segreport.pipelines.infer_cli import load_bundle_predictor
+
+    case = "case_0003"
+    _, served_report = _parts(_infer(served, "medsegtext", case), tmp_path)
+    bundle = served["bundles"] / "medsegtext"
+    predictor, _ = load_bundle_predictor(bundle, checkpoint=str(bundle / "models" / "model.pt"))
+    summary = run_batch(predictor, served["studies"] / f"{case}.nii.gz", tmp_path / "out", progress=False)
+    assert summary.counts["ok"] == 1, summary.cases
+    batch_report = json.loads((tmp_path / "out" / f"{case}_report.json").read_text())
+    response_only = {"created", "latency_s", "checkpoint", "label_names"}
+    assert {"provenance", "model_training", "warnings", "laterality"} <= set(served_report)
+    assert ({k: v for k, v in served_report.items() if k not in response_only}
+            == {k: v for k, v in batch_report.items() if k not in response_only})
 
 
 def test_medsegtext_returns_its_finding(served, tmp_path):

@@ -28,17 +28,15 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..data.outputs import to_jsonable
 from ..errors import InputError
+from ..pipelines.batch import RunSettings, case_report, checkpoint_info
 from ..pipelines.cases import Case, LoadedCase, load_case
 from ..pipelines.guide_texts import finding_of
-from ..pipelines.report import build_report
-from ..transforms.postprocess import remove_small_lesions
 from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
 from .server import weight_paths
 
@@ -61,6 +59,7 @@ class BundleWeights:
         self.paths = weight_paths(self.bundle, Path(app_dir))
         self._key: tuple | None = None
         self._predictor = None
+        self._settings: RunSettings | None = None
 
     def current(self) -> Path | None:
         return next((p for p in self.paths if p.is_file()), None)
@@ -74,14 +73,29 @@ class BundleWeights:
         key = (str(path), path.stat().st_mtime_ns)
         if key != self._key:
             self._predictor, _ = load_bundle_predictor(self.bundle, checkpoint=str(path), device=self.device)
-            self._key = key
+            self._key, self._settings = key, None
             log.info("%s: serving %s", self.bundle.name, path)
         return self._predictor
+
+    def settings(self, name: str) -> RunSettings:
+        """What the batch would record for the served checkpoint (its sha256 hashed once per checkpoint)."""
+        predictor = self.predictor()
+        if self._settings is None:
+            self._settings = RunSettings(name, (checkpoint_info(self.current()) or {}).get("sha256"),
+                                         bool(getattr(predictor, "takes_points", True)), MIN_LESION_ML,
+                                         (getattr(predictor, "spec", None) or {}).get("training"))
+        return self._settings
 
     @property
     def version(self) -> tuple | None:
         """Changes whenever a new checkpoint is loaded (cached per-image state is then stale)."""
         return self._key
+
+
+def _case(request: dict) -> Case:
+    """The request's image as a batch case: its datastore id, or its file name without extensions."""
+    path = str(request.get("image"))
+    return Case(str(request.get("image_id") or Path(path).name.split(".")[0]), path)
 
 
 class ReportTask(InferTask):
@@ -117,18 +131,14 @@ class ReportTask(InferTask):
         path = request.get("image")
         if not path or not os.path.exists(path):
             raise HTTPException(404, detail=f"image {request.get('image_id', path)!r} not found")
-        case_id = str(request.get("image_id") or Path(path).name.split(".")[0])
         min_lung = MIN_LUNG_ML if getattr(predictor, "needs_lungs", False) else None
-        return load_case(Case(case_id, str(path)), min_lung_ml=min_lung)
+        return load_case(_case(request), min_lung_ml=min_lung)
 
     def result(self, request: dict, loaded: LoadedCase, prediction, timings: dict, **extra) -> tuple[str, dict]:
-        """The label file (the image's grid and affine) and the batch report as the result JSON."""
+        """The label file (the image's grid and affine) and, as the result JSON, the report the batch writes
+        for the same case and mask (:func:`segreport.pipelines.batch.case_report`), plus latencies."""
         t = perf_counter()
-        prediction.mask = remove_small_lesions(np.asarray(prediction.mask, np.uint8), loaded.affine, MIN_LESION_ML)
-        case_id = str(request.get("image_id") or "")
-        report = build_report(prediction, loaded.image, loaded.affine, case_id=case_id, lung=loaded.lung,
-                              zone_map=loaded.zones, input_path=request.get("image"), model=self.name,
-                              points=extra.pop("points", None))
+        report, _, _ = case_report(_case(request), loaded, prediction, self.weights.settings(self.name), points=extra.pop("points", None))
         fd, label = tempfile.mkstemp(suffix=".nii.gz", prefix=f"segreport_{self.name}_")
         os.close(fd)  # MONAI Label sends the file, then deletes it
         loaded.save_mask(prediction.mask, label)

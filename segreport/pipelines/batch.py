@@ -202,20 +202,22 @@ class RunSettings:
     texts: GuideTexts | None = None  # a text-guided model's sentence per case (pipelines.guide_texts)
 
 
-def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, output_dir: Path,
-                       settings: RunSettings) -> dict:
-    """Mask, text report, preview, JSON report (last), each atomically. Returns the report."""
-    paths = case.outputs(output_dir)
-    meta = loaded.meta
-    model = settings.model
-    loaded.save_mask(prediction.mask, paths["seg"])
-    instances, n = label_components(prediction.mask)  # the report's lesion ids, one labelling for both
-    loaded.save_mask(instances, paths["lesions"], dtype=np.uint8 if n < 256 else np.uint16)
-    points = None if loaded.points is None else {"ijk": loaded.points, "labels": loaded.point_labels}
+def case_report(case: Case, loaded: LoadedCase, prediction: Prediction, settings: RunSettings,
+                points: dict | None = None) -> tuple[dict, np.ndarray, int]:
+    """The one path from a case's prediction to its report, for the batch and the MONAI Label app:
+    the run's minimum lesion size (``prediction.mask`` is filtered in place), one labelling of the mask
+    (the report's lesion ids), the report with its provenance, the model's training and every warning.
+    ``points``: the clicks to record (default: the case's own, from its click file).
+    Returns ``(report, lesion instance map, number of lesions)``."""
+    prediction.mask = remove_small_lesions(np.asarray(prediction.mask, np.uint8), loaded.affine, settings.min_lesion_ml)
+    instances, n = label_components(prediction.mask)
+    if points is None and loaded.points is not None:
+        points = {"ijk": loaded.points, "labels": loaded.point_labels}
     if points is not None and not settings.takes_points:
-        points["ignored"] = f"{model} takes no clicks: the points did not change this result"
+        points["ignored"] = f"{settings.model} takes no clicks: the points did not change this result"
+    meta = loaded.meta
     report = build_report(prediction, loaded.image, loaded.affine, case_id=case.case_id, lung=loaded.lung, instances=instances,
-                          zone_map=loaded.zones, input_path=case.path, model=model, points=points,
+                          zone_map=loaded.zones, input_path=case.path, model=settings.model, points=points,
                           lung_source=meta.get("lung_source") and f"user-supplied lung mask {meta['lung_source']}")
     report["provenance"] = {"input_fingerprint": input_fingerprint(case), "checkpoint_sha256": settings.checkpoint_sha256,
                             "min_lesion_ml": settings.min_lesion_ml,
@@ -223,10 +225,20 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
     report["model_training"] = settings.training
     report["model_training_summary"] = provenance.describe(settings.training)
     report["warnings"] = provenance.warnings_for(settings.training, meta) + report["warnings"]
+    return report, instances, n
+
+
+def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, output_dir: Path,
+                       settings: RunSettings) -> dict:
+    """Mask, lesion map, text report, preview, JSON report (last), each atomically. Returns the report."""
+    paths = case.outputs(output_dir)
+    report, instances, n = case_report(case, loaded, prediction, settings)
+    loaded.save_mask(prediction.mask, paths["seg"])
+    loaded.save_mask(instances, paths["lesions"], dtype=np.uint8 if n < 256 else np.uint16)
     write_text(format_report_text(report), paths["report_txt"])
     caption = " ".join([report["finding"], f"[{report['model_training_summary']}]", *report["warnings"]])
     save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=caption,
-                 title=f"{case.case_id}  ({model})", lung=loaded.lung)
+                 title=f"{case.case_id}  ({settings.model})", lung=loaded.lung)
     write_json(report, paths["report"])
     return report
 
@@ -274,8 +286,6 @@ def run_case(case: Case, loading: Future, predictor, output_dir: Path, settings:
         prediction = _check_prediction(prediction, loaded.image.shape, settings.model)
         if text_source is not None:
             prediction.extras["guide_text_source"] = text_source
-        # one minimum lesion size for every model: specks are never lesions in a report
-        prediction.mask = remove_small_lesions(prediction.mask, loaded.affine, settings.min_lesion_ml)
         timings["predict_s"] = perf_counter() - t
         stage, t = "writing outputs", perf_counter()
         report = write_case_outputs(case, loaded, prediction, output_dir, settings)
