@@ -4,7 +4,7 @@
     python benchmarks/bench_batch.py --cases 4 --skip-memory --threads 4
 
 1. Throughput: ``segreport infer`` over a folder of N synthetic chest CTs (the package's phantom,
-   segreport.data.phantom, severities CT-0..CT-4, LPS, 1.6x1.6x5 mm) in ONE process (model loaded
+   segreport.phantom, severities CT-0..CT-4, LPS, 1.6x1.6x5 mm) in ONE process (model loaded
    once, next scan loaded while the current one is predicted) vs the same command run once per file,
    a new process each time (the model reloaded per scan, as single-file tools are used). Both sides
    are whole processes timed from outside, so both pay imports; volumes/minute and their ratio come
@@ -38,7 +38,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from segreport.data import phantom
+from segreport import phantom
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's segreport, not the shared venv's last editable install

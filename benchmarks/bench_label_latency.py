@@ -48,7 +48,7 @@ def main() -> None:
     import requests
     from requests_toolbelt.multipart.decoder import MultipartDecoder
 
-    from segreport.data.phantom import generate_dataset
+    from segreport.phantom import generate_dataset
     from segreport.label.server import running_server
 
     out = Path(a.out)

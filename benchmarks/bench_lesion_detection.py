@@ -119,7 +119,7 @@ def large_volume_run(checkpoint: Path, work: Path) -> dict:
     """One 512×512×300 phantom case through the batch runner in a fresh process: seconds and peak RSS."""
     data = work / "large"
     if not (data / "imagesTr").is_dir():
-        from segreport.data import phantom
+        from segreport import phantom
 
         phantom.generate_dataset(data, n_cases=1, seed=7, shape=(512, 512, 300), spacing=(0.7, 0.7, 1.0), export_2d=False)
     # the peak is this process's own VmHWM: ru_maxrss survives fork + exec, so it would report the
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from segreport.data import phantom
+    from segreport import phantom
 
     torch.set_num_threads(1)  # as the quality bench: comparable on a shared 2-core machine
     models_dir, work = Path(a.models_dir).resolve(), Path(a.work_dir).resolve()

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from monai.bundle import run
 
-    from segreport.data import phantom
+    from segreport import phantom
 
     # one thread: on a shared 2-core machine two threads contending with other work were several times slower
     torch.set_num_threads(1)

@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from segreport.data import phantom  # noqa: E402
+from segreport import phantom  # noqa: E402
 from segreport.losses.lesion_report import LesionReportLoss  # noqa: E402
 from segreport.models.lesion_report_3d import build_network  # noqa: E402
 from segreport.pipelines.click_training import SimulatedClicksInferer  # noqa: E402

@@ -36,7 +36,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     from monai.bundle import run
 
-    from segreport.data.phantom import DATASET_MARKERS, ensure_dataset
+    from segreport.phantom import DATASET_MARKERS, ensure_dataset
 
     out = Path(a.out)
     # the benchmark's own work folder: generated here once, as the default phantom is

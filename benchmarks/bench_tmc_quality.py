@@ -120,7 +120,7 @@ def prepare(a) -> tuple[str, Path]:
     ``(dataset folder, work folder)``, shared by the TMC and LAPFT benchmarks."""
     import torch
 
-    from segreport.data.phantom import DATASET_MARKERS, ensure_dataset
+    from segreport.phantom import DATASET_MARKERS, ensure_dataset
 
     if a.quick:
         a.cases, a.epochs = 32, 8

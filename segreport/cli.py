@@ -16,7 +16,7 @@ import sys
 
 
 def _synth(argv: list[str]) -> int:
-    from .data import phantom
+    from . import phantom
 
     p = argparse.ArgumentParser(prog="segreport synth", description="Write the synthetic chest-CT phantom dataset.")
     p.add_argument("--out", required=True, help="output folder")

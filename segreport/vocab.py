@@ -51,3 +51,6 @@ PULMONARY_FRACTION = 0.1
 # refused with "no lungs found" unless overridden (--allow-no-lungs). Real adult lungs hold litres; an
 # abdominal CT that only grazes the lung bases holds tens of mL (66 mL on TotalSegmentator's example).
 MIN_LUNG_ML = 200.0
+
+# Every phantom NIfTI's header description starts with this: how provenance tells phantom-trained models.
+PHANTOM_MARK = "segreport phantom"

@@ -41,7 +41,7 @@ PHANTOM_KWARGS = dict(n_cases=6, seed=0, shape=(96, 96, 24), spacing=(3.2, 3.2, 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """A tiny generated phantom dataset (read-only for tests: copy before modifying)."""
-    from segreport.data.phantom import generate_dataset
+    from segreport.phantom import generate_dataset
 
     out = tmp_path_factory.mktemp("phantom")
     generate_dataset(out, **PHANTOM_KWARGS)

@@ -265,7 +265,7 @@ def test_a_pickled_payload_in_a_real_zip_checkpoint_is_refused_not_run(tmp_path)
 # ------------------------------------------------------------------------------------------ datasets
 def test_dataset_faults_name_the_file(phantom_dir, tmp_path):
     from segreport.data.io import load_pair
-    from segreport.data.phantom import ensure_default
+    from segreport.phantom import ensure_default
     from segreport.data.readers import read_lvit
 
     with pytest.raises(InputError, match="no dataset found"):

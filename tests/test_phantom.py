@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from segreport.data.phantom import (
+from segreport.phantom import (
     LESION_TYPES,
     TISSUES,
     TYPE_HU,
@@ -21,7 +21,7 @@ from segreport.data.phantom import (
     generate_case,
     generate_dataset,
 )
-from segreport.data.phantom_export import lung_window, render_preview
+from segreport.phantom.export import lung_window, render_preview
 from segreport.text.findings import parse_finding
 from segreport.transforms.findings import FindingsFromMask
 from segreport.transforms.lung_regions import lung_zone_map, world_grid
@@ -290,7 +290,7 @@ def test_preview_renders(phantom_dir, tmp_path):
 
 
 def test_default_phantom_never_lands_in_a_users_folder(tmp_path, monkeypatch):
-    from segreport.data.phantom import DEFAULT_DATASET_DIR, ensure_default
+    from segreport.phantom import DEFAULT_DATASET_DIR, ensure_default
     from segreport.errors import InputError
 
     user = tmp_path / "mine"

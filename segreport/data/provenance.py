@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .phantom import PHANTOM_MARK
+from ..vocab import PHANTOM_MARK
 
 
 def dataset_provenance(dataset_dir: str | os.PathLike, datalists: dict | None = None) -> dict:

@@ -5,7 +5,7 @@ SupervisedTrainer / SupervisedEvaluator and handlers; everything with logic live
 
 Stages (nnU-Net style, each callable on its own):
 
-* **data**: the shared default phantom (:func:`segreport.data.phantom.ensure_default`), :func:`read_attribute_table`
+* **data**: the shared default phantom (:func:`segreport.phantom.ensure_default`), :func:`read_attribute_table`
   (user CSV/JSON per lesion), :func:`load_datalists` (lesion-free cases skipped with a logged reason,
   60/20/20 case split as the paper, optional zero-shot hold-out of lesion types);
 * **pre-processing**: :func:`load_transforms` + :func:`spatial_transforms` — load CT/label/instance

@@ -17,7 +17,7 @@ from ..transforms.findings import FindingsFromMask
 from ..transforms.lung_regions import lung_zone_map
 from ..transforms.orientation import display_slices
 from ..transforms.slicing import axial_axis
-from .io import atomic_path
+from ..data.io import atomic_path
 
 LUNG_WINDOW = (-1350.0, 150.0)  # W 1500 / L -600, as MosMedData+ slices are windowed
 _FINDINGS = FindingsFromMask()

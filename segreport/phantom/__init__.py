@@ -48,17 +48,16 @@ from scipy.special import expit
 from ..errors import InputError
 from ..transforms.findings import FindingsFromMask
 from ..transforms.lung_regions import lung_zone_map
-from ..vocab import ATTRIBUTE_GROUPS, LUNG_LABELS, SEVERITY_BINS, severity_from_percent
-from .io import save_nifti
-from .phantom_anatomy import TISSUES, _Anatomy, _anatomy, _smooth_noise  # noqa: F401  (TISSUES: public)
-from .phantom_export import LUNG_WINDOW, _export_slices, _write_json, _write_xlsx, render_preview  # noqa: F401
-from .splits import split_cases
+from ..vocab import ATTRIBUTE_GROUPS, LUNG_LABELS, PHANTOM_MARK, SEVERITY_BINS, severity_from_percent
+from ..data.io import save_nifti
+from .anatomy import TISSUES, _Anatomy, _anatomy, _smooth_noise  # noqa: F401  (TISSUES: public)
+from .export import LUNG_WINDOW, _export_slices, _write_json, _write_xlsx, render_preview  # noqa: F401
+from ..data.splits import split_cases
 
 log = logging.getLogger(__name__)
 
 # Bumped when the generator changes what it draws; models and reports record it (data.provenance).
 PHANTOM_VERSION = "1"
-PHANTOM_MARK = "segreport phantom"  # in every phantom NIfTI's header description
 
 
 def phantom_description(seed: int) -> str:
@@ -472,7 +471,7 @@ def generate_dataset(
     _write_json(out / "dataset.json", {
         "name": "segreport-phantom",
         "description": "Synthetic chest CT with lung lesions, lung labels, attributes and LViT-style findings",
-        "reference": "segreport.data.phantom",
+        "reference": "segreport.phantom",
         "licence": "CC0 (generated)",
         "tensorImageSize": "3D",
         "modality": {"0": "CT"},
