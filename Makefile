@@ -16,7 +16,7 @@ venv:
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 demo:
-	@V=$$(scripts/venv.sh) && $$V/bin/python -m segreport.pipelines.demo --out $(DEMO_DIR)
+	@V=$$(scripts/venv.sh) && $$V/bin/python -m segreport.demo --out $(DEMO_DIR)
 
 test:
 	@scripts/lint.sh

@@ -50,8 +50,8 @@ def lesion_rows(net, items: list) -> list[dict]:
     import torch
 
     from segreport.networks.blocks.lesion_features import image_maps, lesion_descriptors
-    from segreport.pipelines.lesion_report import load_transforms, spatial_transforms
-    from segreport.pipelines.lesion_report_eval import _click_trajectory
+    from segreport.training.lesion_report import load_transforms, spatial_transforms
+    from segreport.training.lesion_report_eval import _click_trajectory
     from segreport.vocab import ATTRIBUTE_NAMES
 
     spec = net.spec

@@ -120,7 +120,7 @@ def write_unet_bundle(root: Path) -> Path:
 
 def make_bundle(root: Path) -> tuple[Path, str]:
     """The MedSegText bundle when it builds and predicts, else the UNet fallback; and its description."""
-    from segreport.pipelines.infer_cli import load_bundle_predictor
+    from segreport.run.bundles import load_bundle_predictor
 
     try:
         bundle = write_medsegtext_bundle(root / "medsegtext")
@@ -171,7 +171,7 @@ def write_ct(path: Path, ct: np.ndarray, affine: np.ndarray) -> Path:
 
 
 def run_cli(bundle: Path, inputs: Path, output: Path, workers: int, env: dict) -> float:
-    cmd = [sys.executable, "-m", "segreport.pipelines.batch", "--bundle", str(bundle), "-i", str(inputs), "-o", str(output),
+    cmd = [sys.executable, "-m", "segreport.run.batch", "--bundle", str(bundle), "-i", str(inputs), "-o", str(output),
            "--device", "cpu", "--workers", str(workers), "--no-progress"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -197,8 +197,8 @@ def bench_throughput(bundle: Path, folder: Path, work: Path, env: dict) -> dict:
 
 
 def bench_prefetch(bundle: Path, folder: Path, work: Path) -> dict:
-    from segreport.pipelines.batch import run_batch
-    from segreport.pipelines.infer_cli import load_bundle_predictor
+    from segreport.run.batch import run_batch
+    from segreport.run.bundles import load_bundle_predictor
 
     predictor, _ = load_bundle_predictor(bundle, device="cpu")
     times = {}
@@ -218,8 +218,8 @@ def bench_prefetch(bundle: Path, folder: Path, work: Path) -> dict:
 
 MEMORY_SCRIPT = """
 import json, resource, sys
-from segreport.pipelines.batch import run_batch
-from segreport.pipelines.infer_cli import load_bundle_predictor
+from segreport.run.batch import run_batch
+from segreport.run.bundles import load_bundle_predictor
 predictor, _ = load_bundle_predictor(sys.argv[1], device="cpu")
 setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 summary = run_batch(predictor, sys.argv[2], sys.argv[3], workers=1, progress=False)

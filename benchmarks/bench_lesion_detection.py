@@ -89,7 +89,7 @@ def summarise(rows: list[dict]) -> dict:
 def run_model(checkpoint: Path, images: Path, out: Path, overlap: float, outline_min_ml: float) -> list[dict]:
     """The batch runner over ``images`` (automatic mode, windows overlapping by ``overlap``); its per-case rows."""
     from segreport import models
-    from segreport.pipelines.batch import run_batch
+    from segreport.run.batch import run_batch
 
     predictor = models.load(str(checkpoint), device="cpu", kind="lesion_report_3d", overlap=overlap, outline_min_ml=outline_min_ml)
     summary = run_batch(predictor, str(images), str(out), overwrite=True, device="cpu")
@@ -127,7 +127,7 @@ def large_volume_run(checkpoint: Path, work: Path) -> dict:
     # 3.63 GB in a fresh run of the same code)
     code = ("import json, sys, time; sys.path.insert(0, %r); from segreport import models; "
             "peak_gb = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 2**20; "
-            "from segreport.pipelines.batch import run_batch; p = models.load(%r, device='cpu', kind='lesion_report_3d'); "
+            "from segreport.run.batch import run_batch; p = models.load(%r, device='cpu', kind='lesion_report_3d'); "
             "t = time.perf_counter(); s = run_batch(p, %r, %r, overwrite=True, device='cpu'); s.raise_if_failed(); "
             "print(json.dumps({'seconds': time.perf_counter() - t, 'predict_s': s.cases[0]['predict_s'], "
             "'lesions': s.cases[0]['n_lesions'], 'peak_rss_gb': peak_gb()}))")

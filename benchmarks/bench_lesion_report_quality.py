@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     ablation = None
     if a.ablation:
-        from segreport.pipelines.lesion_report_eval import write_ablation_table
+        from segreport.training.lesion_report_eval import write_ablation_table
 
         ablation = write_ablation_table({n: run_dirs[n] / "eval" for n in (*ABLATION, "full")}, work / "ablation")
     report = {

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 from segreport import phantom  # noqa: E402
 from segreport.losses.lesion_report import LesionReportLoss  # noqa: E402
 from segreport.models.lesion_report_3d import build_network  # noqa: E402
-from segreport.pipelines.click_training import SimulatedClicksInferer  # noqa: E402
-from segreport.pipelines.lesion_report import load_datalists, training_transforms  # noqa: E402
+from segreport.training.click_training import SimulatedClicksInferer  # noqa: E402
+from segreport.training.lesion_report import load_datalists, training_transforms  # noqa: E402
 from segreport.transforms.attributes import IGNORE_INDEX  # noqa: E402
 
 STRATEGIES = {  # name -> (network attr_gradient, λ, learned λ)

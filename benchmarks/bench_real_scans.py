@@ -52,7 +52,7 @@ def lung_mask_quality() -> dict:
 
 def model_reports(checkpoint: Path) -> dict:
     from segreport.models import load
-    from segreport.pipelines.batch import run_batch
+    from segreport.run.batch import run_batch
 
     predictor = load(checkpoint)
     rows = {}

@@ -163,8 +163,8 @@ def sentence_figure(data: Path, dest: Path) -> str:
     """Twenty slices spread over the cases and levels (every 48th, from the 8th) beside their derived
     sentences, as a picture at ``dest`` and a Markdown table (returned): what docs/results.md shows."""
     from segreport.data.slice_folder import read_slice_folder
-    from segreport.pipelines.panels import save_sentence_grid
-    from segreport.pipelines.slice_sentences import describe_slices
+    from segreport.training.panels import save_sentence_grid
+    from segreport.training.slice_sentences import describe_slices
 
     picked = describe_slices(read_slice_folder(data))[7::48][:20]
     save_sentence_grid(dest, picked, columns=5)
@@ -223,7 +223,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import torch
 
-    from segreport.pipelines.slice_sentences import slice_folder_datalists
+    from segreport.training.slice_sentences import slice_folder_datalists
 
     torch.set_num_threads(a.threads)
     setting = f"{'paper' if a.paper else f's{a.image_size}'}_e{a.epochs}_split{a.split_seed}"

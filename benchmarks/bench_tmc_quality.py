@@ -51,8 +51,8 @@ def train_and_evaluate(name: str, seed: int, data: str, out: Path, a, configs: P
     text-guided model, run the text-control check); the result is cached in its work folder."""
     from monai.bundle import run
 
-    from segreport.pipelines.evaluation import test_volumes
-    from segreport.pipelines.text_guided import text_control
+    from segreport.training.evaluation import test_volumes
+    from segreport.training.text_guided import text_control
 
     overlay, overrides = variants[name]
     files = [str(configs / "train.yaml")] + [str(configs / f) for f in overlay]

@@ -1,4 +1,4 @@
-"""The ``segreport`` command: a thin layer over the pipelines.
+"""The ``segreport`` command: a thin layer over the product path (segreport.run) and the demo.
 
   segreport synth --out DIR [--cases N] [--seed S] [--shape X Y Z]   synthetic chest-CT phantom
   segreport infer --bundle bundles/<name> -i INPUT -o OUTPUT_DIR ...  batch inference (see --help)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "synth":
         return _synth(rest)
     if cmd == "infer":
-        from .pipelines.infer_cli import main as infer_main
+        from .run.infer_cli import main as infer_main
 
         return infer_main(rest)
     if cmd == "evaluate":
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         from .label.server import main as label_main
 
         return label_main(rest)
-    from .pipelines.demo import main as demo_main
+    from .demo import main as demo_main
 
     return demo_main(rest)
 

@@ -27,17 +27,17 @@ from PIL import Image
 from scipy import ndimage
 
 from segreport.data.io import load_volume
-from segreport.pipelines import batch
-from segreport.pipelines.batch import (
+from segreport.run import batch
+from segreport.run.batch import (
     Case,
     OutputExistsError,
     discover_cases,
     prefetch,
     run_batch,
 )
-from segreport.pipelines.infer_cli import main
+from segreport.run.infer_cli import main
 from segreport.inference.predictor import LesionAttributes, Prediction
-from segreport.pipelines.report import lung_regions
+from segreport.run.report import lung_regions
 from segreport.transforms.lung_mask import lung_mask_from_ct
 from segreport.vocab import ATTRIBUTE_GROUPS
 from test_report import LOWER_RIGHT, UPPER_LEFT, make_chest
@@ -495,7 +495,7 @@ def test_torchrun_two_cpu_processes_shard_and_merge(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-         "-m", "segreport.pipelines.batch", "--bundle", str(bundle), "-i", str(tmp_path / "in"), "-o", str(out),
+         "-m", "segreport.run.batch", "--bundle", str(bundle), "-i", str(tmp_path / "in"), "-o", str(out),
          "--device", "cpu", "--no-progress"],
         env=env, capture_output=True, text=True, timeout=300,
     )
@@ -521,7 +521,7 @@ def test_case_outputs_stay_inside_output_dir(tmp_path):
 
 def test_ctrl_c_in_the_cli_is_one_line_and_exit_130(tmp_path, capsys):
     """Issue 32, item 10: SIGINT printed a 35-line traceback."""
-    from segreport.pipelines.infer_cli import main
+    from segreport.run.infer_cli import main
 
     ct, affine, _ = make_chest()
     for name in ("a", "b"):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from segreport.inference.predictor import Prediction
-from segreport.pipelines import consistency
-from segreport.pipelines.report import build_report, describe_lesions, format_report_text
+from segreport.run import consistency
+from segreport.run.report import build_report, describe_lesions, format_report_text
 from segreport.transforms.findings import FindingsFromMask
 from segreport.transforms.slicing import axial_axis
 

@@ -20,7 +20,7 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def test_training_device_is_the_local_rank(monkeypatch):
-    from segreport.pipelines import distributed
+    from segreport.run import distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("RANK", "7")  # global rank 7 on a second node of 4 GPUs
@@ -33,7 +33,7 @@ def test_training_device_is_the_local_rank(monkeypatch):
 def _score_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from segreport.pipelines.medsegtext import SegTextScore
+    from segreport.training.medsegtext import SegTextScore
     from segreport.text.tokenizers import build_word_tokenizer
 
     tok = build_word_tokenizer(["left lung", "right lung"])
@@ -63,7 +63,7 @@ def test_validation_score_is_reduced_over_ranks():
 def _end_training_worker(port: int, queue) -> None:
     import weakref
 
-    from segreport.pipelines.distributed import end_training
+    from segreport.run.distributed import end_training
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
     dist.init_process_group("gloo")
@@ -99,7 +99,7 @@ def test_torchrun_trains_with_the_multi_gpu_overlay(bundle, image_size, phantom_
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if run.returncode != 0 and TEARDOWN_ABORT in run.stderr:
-        # PyTorch's gloo teardown at interpreter exit (see segreport.pipelines.distributed.end_training):
+        # PyTorch's gloo teardown at interpreter exit (see segreport.run.distributed.end_training):
         # rare (one rank in a few dozen runs), after training. Once more from scratch; twice is a failure.
         shutil.rmtree(tmp_path / "models", ignore_errors=True)
         run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -14,7 +14,7 @@ from segreport.errors import InputError
 from segreport.inference.evaluate_folder import evaluate_folder
 from segreport.inference.predictor import Prediction
 from segreport.data.outputs import write_json
-from segreport.pipelines.report import build_report
+from segreport.run.report import build_report
 from segreport.transforms.findings import label_components
 
 

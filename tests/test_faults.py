@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from segreport.errors import InputError
-from segreport.pipelines.batch import run_batch
-from segreport.pipelines.infer_cli import main
-from segreport.pipelines.run_lock import LOCK_NAME, RunLock, RunLockedError
+from segreport.run.batch import run_batch
+from segreport.run.infer_cli import main
+from segreport.run.run_lock import LOCK_NAME, RunLock, RunLockedError
 from test_batch import OUTPUT_KINDS, ThresholdPredictor, save_ct, write_bundle
 from test_report import make_chest
 
@@ -285,8 +285,8 @@ def test_training_refuses_a_label_off_its_image(phantom_dir, tmp_path):
     """Issue 32, item 9: a label 50 mm off its image was trained on (3D and the 2D volume slices)."""
     import nibabel as nib
 
-    from segreport.pipelines.lesion_report import load_datalists
-    from segreport.pipelines.slices2d import volume_to_slice_items
+    from segreport.training.lesion_report import load_datalists
+    from segreport.training.slices2d import volume_to_slice_items
 
     data = tmp_path / "data"
     for sub in ("imagesTr", "labelsTr"):

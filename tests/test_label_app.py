@@ -126,8 +126,8 @@ def test_ohif_point_prompts_in_click_order(served, tmp_path):
 def test_the_label_app_and_the_batch_report_a_case_alike(served, tmp_path):
     """Issue 33: one per-case path. The same case and checkpoint give the same report JSON over HTTP and
     from `segreport infer` (provenance, training, warnings included), the response's own fields aside."""
-    from segreport.pipelines.batch import run_batch
-    from segreport.pipelines.infer_cli import load_bundle_predictor
+    from segreport.run.batch import run_batch
+    from segreport.run.bundles import load_bundle_predictor
 
     case = "case_0003"
     _, served_report = _parts(_infer(served, "medsegtext", case), tmp_path)

@@ -128,7 +128,7 @@ def test_bundle_trains_counts_parameters_and_evaluates_zones(trained, shared_dat
 def test_infer_reports_gpfc_zones_and_points_in_patient_space(trained, phantom_dir, tmp_path, capsys):
     import nibabel as nib
 
-    from segreport.pipelines.infer_cli import main
+    from segreport.run.infer_cli import main
 
     image = sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0]
     rc = main(["--no-progress", "--bundle", str(BUNDLE), "--checkpoint", str(trained / "models" / "model.pt"),

@@ -20,9 +20,10 @@ LAYERS = [
     {"losses", "metrics"},
     {"inference"},
     {"models"},
-    {"pipelines"},
+    {"run"},
+    {"training"},
     {"label"},
-    {"cli", "__main__"},
+    {"cli", "__main__", "demo"},
 ]
 
 

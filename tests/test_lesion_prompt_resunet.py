@@ -122,7 +122,7 @@ def test_click_affinity_model_trains_and_its_spec_rebuilds_it(image):
 
 def _phantom_rois(phantom_dir):
     """(image, lesion mask, attribute targets) of every lesion of the test phantom, as the bundle crops them."""
-    from segreport.pipelines.lesion_report import load_datalists, training_transforms
+    from segreport.training.lesion_report import load_datalists, training_transforms
 
     lists = load_datalists(phantom_dir, ratios=(100, 0, 0), lesions="all", min_lesion_voxels=8)
     tf = training_transforms(32, (3.2, 3.2, 5.0))

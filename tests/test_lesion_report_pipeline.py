@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-import segreport.pipelines.lesion_report as lr
+import segreport.training.lesion_report as lr
 import segreport.models.lesion_report_3d as m3d
-import segreport.pipelines.click_training as ct
-import segreport.pipelines.lesion_report_eval as lre
+import segreport.training.click_training as ct
+import segreport.training.lesion_report_eval as lre
 from segreport.inference import geometry
 from segreport.errors import InputError
 from segreport.models import network_from_checkpoint
@@ -183,7 +183,7 @@ def test_balanced_sampling_draws_rare_lesions_in_proportion_to_their_weights(pha
     """``sampling_weights`` gives each lesion 1 / count(its value)^power (from its own attribute row),
     and the loader draws that: with power 1 every shape comes about equally often, as many
     items per epoch as the dataset holds."""
-    from segreport.pipelines.loaders import make_loader
+    from segreport.training.loaders import make_loader
 
     items = lr.load_datalists(phantom_dir, lesions="all", min_lesion_voxels=20)["training"]
     assert lr.sampling_weights(items, None) is None
@@ -278,7 +278,7 @@ def test_balanced_click_steps_leave_the_no_click_steps_on_the_natural_mix():
     """``balance_steps: clicks``: the loader draws a share of its batches uniformly, and exactly those are
     the no-click steps; the weighted ones are click steps with the importance as attribute weight. A
     loader with neither weights nor tags leaves the step to ``prompt_dropout``."""
-    from segreport.pipelines.loaders import make_loader
+    from segreport.training.loaders import make_loader
 
     n, rare = 40, 3
     weights = [10.0 if i < rare else 1.0 for i in range(n)]  # items 0..2 rare, drawn 10x as often

@@ -10,7 +10,7 @@ import torch
 from segreport.data.slice_folder import read_slice_folder
 from segreport.networks import MedSegText
 from segreport.networks.blocks.mask_grounding import body_midline, mask_regions
-from segreport.pipelines.slice_sentences import describe_slices, slice_finding
+from segreport.training.slice_sentences import describe_slices, slice_finding
 from segreport.transforms.lung_regions import lung_label_from_lobes, slice_levels
 from segreport.transforms.slicing import axial_axis
 

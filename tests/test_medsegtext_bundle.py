@@ -90,7 +90,7 @@ def test_volume_inference_returns_mask_on_input_grid(trained, phantom_dir):
 
 
 def test_volume_datalists_split_by_case_and_describe_each_slice(phantom_dir):
-    from segreport.pipelines.medsegtext import load_datalists
+    from segreport.training.medsegtext import load_datalists
     from segreport.text.findings import parse_finding
     from segreport.transforms.findings import FindingsFromMask
 
@@ -159,7 +159,7 @@ def test_reports_state_the_training_data_and_warn_on_real_scans(trained, phantom
     """The spec records the training data; a phantom-only model on a real CT carries a visible warning."""
     import shutil
 
-    from segreport.pipelines.batch import run_batch
+    from segreport.run.batch import run_batch
     from segreport.models import load
 
     out, _ = trained

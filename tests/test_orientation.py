@@ -16,7 +16,7 @@ from segreport.models import lesion_report_3d as m3d
 from segreport.models import medsegtext as mmst
 from segreport.models.spec import read_checkpoint
 from segreport.networks import MedSegText
-from segreport.pipelines.batch import run_batch
+from segreport.run.batch import run_batch
 from segreport.text.tokenizers import build_word_tokenizer
 from segreport.transforms.orientation import from_display, to_display
 
@@ -54,7 +54,7 @@ def test_display_round_trip_and_orientation_on_a_real_ras_ct(shared_data):
 
 
 def test_volume_slices_for_training_match_the_lvit_png_export(phantom_dir):
-    from segreport.pipelines.medsegtext import volume_to_slice_items
+    from segreport.training.medsegtext import volume_to_slice_items
 
     case = {"image": str(phantom_dir / "imagesTr" / "case_0001.nii.gz"), "label": str(phantom_dir / "labelsTr" / "case_0001.nii.gz"),
             "lung": str(phantom_dir / "lungsTr" / "case_0001.nii.gz"), "case_id": "case_0001"}

@@ -16,9 +16,9 @@ from nibabel.orientations import axcodes2ornt, io_orientation
 from PIL import Image
 
 from segreport.inference.predictor import LesionAttributes, Prediction
-from segreport.pipelines.preview import _display, pick_slices, save_preview
+from segreport.run.preview import _display, pick_slices, save_preview
 from segreport.transforms.slicing import axial_axis
-from segreport.pipelines.report import (
+from segreport.run.report import (
     build_report,
     format_report_text,
     label_lesions,

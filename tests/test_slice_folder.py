@@ -105,7 +105,7 @@ def test_reader_errors_name_the_file(tmp_path):
 
 def test_sentences_of_slices_checked_by_eye(small_folder):
     from segreport.data.slice_folder import read_slice_folder
-    from segreport.pipelines.slice_sentences import describe_slices
+    from segreport.training.slice_sentences import describe_slices
 
     items = {it["file"]: it for it in describe_slices(read_slice_folder(small_folder))}
     for name, sentence in CHECKED.items():
@@ -130,7 +130,7 @@ def test_slice_level_comes_from_its_place_in_the_case():
 
 
 def test_splits_are_case_level_and_stratified_by_burden():
-    from segreport.pipelines.slice_sentences import slice_folder_datalists
+    from segreport.training.slice_sentences import slice_folder_datalists
 
     splits = slice_folder_datalists(REAL, ratios=(0.6, 0.15, 0.25), seed=0)
     cases = {k: {it["case_id"] for it in v} for k, v in splits.items()}
@@ -213,7 +213,7 @@ def test_a_bundle_run_on_bad_data_ends_with_the_file_and_the_problem(tmp_path):
 
 def test_three_cases_train_validating_on_the_training_slices(tmp_path, caplog):
     """Issue 32, item 9: a split of three cases leaves no validation case; it trains with a warning."""
-    from segreport.pipelines.slices2d import load_datalists
+    from segreport.training.slices2d import load_datalists
 
     folder = make_folder(tmp_path / "data", handful(2, ("cc01", "cc02", "cc04")))
     with caplog.at_level("WARNING", logger="segreport.slices2d"):

@@ -53,7 +53,7 @@ def test_checkpoint_carries_the_tmc_spec_and_evaluation_scores_cases(trained):
 
 
 def _infer(args) -> int:
-    from segreport.pipelines.infer_cli import main
+    from segreport.run.infer_cli import main
 
     return main(["--no-progress", *map(str, args)])
 
@@ -147,7 +147,7 @@ def test_level_sentences_follow_the_affine_not_the_voxel_order(shared_data):
 
 def test_mosmeddata_layout_is_split_by_case_and_given_level_sentences(phantom_dir, tmp_path):
     """MosMedData COVID19_1110's layout (studies/CT-k, masks/): the studies with masks, case-level split."""
-    from segreport.pipelines.slices2d import load_datalists
+    from segreport.training.slices2d import load_datalists
 
     root = tmp_path / "mosmed"
     for i, image in enumerate(sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))):
@@ -193,7 +193,7 @@ def test_report_says_when_the_mask_does_not_follow_its_guide_text(phantom_dir):
     """A mask with lesions in both lungs, guided by a sentence naming one zone: the TXT report says so."""
     from segreport.data.io import load_volume
     from segreport.inference.predictor import Prediction
-    from segreport.pipelines.report import build_report, format_report_text
+    from segreport.run.report import build_report, format_report_text
 
     image_path = sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0]
     image, affine, _ = load_volume(image_path)

@@ -7,7 +7,7 @@ lung_regions`: thirds of each lung's craniocaudal extent, sides from the affine)
 contains, :func:`segreport.text.findings.restrict_finding`. A slice through the lower lung of the
 example above reads "Unilateral pulmonary infection, one infected area, lower left lung."; a slice
 above or below the lungs, or at a level the sentence does not name, reads "No pulmonary infection.".
-Training builds its slice sentences with the same rule (:mod:`segreport.pipelines.slices2d`,
+Training builds its slice sentences with the same rule (:mod:`segreport.training.slices2d`,
 ``text="level"``), so the model sees at inference what it learned from.
 
 Bad text is refused with :class:`~segreport.errors.InputError`: empty text, and text from which the

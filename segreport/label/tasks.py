@@ -34,9 +34,10 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..data.outputs import to_jsonable
 from ..errors import InputError
-from ..pipelines.batch import RunSettings, case_report, checkpoint_info
-from ..pipelines.cases import Case, LoadedCase, load_case
-from ..pipelines.guide_texts import finding_of
+from ..run.batch import RunSettings, case_report
+from ..run.bundles import checkpoint_info, load_bundle_predictor
+from ..run.cases import Case, LoadedCase, load_case
+from ..run.guide_texts import finding_of
 from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
 from .server import weight_paths
 
@@ -65,7 +66,6 @@ class BundleWeights:
         return next((p for p in self.paths if p.is_file()), None)
 
     def predictor(self):
-        from ..pipelines.infer_cli import load_bundle_predictor
 
         path = self.current()
         if path is None:
@@ -136,7 +136,7 @@ class ReportTask(InferTask):
 
     def result(self, request: dict, loaded: LoadedCase, prediction, timings: dict, **extra) -> tuple[str, dict]:
         """The label file (the image's grid and affine) and, as the result JSON, the report the batch writes
-        for the same case and mask (:func:`segreport.pipelines.batch.case_report`), plus latencies."""
+        for the same case and mask (:func:`segreport.run.batch.case_report`), plus latencies."""
         t = perf_counter()
         report, _, _ = case_report(_case(request), loaded, prediction, self.weights.settings(self.name), points=extra.pop("points", None))
         fd, label = tempfile.mkstemp(suffix=".nii.gz", prefix=f"segreport_{self.name}_")

@@ -10,7 +10,7 @@
   the text decides which lesions to segment.
 
 Both need ``lesion_zones`` (zone codes 1..6 of the lesion pixels, :data:`segreport.vocab.ZONES`
-order), from :func:`segreport.pipelines.slices2d.load_datalists` with ``keep_zones=True``.
+order), from :func:`segreport.training.slices2d.load_datalists` with ``keep_zones=True``.
 """
 
 from __future__ import annotations

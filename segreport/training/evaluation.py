@@ -35,7 +35,7 @@ def evaluate_volumes(checkpoint: str | os.PathLike, items: list[dict], output_di
     its ground-truth mask (what a radiologist's report would say), as ``segreport infer --texts`` does.
     """
     from ..models import load
-    from .batch import run_batch
+    from ..run.batch import run_batch
 
     cases = {str(it["case_id"]): it for it in items if it.get("image") and it.get("label")}  # one per case
     if not cases:
@@ -44,7 +44,7 @@ def evaluate_volumes(checkpoint: str | os.PathLike, items: list[dict], output_di
     out = Path(output_dir)
     guide = None
     if texts == "reference":
-        from .guide_texts import GuideTexts
+        from ..run.guide_texts import GuideTexts
 
         guide = GuideTexts(per_case={cid: reference_sentence(c) for cid, c in cases.items()})
     elif texts is not None:

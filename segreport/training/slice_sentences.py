@@ -24,7 +24,7 @@ import numpy as np
 from ..data import splits as splits_mod
 from ..data.slice_folder import read_slice_folder
 from ..transforms.findings import FindingsFromMask
-from .consistency import compare
+from ..run.consistency import compare
 from ..transforms.lung_regions import slice_zone_map
 from ..transforms.orientation import display_affine
 

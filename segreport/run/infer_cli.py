@@ -1,4 +1,4 @@
-"""``segreport infer``: the command line over :func:`segreport.pipelines.batch.run_batch`.
+"""``segreport infer``: the command line over :func:`segreport.run.batch.run_batch`.
 
 Everything that can stop a run is checked before the model loads, and reported with its root cause and
 exit code 2: the input (found, readable clicks), the output folder (a folder, writable, not the input
@@ -16,13 +16,14 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from ..errors import InputError
 from . import distributed
-from .batch import BundleError, OutputExistsError, check_outputs, checkpoint_info, run_batch
+from .batch import OutputExistsError, check_outputs, run_batch
+from .bundles import BundleError, load_bundle_predictor  # noqa: F401  (the CLI's and tests' name)
 from .cases import discover_cases, load_points, select_series
 from .guide_texts import GuideTexts
 from .run_lock import RunLockedError
@@ -57,53 +58,6 @@ def check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> N
     existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise CannotStartError(f"{output_dir}: cannot write there ({existing} is not a writable folder)")
-
-
-def load_bundle_predictor(
-    bundle: str | os.PathLike, checkpoint: str | None = None, device: str | None = None, bf16: bool = False
-) -> tuple[Any, dict]:
-    """Build the ``predictor`` of ``<bundle>/configs/inference.yaml`` with ``monai.bundle.ConfigParser``,
-    overriding the ``bundle_root``, ``checkpoint``, ``device`` and ``bf16`` ids the config defines.
-    Returns ``(predictor, bundle info for the manifest)``."""
-    from monai.bundle import ConfigParser
-
-    bundle = Path(bundle).absolute()
-    config = bundle / "configs" / "inference.yaml"
-    if not config.is_file():
-        raise BundleError(f"{config}: not found (is {bundle} a bundle folder?)")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    meta_file = bundle / "configs" / "metadata.json"
-    if meta_file.is_file():
-        parser.read_meta(str(meta_file))
-    overrides = {"bundle_root": str(bundle), "checkpoint": checkpoint and str(Path(checkpoint).absolute()),
-                 "device": device, "bf16": bf16 or None}
-    for key, value in overrides.items():
-        if value is not None and key in parser:
-            parser[key] = value
-    if checkpoint and "checkpoint" not in parser:
-        raise BundleError(f"{config} defines no 'checkpoint' id, so --checkpoint cannot be applied")
-    if "predictor" not in parser:
-        raise BundleError(f"{config} defines no 'predictor' (see segreport/inference/predictor.py)")
-    try:
-        ckpt = parser.get_parsed_content("checkpoint") if "checkpoint" in parser else None
-        if isinstance(ckpt, (str, os.PathLike)) and not Path(ckpt).is_file():
-            raise BundleError(f"checkpoint {ckpt} not found: train the bundle first or pass --checkpoint PATH")
-        predictor = parser.get_parsed_content("predictor")
-    except BundleError:
-        raise
-    except Exception as exc:
-        # MONAI wraps every failure in "Failed to evaluate ConfigExpression ...": report the real cause
-        cause = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        if isinstance(cause, InputError):  # already "<file>: <problem>"
-            raise BundleError(str(cause)) from exc
-        raise BundleError(f"{config}: cannot build the predictor ({type(cause).__name__}: {cause})") from exc
-    meta = parser.get("_meta_", {}) or {}
-    info = {"path": str(bundle), "name": meta.get("name", bundle.name), "version": meta.get("version"),
-            "checkpoint": checkpoint_info(ckpt if isinstance(ckpt, (str, os.PathLike)) else None)}
-    return predictor, info
 
 
 def guide_texts(args, device: str | None, min_lesion_ml: float) -> GuideTexts | None:

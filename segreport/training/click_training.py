@@ -62,7 +62,7 @@ class ClickSet:
 class SimulatedClicksInferer(Inferer):
     """Expert-click simulation (seed 001, Sec. 2.3) as a MONAI inferer, for trainer and evaluator.
 
-    ``clicks=False`` (the batch's choice, e.g. :class:`~segreport.pipelines.lesion_report.LesionBatch`'s
+    ``clicks=False`` (the batch's choice, e.g. :class:`~segreport.training.lesion_report.LesionBatch`'s
     no-click steps): the whole batch with no click and no previous mask, exactly as the automatic
     mode's sliding windows run the model (per sample, a dropped sample would receive a click in the
     first correction round anyway: measured, only 0.2 x 1/9 of the samples trained without a click at

@@ -2,7 +2,7 @@
 
 Every sentence a model wrote about a case (MedSegText's per-slice findings now; the text that guided a
 text-guided model next) is read back with the tolerant LViT parser and compared with the finding derived
-from the mask by the report's one geometry (:func:`segreport.pipelines.report.describe_lesions`): the
+from the mask by the report's one geometry (:func:`segreport.run.report.describe_lesions`): the
 patient sides, the number of infected areas and the zones. A slice sentence is compared with that
 slice of the mask, its lesion voxels keeping the zones the 3D geometry gave them, so the check is the
 same rule that wrote the training sentences. Only sentences in the finding grammar are checked.

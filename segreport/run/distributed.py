@@ -6,11 +6,11 @@ and ``summary.json``. Ranks share nothing but the output folder, so the folder m
 every node sees. Typical use::
 
     # one node, 4 GPUs (device cuda:LOCAL_RANK per process)
-    torchrun --nproc_per_node 4 -m segreport.pipelines.batch --bundle bundles/medsegtext \\
+    torchrun --nproc_per_node 4 -m segreport.run.batch --bundle bundles/medsegtext \\
         -i /data/cohort -o /data/out --device cuda
     # two nodes: run on each, same rendezvous endpoint
     torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
-        -m segreport.pipelines.batch --bundle bundles/medsegtext -i /shared/cohort -o /shared/out --device cuda
+        -m segreport.run.batch --bundle bundles/medsegtext -i /shared/cohort -o /shared/out --device cuda
 
 The process group (gloo on CPU, nccl on GPU) is used only for the barriers, so its timeout is long:
 ranks wait there for the slowest shard.

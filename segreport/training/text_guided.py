@@ -118,7 +118,7 @@ def evaluate(checkpoint: str | os.PathLike, items: list[dict], output_dir: str |
     The model, its image size, text length and tokenizer come from the checkpoint's spec. ``observers``
     see every batch and the network's whole output in the same pass (``update(batch, out)``) and write
     their own results at the end (``finish(output_dir)``): a model's further outputs are scored without
-    running it twice (LAPFT's GPFC zones, :class:`segreport.pipelines.lapft.ZoneEvaluation`).
+    running it twice (LAPFT's GPFC zones, :class:`segreport.training.lapft.ZoneEvaluation`).
     """
     from ..models import adapter
     from ..models.spec import read_checkpoint

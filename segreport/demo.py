@@ -82,9 +82,9 @@ def run_lesion_report_3d(out: Path, data_dir: Path, epochs: int) -> dict | None:
 def run_tmc(out: Path, data_dir: Path, epochs: int, medsegtext_checkpoint: Path, volume: Path) -> dict:
     from monai.bundle import run
 
-    from ..models import load
-    from .batch import run_batch
-    from .guide_texts import GuideTexts
+    from .models import load
+    from .run.batch import run_batch
+    from .run.guide_texts import GuideTexts
 
     bundle_out = out / "tmc"
     common = dict(bundle_root=str(BUNDLES / "tmc"), output_dir=str(bundle_out), ckpt_dir=str(bundle_out / "models"),

@@ -36,7 +36,7 @@ def _f1(pred: np.ndarray, true: np.ndarray) -> float:
 
 
 class ZoneEvaluation:
-    """An observer of :func:`segreport.pipelines.text_guided.evaluate`: GPFC six-zone accuracy and macro F1
+    """An observer of :func:`segreport.training.text_guided.evaluate`: GPFC six-zone accuracy and macro F1
     per stage on the test slices, against the zones of each slice's reference sentence, and the same for
     always predicting each zone's TRAINING frequency (a zone is predicted when it is present in more than
     half of the training slices) -> zones.json; panels of the coarse mask, the chosen points and the

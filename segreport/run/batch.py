@@ -19,7 +19,7 @@ file and the problem, and the run goes on.
 
 Command line (also ``segreport infer ...``)::
 
-    python -m segreport.pipelines.batch --bundle bundles/medsegtext -i INPUT -o OUTPUT_DIR \\
+    python -m segreport.run.batch --bundle bundles/medsegtext -i INPUT -o OUTPUT_DIR \\
         [--checkpoint PATH] [--device cpu|cuda] [--points points.json] [--overwrite | --resume] \\
         [--workers N] [--pattern GLOB] [--bf16]
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -69,6 +68,7 @@ from .cases import (  # noqa: F401  (re-exported: the batch runner's public name
     OUTPUT_SUFFIXES, Case, LoadedCase, case_points, discover_cases, input_fingerprint, load_case, load_points, prefetch,
     select_series,
 )
+from .bundles import checkpoint_info
 from .run_lock import RunLock
 from .report import build_report, format_report_text, write_json, write_text
 
@@ -84,10 +84,6 @@ _TEMP_NAME = re.compile(r"^\..+\.\d+-[0-9a-f]{12}\.tmp")
 
 class OutputExistsError(RuntimeError):
     """OUTPUT_DIR already holds outputs and neither overwrite nor resume was asked for."""
-
-
-class BundleError(RuntimeError):
-    """The bundle's inference config cannot give a predictor (missing file, checkpoint, bad config)."""
 
 
 class BatchFailedError(RuntimeError):
@@ -199,7 +195,7 @@ class RunSettings:
     takes_points: bool = True
     min_lesion_ml: float = MIN_LESION_ML
     training: dict | None = None  # the checkpoint spec's provenance: what the model was trained on
-    texts: GuideTexts | None = None  # a text-guided model's sentence per case (pipelines.guide_texts)
+    texts: GuideTexts | None = None  # a text-guided model's sentence per case (run.guide_texts)
 
 
 def case_report(case: Case, loaded: LoadedCase, prediction: Prediction, settings: RunSettings,
@@ -320,17 +316,6 @@ def write_summary(summary: BatchSummary) -> None:
 # --------------------------------------------------------------------------------------- manifest
 
 
-def checkpoint_info(path: str | os.PathLike | None) -> dict | None:
-    """Path, size and sha256 of a checkpoint file (None when there is none)."""
-    if not path or not Path(path).is_file():
-        return None if not path else {"path": str(path), "sha256": None, "note": "file not found"}
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(Path(path).absolute()), "bytes": Path(path).stat().st_size, "sha256": digest.hexdigest()}
-
-
 def _versions() -> dict:
     import monai
     import nibabel
@@ -394,7 +379,7 @@ def run_batch(
     (the lung-lesion models) gets no scan with under ``MIN_LUNG_ML`` of lung unless ``allow_no_lungs``.
     ``lung_masks``: a folder of the user's lung masks, ``<case id>.nii.gz``, used instead of the HU mask.
     ``texts``: where a text-guided model (``predictor.takes_text``) gets each case's sentence
-    (:class:`~segreport.pipelines.guide_texts.GuideTexts`); required for such a model, ignored otherwise.
+    (:class:`~segreport.run.guide_texts.GuideTexts`); required for such a model, ignored otherwise.
     Raises :class:`InputError` when no input is found, :class:`OutputExistsError` when outputs exist
     without ``overwrite``/``resume`` and :class:`RunLockedError` when another run is writing to
     ``output_dir``; per-case errors are recorded in the summary instead.
@@ -425,7 +410,7 @@ def run_batch(
     ctx = distributed.context(rank, world_size)
     if world_size > 1 and not ctx.active:
         raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group (run under "
-                         "torchrun; see segreport.pipelines.distributed): rank 0 must wait for the others to merge")
+                         "torchrun; see segreport.run.distributed): rank 0 must wait for the others to merge")
     output_dir.mkdir(parents=True, exist_ok=True)
     # one run per folder: rank 0 holds the lock for the whole (sharded) run
     with RunLock(output_dir) if rank == 0 else contextlib.nullcontext():
@@ -511,7 +496,7 @@ def run_batch(
         return summary
 
 
-if __name__ == "__main__":  # python -m segreport.pipelines.batch ... (the CLI lives in infer_cli)
+if __name__ == "__main__":  # python -m segreport.run.batch ... (the CLI lives in infer_cli)
     from .infer_cli import main
 
     sys.exit(main())
