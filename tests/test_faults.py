@@ -364,7 +364,7 @@ def test_dicom_series_beside_nifti_files_are_found_and_other_files_listed(shared
 
 
 def test_series_option_picks_one_series_and_names_the_ones_found(shared_data, tmp_path, capsys):
-    from segreport.data.readers import read_dicom_folder
+    from segreport.data.dicom_groups import read_dicom_folder
 
     folder = shared_data / "totalsegmentator" / "example_ct_dicom"
     (uid,) = [it["series_uid"] for it in read_dicom_folder(folder)]
@@ -380,7 +380,7 @@ def test_two_series_without_series_uid_in_one_folder_are_told_apart(shared_data,
     import pydicom
 
     from segreport.data.io import load_volume
-    from segreport.data.readers import read_dicom_folder
+    from segreport.data.dicom_groups import read_dicom_folder
 
     folder = tmp_path / "in" / "mixed"
     folder.mkdir(parents=True)
@@ -407,7 +407,7 @@ def test_two_series_without_series_uid_in_one_folder_are_told_apart(shared_data,
 def test_a_series_without_uid_beside_one_with_a_uid_can_be_picked(shared_data, tmp_path):
     import pydicom
 
-    from segreport.data.readers import read_dicom_folder
+    from segreport.data.dicom_groups import read_dicom_folder
 
     folder = tmp_path / "in"
     folder.mkdir()

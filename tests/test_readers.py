@@ -13,10 +13,10 @@ import pytest
 from openpyxl import Workbook
 from PIL import Image
 
+from segreport.data.dicom_groups import read_dicom_folder
 from segreport.data.io import load_pair
 from segreport.data.readers import (
     read_datalist_json,
-    read_dicom_folder,
     read_lvit,
     read_mosmeddata,
     read_msd,

@@ -1,4 +1,5 @@
-"""Telling DICOM series apart when they carry no SeriesInstanceUID (anonymised exports often drop it).
+"""The DICOM series of a folder (:func:`read_dicom_folder`), told apart also when they carry no
+SeriesInstanceUID (anonymised exports often drop it).
 
 GDCM puts every such file of a folder in one "series" named "". Files that belong to one volume share
 their frame of reference, image orientation and matrix size, so those are the key here; within a group
@@ -9,10 +10,13 @@ each gets the id ``nouid:<k>`` (k-th group, in key order), which ``load_volume(f
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import InputError
 
 PREFIX = "nouid:"
 
@@ -79,3 +83,52 @@ def uid_series(folder: Path, series_reader) -> list[tuple[str, list[str]]]:
         alone = len(split) == 1 and len(ids) == 1
         out += [("", split[0])] if alone else [(f"{PREFIX}{k}", g) for k, g in enumerate(split)]
     return out
+
+
+def read_dicom_folder(root: str | os.PathLike, *, recursive: bool = True, only: set[Path] | None = None) -> list[dict]:
+    """One item per DICOM series found under ``root`` (SimpleITK/GDCM series detection). ``only``: look
+    in just these folders under ``root`` (case ids stay relative to ``root``).
+
+    ``image`` is the series folder (``load_volume`` and MONAI's ITKReader read it) and
+    ``series_uid`` tells series apart when one folder holds several. ``case_id`` is the folder path
+    relative to ``root`` (``/`` -> ``_``), with ``_s<k>`` added for the k-th series of a shared
+    folder. ``patient_id``/``study_uid`` are copied so splits can keep a patient's scans together.
+    """
+    import SimpleITK as sitk
+
+    root = Path(root).absolute()
+    if not root.is_dir():
+        raise InputError(root, "DICOM folder not found")
+    if only is not None:
+        folders = sorted(Path(p) for p in only)
+    else:
+        folders = [root] + (sorted(p for p in root.rglob("*") if p.is_dir()) if recursive else [])
+    series_reader = sitk.ImageSeriesReader()
+    items = []
+    for folder in folders:
+        # ITK warns "No Series were found" for every folder without DICOM: expected here, not news
+        warnings_on = sitk.ProcessObject.GetGlobalWarningDisplay()
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        try:
+            series = uid_series(folder, series_reader)  # UID-less series split apart (data.dicom_groups)
+        finally:
+            sitk.ProcessObject.SetGlobalWarningDisplay(warnings_on)
+        rel = folder.relative_to(root).as_posix()
+        base = root.name if rel == "." else rel.replace("/", "_")
+        for k, (uid, files) in enumerate(series):
+            header = _header(files[0])
+            items.append(
+                {
+                    "image": str(folder),
+                    "series_uid": uid or None,  # "": the folder's one series without a SeriesInstanceUID
+                    "case_id": base if len(series) == 1 else f"{base}_s{k}",
+                    "n_slices": len(files),
+                    "modality": _tag(header, "0008|0060") or None,
+                    "patient_id": _tag(header, "0010|0020") or None,
+                    "study_uid": _tag(header, "0020|000d") or None,
+                    "source": "dicom",
+                }
+            )
+    if not items:
+        raise InputError(root, "no DICOM series found")
+    return items

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from segreport.data.dicom_groups import uid_series
 from segreport.data.io import atomic_path, strip_nifti_suffix
 from segreport.errors import InputError
 from segreport.vocab import SEVERITY_BINS
@@ -224,64 +223,6 @@ def read_msd(dataset_json: str | os.PathLike, section: str = "training", *, chec
         if missing:
             raise InputError(missing[0], f"listed in {path} ({section!r}, case {item['case_id']}) but not found")
     _check_unique_case_ids(items, path)
-    return items
-
-
-# ------------------------------------------------------------------------------------------- DICOM
-
-
-def _dicom_tag(reader, tag: str) -> str | None:
-    if not reader.HasMetaDataKey(tag):
-        return None
-    return reader.GetMetaData(tag).strip() or None
-
-
-def read_dicom_folder(root: str | os.PathLike, *, recursive: bool = True, only: set[Path] | None = None) -> list[dict]:
-    """One item per DICOM series found under ``root`` (SimpleITK/GDCM series detection). ``only``: look
-    in just these folders under ``root`` (case ids stay relative to ``root``).
-
-    ``image`` is the series folder (``load_volume`` and MONAI's ITKReader read it) and
-    ``series_uid`` tells series apart when one folder holds several. ``case_id`` is the folder path
-    relative to ``root`` (``/`` -> ``_``), with ``_s<k>`` added for the k-th series of a shared
-    folder. ``patient_id``/``study_uid`` are copied so splits can keep a patient's scans together.
-    """
-    import SimpleITK as sitk
-
-    root = _require_dir(root, "DICOM")
-    if only is not None:
-        folders = sorted(Path(p) for p in only)
-    else:
-        folders = [root] + (sorted(p for p in root.rglob("*") if p.is_dir()) if recursive else [])
-    series_reader = sitk.ImageSeriesReader()
-    items = []
-    for folder in folders:
-        # ITK warns "No Series were found" for every folder without DICOM: expected here, not news
-        warnings_on = sitk.ProcessObject.GetGlobalWarningDisplay()
-        sitk.ProcessObject.SetGlobalWarningDisplay(False)
-        try:
-            series = uid_series(folder, series_reader)  # UID-less series split apart (data.dicom_groups)
-        finally:
-            sitk.ProcessObject.SetGlobalWarningDisplay(warnings_on)
-        rel = folder.relative_to(root).as_posix()
-        base = root.name if rel == "." else rel.replace("/", "_")
-        for k, (uid, files) in enumerate(series):
-            header = sitk.ImageFileReader()
-            header.SetFileName(files[0])
-            header.ReadImageInformation()
-            items.append(
-                {
-                    "image": str(folder),
-                    "series_uid": uid or None,  # "": the folder's one series without a SeriesInstanceUID
-                    "case_id": base if len(series) == 1 else f"{base}_s{k}",
-                    "n_slices": len(files),
-                    "modality": _dicom_tag(header, "0008|0060"),
-                    "patient_id": _dicom_tag(header, "0010|0020"),
-                    "study_uid": _dicom_tag(header, "0020|000d"),
-                    "source": "dicom",
-                }
-            )
-    if not items:
-        raise InputError(root, "no DICOM series found")
     return items
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..data.io import is_nifti, load_volume, save_nifti, strip_nifti_suffix
-from ..data.readers import read_dicom_folder
+from ..data.dicom_groups import read_dicom_folder
 from ..data.plausibility import check_ct
 from ..errors import InputError
 from ..inference.geometry import voxel_volume_ml
