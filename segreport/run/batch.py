@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import platform
-import re
 import sys
 import traceback
 from collections import Counter
@@ -69,6 +68,9 @@ from .cases import (  # noqa: F401  (re-exported: the batch runner's public name
     select_series,
 )
 from .bundles import checkpoint_info
+from .outputs import (  # noqa: F401  (OutputExistsError, check_outputs: re-exported for the CLI)
+    OutputExistsError, case_complete, check_outputs, remove_case_outputs, remove_stale_temp_files,
+)
 from .run_lock import RunLock
 from .report import build_report, format_report_text, write_json, write_text
 
@@ -78,12 +80,6 @@ SUMMARY_FIELDS: tuple[str, ...] = (
     "case_id", "input", "status", "error", "n_lesions", "total_volume_ml", "finding",
     "load_s", "wait_s", "predict_s", "write_s",
 )
-# temp names made by data.io.atomic_path: ".<name>.<pid>-<12 hex>.tmp<suffix>"
-_TEMP_NAME = re.compile(r"^\..+\.\d+-[0-9a-f]{12}\.tmp")
-
-
-class OutputExistsError(RuntimeError):
-    """OUTPUT_DIR already holds outputs and neither overwrite nor resume was asked for."""
 
 
 class BatchFailedError(RuntimeError):
@@ -119,58 +115,6 @@ class BatchSummary:
             raise BatchFailedError(f"{self.n_failed} of {len(self.cases)} cases failed (see "
                                    f"{self.output_dir / 'summary.csv'}):\n  " + "\n  ".join(failed))
         return self
-
-
-# ---------------------------------------------------------------------------------------- outputs
-
-
-def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = None, guide: str | None = None) -> bool:
-    """Done = every output present AND its report was made from this very input (same fingerprint)
-    by this very checkpoint (same sha256) and, for a text-guided model, from the same guide texts
-    (``GuideTexts.fingerprint``): a replaced input, another model or another text is redone on --resume."""
-    paths = case.outputs(output_dir)
-    if not all(p.is_file() for p in paths.values()):
-        return False
-    try:
-        made_from = json.loads(paths["report"].read_text()).get("provenance") or {}
-    except (OSError, ValueError):
-        return False
-    same_input = made_from.get("input_fingerprint") == input_fingerprint(case)
-    return same_input and made_from.get("checkpoint_sha256") == checkpoint_sha256 and made_from.get("guide_texts") == guide
-
-
-def _remove_outputs(case: Case, output_dir: Path) -> None:
-    for path in case.outputs(output_dir).values():
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _run_files(output_dir: Path) -> list[Path]:
-    names = ["summary.csv", "summary.json", "manifest.json"]
-    return [output_dir / n for n in names if (output_dir / n).exists()] + sorted(output_dir.glob("summary.rank*.json"))
-
-
-def check_outputs(cases: Sequence[Case], output_dir: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse to start when OUTPUT_DIR holds outputs, unless told to overwrite or resume."""
-    if overwrite and resume:
-        raise ValueError("--overwrite and --resume exclude each other: overwrite re-runs every case, "
-                         "resume keeps the finished ones")
-    if overwrite or resume or not output_dir.exists():
-        return
-    existing = [p for case in cases for p in case.outputs(output_dir).values() if p.exists()]
-    existing += _run_files(output_dir)
-    if existing:
-        raise OutputExistsError(
-            f"{output_dir} already holds outputs of a previous run ({len(existing)} files, e.g. {existing[0].name}). "
-            "Pass --overwrite to replace them, or --resume to keep the finished cases and run the rest."
-        )
-
-
-def _remove_stale_temp_files(output_dir: Path) -> None:
-    """Temp files left by a killed run (a clean exit or an exception removes its own)."""
-    for path in output_dir.iterdir():
-        if _TEMP_NAME.match(path.name) and path.is_file():
-            path.unlink()
 
 
 def _check_prediction(prediction, shape: tuple[int, ...], model: str) -> Prediction:
@@ -287,7 +231,7 @@ def run_case(case: Case, loading: Future, predictor, output_dir: Path, settings:
         report = write_case_outputs(case, loaded, prediction, output_dir, settings)
         timings["write_s"] = perf_counter() - t
     except Exception as exc:
-        _remove_outputs(case, output_dir)  # all or nothing: no seg without its report
+        remove_case_outputs(case, output_dir)  # all or nothing: no seg without its report
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # after an out-of-memory error the next case still gets the GPU
         row = _row(case, "failed", error=_error_message(exc, case, stage), **_rounded(timings))
@@ -415,7 +359,7 @@ def run_batch(
     # one run per folder: rank 0 holds the lock for the whole (sharded) run
     with RunLock(output_dir) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
-            _remove_stale_temp_files(output_dir)
+            remove_stale_temp_files(output_dir)
         # every rank has checked the folder before any rank writes to it
         distributed.barrier(ctx)
 
