@@ -50,7 +50,8 @@ def _imports(path: Path, top_level_only: bool) -> set[str]:
 
 def _is_module(name: str) -> bool:
     parts = name.split(".")[1:]
-    return bool(parts) and ((PACKAGE.joinpath(*parts).with_suffix(".py")).is_file() or PACKAGE.joinpath(*parts).is_dir())
+    path = PACKAGE.joinpath(*parts) if parts else None
+    return path is not None and (path.with_suffix(".py").is_file() or path.is_dir())
 
 
 def _layer(module: str) -> int:

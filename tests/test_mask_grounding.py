@@ -72,7 +72,8 @@ def test_the_joint_models_sentence_reads_the_mask_and_the_level():
     left[..., 20:30, 10:20], right[..., 20:30, 44:54] = 1, 1
     level = torch.tensor([0.1, 0.9])
     with torch.no_grad():
-        logits = {name: model(image, tokens, mask=m, level=level)["text_logits"] for name, m in (("l", left), ("r", right))}
+        logits = {name: model(image, tokens, mask=m, level=level)["text_logits"]
+                  for name, m in (("l", left), ("r", right))}
         assert not torch.allclose(logits["l"], logits["r"])
         moved = model(image, tokens, mask=left, level=level.flip(0))["text_logits"]
         assert not torch.allclose(moved, logits["l"])

@@ -31,7 +31,8 @@ def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = 
     except (OSError, ValueError):
         return False
     same_input = made_from.get("input_fingerprint") == input_fingerprint(case)
-    return same_input and made_from.get("checkpoint_sha256") == checkpoint_sha256 and made_from.get("guide_texts") == guide
+    same_model = made_from.get("checkpoint_sha256") == checkpoint_sha256
+    return same_input and same_model and made_from.get("guide_texts") == guide
 
 
 def remove_case_outputs(case: Case, output_dir: Path) -> None:

@@ -43,8 +43,9 @@ def laterality_check(image: np.ndarray, affine: np.ndarray, lung: np.ndarray | N
     n = int(round(SLAB_MM / step_z))
     slab = ct[:, :, max(0, lowest - n):lowest]
     if slab.shape[2] * step_z < SLAB_MM / 3:
-        return {"verdict": "not checked", "reason": f"the scan ends {slab.shape[2] * step_z:.0f} mm below the lung bases "
-                                                    f"(the check needs {SLAB_MM / 3:.0f})"}
+        covered = slab.shape[2] * step_z
+        return {"verdict": "not checked",
+                "reason": f"the scan ends {covered:.0f} mm below the lung bases (the check needs {SLAB_MM / 3:.0f})"}
     body = slab > BODY_HU
     soft = (slab >= SOFT_TISSUE_HU[0]) & (slab <= SOFT_TISSUE_HU[1])
     x = np.arange(slab.shape[0], dtype=np.float64)[:, None]
@@ -60,7 +61,8 @@ def laterality_check(image: np.ndarray, affine: np.ndarray, lung: np.ndarray | N
     if right + left == 0:
         return {"verdict": "not checked", "reason": "no soft tissue below the lung bases"}
     ratio = right / max(left, 1.0)
-    verdict = "looks mirrored" if ratio < MIRRORED_BELOW else "consistent" if ratio > CONSISTENT_ABOVE else "inconclusive"
+    verdict = ("looks mirrored" if ratio < MIRRORED_BELOW else "consistent" if ratio > CONSISTENT_ABOVE
+               else "inconclusive")
     return {"verdict": verdict, "reason": "soft tissue (the liver) right vs left of the midline below the lung bases",
             "soft_tissue_right_left_ratio": round(ratio, 3), "slab_mm": round(slab.shape[2] * step_z, 1)}
 
@@ -69,6 +71,7 @@ def warning_lines(check: dict) -> list[str]:
     """The report's warning when the scan looks mirrored."""
     if check.get("verdict") != "looks mirrored":
         return []
-    return [f"the scan looks mirrored: below the lungs there is {1 / check['soft_tissue_right_left_ratio']:.1f}x more soft "
-            "tissue on the patient's LEFT than on the right, where the liver should be. Every side in this report comes "
-            "from the header: check that left and right are not swapped (e.g. LPS data labelled RAS)"]
+    more = 1 / check["soft_tissue_right_left_ratio"]
+    return [f"the scan looks mirrored: below the lungs there is {more:.1f}x more soft tissue on the patient's LEFT "
+            "than on the right, where the liver should be. Every side in this report comes from the header: check "
+            "that left and right are not swapped (e.g. LPS data labelled RAS)"]

@@ -8,9 +8,10 @@ Here the text decoder also attends to one token per lesion of the mask, as image
 to detected regions ("bottom-up attention", Anderson et al., CVPR 2018): the mask's connected
 components (8-connected, at least ``min_fraction`` of the slice, largest first, at most
 ``max_regions``), each embedded from its geometry (centroid, its offset from the patient's midline,
-size, extent) and the encoder features
-pooled inside it, plus its rank and the number of lesions; empty slots get a learned "no lesion" token. Every token also carries the slice's level, which one axial slice does not show: its place
-between the lung bases (0) and apices (1) in Fourier features, or a learned "unknown" code.
+size, extent) and the encoder features pooled inside it, plus its rank and the number of lesions;
+empty slots get a learned "no lesion" token. Every token also carries the slice's level, which one
+axial slice does not show: its place between the lung bases (0) and apices (1) in Fourier features, or
+a learned "unknown" code.
 
 The mask is the reference mask under teacher forcing (training) and the model's own thresholded mask
 at inference, so the sentence describes the mask the model returns.
@@ -24,8 +25,8 @@ from scipy import ndimage
 from torch import nn
 import torch.nn.functional as F
 
-#: centroid row, centroid column, the column's offset from the patient's midline (x4: about -1..1), sqrt(area
-#: share), height share, width share
+#: per lesion: centroid row and column, the column's offset from the patient's midline (x4: about -1..1),
+#: sqrt(area share), height share, width share
 GEOMETRY = 6
 LEVEL_FREQUENCIES = (1, 2, 3, 4)  # Fourier features of the level: its thirds are easy to tell apart
 
@@ -70,7 +71,8 @@ def mask_regions(mask: torch.Tensor, image: torch.Tensor, max_regions: int,
 
 
 class MaskGrounding(nn.Module):
-    """``(mask [B, 1, H, W], image [B, 1, H, W], features [B, C, h, w], level [B] or None) -> tokens [B, max_regions, d_model]``.
+    """``(mask [B, 1, H, W], image [B, 1, H, W], features [B, C, h, w], level [B] or None)``
+    -> tokens ``[B, max_regions, d_model]``.
 
     Args:
         d_model: width of the text decoder's memory.
@@ -87,7 +89,8 @@ class MaskGrounding(nn.Module):
         self.rank = nn.Embedding(max_regions, d_model)
         self.count = nn.Embedding(max_regions + 1, d_model)
         self.empty = nn.Parameter(torch.zeros(1, 1, d_model))
-        self.level = nn.Sequential(nn.Linear(1 + 2 * len(LEVEL_FREQUENCIES), d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.level = nn.Sequential(nn.Linear(1 + 2 * len(LEVEL_FREQUENCIES), d_model), nn.GELU(),
+                                   nn.Linear(d_model, d_model))
         self.unknown_level = nn.Parameter(torch.zeros(1, 1, d_model))
 
     def forward(self, mask: torch.Tensor, image: torch.Tensor, features: torch.Tensor,
