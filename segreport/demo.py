@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-tmc", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from .. import phantom
+    from . import phantom
 
     out = Path(a.out).resolve()
     data_dir = out / "phantom"

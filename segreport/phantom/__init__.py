@@ -52,6 +52,11 @@ from ..vocab import ATTRIBUTE_GROUPS, LUNG_LABELS, PHANTOM_MARK, SEVERITY_BINS, 
 from ..data.io import save_nifti
 from .anatomy import TISSUES, _Anatomy, _anatomy, _smooth_noise  # noqa: F401  (TISSUES: public)
 from .export import LUNG_WINDOW, _export_slices, _write_json, _write_xlsx, render_preview  # noqa: F401
+from .lesions import (  # noqa: F401  (the attribute rules' constants: public here too)
+    DENSITY_MARGIN, HETEROGENEITY_HU, ILL_DEFINED_EDGE_RATIO, LESION_TYPES, SEVERITY_SHARE, SOFT_TISSUE_HU, TYPE_HU,
+    _CT1_DIFFUSE_CHANCE, _DIFFUSE_PERCENT, _FINDINGS, _Lesion, _paint_diffuse, _place_focal, _rng, _sample_lesion,
+    density_class, measure_lesion,
+)
 from ..data.splits import split_cases
 
 log = logging.getLogger(__name__)
@@ -63,28 +68,6 @@ PHANTOM_VERSION = "1"
 def phantom_description(seed: int) -> str:
     return f"{PHANTOM_MARK} v{PHANTOM_VERSION} seed {seed}"
 
-LESION_TYPES: tuple[str, ...] = ("ground-glass opacity", "consolidation", "nodule")
-TYPE_HU: dict[str, tuple[float, float]] = {  # mean-HU range each type must land in
-    "ground-glass opacity": (-600.0, -300.0),
-    "consolidation": (-100.0, 50.0),
-    "nodule": (-100.0, 600.0),
-}
-SOFT_TISSUE_HU = 40.0
-DENSITY_MARGIN = 50.0
-HETEROGENEITY_HU = 30.0
-ILL_DEFINED_EDGE_RATIO = 0.35
-SEVERITY_SHARE = {"CT-0": 0.15, "CT-1": 0.35, "CT-2": 0.25, "CT-3": 0.15, "CT-4": 0.10}
-# lung-percentage targets for the diffuse cases, inside each severity bin
-_DIFFUSE_PERCENT = {"CT-1": (5.0, 20.0), "CT-2": (30.0, 45.0), "CT-3": (55.0, 70.0), "CT-4": (78.0, 88.0)}
-_CT1_DIFFUSE_CHANCE = 0.4  # other CT-1 cases only have focal lesions (well under 5 % of lung)
-_MIN_LESION_VOXELS = 12
-_FINDINGS = FindingsFromMask()
-
-
-def _rng(seed: int, *keys: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *keys])
-
-
 def _check_orientation(orientation: str) -> tuple[bool, bool, bool]:
     """Which canonical (RAS) axes to flip to store ``orientation``; only axis flips are supported."""
     codes = tuple(orientation.upper())
@@ -92,212 +75,6 @@ def _check_orientation(orientation: str) -> tuple[bool, bool, bool]:
     if len(codes) != 3 or any(c not in a for c, a in zip(codes, allowed)):
         raise ValueError(f"orientation must be one of R/L, A/P, S/I per axis (e.g. 'LPS'), got {orientation!r}")
     return tuple(c != "RAS"[d] for d, c in enumerate(codes))
-
-
-# ------------------------------------------------------------------------------------------ lesions
-
-
-@dataclass
-class _Lesion:
-    """A lesion the generator meant to draw; measurement decides its final labels."""
-
-    lesion_type: str
-    shape: str
-    heterogeneous: bool
-    ill_defined: bool
-    invasive: bool
-    base_hu: float
-    radius: float  # mm
-    zone: int  # target zone code 1..6
-
-
-def _sample_lesion(rng: np.random.Generator, scale: float) -> _Lesion:
-    """Draw what a focal lesion should look like; radii (mm) scale with the field of view."""
-    kind = rng.choice(LESION_TYPES, p=(0.35, 0.35, 0.3))
-    if kind == "nodule":
-        shape = rng.choice(("punctate/nodular", "round-like", "wall thickening"), p=(0.5, 0.35, 0.15))
-        calcified = rng.random() < 0.35 and shape != "wall thickening"
-        base = rng.uniform(220, 450) if calcified else rng.uniform(20, 60)
-        sizes = {"punctate/nodular": (3.5, 5.5), "round-like": (6.0, 10.0), "wall thickening": (9.0, 13.0)}
-        radius = rng.uniform(*sizes[shape])
-        het, ill, inv = rng.random() < 0.15, rng.random() < 0.15, rng.random() < 0.25
-    else:
-        ggo = kind == "ground-glass opacity"
-        shapes = (0.6, 0.4, 0.0) if ggo else (0.5, 0.3, 0.2)  # ground glass does not cavitate
-        shape = rng.choice(("irregular", "round-like", "wall thickening"), p=shapes)
-        base = rng.uniform(-530, -390) if ggo else rng.uniform(-40, 30)
-        radius = rng.uniform(9, 20) if shape != "wall thickening" else rng.uniform(10, 16)
-        het, ill, inv = rng.random() < 0.5, rng.random() < (0.75 if ggo else 0.45), rng.random() < 0.5
-    if shape == "wall thickening":  # a cavitating lesion: a soft-tissue wall around air
-        base = rng.uniform(-20, 40)
-    zone = int(rng.integers(1, 7))
-    return _Lesion(str(kind), str(shape), bool(het), bool(ill), bool(inv), float(base), float(radius * scale), zone)
-
-
-def _sdf(les: _Lesion, rng: np.random.Generator, x, y, z) -> tuple[np.ndarray, np.ndarray | None]:
-    """Approximate signed distance (mm, negative inside) of the lesion shape, and its cavity (if any)."""
-    r = les.radius
-    if les.shape == "irregular":  # lobulated: union of offset spheres
-        d = None
-        for _ in range(int(rng.integers(3, 6))):
-            c = rng.uniform(-0.55, 0.55, 3) * r
-            rk = rng.uniform(0.45, 0.75) * r
-            dk = np.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) - rk
-            d = dk if d is None else np.minimum(d, dk)
-        return d, None
-    radii = r * np.array([1.0, *rng.uniform(0.8, 1.2, 2)])
-    outer = (np.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2) - 1) * radii.min()
-    if les.shape != "wall thickening":
-        return outer, None
-    wall = rng.uniform(0.3, 0.4) * r
-    inner_r = radii - wall
-    inner = (np.sqrt((x / inner_r[0]) ** 2 + (y / inner_r[1]) ** 2 + (z / inner_r[2]) ** 2) - 1) * inner_r.min()
-    return np.maximum(outer, -inner), inner < 0
-
-
-def _weight(d: np.ndarray, ill_defined: bool) -> np.ndarray:
-    """Opacity from signed distance: a step (well-defined) or a sigmoid halo reaching past the mask."""
-    if not ill_defined:
-        return (d <= 0).astype(np.float32)
-    s = 1.3  # mm; the mask edge sits at opacity 0.8, the halo fades over ~5 mm outside it
-    return expit((s * np.log(4.0) - d) / s).astype(np.float32)
-
-
-def _texture(rng: np.random.Generator, shape, heterogeneous: bool) -> np.ndarray:
-    """Mottled HU texture (~75 HU spread, 1-2 voxel grain) for heterogeneous lesions, else zero."""
-    if not heterogeneous:
-        return np.zeros(shape, dtype=np.float32)
-    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), (0.9, 0.9, 0.4))
-    return 75.0 * field / max(float(field.std()), 1e-6)
-
-
-def _blend(sub: np.ndarray, w: np.ndarray, les: _Lesion, texture, cavity=None) -> np.ndarray:
-    """``sub`` with the lesion blended in at opacity ``w``; ground glass keeps the vessels it covers."""
-    value = les.base_hu + texture
-    if les.lesion_type == "ground-glass opacity":
-        value = np.maximum(value, sub)
-    out = sub * (1 - w) + value * w
-    if cavity is not None:
-        out[cavity & (w > 0)] = -990.0
-    return out
-
-
-def _in_type_range(painted: np.ndarray, mask: np.ndarray, lesion_type: str) -> bool:
-    """Whether the lesion's core mean (the rule of :func:`measure_lesion`) sits inside its type's HU range."""
-    core = ndimage.binary_erosion(mask)
-    core = core if core.sum() >= 8 else mask
-    lo, hi = TYPE_HU[lesion_type]
-    return lo + 15 <= float(painted[core].mean()) <= hi - 15  # margin for the noise added later
-
-
-def _place_focal(rng, an: _Anatomy, ct, gen, occupied, les: _Lesion, gen_id, spacing, zone_map, boundary) -> bool:
-    """Try a few centres in the lesion's target zone; draw it at the first one that fits."""
-    spacing = np.asarray(spacing)
-    in_zone = np.flatnonzero((zone_map == les.zone) & (boundary if les.invasive else ~boundary))
-    if in_zone.size == 0:
-        return False
-    for attempt in range(20):
-        les_r = les.radius * (1.2 ** (attempt // 6))  # too few voxels on a coarse grid: grow
-        centre = np.array(np.unravel_index(rng.choice(in_zone), zone_map.shape))
-        halo = 6.0 if les.ill_defined else 1.5
-        half = np.ceil((les_r * 1.3 + halo) / spacing).astype(int)
-        lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, zone_map.shape)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        x, y, z = ((g - c) * s for g, c, s in zip(np.ogrid[box], centre, spacing))  # mm from the centre
-        d, cavity = _sdf(replace(les, radius=les_r), rng, x, y, z)
-        d = np.broadcast_to(d, tuple(hi - lo))
-        cavity = None if cavity is None else np.broadcast_to(cavity, tuple(hi - lo))
-        lung_box = an.lung[box] > 0
-        mask = (d <= 0) & lung_box
-        reach = d <= halo
-        if mask.sum() < _MIN_LESION_VOXELS or (reach & occupied[box]).any():
-            continue
-        if not les.invasive and not lung_box[d <= min(spacing[:2]) * 1.5].all():
-            continue  # a non-invasive lesion keeps a rim of lung around it
-        w = _weight(d, les.ill_defined) * lung_box
-        painted = _blend(ct[box], w, les, _texture(rng, w.shape, les.heterogeneous), cavity)
-        if not _in_type_range(painted, mask, les.lesion_type):
-            continue  # a small blurred lesion is mostly rim: its mean slips out of its type's range
-        ct[box] = painted
-        gen[box][mask & (gen[box] == 0)] = gen_id
-        occupied[box] |= reach
-        return True
-    return False
-
-
-def _paint_diffuse(rng, an: _Anatomy, ct, gen, occupied, percent: float, gen_id0: int, zone_map) -> list[_Lesion]:
-    """Peripheral (subpleural, posterior-weighted) ground glass covering ``percent`` of the lungs."""
-    lung = an.lung
-    n_lung = int((lung > 0).sum())
-    sides = ["right", "left"]
-    if percent < 40 and rng.random() < 0.35:  # sometimes one lung only, when it can hold the volume
-        side = sides[int(rng.integers(2))]
-        if (lung == LUNG_LABELS[side]).sum() * 0.85 > percent / 100 * n_lung:
-            sides = [side]
-    side_voxels = sum(int((lung == LUNG_LABELS[s]).sum()) for s in sides)
-    fraction = min(0.95, percent / 100 * n_lung / side_voxels)
-    noise = _smooth_noise(rng, lung.shape, (4.0, 4.0, 1.2))
-    y_post = np.linspace(1, 0, lung.shape[1], dtype=np.float32)[None, :, None]  # 1 = posterior
-    made = []
-    for i, side in enumerate(sides):
-        box = ndimage.find_objects((lung == LUNG_LABELS[side]).astype(np.uint8))[0]  # work on this lung only
-        sel = lung[box] == LUNG_LABELS[side]
-        # which levels the disease favours: a run of 1-3 levels, all of them when it must be large
-        n_levels = 3 if fraction > 0.6 else int(rng.integers(max(1, int(np.ceil(fraction * 3 / 0.75))), 4))
-        first = int(rng.integers(0, 4 - n_levels))
-        codes = np.arange(first, first + n_levels) + (1 if side == "left" else 4)
-        off_level = ~np.isin(zone_map[box], codes)
-        wobble = 0.08 * min(1.0, fraction / 0.3)  # a thin band would break up under full-size wobble
-        score = an.depth[box] + 0.25 * y_post[:, box[1]] + wobble * noise[box] - 0.6 * off_level
-        thr = np.quantile(score[sel], 1 - fraction)
-        d = np.where(sel, (thr - score) * 45.0, 1e3).astype(np.float32)  # score units -> ~mm
-        # keep the confluent pieces only: crumbs would be "infected areas" nobody would count
-        pieces, n = ndimage.label(d <= 0, np.ones((3, 3, 3), bool))
-        sizes = np.bincount(pieces.ravel(), minlength=n + 1)
-        keep = sizes >= max(4 * _MIN_LESION_VOXELS, 0.02 * sizes[1:].sum())
-        keep[0] = False
-        near_kept = ndimage.binary_dilation(keep[pieces], iterations=3)
-        les = _Lesion("ground-glass opacity", "irregular", bool(rng.random() < 0.5), True, True,
-                      float(rng.uniform(-520, -400)), 0.0, int(codes[0]))  # fmt: skip
-        w = _weight(np.where(keep[pieces] | ~(d <= 0), d, 1e3), les.ill_defined) * sel * near_kept
-        ct[box] = _blend(ct[box], w, les, _texture(rng, w.shape, les.heterogeneous))
-        gen[box][(w >= 0.8 - 1e-6) & (gen[box] == 0)] = gen_id0 + i  # opacity 0.8 is the mask edge
-        occupied[box] |= d <= 6.0
-        made.append(les)
-    return made
-
-
-# ------------------------------------------------------------------------------------------ measuring
-
-
-def density_class(mean_hu: float) -> str:
-    """Density against the soft-tissue reference (:data:`SOFT_TISSUE_HU` +- :data:`DENSITY_MARGIN`)."""
-    if mean_hu < SOFT_TISSUE_HU - DENSITY_MARGIN:
-        return "hypodense"
-    if mean_hu > SOFT_TISSUE_HU + DENSITY_MARGIN:
-        return "hyperdense"
-    return "isodense"
-
-
-def measure_lesion(ct, lesion, lung, body, any_lesion, background: float) -> dict:
-    """Measured HU statistics, edge ratio and contact of one lesion (boolean mask, cropped arrays)."""
-    core = ndimage.binary_erosion(lesion)
-    if core.sum() < 8:
-        core = lesion
-    values = ct[core]
-    q25, q50, q75 = np.percentile(values, [25, 50, 75])
-    plane = np.zeros((3, 3, 3), dtype=bool)
-    plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    ring = ndimage.binary_dilation(lesion, plane) & ~lesion & lung & ~any_lesion
-    contrast = q50 - background
-    edge_ratio = float((np.median(ct[ring]) - background) / contrast) if ring.any() and abs(contrast) > 1 else 0.0
-    grown = ndimage.binary_dilation(lesion, ndimage.generate_binary_structure(3, 3))
-    return {
-        "mean_hu": round(float(values.mean()), 1),
-        "spread_hu": round(float((q75 - q25) / 1.349), 1),
-        "edge_ratio": round(edge_ratio, 3),
-        "touches_non_lung": bool((grown & body & ~lung).any()),
-    }
 
 
 # ------------------------------------------------------------------------------------------ one case
