@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 
 

@@ -1,6 +1,7 @@
 """The thin `segreport` command: it dispatches, and `synth` writes a dataset and a preview."""
 
 import json
+from pathlib import Path
 
 from segreport.cli import main
 
@@ -19,3 +20,14 @@ def test_synth_writes_dataset_and_preview(tmp_path, capsys):
 def test_unknown_command_prints_usage(capsys):
     assert main(["frobnicate"]) == 2
     assert "segreport synth" in capsys.readouterr().out
+
+
+def test_the_demo_finds_every_bundle_config_it_runs():
+    """`make demo` takes minutes, so the suite does not run it; what it reads must still be where it looks."""
+    from segreport import demo
+
+    for bundle, names in {"medsegtext": ("train.yaml", "evaluate.yaml", "inference.yaml"),
+                          "lesion_report_3d": ("train.yaml", "evaluate.yaml", "inference.yaml"),
+                          "tmc": ("train.yaml", "evaluate.yaml", "inference.yaml")}.items():
+        for path in demo._configs(bundle, *names):
+            assert Path(path).is_file(), path
