@@ -90,3 +90,21 @@ class JointLoss(nn.Module):
                 total = total + torch.exp(-s) * weight * loss + s
                 parts[("s_seg", "s_text")[task]] = s.detach()
         return {"total": total, **parts}
+
+
+class MedSegTextLoss(nn.Module):
+    """Adapts :class:`segreport.losses.JointLoss` to the engine's ``loss(pred, targets)`` call.
+
+    The last components are kept on ``self.last`` so a handler can log seg and text losses apart.
+    """
+
+    def __init__(self, joint_loss: torch.nn.Module):
+        super().__init__()
+        self.joint = joint_loss
+        self.last: dict[str, float] = {}
+
+    def forward(self, pred: dict, targets: dict) -> torch.Tensor:
+        text_target = targets["tokens"][:, 1:] if "tokens" in targets else None
+        out = self.joint(pred, seg_target=targets["label"], text_target=text_target)
+        self.last = {k: float(v) for k, v in out.items() if k != "total"}
+        return out["total"]

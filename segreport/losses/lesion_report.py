@@ -10,12 +10,14 @@ parameter in the optimiser.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch import nn
 
+from segreport.transforms.attributes import IGNORE_INDEX
 from segreport.vocab import ATTRIBUTE_NAMES
 
 __all__ = ["LesionReportLoss", "attribute_cross_entropy"]
@@ -160,3 +162,39 @@ class LesionReportLoss(nn.Module):
         if name not in self.attribute_names:
             raise KeyError(f"attribute group {name!r} is not in attribute_names {self.attribute_names}")
         return targets[:, self.attribute_names.index(name)]
+
+
+class LesionReportObjective(nn.Module):
+    """The engine's ``loss(pred, targets)``: seed 001's L_seg + λ·L_attr (:class:`LesionReportLoss`) for
+    the interactive model and the U-Net; attribute cross-entropy alone for the CNN attribute baseline.
+
+    The last loss components are kept on ``self.last`` (floats) for logging.
+    """
+
+    def __init__(self, loss: LesionReportLoss | None = None, **loss_kwargs: Any):
+        super().__init__()
+        self.loss = loss if loss is not None else LesionReportLoss(ignore_index=IGNORE_INDEX, **loss_kwargs)
+        self.last: dict[str, float] = {}
+
+    def forward(self, pred: Mapping, targets: Mapping) -> torch.Tensor:
+        attrs = targets.get("attributes")
+        if "mask_logits" in pred:
+            total, parts = self.loss(pred, targets["label"], attrs, targets.get("attr_weight"))
+        else:
+            total, parts = _attribute_ce(pred["attr_logits"], attrs, targets.get("attr_weight"))
+        self.last = {k: float(v) for k, v in parts.items()}
+        return total
+
+
+def _attribute_ce(logits: Mapping[str, torch.Tensor], targets: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Sum over groups of categorical CE (eq. 6); groups with no annotated sample are skipped."""
+    total = next(iter(logits.values())).new_zeros(())
+    parts = {}
+    for i, group in enumerate(ATTRIBUTE_NAMES):
+        y = targets[:, i].long()
+        if bool((y != IGNORE_INDEX).any()):
+            ce = attribute_cross_entropy(logits[group], y, IGNORE_INDEX, weight)
+            parts[f"attr/{group}"] = ce.detach()
+            total = total + ce
+    parts["attr"] = total.detach()
+    return total, parts

@@ -12,7 +12,8 @@ Stages (nnU-Net style, each callable on its own):
   map, :class:`SelectLesiond` (the largest lesion becomes the target and its attributes the
   attribute targets), orientation, MONAI ``Spacingd`` to a common spacing, HU window, a fixed ROI
   around the lesion (``CropLargestLesiond``);
-* **training**: :class:`LesionBatch`, :class:`LesionReportObjective`, :class:`LesionReportScore`; the
+* **training**: :class:`LesionBatch`, the loss (:class:`~segreport.losses.lesion_report.LesionReportObjective`) and
+  key metric (:class:`~segreport.metrics.lesion_report.LesionReportScore`); the
   expert-click simulation is the shared :mod:`.click_training` inferer;
 * **evaluation**: :mod:`.lesion_report_eval`; **network and checkpoint spec**:
   :mod:`segreport.models.lesion_report_3d`; **inference**: the shared prompt session
@@ -23,26 +24,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import torch
-from ignite.metrics import Metric
-from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch
 from monai.transforms import Compose, EnsureTyped, MapTransform, SelectItemsd
-from torch import nn
 
 from ..data.reader import LoadVolumed
 from ..errors import InputError
-from ..losses.lesion_report import LesionReportLoss, attribute_cross_entropy
-from ..metrics.segmentation import dice as dice_score
 from ..transforms.attributes import IGNORE_INDEX, encode_attributes
 from ..transforms.crop import CropLargestLesiond
 from ..transforms.volume import volume_transforms
 from ..vocab import ATTRIBUTE_NAMES
+from ..losses.lesion_report import LesionReportObjective  # noqa: F401  (the bundle's loss)
+from ..metrics.lesion_report import LesionReportScore  # noqa: F401  (the bundle's key metric)
 from .lesion_report_data import (  # noqa: F401  (re-exported for the bundle YAMLs)
     LESION_TARGETS, PAPER_RATIOS, drop_lesion_free, expand_lesions, lesion_ids, lesion_row, lesion_value,
     load_datalists, read_attribute_table, sampling_weights,
@@ -264,84 +261,6 @@ class LesionBatch(PrepareBatch):
         return torch.stack([x[(slice(None), *(slice(int(a), int(a) + r) for a, r in zip(s, self.roi)))] for x, s in zip(batch, starts)])
 
 
-class LesionReportObjective(nn.Module):
-    """The engine's ``loss(pred, targets)``: seed 001's L_seg + λ·L_attr (:class:`LesionReportLoss`) for
-    the interactive model and the U-Net; attribute cross-entropy alone for the CNN attribute baseline.
-
-    The last loss components are kept on ``self.last`` (floats) for logging.
-    """
-
-    def __init__(self, loss: LesionReportLoss | None = None, **loss_kwargs: Any):
-        super().__init__()
-        self.loss = loss if loss is not None else LesionReportLoss(ignore_index=IGNORE_INDEX, **loss_kwargs)
-        self.last: dict[str, float] = {}
-
-    def forward(self, pred: Mapping, targets: Mapping) -> torch.Tensor:
-        attrs = targets.get("attributes")
-        if "mask_logits" in pred:
-            total, parts = self.loss(pred, targets["label"], attrs, targets.get("attr_weight"))
-        else:
-            total, parts = _attribute_ce(pred["attr_logits"], attrs, targets.get("attr_weight"))
-        self.last = {k: float(v) for k, v in parts.items()}
-        return total
-
-
-def _attribute_ce(logits: Mapping[str, torch.Tensor], targets: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Sum over groups of categorical CE (eq. 6); groups with no annotated sample are skipped."""
-    total = next(iter(logits.values())).new_zeros(())
-    parts = {}
-    for i, group in enumerate(ATTRIBUTE_NAMES):
-        y = targets[:, i].long()
-        if bool((y != IGNORE_INDEX).any()):
-            ce = attribute_cross_entropy(logits[group], y, IGNORE_INDEX, weight)
-            parts[f"attr/{group}"] = ce.detach()
-            total = total + ce
-    parts["attr"] = total.detach()
-    return total, parts
-
-
 def engine_output(output: Mapping) -> tuple[dict, dict]:
     """Engine output (not decollated) -> ``(pred, targets)`` for :class:`LesionReportScore`."""
     return output["pred"], output["label"]
-
-
-class LesionReportScore(Metric):
-    """Validation score for checkpoint selection: mean of lesion Dice and average attribute accuracy.
-
-    Selecting on Dice alone would keep a model whose attribute head has collapsed (and vice versa);
-    a task a model does not have (U-Net: attributes; CNN: masks) is left out of the mean. Kept as
-    sums, so ignite all-reduces them across ranks in distributed validation.
-    """
-
-    @reinit__is_reduced
-    def reset(self):
-        self._dice_sum = torch.zeros((), dtype=torch.float64)
-        self._n_dice = torch.zeros((), dtype=torch.float64)
-        self._correct = torch.zeros(len(ATTRIBUTE_NAMES), dtype=torch.float64)
-        self._labelled = torch.zeros(len(ATTRIBUTE_NAMES), dtype=torch.float64)
-
-    @reinit__is_reduced
-    def update(self, output):
-        pred, targets = output
-        if "mask_logits" in pred:
-            p = (pred["mask_logits"][:, :1] > 0).cpu().numpy()
-            g = (targets["label"] > 0.5).cpu().numpy()
-            self._dice_sum += sum(dice_score(p[i, 0], g[i, 0]) for i in range(len(p)))
-            self._n_dice += len(p)
-        if "attr_logits" in pred:
-            true = targets["attributes"].cpu()
-            for i, group in enumerate(ATTRIBUTE_NAMES):
-                known = true[:, i] != IGNORE_INDEX
-                hit = pred["attr_logits"][group].argmax(-1).cpu() == true[:, i]
-                self._correct[i] += float((hit & known).sum())
-                self._labelled[i] += float(known.sum())
-
-    @sync_all_reduce("_dice_sum", "_n_dice", "_correct", "_labelled")
-    def compute(self):
-        parts = []
-        if self._n_dice > 0:
-            parts.append(float(self._dice_sum / self._n_dice))
-        labelled = self._labelled > 0
-        if labelled.any():  # mean over the groups that have labels, as attribute_accuracy's average
-            parts.append(float((self._correct[labelled] / self._labelled[labelled]).mean()))
-        return float(np.mean(parts)) if parts else 0.0

@@ -22,6 +22,7 @@ from ..metrics.segmentation import SegmentationScores
 from ..metrics.text import text_metrics
 from ..transforms.text import decode_tokens
 from ..data.outputs import write_csv, write_json
+from ..losses.joint import MedSegTextLoss  # noqa: F401  (the bundle's loss)
 from .slice_sentences import sentence_agrees
 from .loaders import make_dataset, make_loader  # noqa: F401  (re-exported for the bundle YAMLs)
 # the slice data and validation score are shared with the other slice models; re-exported for the YAMLs
@@ -54,24 +55,6 @@ class MedSegTextBatch(PrepareBatch):
             targets["tokens"] = tokens
             args = (tokens[:, :-1],)
         return image, targets, args, options
-
-
-class MedSegTextLoss(torch.nn.Module):
-    """Adapts :class:`segreport.losses.JointLoss` to the engine's ``loss(pred, targets)`` call.
-
-    The last components are kept on ``self.last`` so a handler can log seg and text losses apart.
-    """
-
-    def __init__(self, joint_loss: torch.nn.Module):
-        super().__init__()
-        self.joint = joint_loss
-        self.last: dict[str, float] = {}
-
-    def forward(self, pred: dict, targets: dict) -> torch.Tensor:
-        text_target = targets["tokens"][:, 1:] if "tokens" in targets else None
-        out = self.joint(pred, seg_target=targets["label"], text_target=text_target)
-        self.last = {k: float(v) for k, v in out.items() if k != "total"}
-        return out["total"]
 
 
 class MedSegTextInferer:
