@@ -43,6 +43,7 @@ from monai.utils import ensure_tuple_rep
 from scipy import ndimage
 from torch import nn
 
+from ..data.io import spacing_from_affine
 from ..transforms.lung_mask import lung_mask_from_ct
 from ..vocab import MIN_LESION_ML, PULMONARY_FRACTION
 from .geometry import as_affine, box_affine, interior_voxel, map_points, roi_to_original, voxel_volume_ml
@@ -102,7 +103,7 @@ def lung_box(lung: np.ndarray, orig_affine: np.ndarray, volume: MetaTensor, marg
     corners = np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
     vol_affine = as_affine(volume.affine)
     pts = map_points(corners, orig_affine, vol_affine)
-    spacing = np.linalg.norm(vol_affine[:3, :3], axis=0)
+    spacing = np.asarray(spacing_from_affine(vol_affine))
     pad = np.ceil(margin_mm / spacing)
     shape = np.asarray(volume.shape[1:])
     start = np.clip(np.floor(pts.min(0) - pad).astype(int), 0, shape)

@@ -17,7 +17,7 @@ from ..transforms.findings import FindingsFromMask
 from ..transforms.lung_regions import lung_zone_map
 from ..transforms.orientation import display_slices
 from ..transforms.slicing import axial_axis
-from ..data.io import atomic_path
+from ..data.io import atomic_path, spacing_from_affine
 
 LUNG_WINDOW = (-1350.0, 150.0)  # W 1500 / L -600, as MosMedData+ slices are windowed
 _FINDINGS = FindingsFromMask()
@@ -124,7 +124,7 @@ def render_preview(dataset_dir: str | os.PathLike, out_png: str | os.PathLike, c
     ct, label, lung = ras
     ras_affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
     zones = lung_zone_map(lung, ras_affine)
-    sx, sy, sz = np.linalg.norm(ras_affine[:3, :3], axis=0)
+    sx, sy, sz = spacing_from_affine(ras_affine)
 
     ks = np.flatnonzero(lung.any(axis=(0, 1)))
     picks = [int(ks[int(len(ks) * f)]) for f in (0.8, 0.5, 0.2)] if ks.size else [ct.shape[2] // 2] * 3

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from nibabel.orientations import io_orientation
 
-from ..data.io import atomic_path
+from ..data.io import atomic_path, spacing_from_affine
 from ..transforms.intensity import window_range
 from ..transforms.slicing import axial_axis
 from .report import label_lesions
@@ -91,7 +91,7 @@ def save_preview(
     axis = axial_axis(affine)
     ornt = io_orientation(affine)
     in_plane = tuple(a for a in range(3) if a != axis)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = np.asarray(spacing_from_affine(affine))
     instances, box = label_lesions(mask, min_voxels)
     centre = (np.array(image.shape) - 1) / 2.0
 

@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..data.io import spacing_from_affine
 from ..data.outputs import write_json, write_text  # noqa: F401  (re-exported: report writers)
 from ..transforms.laterality import laterality_check, warning_lines as laterality_warnings
 from ..transforms.findings import Findings, FindingsFromMask, label_components
@@ -240,7 +241,7 @@ def build_report(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "geometry": {
             "shape": [int(s) for s in mask.shape],
-            "spacing_mm": [round(float(s), 4) for s in np.linalg.norm(affine[:3, :3], axis=0)],
+            "spacing_mm": [round(s, 4) for s in spacing_from_affine(affine)],
             "axcodes": "".join(nib.aff2axcodes(affine)),
             "affine": np.round(affine, 6).tolist(),
         },
