@@ -15,6 +15,18 @@ class InputError(ValueError):
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 
+def input_error_cause(exc: BaseException) -> InputError | None:
+    """The first :class:`InputError` in ``exc``'s chain of causes (itself included), or None: what a
+    wrapper (MONAI's config parser, a bundle loader) hides behind its own message."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, InputError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def report_input_errors_last() -> None:
     """Make an uncaught error whose cause is an :class:`InputError` end with one line naming the input
     and the problem. MONAI's config parser wraps every error of a bundle expression in "Failed to
@@ -26,11 +38,8 @@ def report_input_errors_last() -> None:
 
     def hook(kind, value, tb):
         previous(kind, value, tb)
-        cause, seen = value, set()
-        while cause is not None and not isinstance(cause, InputError) and id(cause) not in seen:
-            seen.add(id(cause))
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, InputError) and cause is not value:
+        cause = input_error_cause(value)
+        if cause is not None and cause is not value:
             print(f"segreport: error: {cause}", file=sys.stderr)
 
     hook.segreport_input_errors = True

@@ -66,7 +66,6 @@ class BundleWeights:
         return next((p for p in self.paths if p.is_file()), None)
 
     def predictor(self):
-
         path = self.current()
         if path is None:
             raise HTTPException(503, detail=f"no trained weights at {' or '.join(map(str, self.paths))}")
@@ -138,7 +137,8 @@ class ReportTask(InferTask):
         """The label file (the image's grid and affine) and, as the result JSON, the report the batch writes
         for the same case and mask (:func:`segreport.run.batch.case_report`), plus latencies."""
         t = perf_counter()
-        report, _, _ = case_report(_case(request), loaded, prediction, self.weights.settings(self.name), points=extra.pop("points", None))
+        report, _, _ = case_report(_case(request), loaded, prediction, self.weights.settings(self.name),
+                                   points=extra.pop("points", None))
         fd, label = tempfile.mkstemp(suffix=".nii.gz", prefix=f"segreport_{self.name}_")
         os.close(fd)  # MONAI Label sends the file, then deletes it
         loaded.save_mask(prediction.mask, label)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import input_error_cause
 
 
 class BundleError(RuntimeError):
@@ -61,11 +61,12 @@ def load_bundle_predictor(
         raise
     except Exception as exc:
         # MONAI wraps every failure in "Failed to evaluate ConfigExpression ...": report the real cause
+        bad_input = input_error_cause(exc)
+        if bad_input is not None:  # already "<file>: <problem>"
+            raise BundleError(str(bad_input)) from exc
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        if isinstance(cause, InputError):  # already "<file>: <problem>"
-            raise BundleError(str(cause)) from exc
         raise BundleError(f"{config}: cannot build the predictor ({type(cause).__name__}: {cause})") from exc
     meta = parser.get("_meta_", {}) or {}
     info = {"path": str(bundle), "name": meta.get("name", bundle.name), "version": meta.get("version"),

@@ -68,6 +68,7 @@ def _visible(f: Path, root: Path, exclude: Path | None) -> bool:
 def _folder_cases(root: Path, pattern: str, exclude: Path | None, skipped: list[dict] | None = None) -> list[Case]:
     """NIfTI files matching ``pattern`` anywhere under ``root``, and every DICOM series anywhere under it
     (beside NIfTI files too). Other visible files are listed in ``skipped`` with the reason."""
+    found = sorted(root.rglob("*"))  # one walk of the folder for everything below
     matched = {f for f in root.rglob(pattern) if _visible(f, root, exclude)}
     files = sorted(f.relative_to(root) for f in matched)
     ids = [_id_from_relative(rel) for rel in files]
@@ -75,7 +76,7 @@ def _folder_cases(root: Path, pattern: str, exclude: Path | None, skipped: list[
     # case.nii beside case.nii.gz: keep the full file name for those
     ids = ["__".join(rel.parts) if i in repeated else i for i, rel in zip(ids, files)]
     cases = [Case(i, str(root / rel)) for i, rel in zip(ids, files)]
-    others = sorted(f for f in root.rglob("*") if f not in matched and _visible(f, root, exclude))
+    others = [f for f in found if f not in matched and _visible(f, root, exclude)]
     dicom_folders = set()
     if others:  # only folders holding something else can hold a DICOM series: GDCM reads just those
         try:
@@ -93,7 +94,7 @@ def _folder_cases(root: Path, pattern: str, exclude: Path | None, skipped: list[
             skipped.append({"path": str(f), "reason": reason})
     if skipped is not None:  # a link to nothing is not a file: say so rather than pass over it
         skipped += [{"path": str(f), "reason": "a broken symbolic link (its target is missing, or the links loop)"}
-                    for f in sorted(root.rglob("*")) if f.is_symlink() and not f.exists() and _listed(f, root, exclude)]
+                    for f in found if f.is_symlink() and not f.exists() and _listed(f, root, exclude)]
     if not cases:
         raise InputError(root, f"no file matches {pattern!r} and no DICOM series was found")
     return cases
