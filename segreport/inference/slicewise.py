@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..transforms.intensity import HUWindow
-from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+from ..transforms.lung_mask import lung_label_from_ct
 from ..transforms.lung_regions import slice_levels
 from ..transforms.orientation import display_to_file_index, from_display, to_display
 from ..transforms.postprocess import remove_small_lesions
@@ -114,7 +114,7 @@ class SliceWisePredictor:
         """Each slice's level (:func:`~segreport.transforms.lung_regions.slice_levels`; the lung label is
         thresholded from the CT when not given), as a per-slice prompt."""
         if lung is None:
-            lung = split_left_right(lung_mask_from_ct(image, affine), affine)
+            lung = lung_label_from_ct(image, affine)
         levels = torch.as_tensor(slice_levels(lung, affine), dtype=torch.float32)
         return lambda file_indices: {"level": levels[np.asarray(file_indices)]}
 

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import InputError
 from ..text.findings import NO_FINDING, parse_finding, restrict_finding
-from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+from ..transforms.lung_mask import lung_label_from_ct
 from ..transforms.lung_regions import lung_zone_map
 from ..transforms.slicing import axial_axis
 from ..transforms.text import TokenizeText
@@ -57,7 +57,7 @@ def level_sentences(text: str, image: np.ndarray, affine: np.ndarray, lung: np.n
     """The sentence of each FILE axial slice (module docstring); the lung label (1 right, 2 left) is
     thresholded from the CT when not given."""
     if lung is None:
-        lung = split_left_right(lung_mask_from_ct(image, affine), affine)
+        lung = lung_label_from_ct(image, affine)
     if not np.any(lung):  # no lung to cut into levels: every slice gets the whole sentence
         return [text] * image.shape[axial_axis(affine)]
     zones = lung_zone_map(lung, affine)

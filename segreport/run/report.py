@@ -28,7 +28,7 @@ from ..data.io import spacing_from_affine
 from ..data.outputs import write_json, write_text  # noqa: F401  (re-exported: report writers)
 from ..transforms.laterality import laterality_check, warning_lines as laterality_warnings
 from ..transforms.findings import Findings, FindingsFromMask, label_components
-from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+from ..transforms.lung_mask import lung_label_from_ct
 from ..transforms.lung_regions import lung_zone_map
 from ..vocab import LUNG_LABELS, PULMONARY_FRACTION, SIDES, severity_from_percent
 from ..inference.geometry import voxel_volume_ml
@@ -41,7 +41,7 @@ ZONE_FRACTION = 0.1
 
 def lung_regions(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Lung label (1 right, 2 left: the patient's, from the affine) and zone map (1..6) of a CT in HU."""
-    lung = split_left_right(lung_mask_from_ct(image, affine), affine)
+    lung = lung_label_from_ct(image, affine)
     zones = lung_zone_map(lung, affine) if lung.any() else np.zeros(lung.shape, dtype=np.uint8)
     return lung, zones
 

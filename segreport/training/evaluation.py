@@ -60,9 +60,9 @@ def reference_sentence(item: dict) -> str:
 
     from ..data.io import load_volume
     from ..transforms.findings import FindingsFromMask
-    from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+    from ..transforms.lung_mask import lung_label_from_ct
 
     image, affine, _ = load_volume(item["image"])
     label = load_volume(item["label"])[0] > 0
-    lung = load_volume(item["lung"])[0].astype(np.uint8) if item.get("lung") else split_left_right(lung_mask_from_ct(image, affine), affine)
+    lung = load_volume(item["lung"])[0].astype(np.uint8) if item.get("lung") else lung_label_from_ct(image, affine)
     return FindingsFromMask().describe(label, lung=lung if lung.any() else None, affine=affine, image=image).text

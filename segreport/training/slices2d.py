@@ -35,7 +35,7 @@ from ..text.findings import restrict_finding
 from ..text.tokenizers import build_word_tokenizer, load_tokenizer
 from ..transforms.findings import FindingsFromMask, LungZonesFromTextd
 from ..transforms.intensity import HUWindow
-from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+from ..transforms.lung_mask import lung_label_from_ct
 from ..transforms.lung_regions import lung_zone_map, slice_levels
 from ..transforms.orientation import display_to_file_index, to_display
 from ..transforms.slicing import VolumeToSlicesd, axial_axis
@@ -154,7 +154,7 @@ def volume_to_slice_items(case: dict, mode: str = "mix", seed: int = 0, neg_rati
     else:
         image, affine, _ = load_volume(case["image"])
         label = np.zeros(image.shape, np.uint8)
-    lung = load_volume(case["lung"])[0].astype(np.uint8) if case.get("lung") else split_left_right(lung_mask_from_ct(image, affine), affine)
+    lung = load_volume(case["lung"])[0].astype(np.uint8) if case.get("lung") else lung_label_from_ct(image, affine)
     windowed = np.asarray(HUWindow(preset="lung")(image[None]))[0]
     if not lung.any():  # FindingsFromMask's documented fallback: sides about the body, levels from its extent
         log.warning("%s: no lung found in the CT and no lung label: slice findings place lesions by the body's extent",

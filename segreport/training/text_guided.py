@@ -242,7 +242,7 @@ def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str =
     from ..models import load
     from ..text.findings import parse_finding, restrict_finding
     from ..transforms.findings import FindingsFromMask
-    from ..transforms.lung_mask import lung_mask_from_ct, split_left_right
+    from ..transforms.lung_mask import lung_label_from_ct
     from ..vocab import SIDES, ZONES
     from .evaluation import reference_sentence
 
@@ -255,7 +255,7 @@ def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str =
         if named_sides != set(SIDES):
             continue
         image, affine, _ = load_volume(item["image"])
-        lung = split_left_right(lung_mask_from_ct(image, affine), affine)
+        lung = lung_label_from_ct(image, affine)
 
         def side_volumes(text: str) -> dict[str, float]:
             mask = predictor.predict(image, affine, lung=lung, text=text).mask

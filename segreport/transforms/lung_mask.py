@@ -92,3 +92,8 @@ def split_left_right(lung: np.ndarray, affine: np.ndarray) -> np.ndarray:
         else:
             out[labels == c] = LUNG_LABELS["right"] if cx > midline else LUNG_LABELS["left"]
     return out
+
+
+def lung_label_from_ct(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The lung label (1 right, 2 left) of a CT in HU: :func:`lung_mask_from_ct` split by :func:`split_left_right`."""
+    return split_left_right(lung_mask_from_ct(image, affine), affine)
