@@ -10,9 +10,7 @@ default model exactly as ``train.yaml`` builds it (32³ ROI, residual U-Net back
 attributes with their measured descriptors: what a click costs in the bundle); ``bundle_vit`` is the
 same bundle with ``variant_vit.yaml`` (the paper's ViT); ``bundle_paper`` the bundle's default with
 ``train_paper.yaml`` (128³ ROI, nnInteractive's ResEnc-L widths). ``moderate`` is a small 64³ ViT (4 blocks, 192
-wide); ``paper`` is the 128³ SAM-Med3D ViT-B sized configuration; these two are measured as the
-paper's plain ViT and with the SAM2-style high-resolution features, whose conv stem runs once per
-ROI and whose features are cached too.
+wide); ``paper`` is the 128³ SAM-Med3D ViT-B sized configuration (the paper's plain ViT).
 
     python benchmarks/bench_click_latency.py                          # bundle, bundle_vit, moderate
     python benchmarks/bench_click_latency.py --configs bundle paper   # any subset
@@ -67,14 +65,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, warmup: int, repeats: int, high_res: bool = False) -> dict:
+def measure(name: str, warmup: int, repeats: int) -> dict:
     """Best/median seconds of a full forward and of a cached-embedding click for one configuration."""
     torch.manual_seed(0)
     if name in BUNDLE_OVERLAYS:
         model = bundle_network(BUNDLE_OVERLAYS[name]).eval()
         config = dict(model.spec)
     else:
-        model = LesionPromptNet(**BENCH_CONFIGS[name], point_refinement=True, synergy=True, high_res_features=high_res).eval()
+        model = LesionPromptNet(**BENCH_CONFIGS[name], point_refinement=True, synergy=True).eval()
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in BENCH_CONFIGS[name].items()}
     image = torch.randn(1, 1, *model.img_size)
     centre = torch.tensor(model.img_size, dtype=torch.float) / 2
@@ -97,7 +95,6 @@ def measure(name: str, warmup: int, repeats: int, high_res: bool = False) -> dic
     full_s, click_s = [p[0] for p in pairs], [p[1] for p in pairs]
     return {
         "config": config,
-        "high_res_features": high_res,
         "warmup": warmup,
         "repeats": repeats,
         "full_forward_s": {"best": min(full_s), "median": statistics.median(full_s)},
@@ -128,11 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
         "target_speedup": TARGET_RATIO,
         "results": {},
     }
-    runs = [(n, h) for n in args.configs for h in ((None,) if n in BUNDLE_OVERLAYS else (False, True))]
-    for name, high_res in runs:
-        repeats = args.repeats if name not in SLOW else min(args.repeats, 3)
-        key = name + ("+high_res" if high_res else "")  # bundle models: as their config says
-        res = result["results"][key] = measure(name, min(args.warmup, repeats), repeats, high_res)
+    for key in args.configs:
+        repeats = args.repeats if key not in SLOW else min(args.repeats, 3)
+        res = result["results"][key] = measure(key, min(args.warmup, repeats), repeats)
         print(
             f"[{key}] full forward {res['full_forward_s']['best'] * 1e3:.1f} ms | cached-embedding click "
             f"{res['cached_click_s']['best'] * 1e3:.1f} ms (best of {repeats}) | speedup "

@@ -23,7 +23,7 @@ Writes ``benchmarks/results/lesion_report_quality.json``. Numbers are reported a
 
     python benchmarks/bench_lesion_report_quality.py --quick     # 40 cases x 30 epochs: ~11 min on 1 CPU thread
     python benchmarks/bench_lesion_report_quality.py             # 60 cases x 60 epochs
-    python benchmarks/bench_lesion_report_quality.py --quick --set high_res_features=false  # a full-model variant
+    python benchmarks/bench_lesion_report_quality.py --quick --set lesion_pooling=false  # a full-model variant
     python benchmarks/bench_lesion_report_quality.py --quick --ablation  # + Tables 2-3's ablation variants
 """
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", action="store_true",
                    help="also train the vanilla / +refinement / +synergy variants and write the ablation table")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="train.yaml override for the full model only (VALUE is JSON), e.g. high_res_features=false")
+                   help="train.yaml override for the full model only (VALUE is JSON), e.g. lesion_pooling=false")
     p.add_argument("--reuse", action="store_true",
                    help="reuse a run folder's trained model and recorded training time (re-evaluate only)")
     p.add_argument("--only", nargs="+", choices=sorted({*MODELS, *ABLATION}), default=None,

@@ -68,9 +68,7 @@ def test_output_shapes(net, image, clicks):
     assert all(torch.isfinite(v).all() for v in [out["mask_logits"], out["iou_pred"], *out["attr_logits"].values()])
 
 
-@pytest.mark.parametrize("high_res", [False, True])
-def test_decode_of_cached_embedding_equals_forward(net, image, high_res):
-    net = _net(high_res_features=True) if high_res else net
+def test_decode_of_cached_embedding_equals_forward(net, image):
     points, labels = CLICKS["several+padding"]
     with torch.no_grad():
         full = net(image, points, labels)
@@ -80,10 +78,7 @@ def test_decode_of_cached_embedding_equals_forward(net, image, high_res):
         shared = net.decode(embedding.select(0), points, labels)
         expanded = net.decode(embedding.select(0).expand(2), points, labels)
     assert embedding.grid.shape == (2, 32, *net.grid_size)
-    if high_res:  # SAM2's stride-4/8 features: 4x and 2x the ViT grid, C/8 and C/4 channels
-        assert [tuple(t.shape) for t in embedding.high_res] == [(2, 4, 32, 32, 32), (2, 8, 16, 16, 16)]
-    else:
-        assert embedding.high_res is None
+    assert embedding.high_res is None  # a ViT has no encoder skips
     for key in ("mask_logits", "low_res_logits", "iou_pred"):
         assert torch.equal(full[key], split[key])
         assert torch.equal(shared[key], expanded[key])
@@ -91,9 +86,8 @@ def test_decode_of_cached_embedding_equals_forward(net, image, high_res):
         assert torch.equal(full["attr_logits"][group], split["attr_logits"][group])
 
 
-@pytest.mark.parametrize("high_res", [False, True])
-def test_gradients_reach_encoder_and_every_head(image, high_res):
-    model = _net(high_res_features=high_res).train()
+def test_gradients_reach_encoder_and_every_head(image):
+    model = _net().train()
     points, labels = torch.tensor([[[10.0, 12, 14], [20, 20, 20], [0, 0, 0]]] * 2), torch.tensor([[1, 0, -1]] * 2)
     target = (torch.rand(2, 1, *ROI) > 0.7).float()
     attrs = torch.tensor([[1, 0, 2, 1, 0], [3, 1, 0, 0, 1]])
@@ -215,9 +209,7 @@ def test_bad_inputs_raise_clear_errors(net, image):
     with pytest.raises(ValueError, match="unknown"):
         LesionPromptNet.from_config("huge")
     with pytest.raises(ValueError, match="not made by this model"):  # a cache from another model
-        net.decode(_net(high_res_features=True).encode_image(image), *CLICKS["one"])
-    with pytest.raises(ValueError, match="divisible by 4"):
-        LesionPromptNet.tiny(patch_size=2, high_res_features=True)
+        net.decode(_net(backbone="resunet").encode_image(image), *CLICKS["one"])
 
 
 def test_paper_configuration_builds_on_meta_device():
@@ -225,9 +217,6 @@ def test_paper_configuration_builds_on_meta_device():
         model = LesionPromptNet.paper()
     assert model.grid_size == (8, 8, 8)
     assert sum(p.numel() for p in model.image_encoder.parameters()) > 80e6  # ViT-B sized
-    with torch.device("meta"):
-        s0, s1 = LesionPromptNet.paper(high_res_features=True).encode_image(torch.empty(1, 1, 128, 128, 128)).high_res
-    assert s0.shape == (1, 48, 32, 32, 32) and s1.shape == (1, 96, 16, 16, 16)  # strides 4 and 8 of the ROI
 
 
 def test_loss_components_ignore_index_and_attribute_formats():

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from segreport.losses.lesion_report import LesionReportLoss
-from segreport.models.lesion_report_3d import build_network, spec_for
+from segreport.models.lesion_report_3d import RETIRED_SWITCHES, build_network, spec_for
 from segreport.models.spec import build_network as build_from_spec
 from segreport.networks.blocks.gradient_balance import GradientBalance
 from segreport.networks.blocks import lesion_features
 from segreport.networks.blocks.lesion_features import DESCRIPTOR_NAMES, image_maps, lesion_descriptors
-from segreport.networks.blocks.residual_unet import PointwiseConv3d, PromptFusionDecoder3D, PromptPyramid, prompt_maps
+from segreport.networks.blocks.residual_unet import PointwiseConv3d, PromptPyramid, prompt_maps
 from segreport.networks.lesion_prompt import LesionPromptNet
 from segreport.vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 
@@ -88,36 +88,6 @@ def test_prompt_maps_hold_no_subnormal_floats():
     assert maps[0, 0, 3, 4, 5] == 1 and maps[0, 1, 28, 27, 26] == 1 and maps[0, 2].max() == 0
     near = prompt_maps(clicks[:, :1], torch.tensor([[1]]), size)[0, 0, 3, 4, 5 + 4]  # 4 voxels away: kept exactly
     assert torch.isclose(near, torch.exp(torch.tensor(-16 / (2 * 1.5**2))))
-
-
-def test_click_affinity_marks_the_clicked_speck_not_the_glass_around_it():
-    """With the ROI image, two more maps: near a positive (negative) click, the voxels that look like the
-    clicked one. A click on a solid speck inside ground glass marks the speck; the glass is ~0."""
-    roi = torch.full((1, 1, *ROI), 0.2)  # aerated lung (lung window)
-    roi[..., 8:24, 8:24, 8:24] = 0.5  # ground glass
-    roi[..., 15:18, 15:18, 15:18] = 0.93  # a 3³ solid speck in it
-    clicks, labels = torch.tensor([[[16.0, 16, 16], [10, 10, 10]]]), torch.tensor([[1, 0]])
-    maps = prompt_maps(clicks, labels, ROI, image=roi)
-    assert maps.shape == (1, 5, *ROI) and torch.equal(maps[:, :3], prompt_maps(clicks, labels, ROI))
-    positive, negative = maps[0, 3], maps[0, 4]
-    speck = roi[0, 0] > 0.9
-    assert positive[speck].min() > 0.9 and positive[~speck].max() < 1e-3
-    glass_near_negative = (roi[0, 0] == 0.5) & (prompt_maps(clicks[:, 1:], labels[:, 1:] * 0 + 1, ROI, sigma=4.0)[0, 0] > 0.5)
-    assert negative[glass_near_negative].min() > 0.5 and negative[speck].max() < 1e-3
-    # a padding click marks nothing
-    assert prompt_maps(clicks, torch.tensor([[1, -1]]), ROI, image=roi)[0, 4].max() == 0
-
-
-def test_click_affinity_model_trains_and_its_spec_rebuilds_it(image):
-    net = build_network(backbone="resunet", lesion_pooling=True, attr_gradient="normalised", click_affinity=True)
-    target = (torch.rand(2, 1, *ROI) > 0.7).float()
-    out = net(image, POINTS, LABELS)
-    LesionReportLoss()(out, target, torch.tensor([[1, 0, 2, 1, 0], [3, 1, 0, 0, 1]]))[0].backward()
-    assert net.prompt_decoder.projs[-1].weight.grad[:, 3:].abs().sum() > 0  # the affinity maps reach the decoder
-    rebuilt = build_from_spec(spec_for(net))
-    assert rebuilt.click_affinity and rebuilt.prompt_decoder.projs[0].in_channels == 5
-    with pytest.raises(ValueError, match="click_affinity"):
-        LesionPromptNet.tiny(backbone="vit", click_affinity=True)
 
 
 def _phantom_rois(phantom_dir):
@@ -203,16 +173,6 @@ def test_gradient_balance_caps_the_auxiliary_gradient_at_the_main_one():
         assert balance(x)[1] is x  # identity outside training
 
 
-def test_detached_attributes_train_their_head_but_never_the_trunk(image):
-    """attr_gradient="detached": the attribute loss alone moves the attribute head, not the encoder."""
-    net = _net(attr_gradient="detached").train()
-    out = net(image, POINTS, LABELS)
-    sum(out["attr_logits"][g].sum() for g in ATTRIBUTE_NAMES).backward()
-    encoder = [p.grad for p in net.image_encoder.parameters()]
-    assert all(g is None or not g.abs().sum() > 0 for g in encoder)
-    assert net.attribute_classifier.heads[ATTRIBUTE_NAMES[0]].weight.grad.abs().sum() > 0
-
-
 def test_lambda_warmup_ramps_the_attribute_weight_during_training():
     loss = LesionReportLoss(lambda_attr=1.0, lambda_warmup=4)
     out = {"attr_logits": {g: torch.zeros(2, n, requires_grad=True) for g, n in
@@ -232,7 +192,7 @@ def test_the_spec_rebuilds_the_variant_and_old_specs_the_paper_model():
     assert rebuilt.backbone == "resunet" and rebuilt.lesion_features is not None and rebuilt.balance_tokens is not None
     assert rebuilt.state_dict().keys() == net.state_dict().keys()
     old = {**spec, "network": {**spec["network"], "args": {k: v for k, v in spec["network"]["args"].items()
-                                                          if k not in ("backbone", "lesion_pooling", "attr_gradient", "click_affinity")}}}
+                                                          if k not in ("backbone", "lesion_pooling", "attr_gradient")}}}
     paper = build_from_spec(old)
     assert paper.backbone == "vit" and paper.lesion_features is None and paper.balance_tokens is None
 
@@ -267,28 +227,20 @@ def test_batch_one_convolutions_equal_pytorchs_and_the_model_answers_alike_at_ba
     torch.testing.assert_close(one, both[:1], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["depthwise", "dense"])
-def test_full_res_conv_mixes_neighbours_and_old_specs_rebuild_without_it(kind):
-    """Without the full-resolution conv, a full-resolution voxel's decoder output depends on its own skip
-    voxel only; with it, on its neighbours' too (what lets a small lesion's mask close its holes)."""
-    torch.manual_seed(0)
-    feats, maps = (8, 16), torch.zeros(1, 3, 8, 8, 8)
-    x, skip = torch.randn(1, 32, 4, 4, 4), torch.randn(1, 8, 8, 8, 8)
-    poked = skip.clone()
-    poked[0, :, 4, 4, 4] += 5.0
-    for conv, spreads in ((None, False), (kind, True)):
-        dec = PromptFusionDecoder3D(feats, 32, full_res_conv=conv).eval()
-        with torch.no_grad():
-            change = (dec(x, [poked], maps) - dec(x, [skip], maps)).abs().sum(1)[0]
-        # instance norm spreads a tiny global shift everywhere: compare the neighbour with the far corner
-        assert (change[4, 4, 5] > 10 * change[0, 0, 0]) == spreads
-    net = build_network(backbone="resunet", lesion_pooling=True, full_res_conv=kind)
-    assert build_from_spec(spec_for(net)).prompt_decoder.full_res_mix is not None
-    old = spec_for(build_network(backbone="resunet", lesion_pooling=True))
-    old["network"]["args"].pop("full_res_conv", None)  # a spec written before the option existed
-    plain = build_from_spec(old)
-    assert plain.prompt_decoder.full_res_mix is None
-    missing = set(net.state_dict()) - set(plain.state_dict())
-    assert missing == {"prompt_decoder.full_res_mix.weight", "prompt_decoder.full_res_mix.bias"}
-    with pytest.raises(ValueError, match="full_res_conv"):
-        LesionPromptNet.tiny(backbone="vit", full_res_conv=kind)
+def test_specs_with_retired_switches_rebuild_at_the_kept_value_and_are_refused_otherwise():
+    """Checkpoints written before the dropped switches left the network carry them in their spec: at the
+    value the network kept they rebuild the same model; asking for the dropped behaviour is a clear error."""
+    spec = spec_for(build_network(backbone="resunet", lesion_pooling=True, attr_gradient="normalised"))
+    for key in RETIRED_SWITCHES:
+        assert key not in spec["network"]["args"]
+    old = {**spec, "network": {**spec["network"], "args": {**spec["network"]["args"], "click_affinity": False,
+                                                           "full_res_conv": None, "high_res_features": True}}}
+    assert build_from_spec(old).state_dict().keys() == build_from_spec(spec).state_dict().keys()  # U-Net: high_res unused
+    for key, value in (("click_affinity", True), ("full_res_conv", "dense")):
+        bad = {**spec, "network": {**spec["network"], "args": {**spec["network"]["args"], key: value}}}
+        with pytest.raises(ValueError, match=f"{key}=.*measured and dropped"):
+            build_from_spec(bad)
+    vit = spec_for(build_network(backbone="vit"))
+    vit["network"]["args"]["high_res_features"] = True
+    with pytest.raises(ValueError, match="high_res_features"):
+        build_from_spec(vit)

@@ -50,6 +50,18 @@ BASELINE_CONFIGS = {
 
 
 MODELS = ("lesion_prompt", "unet", "cnn_attr")
+# switches of earlier specs that were measured and dropped, with the one behaviour the network kept:
+# a spec that wrote the kept value rebuilds; one that asked for the dropped behaviour is refused
+RETIRED_SWITCHES = {"click_affinity": False, "full_res_conv": None, "high_res_features": False}
+
+
+def _check_retired(backbone: str, retired: Mapping[str, Any]) -> None:
+    for key, value in retired.items():
+        kept = RETIRED_SWITCHES[key]
+        ignored = key == "high_res_features" and backbone != "vit"  # a ViT-only switch the U-Net never read
+        if value != kept and not ignored:
+            raise ValueError(f"{key}={value!r} was measured and dropped from LesionPromptNet (docs/results-history.md); "
+                             "; retrain the model, or run it with the segreport version that trained it")
 
 
 def build_network(
@@ -58,23 +70,21 @@ def build_network(
     roi_size: int = 32,
     point_refinement: bool = True,
     synergy: bool = True,
-    high_res_features: bool = False,
     spacing: Sequence[float] = (1.5, 1.5, 2.5),
     window: str | Sequence[float] = "lung",
     axcodes: str = "RAS",
     backbone: str = "vit",
     lesion_pooling: bool = False,
     attr_gradient: str = "full",
-    click_affinity: bool = False,
     click_components: bool = False,
-    full_res_conv: str | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """The bundle's network: ``lesion_prompt`` (seed 001's model) or a baseline of its comparison tables,
     ``unet`` (Table 2, seg-only, no clicks) or ``cnn_attr`` (Table 3, attributes only), both from
-    :mod:`segreport.networks.baselines3d`. ``backbone``, ``lesion_pooling``, ``attr_gradient``, ``click_affinity``, ``click_components`` and ``full_res_conv`` select
-    the interactive model's variant (:class:`LesionPromptNet`); their defaults are the paper's model, so a
-    spec written before they existed rebuilds what it trained.
+    :mod:`segreport.networks.baselines3d`. ``backbone``, ``lesion_pooling``, ``attr_gradient`` and
+    ``click_components`` select the interactive model's variant (:class:`LesionPromptNet`); their defaults
+    are the paper's model, so a spec written before they existed rebuilds what it trained. Switches that
+    were dropped (:data:`RETIRED_SWITCHES`) are accepted only at the value the network kept.
 
     The full description (model, sizes, switches AND the pre-processing: spacing, window, axcodes)
     is kept on ``network.spec`` and saved as the network part of every checkpoint's spec
@@ -83,23 +93,21 @@ def build_network(
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {MODELS}")
+    _check_retired(backbone, {k: overrides.pop(k) for k in RETIRED_SWITCHES if k in overrides})
     if model == "lesion_prompt":
         net = LesionPromptNet.from_config(config, img_size=int(roi_size), point_refinement=bool(point_refinement),
-                                          synergy=bool(synergy), high_res_features=bool(high_res_features), backbone=backbone,
-                                          lesion_pooling=bool(lesion_pooling), attr_gradient=attr_gradient,
-                                          click_affinity=bool(click_affinity), click_components=bool(click_components),
-                                          full_res_conv=full_res_conv, **overrides)
+                                          synergy=bool(synergy), backbone=backbone, lesion_pooling=bool(lesion_pooling),
+                                          attr_gradient=attr_gradient, click_components=bool(click_components), **overrides)
     elif model == "unet":
         net = DictOutput(unet_baseline(**{**BASELINE_CONFIGS[model][config], **overrides}), "mask_logits")
     else:
         net = DictOutput(AttributeCNN(**{**BASELINE_CONFIGS[model][config], **overrides}), "attr_logits")
     net.spec = {
         "model": model, "config": config, "roi_size": int(roi_size), "point_refinement": bool(point_refinement),
-        "synergy": bool(synergy), "high_res_features": bool(high_res_features), "spacing": [float(s) for s in spacing],
+        "synergy": bool(synergy), "spacing": [float(s) for s in spacing],
         "window": window if isinstance(window, str) else [float(w) for w in window], "axcodes": axcodes,
         **({"backbone": backbone, "lesion_pooling": bool(lesion_pooling), "attr_gradient": attr_gradient,
-            "click_affinity": bool(click_affinity), "click_components": bool(click_components),
-            "full_res_conv": full_res_conv} if model == "lesion_prompt" else {}),
+            "click_components": bool(click_components)} if model == "lesion_prompt" else {}),
         **overrides,
     }  # fmt: skip
     return net

@@ -20,28 +20,23 @@ Two image backbones (``backbone``), everything after them shared (hybrid tokens,
 inside the predicted mask and in a ring around it, plus measured descriptors of the predicted lesion
 (:mod:`segreport.networks.blocks.lesion_features`). ``attr_gradient="normalised"`` bounds what the
 attribute loss sends into the shared trunk (:mod:`segreport.networks.blocks.gradient_balance`).
+``click_components``: with positive clicks the mask is the connected components they touch.
+The paper's model is the ViT with all three off (``variant_vit.yaml`` in the bundle).
 
 The paper gives no sizes. The ``paper`` configuration takes SAM-Med3D's ViT-B (128³ ROI, 16³ patches,
 768-wide, 12 blocks, global attention at 2/5/8/11, 384-wide prompt/decoder side), the closest published
 3D SAM, which the paper compares against; the ViT window, the K-means k and window p and the head
 depths are our choices.
-
-``high_res_features`` (our addition, off in the paper configuration, switchable): the paper says only
-that the mask tokens are "upsampled". A plain ViT has no fine-scale features, so the mask comes from
-an image embedding at 1/patch resolution upscaled x4. SAM2's mask decoder adds backbone features at
-the two upscaling resolutions; here a small conv stem on the ROI supplies them (a ViT has no
-multi-scale backbone to take them from). They are computed in ``encode_image``, so a new click still
-costs only ``decode``. Measured on the synthetic phantom, see the bundle's docs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, MLPBlock, TransformerBlock, UpSample
+from monai.networks.blocks import TransformerBlock, UpSample
 from monai.networks.nets.vista3d import MLP, TwoWayTransformer
 from monai.utils import ensure_tuple_rep
 from torch import nn
@@ -50,14 +45,15 @@ from segreport.networks.blocks.click_components import clicked_components, keep_
 from segreport.networks.blocks.cpu_convs import fast_cpu_convs
 from segreport.networks.blocks.gradient_balance import GradientBalance
 from segreport.networks.blocks.lesion_features import LesionAttributeFeatures, image_maps
+from segreport.networks.blocks.lesion_heads import AttributeClassifier, AttributeHead, ImageEmbedding, InterTaskSynergy
 from segreport.networks.blocks.prompt import PAD_LABEL, PromptEncoder3D, kmeans_refine_points
 from segreport.networks.blocks.residual_unet import (
-    AFFINITY_CHANNELS, PROMPT_CHANNELS, PointwiseConv3d, PromptFusionDecoder3D, PromptPyramid, ResidualEncoder3D, prompt_maps,
+    PointwiseConv3d, PromptFusionDecoder3D, PromptPyramid, ResidualEncoder3D, prompt_maps,
 )
-from segreport.networks.blocks.vit3d import ViTImageEncoder3D, channel_layer_norm_3d, self_attention_block
+from segreport.networks.blocks.vit3d import ViTImageEncoder3D, channel_layer_norm_3d
 from segreport.vocab import ATTRIBUTE_NUM_CLASSES
 
-__all__ = ["LesionPromptNet", "ImageEmbedding", "InterTaskSynergy", "AttributeHead", "CONFIGS", "RESUNET_CONFIGS"]
+__all__ = ["LesionPromptNet", "ImageEmbedding", "CONFIGS", "RESUNET_CONFIGS"]
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # for tests and CPU smoke runs: 32³ ROI, 8³ token grid, 32-wide, 2 layers everywhere
@@ -84,136 +80,7 @@ RESUNET_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 # attr_gradient -> GradientBalance ratio (attribute gradient into the trunk / mask's); None: unbounded
-ATTR_GRADIENT_RATIO = {"full": None, "normalised": 1.0, "detached": 0.0}
-
-
-class ImageEmbedding(NamedTuple):
-    """What ``encode_image`` returns and ``decode`` takes: cache it once per ROI.
-
-    ``grid``: (B, embed_dim, *grid_size) image embedding; ``high_res``: finer features, the ViT's
-    ``(s0, s1)`` stem features at 4x and 2x the grid (``embed_dim/8`` and ``embed_dim/4`` channels) or
-    the residual U-Net's encoder skips (full resolution first), None when the model has none;
-    ``image``: the ROI's :func:`image_maps` (the ROI, its gradient, texture and density indicators), for the
-    measured lesion descriptors and the click-affinity maps (None when the model uses neither).
-    """
-
-    grid: torch.Tensor
-    high_res: tuple[torch.Tensor, ...] | None = None
-    image: torch.Tensor | None = None
-
-    def _map(self, fn) -> ImageEmbedding:
-        """``fn`` applied to every tensor."""
-        return ImageEmbedding(fn(self.grid), None if self.high_res is None else tuple(fn(t) for t in self.high_res),
-                              None if self.image is None else fn(self.image))
-
-    def expand(self, b: int) -> ImageEmbedding:
-        """The same embedding for ``b`` prompt sets (a view: no copy)."""
-        return self._map(lambda t: t if t.shape[0] == b else t.expand(b, *t.shape[1:]))
-
-    def select(self, index: slice | int) -> ImageEmbedding:
-        """Rows ``index`` of the batch (e.g. ``select(slice(0, 1))`` for the first image)."""
-        index = slice(index, index + 1) if isinstance(index, int) else index
-        return self._map(lambda t: t[index])
-
-
-class HighResStem(nn.Module):
-    """SAM2-style high-resolution features for the mask upscaling, from the ROI itself.
-
-    s0 at 4x the ViT grid (stride patch/4; the ROI's full resolution when patch = 4) with
-    ``embed_dim/8`` channels and s1 at 2x the grid with ``embed_dim/4``: the two resolutions of the
-    mask head's upscaling, where SAM2 adds its backbone's stride-4/8 features.
-    """
-
-    def __init__(self, in_channels: int, patch_size: Sequence[int], embed_dim: int):
-        super().__init__()
-        if any(p % 4 for p in patch_size):
-            raise ValueError(f"high_res_features needs a patch size divisible by 4, got {tuple(patch_size)}")
-        stride = tuple(p // 4 for p in patch_size)
-        c0, c1 = embed_dim // 8, embed_dim // 4
-        conv = dict(spatial_dims=3, act="GELU", norm=("instance", {"affine": True}))
-        # to the s0 grid: a 3³ conv at full resolution, else a patchify conv (kernel = stride, as the ViT's)
-        first = dict(kernel_size=3) if max(stride) == 1 else dict(kernel_size=stride, strides=stride, padding=0)
-        self.s0 = nn.Sequential(
-            Convolution(in_channels=in_channels, out_channels=c0, **first, **conv),
-            Convolution(in_channels=c0, out_channels=c0, kernel_size=3, **conv),
-        )
-        self.s1 = Convolution(in_channels=c0, out_channels=c1, strides=2, kernel_size=3, **conv)
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s0 = self.s0(image)
-        return s0, self.s1(s0)
-
-
-class InterTaskSynergy(nn.Module):
-    """Eq. 3: Z_seg = Attn(M, Proj(A)), Z_attr = Attn(A, Proj(M)), both from the same M and A.
-
-    Proj maps each task's features into a shared ``dim``-wide space; Attn is multi-head cross-attention
-    (``nn.MultiheadAttention``, because it takes a key padding mask: padding prompt tokens in A must not
-    be attended to). Each output is residual + LayerNorm so an uninformative exchange cannot erase
-    the task's own features.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, dim: int | None = None):
-        super().__init__()
-        dim = dim or embed_dim
-        self.proj_m = nn.Linear(embed_dim, dim)
-        self.proj_a = nn.Linear(embed_dim, dim)
-        self.attn_seg = nn.MultiheadAttention(embed_dim, num_heads, kdim=dim, vdim=dim, batch_first=True)
-        self.attn_attr = nn.MultiheadAttention(embed_dim, num_heads, kdim=dim, vdim=dim, batch_first=True)
-        self.norm_seg = nn.LayerNorm(embed_dim)
-        self.norm_attr = nn.LayerNorm(embed_dim)
-
-    def forward(
-        self, m: torch.Tensor, a: torch.Tensor, a_valid: torch.Tensor, m_for_attr: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """m: (B, M, C) mask tokens; a: (B, T, C) attribute tokens; a_valid: (B, T) bool; ``m_for_attr``:
-        the mask tokens as the attribute side reads them (a gradient-balanced view of ``m``; default m)."""
-        pa, pm = self.proj_a(a), self.proj_m(m if m_for_attr is None else m_for_attr)
-        z_seg = self.attn_seg(m, pa, pa, key_padding_mask=~a_valid, need_weights=False)[0]
-        z_attr = self.attn_attr(a, pm, pm, need_weights=False)[0]
-        return self.norm_seg(m + z_seg), self.norm_attr(a + z_attr)
-
-
-class AttributeHead(nn.Module):
-    """H_attr up to A: a residual MLP block, then self-attention over the hybrid tokens.
-
-    Padding prompt tokens are masked out of the attention keys (MONAI ``SABlock`` takes a (B, T) mask on
-    its non-fused path) so the attributes do not depend on how many padding slots a batch carries.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, mlp_dim: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(embed_dim)
-        self.residual_mlp = MLPBlock(embed_dim, mlp_dim)
-        self.self_attn = self_attention_block(embed_dim, mlp_dim, num_heads, use_flash_attention=False)
-
-    def forward(self, z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        a = z + self.residual_mlp(self.norm(z))
-        return self.self_attn(a, attn_mask=valid)
-
-
-class AttributeClassifier(nn.Module):
-    """FCN(A): masked mean over the valid tokens, then one linear classifier per attribute group.
-
-    The paper writes a sigmoid multi-label layer, but every group in its Table 1 is a set of mutually
-    exclusive classes (a lesion has exactly one shape, one density ...) and eq. 6 is categorical CE,
-    so each group gets its own softmax classifier; argmax per group is the report.
-
-    ``extra_dim`` > 0: a lesion feature vector (:class:`LesionAttributeFeatures`) is concatenated to the
-    pooled tokens before the classifiers.
-    """
-
-    def __init__(self, embed_dim: int, groups: Mapping[str, int], extra_dim: int = 0):
-        super().__init__()
-        self.norm = nn.LayerNorm(embed_dim)
-        self.heads = nn.ModuleDict({name: nn.Linear(embed_dim + extra_dim, n) for name, n in groups.items()})
-
-    def forward(self, a: torch.Tensor, valid: torch.Tensor, extra: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        w = valid.unsqueeze(-1).to(a.dtype)
-        pooled = self.norm((a * w).sum(1) / w.sum(1).clamp(min=1))
-        if extra is not None:
-            pooled = torch.cat([pooled, extra.to(pooled.dtype)], -1)
-        return {name: head(pooled) for name, head in self.heads.items()}
+ATTR_GRADIENT_RATIO = {"full": None, "normalised": 1.0}
 
 
 class LesionPromptNet(nn.Module):
@@ -237,23 +104,16 @@ class LesionPromptNet(nn.Module):
         point_refinement: enable feature-space K-means point refinement (eq. 1-2).
         refine_window, refine_k, refine_iters: window p (in feature cells), clusters k, Lloyd steps.
         synergy: enable inter-task feature synergy (eq. 3).
-        high_res_features: add a conv stem's features to the mask upscaling, as SAM2 (ViT only; module docstring).
         dropout_rate: ViT dropout.
         backbone: ``"vit"`` (the paper's) or ``"resunet"`` (module docstring); the ViT arguments above
             are unused with ``"resunet"``.
         unet_features, unet_blocks: channels and residual blocks per stage of the residual U-Net.
         lesion_pooling: the attribute classifier also reads features pooled inside the predicted mask
-            and in a ring around it; ``descriptors``: plus the measured lesion descriptors.
+            and in a ring around it, plus the measured lesion descriptors.
         conv_head: add a 1x1 conv of the full-resolution features to the hypernetwork's mask (a U-Net's
             own segmentation head beside SAM's; the mask tokens, and so the synergy, still shape it).
         attr_gradient: what the attribute loss sends into the shared trunk: ``"full"`` (the paper),
-            ``"normalised"`` (capped at the mask loss's running gradient norm, :class:`GradientBalance`),
-            ``"detached"`` (none: the attribute head reads the trunk's features without training them).
-        click_affinity: ``"resunet"`` only: two more prompt maps, which voxels near each positive / negative
-            click look like the clicked voxel (:func:`prompt_maps` with the ROI image), within a Gaussian
-            of ``affinity_sigma`` voxels around it.
-        full_res_conv: ``"resunet"`` only: the decoder's 3x3x3 conv at full resolution, ``None`` (none),
-            ``"depthwise"`` or ``"dense"`` (:class:`PromptFusionDecoder3D`).
+            or ``"normalised"`` (capped at the mask loss's running gradient norm, :class:`GradientBalance`).
         click_components: with positive clicks, the mask is the connected components they touch
             (:mod:`~segreport.networks.blocks.click_components`), and the attribute head pools over
             those. In a training step with gradient the returned mask stays whole (the loss trains
@@ -285,33 +145,23 @@ class LesionPromptNet(nn.Module):
         refine_k: int = 3,
         refine_iters: int = 5,
         synergy: bool = True,
-        high_res_features: bool = False,
         dropout_rate: float = 0.0,
         backbone: str = "vit",
         unet_features: Sequence[int] = (8, 16, 32, 64),
         unet_blocks: Sequence[int] = (1, 2, 3, 4),
         lesion_pooling: bool = False,
-        descriptors: bool = True,
         attr_gradient: str = "full",
         conv_head: bool = False,
-        click_affinity: bool = False,
-        affinity_sigma: float = 4.0,
         click_components: bool = False,
-        full_res_conv: str | None = None,
     ):
         super().__init__()
         if embed_dim % 8:
             raise ValueError(f"embed_dim must be a multiple of 8 (upscaling to embed_dim/8), got {embed_dim}")
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
-        if click_affinity and backbone != "resunet":
-            raise ValueError("click_affinity feeds the residual U-Net's prompt-fusion decoder: it needs backbone='resunet'")
-        if full_res_conv is not None and backbone != "resunet":
-            raise ValueError("full_res_conv is the residual U-Net decoder's: it needs backbone='resunet'")
         if attr_gradient not in ATTR_GRADIENT_RATIO:
             raise ValueError(f"attr_gradient must be one of {sorted(ATTR_GRADIENT_RATIO)}, got {attr_gradient!r}")
         self.backbone = backbone
-        self.click_affinity, self.affinity_sigma = bool(click_affinity), float(affinity_sigma)
         self.click_components = bool(click_components)
         self.img_size = ensure_tuple_rep(img_size, 3)
         self.point_refinement = point_refinement
@@ -320,19 +170,18 @@ class LesionPromptNet(nn.Module):
         self.attribute_groups = dict(ATTRIBUTE_NUM_CLASSES if attribute_groups is None else attribute_groups)
 
         # --- Vision-Prompt Hybrid Token Encode module
-        self.high_res_stem = self.output_upscaling = self.prompt_decoder = None
+        self.output_upscaling = self.prompt_decoder = None
         if backbone == "resunet":
             self.image_encoder = ResidualEncoder3D(in_channels, unet_features, unet_blocks, out_channels=embed_dim)
             down = self.image_encoder.downsampling
             if any(s % down for s in self.img_size):
                 raise ValueError(f"img_size {self.img_size} must be divisible by {down} ({len(unet_features)} stages)")
             self.grid_size = tuple(s // down for s in self.img_size)
-            self.prompt_decoder = PromptFusionDecoder3D(unet_features, embed_dim, PROMPT_CHANNELS + AFFINITY_CHANNELS * bool(click_affinity),
-                                                        full_res_conv=full_res_conv)
+            self.prompt_decoder = PromptFusionDecoder3D(unet_features, embed_dim)
             mask_channels = int(unet_features[0])
         else:
             mask_channels = self._build_vit(img_size, in_channels, patch_size, encoder_embed_dim, encoder_depth, encoder_num_heads,
-                                            mlp_ratio, window_size, global_attn_indexes, embed_dim, dropout_rate, high_res_features)
+                                            mlp_ratio, window_size, global_attn_indexes, embed_dim, dropout_rate)
         self.prompt_encoder = PromptEncoder3D(embed_dim, self.grid_size, self.img_size, mask_in_chans)
         self.iou_token = nn.Embedding(1, embed_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, embed_dim)
@@ -356,7 +205,7 @@ class LesionPromptNet(nn.Module):
         )
         self.iou_prediction_head = MLP(embed_dim, iou_head_hidden, self.num_mask_tokens, 3)
         self.conv_head = PointwiseConv3d(mask_channels, self.num_mask_tokens) if conv_head else None
-        self.lesion_features = LesionAttributeFeatures(mask_channels, embed_dim, descriptors=descriptors) if lesion_pooling else None
+        self.lesion_features = LesionAttributeFeatures(mask_channels, embed_dim) if lesion_pooling else None
         self.attribute_classifier = AttributeClassifier(embed_dim, self.attribute_groups, embed_dim if lesion_pooling else 0)
         ratio = ATTR_GRADIENT_RATIO[attr_gradient]
         self.balance_tokens = GradientBalance(ratio) if ratio is not None else None
@@ -365,8 +214,8 @@ class LesionPromptNet(nn.Module):
         fast_cpu_convs(self)  # an interactive session runs batch 1: oneDNN, not PyTorch's reference kernel
 
     def _build_vit(self, img_size, in_channels, patch_size, encoder_embed_dim, encoder_depth, encoder_num_heads, mlp_ratio,
-                   window_size, global_attn_indexes, embed_dim, dropout_rate, high_res_features) -> int:
-        """The paper's image side: ViT encoder, optional conv stem, SAM's x4 upscaling; returns its channels."""
+                   window_size, global_attn_indexes, embed_dim, dropout_rate) -> int:
+        """The paper's image side: ViT encoder and SAM's x4 upscaling; returns its channels."""
         self.image_encoder = ViTImageEncoder3D(
             img_size=self.img_size,
             patch_size=patch_size,
@@ -381,8 +230,6 @@ class LesionPromptNet(nn.Module):
             dropout_rate=dropout_rate,
         )
         self.grid_size = self.image_encoder.grid_size
-        patch = ensure_tuple_rep(patch_size, 3)
-        self.high_res_stem = HighResStem(in_channels, patch, embed_dim) if high_res_features else None
         # SAM's x4 upscaling of the image embedding (two stride-2 transposed convs) for the hypernetwork
         self.output_upscaling = nn.Sequential(
             UpSample(3, embed_dim, embed_dim // 4, scale_factor=2, mode="deconv"),
@@ -414,13 +261,13 @@ class LesionPromptNet(nn.Module):
     # ------------------------------------------------------------------ API
     def encode_image(self, image: torch.Tensor) -> ImageEmbedding:
         """E_I: (B, in_channels, *img_size) -> :class:`ImageEmbedding` (grid (B, embed_dim, *grid_size)
-        [+ finer features] [+ the image maps, for the lesion descriptors]). Cache it per ROI."""
+        [+ the U-Net's skips] [+ the image maps, for the lesion descriptors]). Cache it per ROI."""
         descriptors = self.lesion_features is not None and self.lesion_features.descriptors
-        keep = image_maps(image) if descriptors or self.click_affinity else None
+        keep = image_maps(image) if descriptors else None
         if self.prompt_decoder is not None:
             grid, skips = self.image_encoder(image)
             return ImageEmbedding(grid, tuple(skips), keep)
-        return ImageEmbedding(self.image_encoder(image), None if self.high_res_stem is None else self.high_res_stem(image), keep)
+        return ImageEmbedding(self.image_encoder(image), None, keep)
 
     def decode(
         self,
@@ -433,8 +280,8 @@ class LesionPromptNet(nn.Module):
         """Prompt side: embedding + clicks (+ previous mask) -> mask, IoU and attribute predictions.
 
         Args:
-            embedding: output of ``encode_image`` (a bare grid tensor is accepted when the model has no
-                high-resolution features); a batch of 1 is shared by all prompt sets.
+            embedding: output of ``encode_image`` (a bare grid tensor is accepted for the ViT without
+                lesion descriptors); a batch of 1 is shared by all prompt sets.
             points: (B, N, 3) ROI voxel coordinates along (D, H, W); None or N=0 for no clicks.
             point_labels: (B, N): 1 positive, 0 negative, -1 padding (all -1 = no clicks).
             mask_prompt: previous ``low_res_logits`` (B, 1, 4d, 4h, 4w), or a mask at any size.
@@ -447,17 +294,15 @@ class LesionPromptNet(nn.Module):
         """
         if isinstance(embedding, torch.Tensor):
             embedding = ImageEmbedding(embedding)
-        if (embedding.high_res is None) != (self.high_res_stem is None and self.prompt_decoder is None):
-            raise ValueError("this embedding was not made by this model's encode_image (high-resolution features differ)")
+        if (embedding.high_res is None) != (self.prompt_decoder is None):
+            raise ValueError("this embedding was not made by this model's encode_image (encoder skips differ)")
         points, point_labels = self._prepare_points(embedding.grid, points, point_labels, mask_prompt)
         clicks, click_labels = points, point_labels  # as given: the refined points are added below
         b = points.shape[0]
         grid, high_res, image = embedding.expand(b)
         maps = None
         if self.prompt_decoder is not None:  # the clicks as given (not the refined points) and the previous mask
-            roi = image[:, :1] if self.click_affinity else None  # the click-affinity channels read the ROI
-            maps = PromptPyramid(prompt_maps(points, point_labels, self.img_size, mask_prompt, image=roi,
-                                             affinity_sigma=self.affinity_sigma).to(grid.dtype))
+            maps = PromptPyramid(prompt_maps(points, point_labels, self.img_size, mask_prompt).to(grid.dtype))
         if self.point_refinement:
             extra, extra_labels = kmeans_refine_points(
                 grid, points, point_labels, self.img_size, self.refine_window, self.refine_k, self.refine_iters
@@ -490,14 +335,7 @@ class LesionPromptNet(nn.Module):
         # mask: hypernetwork weights from the mask tokens x upscaled image embedding
         d, h, w = self.grid_size
         img = img.transpose(1, 2).reshape(b, -1, d, h, w)
-        if self.prompt_decoder is not None:
-            upscaled = self.prompt_decoder(img, high_res, maps)
-        elif high_res is None:
-            upscaled = self.output_upscaling(img)
-        else:  # SAM2: dc1(src) + feat_s1 -> norm, act -> dc2 + feat_s0 -> act
-            dc1, ln1, act1, dc2, act2 = self.output_upscaling
-            s0, s1 = high_res
-            upscaled = act2(dc2(act1(ln1(dc1(img) + s1))) + s0)
+        upscaled = self.output_upscaling(img) if self.prompt_decoder is None else self.prompt_decoder(img, high_res, maps)
         upscaled, up_attr = self.balance_features(upscaled) if self.balance_features is not None else (upscaled, upscaled)
         hyper = torch.stack([mlp(m[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], 1)
         low_res = (hyper @ upscaled.flatten(2)).reshape(b, self.num_mask_tokens, *upscaled.shape[2:])

@@ -13,9 +13,8 @@ only (measured in benchmarks/bench_click_latency.py).
 * :func:`prompt_maps`: clicks -> positive/negative Gaussian balls, previous mask -> probability, at
   the ROI's size (what nnInteractive feeds as input channels).
 * :class:`PromptFusionDecoder3D`: per level, transposed conv up + encoder skip + a 1x1 projection of
-  the prompt maps at that resolution, then one conv. At full resolution ``full_res_conv`` says which:
-  none (the sum is normalised and activated only: a dense 3x3x3 conv there costs as much as the
-  encoder's first stage), ``"depthwise"`` (a 3x3x3 conv per channel, a third of that) or ``"dense"``.
+  the prompt maps at that resolution, then one conv; at full resolution the sum is normalised and
+  activated only (a dense 3x3x3 conv there costs as much as the encoder's first stage).
 """
 
 from __future__ import annotations
@@ -31,11 +30,9 @@ from torch import nn
 
 from .vit3d import channel_layer_norm_3d
 
-__all__ = ["ResidualEncoder3D", "PromptFusionDecoder3D", "PointwiseConv3d", "prompt_maps", "PROMPT_CHANNELS", "AFFINITY_CHANNELS", "FULL_RES_CONVS"]
+__all__ = ["ResidualEncoder3D", "PromptFusionDecoder3D", "PointwiseConv3d", "prompt_maps", "PROMPT_CHANNELS"]
 
 PROMPT_CHANNELS = 3  # positive clicks, negative clicks, previous mask probability
-AFFINITY_CHANNELS = 2  # with the ROI image: intensity affinity of the positive and of the negative clicks
-FULL_RES_CONVS = (None, "depthwise", "dense")  # PromptFusionDecoder3D's 3x3x3 conv at full resolution
 _TAIL = 1e-8  # prompt-map values under this are 0 (prompt_maps)
 _NORM = ("instance", {"affine": True})
 _ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})  # nnU-Net's
@@ -114,35 +111,19 @@ def _balls(points: torch.Tensor, size: tuple[int, ...], sigma: float) -> torch.T
 
 @torch.no_grad()
 def prompt_maps(points: torch.Tensor, labels: torch.Tensor, size: Sequence[int],
-                mask_prompt: torch.Tensor | None = None, sigma: float = 1.5, image: torch.Tensor | None = None,
-                affinity_sigma: float = 4.0, affinity_tau: float = 0.1) -> torch.Tensor:
+                mask_prompt: torch.Tensor | None = None, sigma: float = 1.5) -> torch.Tensor:
     """(B, 3, *size): Gaussian balls (peak 1, ``sigma`` voxels) at the positive and at the negative
     clicks (max over clicks), and the previous mask's probability (sigmoid of ``mask_prompt`` logits,
     resized; 0 without one). ``points`` (B, N, 3) are ROI voxel coordinates; padding (-1) labels count in neither.
-
-    ``image`` (B or 1, 1, *size), the windowed ROI: two more channels, the clicks' intensity affinity
-    (positive, then negative clicks; max over clicks): a wider ball (``affinity_sigma`` voxels) times
-    exp(-(I(x) - I(click))² / 2 tau²), with tau in window units (0.1 of the lung window = 150 HU).
-    It says which voxels near a click look like the clicked one, at full resolution: the exponentiated
-    intensity distance of interactive guidance maps (MIDeepSeg, DeepIGeoS' geodesic maps), without
-    the path. A click on a solid speck inside ground glass marks the speck, not the glass around it.
     """
     size = tuple(int(s) for s in ensure_tuple_rep(size, 3))
     b = labels.shape[0]
-    out = points.new_zeros((b, PROMPT_CHANNELS + (AFFINITY_CHANNELS if image is not None else 0), *size), dtype=torch.float32)
+    out = points.new_zeros((b, PROMPT_CHANNELS, *size), dtype=torch.float32)
     if points.shape[1]:
         balls = _balls(points, size, sigma)  # (B, N, D, H, W)
-        if image is not None:
-            x = image[:, 0].float().expand(b, *size)
-            idx = [points[..., i].round().long().clamp(0, s - 1) for i, s in enumerate(size)]
-            clicked = x[torch.arange(b, device=x.device)[:, None], idx[0], idx[1], idx[2]]  # (B, N)
-            similar = torch.exp(-((x[:, None] - clicked[..., None, None, None]) ** 2) / (2 * affinity_tau**2))
-            affinity = _balls(points, size, affinity_sigma) * _flush_tail(similar)
         for channel, label in ((0, 1), (1, 0)):
             keep = (labels == label).to(balls.dtype).view(b, -1, 1, 1, 1)
             out[:, channel] = (balls * keep).amax(1)
-            if image is not None:
-                out[:, PROMPT_CHANNELS + channel] = (affinity * keep).amax(1)
     if mask_prompt is not None:
         prob = torch.sigmoid(mask_prompt.float())
         if tuple(prob.shape[2:]) != size:
@@ -155,23 +136,14 @@ class PromptFusionDecoder3D(nn.Module):
     """The decoder of :class:`ResidualEncoder3D` with the prompt maps fused in at every level.
 
     Level i (from the bottom up): ``x = up_i(x) + skip_i + proj_i(maps at level i)``, then one conv
-    (conv-norm-act) for i > 0; at full resolution (i = 0) norm + activation, after the 3x3x3 conv
-    ``full_res_conv`` names (``None``: none, ``"depthwise"``, ``"dense"``). Returns the full-resolution
-    features (``features[0]`` channels), the ones the mask hypernetwork and the attribute pooling read.
-
-    Why a full-resolution conv: without one, every full-resolution voxel is its 2³ parent's transposed-conv
-    patch plus its own skip and prompt values, and nothing mixes neighbours. Measured on the quick bench,
-    the small lesions' masks came out speckled (holes inside, isolated voxels around) and stayed near
-    Dice 0.5 whatever the clicks, where a plain intensity threshold of the same ROI scored 0.8-0.96.
-    With ``"dense"`` the clicks helped far more, but the attributes, ROI growth and zero-click recall got
-    worse (docs/results.md), so the bundle leaves it off.
+    (conv-norm-act) for i > 0; at full resolution (i = 0) norm + activation only. Returns the
+    full-resolution features (``features[0]`` channels), the ones the mask hypernetwork and the attribute
+    pooling read. (A 3x3x3 conv at full resolution was measured: better clicks, worse attributes, ROI
+    growth and zero-click recall; docs/results-history.md.)
     """
 
-    def __init__(self, features: Sequence[int], in_channels: int, prompt_channels: int = PROMPT_CHANNELS,
-                 full_res_conv: str | None = None):
+    def __init__(self, features: Sequence[int], in_channels: int, prompt_channels: int = PROMPT_CHANNELS):
         super().__init__()
-        if full_res_conv not in FULL_RES_CONVS:
-            raise ValueError(f"full_res_conv must be one of {FULL_RES_CONVS}, got {full_res_conv!r}")
         self.features = tuple(int(f) for f in features)
         ups, projs, convs, prev = [], [], [], in_channels
         for i in reversed(range(len(self.features) - 1)):
@@ -184,20 +156,14 @@ class PromptFusionDecoder3D(nn.Module):
         self.ups, self.projs, self.convs = nn.ModuleList(ups), nn.ModuleList(projs), nn.ModuleList(convs)
         # the bottleneck sees the prompt maps too (max-pooled, so a click never vanishes)
         self.bottleneck_proj = PointwiseConv3d(prompt_channels, in_channels)
-        f0 = self.features[0]  # a module of its own: a spec without it loads the same state dict as before
-        self.full_res_mix = None if full_res_conv is None else nn.Conv3d(f0, f0, 3, padding=1, groups=f0 if full_res_conv == "depthwise" else 1)
 
     def fuse_bottleneck(self, grid: torch.Tensor, maps: torch.Tensor | PromptPyramid) -> torch.Tensor:
         return grid + self.bottleneck_proj(PromptPyramid.of(maps).at(grid.shape[2:]))
 
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor], maps: torch.Tensor | PromptPyramid) -> torch.Tensor:
         maps = PromptPyramid.of(maps)
-        last = len(self.convs) - 1
-        for i, (up, proj, conv, skip) in enumerate(zip(self.ups, self.projs, self.convs, reversed(skips))):
-            x = up(x) + skip + proj(maps.at(skip.shape[2:]))
-            if i == last and self.full_res_mix is not None:
-                x = self.full_res_mix(x)
-            x = conv(x)
+        for up, proj, conv, skip in zip(self.ups, self.projs, self.convs, reversed(skips)):
+            x = conv(up(x) + skip + proj(maps.at(skip.shape[2:])))
         return x
 
 
