@@ -38,10 +38,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from common import REPO
 from segreport import phantom
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's segreport, not the shared venv's last editable install
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "batch.json"
 FINDINGS = [
@@ -264,7 +263,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    sys.path.insert(0, str(HERE))  # the UNet fallback's _target_ is bench_batch.UNetSlicePredictor
 
     with tempfile.TemporaryDirectory(prefix="bench_batch_") as tmp:
         work = Path(tmp)

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's segreport, not the shared venv's last editable install
-
+from common import BUNDLES
 from segreport.networks.lesion_prompt import CONFIGS as MODEL_CONFIGS
 from segreport.networks.lesion_prompt import LesionPromptNet
 
@@ -45,7 +44,7 @@ BENCH_CONFIGS = {
     "paper": MODEL_CONFIGS["paper"],
 }
 TARGET_RATIO = 5.0
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "lesion_report_3d" / "configs"
+BUNDLE = BUNDLES / "lesion_report_3d" / "configs"
 BUNDLE_OVERLAYS = {"bundle": [], "bundle_vit": ["variant_vit.yaml"], "bundle_paper": ["train_paper.yaml"]}
 SLOW = ("paper", "bundle_paper")  # seconds per pass on a CPU: at most 3 repeats
 

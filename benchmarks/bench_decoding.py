@@ -14,15 +14,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's segreport, not the shared venv's last editable install
-
+import common  # noqa: F401  (this checkout's segreport first)
 from segreport.losses import JointLoss
 from segreport.networks import MedSegText
 from segreport.networks.blocks import TransformerTextDecoder

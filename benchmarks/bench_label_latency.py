@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO
 
 
 def _lesion_voxel(label_path: Path) -> list[int]:

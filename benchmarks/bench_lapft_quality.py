@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_tmc_quality import CONFIGS as TMC_CONFIGS, VARIANTS as TMC_VARIANTS, prepare, table_row, train_and_evaluate, write_results  # noqa: E402
+from common import BUNDLES, REPO, prepare, table_row, train_and_evaluate, write_results
 
-CONFIGS = REPO / "bundles" / "lapft" / "configs"
+CONFIGS = BUNDLES / "lapft" / "configs"
+TMC_CONFIGS = BUNDLES / "tmc" / "configs"
+TMC_VARIANTS = {"tmc": ([], {}), "unet": (["train_unet_baseline.yaml"], {})}  # the comparison's rows, as bench_tmc_quality runs them
 VARIANTS = {
     "lapft": ([], {}),
     "no_qgaf": (["ablation_no_qgaf.yaml"], {}),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -31,8 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO
 GROUPS = ("shape", "invasion", "density", "heterogeneity", "surface")
 MIN_ML, MIN_IOU = 1.0, 0.1
 
@@ -125,14 +125,15 @@ def large_volume_run(checkpoint: Path, work: Path) -> dict:
     # the peak is this process's own VmHWM: ru_maxrss survives fork + exec, so it would report the
     # parent's size at the fork (measured: 4.68 GB right after this process generated the 512³ phantom,
     # 3.63 GB in a fresh run of the same code)
-    code = ("import json, sys, time; sys.path.insert(0, %r); from segreport import models; "
+    code = ("import json, time; from segreport import models; "
             "peak_gb = lambda: next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 2**20; "
             "from segreport.run.batch import run_batch; p = models.load(%r, device='cpu', kind='lesion_report_3d'); "
             "t = time.perf_counter(); s = run_batch(p, %r, %r, overwrite=True, device='cpu'); s.raise_if_failed(); "
             "print(json.dumps({'seconds': time.perf_counter() - t, 'predict_s': s.cases[0]['predict_s'], "
             "'lesions': s.cases[0]['n_lesions'], 'peak_rss_gb': peak_gb()}))")
-    res = subprocess.run([sys.executable, "-c", code % (str(REPO), str(checkpoint), str(data / "imagesTr"), str(work / "large_out"))],
-                         capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # this checkout's segreport
+    res = subprocess.run([sys.executable, "-c", code % (str(checkpoint), str(data / "imagesTr"), str(work / "large_out"))],
+                         capture_output=True, text=True, check=True, env=env)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

@@ -38,8 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's segreport, not the shared venv's last editable install
+from common import REPO
 CONFIGS = REPO / "bundles" / "lesion_report_3d" / "configs"
 MODELS = {  # name -> overlays on train.yaml
     "full": [],

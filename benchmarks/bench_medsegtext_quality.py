@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's segreport, not the shared venv's last editable install
+from common import REPO
 CONFIGS = REPO / "bundles" / "medsegtext" / "configs"
 VARIANTS = {"joint": [], "seg_only": ["train_seg_only.yaml"], "text_only": ["train_text_only.yaml"]}
 

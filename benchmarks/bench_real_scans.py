@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's segreport, not the shared venv's last editable install
+from common import REPO
 
 SHARED = REPO.parent / "shared" / "data" / "totalsegmentator"
 SCANS = {"example_ct (abdomen/pelvis)": "example_ct.nii.gz", "example_ct_sm (abdomen, lung bases)": "example_ct_sm.nii.gz",

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's segreport, not the shared venv's last editable install
+from common import REPO
 DATA = REPO.parent / "shared" / "data" / "covid19_ct_seg_slices"
 BUNDLES = REPO / "bundles"
 # name -> (bundle, overlays, overrides, paper overlays)

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's segreport, not the shared venv's last editable install
-CONFIGS = REPO / "bundles" / "tmc" / "configs"
+from common import BUNDLES, REPO, prepare, table_row, train_and_evaluate, write_results
+
+CONFIGS = BUNDLES / "tmc" / "configs"
 # name -> (overlay files, overrides); the first three are the comparison, the rest the ablations/variants
 VARIANTS = {
     "tmc": ([], {}),
@@ -43,98 +41,6 @@ VARIANTS = {
 }
 TEXT_GUIDED = [v for v in VARIANTS if v != "unet"]
 SINGLE_CHANGES = ("tmc_align_as_printed", "tmc_text_10_tokens", "tmc_minilm_text")  # each vs "tmc"
-
-
-def train_and_evaluate(name: str, seed: int, data: str, out: Path, a, configs: Path = CONFIGS,
-                       variants: dict = VARIANTS, text_guided=TEXT_GUIDED) -> dict:
-    """Train one variant of a bundle with its own configs, evaluate it on the test split (and, for a
-    text-guided model, run the text-control check); the result is cached in its work folder."""
-    from monai.bundle import run
-
-    from segreport.training.evaluation import test_volumes
-    from segreport.training.text_guided import text_control
-
-    overlay, overrides = variants[name]
-    files = [str(configs / "train.yaml")] + [str(configs / f) for f in overlay]
-    work = out / f"{name}_seed{seed}_e{a.epochs}_s{a.image_size}"
-    done = work / "bench_result.json"
-    if done.is_file():  # a finished run of the same setting: reused, so an interrupted benchmark resumes
-        return json.loads(done.read_text())
-    common = dict(bundle_root=str(configs.parent), output_dir=str(work), ckpt_dir=str(work / "models"), dataset_dir=data,
-                  image_size=a.image_size, seed=seed, split_seed=a.data_seed, num_threads=a.threads, **overrides)
-    t = time.perf_counter()
-    run("training", config_file=files, epochs=a.epochs, val_interval=1, **common)
-    train_s = time.perf_counter() - t
-    run("evaluating", config_file=files + [str(configs / "evaluate.yaml")], **common)
-    metrics = json.loads((work / "eval" / "metrics.json").read_text())["test"]
-    per_case = {r["case_id"]: r for r in _csv(work / "eval" / "per_case.csv")}
-    result = {"train_seconds": round(train_s, 1), "dice": metrics["dice_case_mean"], "miou": metrics["miou_case_mean"],
-              "per_case_dice": {k: float(r["dice"]) for k, r in per_case.items()}}
-    for extra in ("zones.json", "../parameters.json"):  # LAPFT: GPFC zone accuracy, parameter counts
-        path = work / "eval" / extra
-        if path.is_file():
-            result[Path(extra).stem] = json.loads(path.read_text())
-    if name in text_guided:
-        control = text_control(work / "models" / "model.pt", test_volumes(data))
-        result["text_control"] = {k: v for k, v in control.items() if k != "cases"}
-    done.write_text(json.dumps(result))
-    return result
-
-
-def table_row(name: str, runs: dict[str, list[dict]]) -> dict:
-    """One model's row over its seeds: Dice, mIoU, training time (mean ± std), text control, and a paired
-    t-test of its per-case Dice (averaged over seeds) against the U-Net's, when both have the same seeds."""
-    from segreport.metrics.stats import mean_std, paired_t_test
-
-    def case_means(model):  # per-case Dice averaged over seeds, in one case order
-        cases = sorted(runs[model][0]["per_case_dice"])
-        return cases, [float(np.mean([r["per_case_dice"][c] for r in runs[model]])) for c in cases]
-
-    rs = runs[name]
-    row = {"dice": mean_std([r["dice"] for r in rs]), "miou": mean_std([r["miou"] for r in rs]),
-           "train_seconds": mean_std([r["train_seconds"] for r in rs])}
-    if "text_control" in rs[0]:
-        row["text_control_share_ratio"] = mean_std([r["text_control"]["share_ratio"] for r in rs])
-        row["text_control_left_out_share_one_lung"] = mean_std([r["text_control"]["left_out_share_one_lung_text"] for r in rs])
-    if "unet" in runs and name != "unet" and len(rs) == len(runs["unet"]):
-        cases, mine = case_means(name)
-        base_cases, base = case_means("unet")
-        assert cases == base_cases
-        try:
-            row["paired_t_vs_unet"] = paired_t_test(mine, base)
-        except ValueError as err:  # fewer than two test cases
-            row["paired_t_vs_unet"] = str(err)
-    return row
-
-
-def write_results(stem: str, summary: dict, tag: str = "") -> None:
-    """benchmarks/results/<stem>[_<tag>].json, and the summary without the per-run details on stdout."""
-    dest = REPO / "benchmarks" / "results" / f"{stem}{'_' + tag if tag else ''}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=2))
-
-
-def prepare(a) -> tuple[str, Path]:
-    """The --quick setting, logging, torch threads, and the benchmark's own phantom (generated once):
-    ``(dataset folder, work folder)``, shared by the TMC and LAPFT benchmarks."""
-    import torch
-
-    from segreport.phantom import DATASET_MARKERS, ensure_dataset
-
-    if a.quick:
-        a.cases, a.epochs = 32, 8
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(a.threads)
-    out = Path(a.out) / f"data{a.data_seed}_cases{a.cases}"
-    return ensure_dataset(out / "phantom", DATASET_MARKERS, n_cases=a.cases, seed=a.data_seed), out
-
-
-def _csv(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def throughput(volume: str, repeats: int = 3) -> dict:
@@ -195,7 +101,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for name in a.variants:
         for seed in (a.variant_seeds if name in SINGLE_CHANGES else a.seeds):
-            r = train_and_evaluate(name, seed, data, out, a)
+            r = train_and_evaluate(name, seed, data, out, a, CONFIGS, VARIANTS, TEXT_GUIDED)
             runs.setdefault(name, []).append(r)
             print(name, seed, json.dumps({k: v for k, v in r.items() if k != "per_case_dice"}), flush=True)
 

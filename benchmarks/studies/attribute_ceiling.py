@@ -12,8 +12,8 @@ the same split and the same trained model as ``bench_lesion_report_quality.py --
   (what they give with the masks the report has);
 * the model's own one-click attributes, as the quality bench scores them.
 
-    python benchmarks/bench_attribute_ceiling.py                 # after the quality bench's seed-1 run
-    python benchmarks/bench_attribute_ceiling.py --seed 2 --work-dir outputs/bench_lesion_report_seed2
+    python -m benchmarks.studies.attribute_ceiling                 # after the quality bench's seed-1 run
+    python -m benchmarks.studies.attribute_ceiling --seed 2 --work-dir outputs/bench_lesion_report_seed2
 
 Writes ``benchmarks/results/attribute_ceiling[_seedS].json``.
 """
@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "lesion_report_3d" / "configs"
 SPACING = [2.4, 2.4, 5.0]  # the quality bench's model grid
 
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(ATTRIBUTE_NAMES)
     result = {
         "benchmark": "attribute_ceiling",
-        "command": " ".join(["python benchmarks/bench_attribute_ceiling.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.studies.attribute_ceiling", *(argv if argv is not None else sys.argv[1:])]),
         "model": str(checkpoint.relative_to(work.parent)),
         "seed": a.seed,
         "lesions": {"training": len(train), "test": len(test)},

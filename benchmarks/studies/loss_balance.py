@@ -14,28 +14,26 @@ encoder parameters, for the bundle's model at initialisation and after a few tra
 Which strategy trains both tasks best is measured by the quality benchmark (``--set attr_gradient=full``
 etc., see docs/results.md); this one shows what each does to the gradients.
 
-    python benchmarks/bench_loss_balance.py        # ~1 min on one CPU thread
+    python -m benchmarks.studies.loss_balance        # ~1 min on one CPU thread
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from segreport import phantom
+from segreport.losses.lesion_report import LesionReportLoss
+from segreport.models.lesion_report_3d import build_network
+from segreport.training.click_training import SimulatedClicksInferer
+from segreport.training.lesion_report import load_datalists, training_transforms
+from segreport.transforms.attributes import IGNORE_INDEX
 
-from segreport import phantom  # noqa: E402
-from segreport.losses.lesion_report import LesionReportLoss  # noqa: E402
-from segreport.models.lesion_report_3d import build_network  # noqa: E402
-from segreport.training.click_training import SimulatedClicksInferer  # noqa: E402
-from segreport.training.lesion_report import load_datalists, training_transforms  # noqa: E402
-from segreport.transforms.attributes import IGNORE_INDEX  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 STRATEGIES = {  # name -> (network attr_gradient, λ, learned λ)
     "full": ("full", 1.0, False),
@@ -72,7 +70,7 @@ def main(argv=None) -> dict:
         tf = training_transforms(32, (2.4, 2.4, 5.0))
         items = [tf(dict(it)) for it in lists["training"][:8]]
     batch = (torch.stack([d["image"] for d in items]), torch.stack([d["label"] for d in items]), torch.stack([d["attr_target"] for d in items]))
-    result = {"benchmark": "loss_balance", "command": "python benchmarks/bench_loss_balance.py", "lesions": len(items),
+    result = {"benchmark": "loss_balance", "command": "python -m benchmarks.studies.loss_balance", "lesions": len(items),
               "steps": a.steps, "strategies": {}}
     for name, (attr_gradient, lam, adaptive) in STRATEGIES.items():
         torch.manual_seed(0)
