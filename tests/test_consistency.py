@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from segreport.inference.predictor import Prediction
-from segreport.run import consistency
+from segreport.metrics import consistency
 from segreport.run.report import build_report, describe_lesions, format_report_text
 from segreport.transforms.findings import FindingsFromMask
 from segreport.transforms.slicing import axial_axis

@@ -33,7 +33,7 @@ from ..transforms.lung_regions import lung_zone_map
 from ..vocab import LUNG_LABELS, PULMONARY_FRACTION, SIDES, severity_from_percent
 from ..inference.geometry import voxel_volume_ml
 from ..inference.predictor import Prediction
-from . import consistency
+from ..metrics import consistency
 
 # A zone is listed for a lesion when it holds at least this share of its voxels (FindingsFromMask's rule).
 ZONE_FRACTION = 0.1

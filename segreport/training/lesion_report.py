@@ -27,17 +27,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.engines import PrepareBatch
-from monai.transforms import Compose, EnsureTyped, MapTransform, SelectItemsd
+from monai.transforms import Compose, EnsureTyped, SelectItemsd
 
 from ..data.reader import LoadVolumed
-from ..errors import InputError
-from ..transforms.attributes import IGNORE_INDEX, encode_attributes
+from ..transforms.attributes import IGNORE_INDEX
 from ..transforms.crop import CropLargestLesiond
+from ..transforms.lesion_select import EVERY_LESION, SelectLesiond, attribute_targets  # noqa: F401  (re-exported)
 from ..transforms.volume import volume_transforms
-from ..vocab import ATTRIBUTE_NAMES
 from ..losses.lesion_report import LesionReportObjective  # noqa: F401  (the bundle's loss)
 from ..metrics.lesion_report import LesionReportScore  # noqa: F401  (the bundle's key metric)
 from .lesion_report_data import (  # noqa: F401  (re-exported for the bundle YAMLs)
@@ -51,93 +48,6 @@ log = logging.getLogger("segreport.lesion_report")
 
 
 # ================================================================================ pre-processing
-def attribute_targets(attributes: Sequence[Mapping] | None, lesion_id: int, case_id: str | None = None,
-                      largest: bool = True) -> torch.Tensor:
-    """(5,) class indices of lesion ``lesion_id`` in ``ATTRIBUTE_NAMES`` order; unknown -> IGNORE_INDEX.
-
-    The row whose ``id`` matches wins; else, for the case's ``largest`` lesion, a case-level row
-    (``id`` None). Missing rows or groups are ignored by the loss and logged, so a half-annotated
-    dataset still trains.
-    """
-    rows = list(attributes or [])
-    row = lesion_row(rows, lesion_id)
-    if row is None and largest:
-        row = next((r for r in rows if r.get("id") is None), None)
-    if row is None:
-        log.warning("case %s lesion %s: no attributes; its attribute loss is ignored", case_id, lesion_id)
-        return torch.full((len(ATTRIBUTE_NAMES),), IGNORE_INDEX, dtype=torch.long)
-    codes = encode_attributes(row, missing="ignore", path=case_id)
-    missing = [g for g, v in codes.items() if v == IGNORE_INDEX]
-    if missing:
-        log.warning("case %s lesion %s: attribute(s) %s missing; ignored in the loss", case_id, lesion_id, missing)
-    return torch.tensor([codes[g] for g in ATTRIBUTE_NAMES], dtype=torch.long)
-
-
-EVERY_LESION = "every_lesion"  # item key: the mask of all the case's lesions (SelectLesiond)
-
-
-class SelectLesiond(MapTransform):
-    """Make one lesion THE lesion of the item: label := its mask, plus its attribute targets.
-
-    The lesion is the item's ``id_key`` when set (:func:`expand_lesions`), else the largest one.
-
-    Runs on the original grid (before resampling), so the instance map is never interpolated.
-    Writes ``label`` (that lesion only: other lesions are background, as an annotator clicking this
-    lesion expects), ``every_key`` (every lesion: the target of a no-click step, which, as the
-    automatic mode's windows, is asked for all the lesions it sees), ``lesion_id`` and ``attr_target``
-    (LongTensor (5,), IGNORE_INDEX where unknown, see :func:`attribute_targets`); removes
-    ``instance_key``. An empty label raises
-    :class:`InputError` naming the file (:func:`drop_lesion_free` skips those cases beforehand).
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "label",
-        instance_key: str = "lesions",
-        attributes_key: str = "attributes",
-        id_key: str = "lesion_id",
-        attr_key: str = "attr_target",
-        every_key: str = EVERY_LESION,
-        allow_missing_keys: bool = False,
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.instance_key, self.attributes_key = instance_key, attributes_key
-        self.id_key, self.attr_key, self.every_key = id_key, attr_key, every_key
-
-    def __call__(self, data: Mapping) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            label = d[key]
-            inst = d.pop(self.instance_key, None)
-            inst_np = None if inst is None else np.asarray(inst)[0]
-            wanted = d.get(self.id_key)
-            try:
-                ids, counts = lesion_ids(np.asarray(label)[0], inst_np)
-            except ValueError as exc:
-                raise InputError(_filename(label), str(exc)) from None
-            largest = int(np.argmax(counts)) if counts.max(initial=0) > 0 else None
-            lesion_id = largest if wanted is None else int(wanted)
-            if lesion_id is None or lesion_id >= len(counts) or counts[lesion_id] == 0:
-                problem = "label has no lesion voxels" if wanted is None else f"label has no lesion {wanted}"
-                raise InputError(_filename(label), f"{problem}: no lesion to centre the ROI on")
-            d[key] = _like(label, (ids == lesion_id)[None].astype(np.float32))
-            d[self.every_key] = _like(label, (ids > 0)[None].astype(np.float32))
-            d[self.id_key] = lesion_id
-            d[self.attr_key] = attribute_targets(d.get(self.attributes_key), lesion_id, d.get("case_id"), lesion_id == largest)
-        return d
-
-
-def _filename(x) -> str | None:
-    return x.meta.get("filename_or_obj") if isinstance(x, MetaTensor) else None
-
-
-def _like(ref, array: np.ndarray):
-    """``array`` as a MetaTensor carrying ``ref``'s meta (affine, file name), or a plain tensor."""
-    if isinstance(ref, MetaTensor):
-        return MetaTensor(torch.as_tensor(array), meta=dict(ref.meta))
-    return torch.as_tensor(array)
-
-
 def load_transforms(select: bool = True) -> Compose:
     """Load CT, label and instance map channel-first in their file voxel order (+ :class:`SelectLesiond`)."""
     # the project's one reader (data.reader): inference's checks and DICOM handling apply to training too

@@ -14,18 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from ..data import readers, splits as splits_mod
 from ..data.io import load_pair, load_volume
 from ..errors import InputError
 from ..transforms.attributes import encode_attribute
+from ..transforms.lesion_select import lesion_ids, lesion_row  # noqa: F401  (re-exported)
 from ..vocab import ATTRIBUTE_NAMES
 
 log = logging.getLogger("segreport.lesion_report")
 
 PAPER_RATIOS = (60, 20, 20)  # seed 001, Sec. 3.1: training / validation / test
-_FULL_3D = ndimage.generate_binary_structure(3, 3)  # same connectivity as CropLargestLesion's default
 
 
 _ID_COLUMNS = ("lesion_id", "id")
@@ -179,11 +178,6 @@ def lesion_value(item: Mapping, key: str):
     return (row or {}).get(key, item.get(key))
 
 
-def lesion_row(attributes: Sequence[Mapping] | None, lesion_id: int) -> Mapping | None:
-    """The attribute row whose ``id`` is ``lesion_id``, None without one."""
-    return next((r for r in attributes or [] if r.get("id") is not None and int(r["id"]) == lesion_id), None)
-
-
 def load_datalists(
     dataset_dir: str | os.PathLike,
     attribute_table: str | os.PathLike | None = None,
@@ -252,16 +246,3 @@ def load_datalists(
     return out
 
 
-def lesion_ids(label: np.ndarray, instances: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(id map, voxels per id)`` of the lesions in ``label``: the instance map restricted to the label,
-    or, without one, its connected components (full 3D connectivity) numbered in scan order."""
-    fg = np.asarray(label) > 0
-    if instances is not None:
-        ids = np.asarray(instances).astype(np.int64) * fg
-        if fg.any() and not ids.any():
-            raise ValueError("the lesion instance map does not overlap the label")
-    else:
-        ids = ndimage.label(fg, structure=_FULL_3D)[0]
-    counts = np.bincount(ids.ravel())
-    counts[0] = 0
-    return ids, counts

@@ -19,36 +19,15 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import numpy as np
 
 from ..data import splits as splits_mod
 from ..data.slice_folder import read_slice_folder
-from ..transforms.findings import FindingsFromMask
-from ..run.consistency import compare
+from ..metrics.consistency import sentence_agrees  # noqa: F401  (re-exported)
+from ..transforms.findings import MIN_AREA_FRACTION, min_area, slice_finding  # noqa: F401  (re-exported)
 from ..transforms.lung_regions import slice_zone_map
 from ..transforms.orientation import display_affine
 
-MIN_AREA_FRACTION = 1e-3
 BURDEN_STRATA = ("low", "moderate", "high")
-
-
-def min_area(shape: Sequence[int]) -> int:
-    """Smallest counted lesion component, in pixels, on a slice of ``shape``."""
-    return max(1, int(round(MIN_AREA_FRACTION * int(np.prod(shape)))))
-
-
-def slice_finding(label: np.ndarray, zone_map: np.ndarray):
-    """The :class:`Findings` of a 2D lesion mask on a slice zone map (both H x W)."""
-    return FindingsFromMask(min_size=min_area(label.shape)).describe(np.asarray(label) > 0, affine=np.eye(4),
-                                                                     zone_map=zone_map)
-
-
-def sentence_agrees(text: str, mask: np.ndarray, zone_map: np.ndarray) -> bool:
-    """Whether a generated slice sentence names the sides, areas and zones of ``mask`` on ``zone_map``
-    (by the rules that wrote the training sentences: :func:`slice_finding`)."""
-    found = slice_finding(mask, zone_map)
-    checked = compare(text, found.n_areas, found.zones, "slice")
-    return bool(checked is not None and checked["agree"])
 
 
 def describe_slices(items: list[dict], orientation: str = "radiological", keep_zones: bool = False) -> list[dict]:

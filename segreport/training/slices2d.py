@@ -21,8 +21,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import ignite.distributed as idist
-from ignite.metrics import Metric
 from monai.transforms import Compose, DeleteItemsd, EnsureChannelFirstd, EnsureTyped, Lambdad, LoadImaged, RandZoomd, Resized
 
 from ..data import readers, splits as splits_mod
@@ -30,7 +28,7 @@ from ..data.io import load_pair, load_volume
 from ..data.slice_folder import is_slice_folder
 from ..errors import InputError
 from ..metrics.stats import mean_std
-from ..metrics.text import text_metrics
+from ..metrics.segtext import SegTextScore  # noqa: F401  (the bundles' key metric)
 from ..text.findings import restrict_finding
 from ..text.tokenizers import build_word_tokenizer, load_tokenizer
 from ..transforms.findings import FindingsFromMask, LungZonesFromTextd
@@ -39,9 +37,9 @@ from ..transforms.lung_mask import lung_label_from_ct
 from ..transforms.lung_regions import lung_zone_map, slice_levels
 from ..transforms.orientation import display_to_file_index, to_display
 from ..transforms.slicing import VolumeToSlicesd, axial_axis
-from ..transforms.text import TokenizeTextd, decode_tokens
+from ..transforms.text import TokenizeTextd
 from ..vocab import ZONES
-from .slice_sentences import sentence_agrees, slice_folder_datalists
+from .slice_sentences import slice_folder_datalists
 
 log = logging.getLogger("segreport.slices2d")
 
@@ -314,65 +312,6 @@ def summarize_slices(rows: list[dict], pooled: dict[str, dict] | None = None) ->
 
 
 # ------------------------------------------------------------------------------- validation score
-class SegTextScore(Metric):
-    """Validation score for checkpoint selection: the mean of Dice, corpus BLEU-4 and, where the slices
-    carry zone maps (slice folders), the share of sentences that agree with the model's own mask.
-
-    Selecting on Dice alone would happily keep a model whose text has collapsed (the seed's Exp1:
-    Dice 0.75 with BLEU-4 0.0035); the mean rewards no task being sacrificed, and a sentence that
-    contradicts its mask is not kept for its BLEU. Missing tasks (seg-only or text-only baselines) are
-    left out of the mean.
-    """
-
-    def __init__(self, tokenizer, output_transform=lambda x: x):
-        self.tokenizer = tokenizer
-        super().__init__(output_transform=output_transform)
-
-    def reset(self):
-        self.inter = self.total = 0.0
-        self.refs: list[str] = []
-        self.hyps: list[str] = []
-        self.agree: list[bool] = []
-
-    def update(self, output):
-        pred, targets = output
-        if "seg_logits" in pred:
-            p = (torch.sigmoid(pred["seg_logits"]) > 0.5).float()
-            g = targets["label"]
-            self.inter += float((p * g).sum())
-            self.total += float(p.sum() + g.sum())
-        if "tokens" in pred and "tokens" in targets:
-            hyps = decode_tokens(self.tokenizer, pred["tokens"])
-            self.hyps += hyps
-            self.refs += decode_tokens(self.tokenizer, targets["tokens"])
-            if "seg_logits" in pred and "lung_zones" in targets:
-                masks = (torch.sigmoid(pred["seg_logits"][:, 0]) > 0.5).cpu().numpy()
-                zones = np.asarray(targets["lung_zones"])[:, 0]
-                self.agree += [sentence_agrees(h, m, z) for h, m, z in zip(hyps, masks, zones)]
-
-    def compute(self):
-        inter, total, refs, hyps = self.inter, self.total, self.refs, self.hyps
-        if idist.get_world_size() > 1:  # every rank scores its own shard: reduce, so rank 0 selects on all
-            inter, total = (float(v) for v in idist.all_reduce(torch.tensor([inter, total], dtype=torch.float64)))
-            refs, hyps = _gather_texts(refs), _gather_texts(hyps)
-        n_agree, n_checked = float(sum(self.agree)), float(len(self.agree))
-        if idist.get_world_size() > 1:
-            n_agree, n_checked = (float(v) for v in idist.all_reduce(torch.tensor([n_agree, n_checked], dtype=torch.float64)))
-        parts = []
-        if total > 0 or inter > 0:
-            parts.append(2 * inter / max(total, 1e-8))
-        if hyps:
-            parts.append(text_metrics(refs, hyps)["bleu4"])
-        if n_checked:
-            parts.append(n_agree / n_checked)
-        return float(np.mean(parts)) if parts else 0.0
-
-
-def _gather_texts(texts: list[str]) -> list[str]:
-    """Every rank's sentences, rank order (one newline-joined string per rank: ignite gathers strings)."""
-    return [t for joined in idist.all_gather("\n".join(texts)) for t in (joined.split("\n") if joined else [])]
-
-
 def engine_output(output):
     """Evaluator output (batch dict, not decollated) -> (pred dict, targets dict) for SegTextScore."""
     return output["pred"], output["label"]

@@ -263,3 +263,18 @@ class LungZonesFromTextd(MapTransform):
         for key, out_key in self.key_iterator(d, self.output_keys):
             d[out_key] = self.to_zones(d[key])
         return d
+
+
+MIN_AREA_FRACTION = 1e-3  # a slice's lesion component counts from this share of the slice's pixels
+
+
+def min_area(shape) -> int:
+    """Smallest counted lesion component, in pixels, on a slice of ``shape``."""
+    return max(1, int(round(MIN_AREA_FRACTION * int(np.prod(shape)))))
+
+
+def slice_finding(label: np.ndarray, zone_map: np.ndarray) -> Findings:
+    """The :class:`Findings` of a 2D lesion mask on a slice zone map (both H x W): the rule that writes
+    the slice sentences MedSegText trains on, and that checks the ones it writes."""
+    return FindingsFromMask(min_size=min_area(label.shape)).describe(np.asarray(label) > 0, affine=np.eye(4),
+                                                                     zone_map=zone_map)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..text.findings import NO_FINDING, parse_finding
-from ..transforms.findings import Findings, FindingsFromMask
+from ..transforms.findings import Findings, FindingsFromMask, slice_finding
 from ..transforms.slicing import axial_axis
 from ..vocab import ZONES
 
@@ -82,3 +82,11 @@ def warning_lines(block: Mapping, limit: int = 10) -> list[str]:
     if len(bad) > limit:
         lines.append(f"WARNING: {len(bad) - limit} more sentence(s) disagree (see the JSON report's consistency block)")
     return lines
+
+
+def sentence_agrees(text: str, mask: np.ndarray, zone_map: np.ndarray) -> bool:
+    """Whether a generated slice sentence names the sides, areas and zones of ``mask`` on ``zone_map``
+    (by the rules that wrote the training sentences: :func:`~segreport.transforms.findings.slice_finding`)."""
+    found = slice_finding(mask, zone_map)
+    checked = compare(text, found.n_areas, found.zones, "slice")
+    return bool(checked is not None and checked["agree"])
