@@ -22,6 +22,7 @@ from ..transforms.crop import CropLargestLesion, roi_box
 from ..transforms.volume import volume_transforms
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
 from .automatic import SearchSettings, find_lesions
+from .clicks import parse_clicks
 from .geometry import as_affine, auto_roi_center, interior_voxel, map_points, roi_to_original_box
 from .predictor import LesionAttributes, Prediction
 from .roi_tiles import Tile, covers, growth_starts, overlap_mask
@@ -223,15 +224,8 @@ class PromptSession:
             raise RuntimeError("call set_image(ct, affine) first")
 
     def _check_point(self, point: Sequence[float], world: bool) -> np.ndarray:
-        p = np.asarray(point, dtype=np.float64).reshape(-1)
-        if p.size != 3 or not np.all(np.isfinite(p)):
-            raise InputError(self.source, f"a click is 3 finite coordinates, got {list(np.asarray(point).reshape(-1))}")
-        ijk = map_points(p, np.eye(4), self.orig_affine)[0] if world else p
-        idx = np.rint(ijk)
-        if np.any(idx < 0) or np.any(idx >= np.asarray(self.shape)):
-            what = f"world point {p.tolist()} (voxel {np.round(ijk, 1).tolist()})" if world else f"point {p.tolist()}"
-            raise InputError(self.source, f"click {what} lies outside the image of shape {self.shape}")
-        return ijk
+        ijk, _ = parse_clicks([point], world=world, affine=self.orig_affine, shape=self.shape, source=self.source, what="click")
+        return ijk[0]
 
     # -------------------------------------------------------------------------------- ROIs
     def _inside(self, tile: Tile, ijk: np.ndarray) -> bool:

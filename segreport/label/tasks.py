@@ -34,6 +34,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..data.outputs import to_jsonable
 from ..errors import InputError
+from ..inference.clicks import MAX_CLICKS, parse_clicks
 from ..run.batch import RunSettings, case_report
 from ..run.bundles import checkpoint_info, load_bundle_predictor
 from ..run.cases import Case, LoadedCase, load_case
@@ -150,41 +151,27 @@ class ReportTask(InferTask):
 
 
 # ------------------------------------------------------------------------------------ clicks
-def _ijk_list(value: Any, what: str) -> list[tuple[float, float, float]]:
-    if value is None:
-        return []
-    if isinstance(value, dict) or not isinstance(value, (list, tuple)):
-        raise BadRequest(None, f"{what} must be a list of [i, j, k] voxel indices, got {value!r}"[:300])
-    points = []
-    for p in value:
-        if (not isinstance(p, (list, tuple)) or len(p) != 3
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)):
-            raise BadRequest(None, f"{what}: each click is [i, j, k] (three numbers), got {p!r}"[:300])
-        points.append(tuple(float(v) for v in p))
-    return points
-
-
-MAX_CLICKS = 256  # a person clicks tens of times; one request with thousands must not hold the server
 MAX_TEXT_CHARS = 2000
 
 
 def request_clicks(request: dict) -> tuple[list[tuple[tuple[float, float, float], int]], bool]:
     """``([(ijk, label), ...], ordered)`` from a request: OHIF's ``points`` + ``point_labels`` (in click
     order) or 3D Slicer's ``foreground`` / ``background`` lists (order between the two lists unknown).
-    At most :data:`MAX_CLICKS`, counted before any is read."""
+    At most :data:`MAX_CLICKS`, counted before any is read; each click checked by the one parser
+    (:func:`~segreport.inference.clicks.parse_clicks`; inside the image: by the session)."""
     given = sum(len(request.get(k) or []) for k in ("points", "foreground", "background")
                 if isinstance(request.get(k), (list, tuple)))
     if given > MAX_CLICKS:
         raise BadRequest(None, f"{given} clicks in one request; at most {MAX_CLICKS}")
-    if request.get("points") is not None:
-        points = _ijk_list(request["points"], "points")
-        labels = request.get("point_labels", [1] * len(points))
-        if not isinstance(labels, (list, tuple)) or len(labels) != len(points) or any(v not in (0, 1) for v in labels):
-            raise BadRequest(None, f"point_labels must be one 1 (positive) or 0 (negative) per point: "
-                                   f"{len(points)} points, point_labels {labels!r}"[:300])
-        return [(p, int(v)) for p, v in zip(points, labels)], True
-    fg, bg = _ijk_list(request.get("foreground"), "foreground"), _ijk_list(request.get("background"), "background")
-    return [(p, 1) for p in fg] + [(p, 0) for p in bg], False
+    try:
+        if request.get("points") is not None:
+            ijk, labels = parse_clicks(request["points"], request.get("point_labels"), what="points")
+            return [(tuple(p), v) for p, v in zip(ijk.tolist(), labels)], True
+        fg = parse_clicks(request.get("foreground"), what="foreground")[0].tolist()
+        bg = parse_clicks(request.get("background"), what="background")[0].tolist()
+    except InputError as exc:
+        raise BadRequest(None, exc.problem) from None
+    return [(tuple(p), 1) for p in fg] + [(tuple(p), 0) for p in bg], False
 
 
 def _flag(value: Any) -> bool:

@@ -20,6 +20,7 @@ from ..data.io import is_nifti, load_volume, save_nifti, strip_nifti_suffix
 from ..data.dicom_groups import read_dicom_folder
 from ..data.plausibility import check_ct
 from ..errors import InputError
+from ..inference.clicks import parse_clicks
 from ..inference.geometry import voxel_volume_ml
 from .report import lung_regions
 
@@ -166,27 +167,13 @@ def case_points(
     entry = spec.get(case.case_id, spec.get(Path(case.path).name))
     if entry is None:
         return None, None
-    where = f"case {case.case_id}"
-    if "points" in entry:
-        ijk = np.asarray(entry["points"], dtype=np.float64)
-    elif "points_world" in entry:
-        world = np.asarray(entry["points_world"], dtype=np.float64)
-        if world.ndim != 2 or world.shape[1] != 3:
-            raise InputError(source, f"{where}: points_world must be a list of [x, y, z], got shape {world.shape}")
-        ijk = np.c_[world, np.ones(len(world))] @ np.linalg.inv(affine).T
-        ijk = ijk[:, :3]
-    else:
-        raise InputError(source, f"{where}: entry needs 'points' (IJK voxels) or 'points_world' (RAS mm)")
-    if ijk.ndim != 2 or ijk.shape[1] != 3 or not np.all(np.isfinite(ijk)):
-        raise InputError(source, f"{where}: points must be a list of [i, j, k], got {entry.get('points')}")
-    ijk = np.rint(ijk).astype(int)
-    outside = np.any((ijk < 0) | (ijk >= np.asarray(shape)), axis=1)
-    if outside.any():
-        raise InputError(source, f"{where}: point {ijk[outside][0].tolist()} lies outside the image (shape {tuple(shape)})")
-    labels = entry.get("labels", [1] * len(ijk))
-    if len(labels) != len(ijk) or any(lab not in (0, 1) for lab in labels):
-        raise InputError(source, f"{where}: labels must be 0/1, one per point ({len(ijk)} points, labels {labels})")
-    return ijk.tolist(), [int(lab) for lab in labels]
+    world = "points" not in entry and "points_world" in entry
+    if "points" not in entry and not world:
+        raise InputError(source, f"case {case.case_id}: entry needs 'points' (IJK voxels) or 'points_world' (RAS mm)")
+    key = "points_world" if world else "points"
+    ijk, labels = parse_clicks(entry[key], entry.get("labels"), world=world, affine=affine, shape=shape, source=source,
+                               what=f"case {case.case_id}: {key}")
+    return np.rint(ijk).astype(int).tolist(), labels
 
 
 # ---------------------------------------------------------------------------------------- loading
