@@ -532,3 +532,21 @@ def test_ctrl_c_in_the_cli_is_one_line_and_exit_130(tmp_path, capsys):
     assert main(["--bundle", str(bundle), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_the_minimum_lesion_size_is_the_checkpoints_unless_the_run_overrides_it(tmp_path):
+    """One filter, applied by the per-case path: the spec's ``inference.min_lesion_ml`` by default, the
+    run's value when given; the manifest and each report record the one used."""
+    ct, affine, _ = make_chest(axcodes="LPS")
+    save_ct(tmp_path / "in" / "c1.nii.gz", ct, affine)
+    plain = run_batch(ThresholdPredictor(), tmp_path / "in", tmp_path / "plain", progress=False)
+    assert plain.cases[0]["n_lesions"] >= 2
+    strict = ThresholdPredictor()
+    strict.spec = {"inference": {"min_lesion_ml": 1e6}}  # a checkpoint that counts nothing smaller than a litre
+    by_spec = run_batch(strict, tmp_path / "in", tmp_path / "spec", progress=False)
+    overridden = run_batch(strict, tmp_path / "in", tmp_path / "run", progress=False, min_lesion_ml=0.0)
+    assert by_spec.cases[0]["n_lesions"] == 0 and overridden.cases[0]["n_lesions"] == plain.cases[0]["n_lesions"]
+    for out, value in (("spec", 1e6), ("run", 0.0)):
+        report = json.loads((tmp_path / out / "c1_report.json").read_text())
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        assert report["provenance"]["min_lesion_ml"] == value == manifest["arguments"]["min_lesion_ml"]

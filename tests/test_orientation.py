@@ -83,7 +83,7 @@ def test_medsegtext_answer_does_not_depend_on_voxel_storage(three_storages, tmp_
     torch.manual_seed(0)
     net = MedSegText.from_config("tiny", vocab_size=len(tok), pad_id=0, bos_id=1, eos_id=2, max_length=12)
     torch.save({"model": net.state_dict(), "spec": mmst.spec_for(net, tok, 48, 12)}, tmp_path / "m.pt")
-    predictor = mmst.predictor(*read_checkpoint(tmp_path / "m.pt"), min_lesion_ml=0.0)
+    predictor = mmst.predictor(*read_checkpoint(tmp_path / "m.pt"))
     ref_data, ref_affine = files["lps"]
     probs = {name: predictor.probabilities(a.astype(np.float32), aff)[0] for name, (a, aff) in files.items()}
     predictor.threshold = _threshold_at(probs["lps"])

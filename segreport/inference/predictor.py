@@ -12,6 +12,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from ..vocab import MIN_LESION_ML
+
 
 @dataclass
 class LesionAttributes:
@@ -48,3 +50,12 @@ class Predictor(Protocol):
         ``lung``: the image's lung label (1 right, 2 left) when the caller already made it (the batch
         loader does), so a predictor that needs one does not threshold the CT again."""
         ...
+
+
+def min_lesion_ml_of(predictor, override: float | None = None) -> float:
+    """The run's minimum lesion size: ``override`` when given, else the checkpoint spec's
+    (``inference.min_lesion_ml``), else :data:`~segreport.vocab.MIN_LESION_ML`."""
+    if override is not None:
+        return float(override)
+    spec = getattr(predictor, "spec", None) or {}
+    return float((spec.get("inference") or {}).get("min_lesion_ml", MIN_LESION_ML))

@@ -28,9 +28,7 @@ from ..transforms.intensity import HUWindow
 from ..transforms.lung_mask import lung_label_from_ct
 from ..transforms.lung_regions import slice_levels
 from ..transforms.orientation import display_to_file_index, from_display, to_display
-from ..transforms.postprocess import remove_small_lesions
 from ..transforms.slicing import axial_axis
-from ..vocab import MIN_LESION_ML
 from .geometry import map_points
 from .predictor import Prediction
 
@@ -40,7 +38,8 @@ log = logging.getLogger("segreport.inference")
 class SliceWisePredictor:
     """A :class:`~segreport.inference.predictor.Predictor` for 2D models (see the module docstring).
 
-    ``image_size``, ``window`` and ``threshold``/``min_lesion_ml`` come from the checkpoint's spec;
+    ``image_size``, ``window`` and ``threshold`` come from the checkpoint's spec (the minimum lesion size
+    is applied once, by the run's per-case path: :func:`segreport.run.batch.case_report`);
     ``batch_size``, ``bf16`` and ``device`` are run-time choices.
     """
 
@@ -48,12 +47,12 @@ class SliceWisePredictor:
 
     def __init__(self, name: str, forward: Callable[..., dict], image_size: int, window: str = "lung",
                  decode: Callable[[torch.Tensor], list[str]] | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 16, threshold: float = 0.5, min_lesion_ml: float = MIN_LESION_ML, bf16: bool = False,
+                 batch_size: int = 16, threshold: float = 0.5, bf16: bool = False,
                  extras: dict | None = None, needs_lungs: bool = False, takes_levels: bool = False):
         self.name, self.forward, self.decode = name, forward, decode
         self.image_size, self.window = int(image_size), window
         self.device, self.batch_size, self.bf16 = torch.device(device), int(batch_size), bool(bf16)
-        self.threshold, self.min_lesion_ml = float(threshold), float(min_lesion_ml)
+        self.threshold = float(threshold)
         self.extras = dict(extras or {})
         self.needs_lungs = bool(needs_lungs)  # a lung-lesion model: the batch refuses scans without lungs
         self.takes_levels = bool(takes_levels)  # forward(images, level=...): each slice's place in the lungs
@@ -126,7 +125,7 @@ class SliceWisePredictor:
             slice_prompts = self._level_prompts(image, affine, lung)
         collected: dict = {}
         prob, texts = self.probabilities(image, affine, slice_prompts=slice_prompts, collected=collected, **prompts)
-        mask = remove_small_lesions(prob > self.threshold, affine, self.min_lesion_ml)
+        mask = (prob > self.threshold).astype(np.uint8)
         axis = axial_axis(affine)
         lesion_slices = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         return Prediction(mask=mask, slice_findings={int(k): texts[int(k)] for k in lesion_slices if int(k) in texts},

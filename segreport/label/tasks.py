@@ -35,11 +35,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from ..data.outputs import to_jsonable
 from ..errors import InputError
 from ..inference.clicks import MAX_CLICKS, parse_clicks
+from ..inference.predictor import min_lesion_ml_of
 from ..run.batch import RunSettings, case_report
 from ..run.bundles import checkpoint_info, load_bundle_predictor
 from ..run.cases import Case, LoadedCase, load_case
 from ..run.guide_texts import finding_of
-from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
+from ..vocab import MIN_LUNG_ML
 from .server import weight_paths
 
 log = logging.getLogger("segreport.label")
@@ -82,7 +83,7 @@ class BundleWeights:
         predictor = self.predictor()
         if self._settings is None:
             self._settings = RunSettings(name, (checkpoint_info(self.current()) or {}).get("sha256"),
-                                         bool(getattr(predictor, "takes_points", True)), MIN_LESION_ML,
+                                         bool(getattr(predictor, "takes_points", True)), min_lesion_ml_of(predictor),
                                          (getattr(predictor, "spec", None) or {}).get("training"))
         return self._settings
 

@@ -27,7 +27,7 @@ def trained(spec: Mapping, weights: Mapping) -> tuple[MedSegText, Any]:
 
 
 def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", batch_size: int = 16, bf16: bool = False,
-              beam_size: int = 1, threshold: float | None = None, min_lesion_ml: float | None = None) -> SliceWisePredictor:
+              beam_size: int = 1, threshold: float | None = None) -> SliceWisePredictor:
     network, tokenizer = trained(spec, weights)
     network = network.to(device)
     inf, pre = spec["inference"], spec["preprocessing"]
@@ -41,7 +41,6 @@ def predictor(spec: Mapping, weights: Mapping, device: str = "cpu", batch_size: 
         decode=None if tokenizer is None else (lambda ids: decode_tokens(tokenizer, ids)), device=device,
         batch_size=batch_size, bf16=bf16,
         threshold=inf["threshold"] if threshold is None else threshold,
-        min_lesion_ml=inf["min_lesion_ml"] if min_lesion_ml is None else min_lesion_ml,
         extras={"slice_findings_source": "MedSegText text decoder, one sentence per axial slice"}, needs_lungs=True,
         takes_levels=network.grounding is not None,
     )

@@ -28,7 +28,7 @@ trained = trained_with_tokenizer  # (network in eval mode, tokenizer) of a text-
 
 def predictor(kind: str, spec: Mapping, weights: Mapping, outputs: Callable[[dict], dict] | None = None,
               device: str = "cpu", batch_size: int = 16, bf16: bool = False, threshold: float | None = None,
-              min_lesion_ml: float | None = None, extras: dict | None = None) -> TextGuidedPredictor:
+              extras: dict | None = None) -> TextGuidedPredictor:
     """A :class:`TextGuidedPredictor` over the spec's network. ``outputs(network output) -> extra
     per-slice outputs`` (``slice_values``/``slice_points``, see :mod:`segreport.inference.slicewise`)."""
     network, tokenizer = trained(spec, weights)
@@ -42,7 +42,6 @@ def predictor(kind: str, spec: Mapping, weights: Mapping, outputs: Callable[[dic
     return TextGuidedPredictor(
         kind, forward, tokenizer, inf["max_length"], image_size=pre["image_size"], window=pre["window"], device=device,
         batch_size=batch_size, bf16=bf16, threshold=inf["threshold"] if threshold is None else threshold,
-        min_lesion_ml=inf["min_lesion_ml"] if min_lesion_ml is None else min_lesion_ml,
         extras={"guide": "the case sentence restricted to each axial slice's lung zones (inference.text_guided)",
                 **(extras or {})},
         needs_lungs=True,

@@ -57,11 +57,12 @@ from .. import __version__
 from ..data import provenance
 from ..transforms.findings import label_components
 from ..transforms.postprocess import remove_small_lesions
+from ..transforms.slicing import axial_axis
 from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
 from ..errors import InputError
 from .guide_texts import GuideTexts
 from . import distributed
-from ..inference.predictor import Prediction
+from ..inference.predictor import Prediction, min_lesion_ml_of
 from .preview import save_preview
 from .cases import (  # noqa: F401  (re-exported: the batch runner's public names)
     OUTPUT_SUFFIXES, Case, LoadedCase, case_points, discover_cases, input_fingerprint, load_case, load_points, prefetch,
@@ -150,6 +151,10 @@ def case_report(case: Case, loaded: LoadedCase, prediction: Prediction, settings
     ``points``: the clicks to record (default: the case's own, from its click file).
     Returns ``(report, lesion instance map, number of lesions)``."""
     prediction.mask = remove_small_lesions(np.asarray(prediction.mask, np.uint8), loaded.affine, settings.min_lesion_ml)
+    if prediction.slice_findings:  # a slice sentence stays only where a lesion the report counts lies
+        axis = axial_axis(loaded.affine)
+        on = prediction.mask.any(axis=tuple(a for a in range(3) if a != axis))
+        prediction.slice_findings = {k: v for k, v in prediction.slice_findings.items() if on[int(k)]}
     instances, n = label_components(prediction.mask)
     if points is None and loaded.points is not None:
         points = {"ijk": loaded.points, "labels": loaded.point_labels}
@@ -305,7 +310,7 @@ def run_batch(
     world_size: int = 1,
     progress: bool = True,
     allow_non_ct: bool = False,
-    min_lesion_ml: float = MIN_LESION_ML,
+    min_lesion_ml: float | None = None,
     series_uid: str | None = None,
     allow_no_lungs: bool = False,
     lung_masks: str | os.PathLike | None = None,
@@ -319,7 +324,7 @@ def run_batch(
     ``rank``/``world_size``: this process's shard (torchrun; the process group, when initialised, gives
     the barriers; rank 0 writes the merged summary and the manifest). ``allow_non_ct``: skip the CT
     plausibility checks (data.plausibility). ``min_lesion_ml``: components below it are removed from every
-    mask before its report. ``series_uid``: run only that DICOM series. A predictor with ``needs_lungs``
+    mask before its report (default: the checkpoint spec's, :func:`min_lesion_ml_of`). ``series_uid``: run only that DICOM series. A predictor with ``needs_lungs``
     (the lung-lesion models) gets no scan with under ``MIN_LUNG_ML`` of lung unless ``allow_no_lungs``.
     ``lung_masks``: a folder of the user's lung masks, ``<case id>.nii.gz``, used instead of the HU mask.
     ``texts``: where a text-guided model (``predictor.takes_text``) gets each case's sentence
@@ -329,6 +334,7 @@ def run_batch(
     ``output_dir``; per-case errors are recorded in the summary instead.
     """
     started = _now()
+    min_lesion_ml = min_lesion_ml_of(predictor, min_lesion_ml)
     output_dir = Path(output_dir).absolute()
     model = str(getattr(predictor, "name", type(predictor).__name__))
     device = str(device or getattr(predictor, "device", None) or "cpu")

@@ -20,19 +20,18 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
-from ..vocab import MIN_LESION_ML
 
 
 class GuideTexts:
     """``for_case(case, loaded) -> (sentence, source)``; see the module docstring."""
 
     def __init__(self, text: str | None = None, csv_path: str | os.PathLike | None = None, text_from=None,
-                 per_case: dict[str, str] | None = None, min_lesion_ml: float = MIN_LESION_ML):
+                 per_case: dict[str, str] | None = None, min_lesion_ml: float | None = None):
         given = [x is not None for x in (text, csv_path, text_from, per_case)]
         if sum(given) != 1:
             raise InputError(None, "give exactly one guide text source: --text, --texts or --text-from")
         self.text, self.text_from, self.per_case, self.source = text, text_from, per_case, None
-        self.min_lesion_ml = float(min_lesion_ml)
+        self.min_lesion_ml = min_lesion_ml  # None: the text model's own (its spec's)
         if csv_path is not None:
             self.per_case, self.source = read_texts_csv(csv_path), str(csv_path)
         elif per_case is not None:
@@ -96,14 +95,15 @@ def read_texts_csv(path: str | os.PathLike) -> dict[str, str]:
     return texts
 
 
-def finding_of(predictor, case, loaded, min_lesion_ml: float = MIN_LESION_ML) -> str:
+def finding_of(predictor, case, loaded, min_lesion_ml: float | None = None) -> str:
     """The case finding another bundle's predictor states (its report's ``finding``, after the same
     minimum lesion size the batch applies)."""
+    from ..inference.predictor import min_lesion_ml_of
     from ..transforms.postprocess import remove_small_lesions
     from .report import build_report
 
     prediction = predictor.predict(loaded.image, loaded.affine, lung=loaded.lung)
-    prediction.mask = remove_small_lesions(prediction.mask, loaded.affine, min_lesion_ml)
+    prediction.mask = remove_small_lesions(prediction.mask, loaded.affine, min_lesion_ml_of(predictor, min_lesion_ml))
     report = build_report(prediction, loaded.image, loaded.affine, case_id=case.case_id, lung=loaded.lung,
                           zone_map=loaded.zones)
     return report["finding"]

@@ -60,7 +60,7 @@ def check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> N
         raise CannotStartError(f"{output_dir}: cannot write there ({existing} is not a writable folder)")
 
 
-def guide_texts(args, device: str | None, min_lesion_ml: float) -> GuideTexts | None:
+def guide_texts(args, device: str | None, min_lesion_ml: float | None) -> GuideTexts | None:
     """The --text / --texts / --text-from choice (none: None); --text-from loads that bundle's predictor."""
     if args.text_from and Path(args.text_from).is_file():  # a checkpoint rather than a bundle folder
         from ..models import load
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-no-lungs", action="store_true",
                    help="run the lung-lesion models on scans without (enough) lung: not a chest CT")
     p.add_argument("--min-lesion-ml", type=float, default=None,
-                   help=f"predicted components below this many mL are not lesions (default {MIN_LESION_ML})")
+                   help=f"predicted components below this many mL are not lesions (default: the checkpoint's, else {MIN_LESION_ML})")
     text = p.add_mutually_exclusive_group()  # the text-guided bundles (tmc): where each case's sentence comes from
     text.add_argument("--text", help="text-guided bundles: one finding sentence for every case")
     text.add_argument("--texts", help="text-guided bundles: CSV with a header case_id,text (case id or file name)")
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if world_size > 1:  # one device per process: cuda -> cuda:LOCAL_RANK
         device = distributed.device_for_rank(device or ("cuda" if torch.cuda.is_available() else "cpu"), local_rank)
     output_dir = Path(args.output).absolute()
-    min_lesion_ml = MIN_LESION_ML if args.min_lesion_ml is None else args.min_lesion_ml
+    min_lesion_ml = args.min_lesion_ml  # None: each checkpoint's own (run.batch.min_lesion_ml_of)
     ctx = distributed.DistContext()
     try:
         # cheap checks first, so a wrong path, device or OUTPUT_DIR is reported before the model loads

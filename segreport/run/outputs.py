@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .cases import Case, input_fingerprint
+from .cases import Case, discover_cases, input_fingerprint, load_points, select_series
+
+log = logging.getLogger("segreport.batch")
 
 # temp names made by data.io.atomic_path: ".<name>.<pid>-<12 hex>.tmp<suffix>"
 _TEMP_NAME = re.compile(r"^\..+\.\d+-[0-9a-f]{12}\.tmp")
@@ -17,6 +22,59 @@ _TEMP_NAME = re.compile(r"^\..+\.\d+-[0-9a-f]{12}\.tmp")
 
 class OutputExistsError(RuntimeError):
     """OUTPUT_DIR already holds outputs and neither overwrite nor resume was asked for."""
+
+
+class CannotStartError(RuntimeError):
+    """The run cannot start: a device or output-folder problem found before the model loads."""
+
+
+def check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    """A folder (or a path where one can be made) that is writable and is not, nor is inside, an input folder."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CannotStartError(f"{output_dir}: -o names a file, not a folder")
+    real_output = output_dir.resolve()  # symlinks resolved on both sides: a link into the input is the input
+    for given in inputs:
+        folder = Path(given).absolute()
+        real = folder.resolve()
+        if folder.is_dir() and (real_output == real or real in real_output.parents):
+            raise CannotStartError(f"{output_dir}: the output folder is {'the' if real_output == real else 'inside the'} "
+                                   f"input folder {folder}; outputs never go into a folder given as input: pick another -o")
+    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CannotStartError(f"{output_dir}: cannot write there ({existing} is not a writable folder)")
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, checked before any model loads: its cases, the files that are no case, the clicks."""
+
+    inputs: object
+    output_dir: Path
+    cases: list[Case]
+    skipped_inputs: list[dict] = field(default_factory=list)  # listed in the manifest, never dropped silently
+    points_spec: dict = field(default_factory=dict)
+    points_source: str | None = None
+
+
+def plan_run(inputs, output_dir: str | os.PathLike, pattern: str = "*.nii*", overwrite: bool = False,
+             resume: bool = False, points=None, series_uid: str | None = None) -> RunPlan:
+    """Every check a run makes before its model loads, made once: the output folder (writable, not in an
+    input folder), the cases (one DICOM series with ``series_uid``), outputs already there, the clicks file."""
+    output_dir = Path(output_dir).absolute()
+    given = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    check_output_dir(output_dir, given)
+    skipped: list[dict] = []
+    cases = discover_cases(inputs, pattern, exclude=output_dir, skipped=skipped)
+    for item in skipped:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
+    if series_uid:  # one DICOM series of several
+        cases = select_series(cases, series_uid, inputs)
+    check_outputs(cases, output_dir, overwrite, resume)
+    points_spec, points_source = load_points(points)
+    unused = set(points_spec) - {c.case_id for c in cases} - {Path(c.path).name for c in cases}
+    if unused:
+        log.warning("points for unknown cases ignored: %s", sorted(unused))
+    return RunPlan(inputs, output_dir, cases, skipped, points_spec, points_source)
 
 
 def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = None, guide: str | None = None) -> bool:

@@ -239,14 +239,17 @@ def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str =
     report's rule (nearest lung zone, :class:`FindingsFromMask`).
     """
     from ..data.io import load_volume
+    from ..inference.predictor import min_lesion_ml_of
     from ..models import load
     from ..text.findings import parse_finding, restrict_finding
     from ..transforms.findings import FindingsFromMask
     from ..transforms.lung_mask import lung_label_from_ct
+    from ..transforms.postprocess import remove_small_lesions
     from ..vocab import SIDES, ZONES
     from .evaluation import reference_sentence
 
     predictor = load(checkpoint, device=device)
+    min_ml = min_lesion_ml_of(predictor)  # the masks the report would count
     describe = FindingsFromMask().describe
     pairs, cases = [], []
     for item in items:
@@ -258,7 +261,7 @@ def text_control(checkpoint: str | os.PathLike, items: list[dict], device: str =
         lung = lung_label_from_ct(image, affine)
 
         def side_volumes(text: str) -> dict[str, float]:
-            mask = predictor.predict(image, affine, lung=lung, text=text).mask
+            mask = remove_small_lesions(predictor.predict(image, affine, lung=lung, text=text).mask, affine, min_ml)
             return _side_counts(describe(mask, lung=lung, affine=affine, image=image).voxel_zones)
 
         true = side_volumes(sentence)
