@@ -550,3 +550,17 @@ def test_the_minimum_lesion_size_is_the_checkpoints_unless_the_run_overrides_it(
         report = json.loads((tmp_path / out / "c1_report.json").read_text())
         manifest = json.loads((tmp_path / out / "manifest.json").read_text())
         assert report["provenance"]["min_lesion_ml"] == value == manifest["arguments"]["min_lesion_ml"]
+
+
+def test_every_route_refuses_an_output_folder_inside_the_input(tmp_path):
+    """The checks before the model loads are one plan (run.outputs.plan_run) that the CLI makes first and
+    run_batch makes when called directly (MONAI bundle route, Python): neither writes into an input folder."""
+    ct, affine, _ = make_chest(axcodes="LPS")
+    save_ct(tmp_path / "in" / "c1.nii.gz", ct, affine)
+    with pytest.raises(batch.CannotStartError, match="inside the input folder"):
+        run_batch(ThresholdPredictor(), tmp_path / "in", tmp_path / "in" / "out", progress=False)
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["c1.nii.gz"]
+    plan = batch.plan_run(tmp_path / "in", tmp_path / "out")
+    assert [c.case_id for c in plan.cases] == ["c1"]
+    summary = run_batch(ThresholdPredictor(), tmp_path / "in", tmp_path / "out", progress=False, plan=plan)
+    assert summary.counts["ok"] == 1

@@ -69,8 +69,9 @@ from .cases import (  # noqa: F401  (re-exported: the batch runner's public name
     select_series,
 )
 from .bundles import checkpoint_info
-from .outputs import (  # noqa: F401  (OutputExistsError, check_outputs: re-exported for the CLI)
-    OutputExistsError, case_complete, check_outputs, remove_case_outputs, remove_stale_temp_files,
+from .outputs import (  # noqa: F401  (OutputExistsError, CannotStartError, check_outputs: re-exported)
+    CannotStartError, OutputExistsError, RunPlan, case_complete, check_outputs, plan_run, remove_case_outputs,
+    remove_stale_temp_files,
 )
 from .run_lock import RunLock
 from .report import build_report, format_report_text, write_json, write_text
@@ -315,6 +316,7 @@ def run_batch(
     allow_no_lungs: bool = False,
     lung_masks: str | os.PathLike | None = None,
     texts: GuideTexts | None = None,
+    plan: RunPlan | None = None,
 ) -> BatchSummary:
     """Run ``predictor`` over every case of ``inputs`` and write outputs to ``output_dir`` (module doc).
 
@@ -329,21 +331,21 @@ def run_batch(
     ``lung_masks``: a folder of the user's lung masks, ``<case id>.nii.gz``, used instead of the HU mask.
     ``texts``: where a text-guided model (``predictor.takes_text``) gets each case's sentence
     (:class:`~segreport.run.guide_texts.GuideTexts`); required for such a model, ignored otherwise.
-    Raises :class:`InputError` when no input is found, :class:`OutputExistsError` when outputs exist
-    without ``overwrite``/``resume`` and :class:`RunLockedError` when another run is writing to
-    ``output_dir``; per-case errors are recorded in the summary instead.
+    ``plan``: the checks before the model loads, already made by :func:`plan_run` for these arguments
+    (the CLI makes them first, so a wrong path fails fast); made here when not given.
+    Raises :class:`InputError` when no input is found, :class:`CannotStartError` when the output folder is
+    not writable or lies in an input folder, :class:`OutputExistsError` when outputs exist without
+    ``overwrite``/``resume`` and :class:`RunLockedError` when another run is writing to ``output_dir``;
+    per-case errors are recorded in the summary instead.
     """
     started = _now()
     min_lesion_ml = min_lesion_ml_of(predictor, min_lesion_ml)
     output_dir = Path(output_dir).absolute()
     model = str(getattr(predictor, "name", type(predictor).__name__))
     device = str(device or getattr(predictor, "device", None) or "cpu")
-    skipped_inputs: list[dict] = []  # files found that are no case: listed in the manifest, never dropped silently
-    cases = discover_cases(inputs, pattern, exclude=output_dir, skipped=skipped_inputs)
-    for item in skipped_inputs:
-        log.warning("skipped %s: %s", item["path"], item["reason"])
-    if series_uid:  # one DICOM series of several
-        cases = select_series(cases, series_uid, inputs)
+    if plan is None:
+        plan = plan_run(inputs, output_dir, pattern, overwrite, resume, points, series_uid)
+    cases, skipped_inputs, points_spec, points_source = plan.cases, plan.skipped_inputs, plan.points_spec, plan.points_source
     takes_text = bool(getattr(predictor, "takes_text", False))
     if takes_text and texts is None:
         raise InputError(None, f"{model} is guided by a finding sentence: give --text, --texts CSV or --text-from BUNDLE")
@@ -352,11 +354,6 @@ def run_batch(
         texts = None
     if texts is not None:
         texts.check_cases(cases)
-    check_outputs(cases, output_dir, overwrite, resume)
-    points_spec, points_source = load_points(points)
-    unused = set(points_spec) - {c.case_id for c in cases} - {Path(c.path).name for c in cases}
-    if unused:
-        log.warning("points for unknown cases ignored: %s", sorted(unused))
     ctx = distributed.context(rank, world_size)
     if world_size > 1 and not ctx.active:
         raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group (run under "

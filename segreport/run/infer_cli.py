@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -22,16 +21,12 @@ import torch
 
 from ..errors import InputError
 from . import distributed
-from .batch import OutputExistsError, check_outputs, run_batch
+from .batch import run_batch
 from .bundles import BundleError, load_bundle_predictor  # noqa: F401  (the CLI's and tests' name)
-from .cases import discover_cases, load_points, select_series
+from .outputs import CannotStartError, OutputExistsError, plan_run  # noqa: F401  (OutputExistsError: re-exported)
 from .guide_texts import GuideTexts
 from .run_lock import RunLockedError
 from ..vocab import MIN_LESION_ML
-
-
-class CannotStartError(RuntimeError):
-    """The run cannot start: a device or output-folder problem found before the model loads."""
 
 
 def check_device(device: str | None) -> None:
@@ -42,22 +37,6 @@ def check_device(device: str | None) -> None:
         index = str(device).partition(":")[2]
         if index and int(index) >= torch.cuda.device_count():
             raise CannotStartError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
-
-
-def check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
-    """A folder (or a path where one can be made) that is writable and is not, nor is inside, an input folder."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CannotStartError(f"{output_dir}: -o names a file, not a folder")
-    real_output = output_dir.resolve()  # symlinks resolved on both sides: a link into the input is the input
-    for given in inputs:
-        folder = Path(given).absolute()
-        real = folder.resolve()
-        if folder.is_dir() and (real_output == real or real in real_output.parents):
-            raise CannotStartError(f"{output_dir}: the output folder is {'the' if real_output == real else 'inside the'} "
-                                   f"input folder {folder}; outputs never go into a folder given as input: pick another -o")
-    existing = next(p for p in (output_dir, *output_dir.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise CannotStartError(f"{output_dir}: cannot write there ({existing} is not a writable folder)")
 
 
 def guide_texts(args, device: str | None, min_lesion_ml: float | None) -> GuideTexts | None:
@@ -127,12 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # cheap checks first, so a wrong path, device or OUTPUT_DIR is reported before the model loads
         check_device(device)
-        check_output_dir(output_dir, [args.input])
-        cases = discover_cases(args.input, args.pattern, exclude=output_dir)
-        if args.series:
-            cases = select_series(cases, args.series, args.input)
-        check_outputs(cases, output_dir, args.overwrite, args.resume)
-        load_points(args.points)
+        plan = plan_run(args.input, output_dir, args.pattern, args.overwrite, args.resume, args.points, args.series)
         ctx = distributed.init_distributed(device)
         predictor, bundle_info = load_bundle_predictor(args.bundle, args.checkpoint, device, args.bf16)
         texts = guide_texts(args, device, min_lesion_ml)
@@ -143,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_lesion_ml=min_lesion_ml, texts=texts,
             manifest_extra={"bundle": bundle_info, "command": ["segreport", "infer", *(argv or sys.argv[1:])]},
             progress=not args.no_progress, series_uid=args.series, allow_no_lungs=args.allow_no_lungs,
-            lung_masks=args.lung_masks,
+            lung_masks=args.lung_masks, plan=plan,
         )
     except (InputError, OutputExistsError, BundleError, CannotStartError, RunLockedError) as exc:
         print(f"segreport infer: error: {exc}", file=sys.stderr)
