@@ -55,8 +55,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import __version__
 from ..data import provenance
-from ..transforms.findings import label_components
-from ..transforms.postprocess import remove_small_lesions
+from ..transforms.postprocess import lesion_instances
 from ..transforms.slicing import axial_axis
 from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
 from ..errors import InputError
@@ -151,12 +150,12 @@ def case_report(case: Case, loaded: LoadedCase, prediction: Prediction, settings
     (the report's lesion ids), the report with its provenance, the model's training and every warning.
     ``points``: the clicks to record (default: the case's own, from its click file).
     Returns ``(report, lesion instance map, number of lesions)``."""
-    prediction.mask = remove_small_lesions(np.asarray(prediction.mask, np.uint8), loaded.affine, settings.min_lesion_ml)
+    instances, n = lesion_instances(prediction.mask, loaded.affine, settings.min_lesion_ml)  # the one labelling
+    prediction.mask = (instances > 0).astype(np.uint8)
     if prediction.slice_findings:  # a slice sentence stays only where a lesion the report counts lies
         axis = axial_axis(loaded.affine)
         on = prediction.mask.any(axis=tuple(a for a in range(3) if a != axis))
         prediction.slice_findings = {k: v for k, v in prediction.slice_findings.items() if on[int(k)]}
-    instances, n = label_components(prediction.mask)
     if points is None and loaded.points is not None:
         points = {"ijk": loaded.points, "labels": loaded.point_labels}
     if points is not None and not settings.takes_points:
