@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "segreport"
 
 # bottom to top, as docs/ARCHITECTURE.md lists them; one row may hold several packages
 LAYERS = [
-    {"errors", "vocab", "__init__"},
+    {"errors", "vocab", "timing", "__init__"},
     {"data"},
     {"text"},
     {"transforms"},

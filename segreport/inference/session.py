@@ -18,6 +18,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from ..errors import InputError
+from ..timing import stage
 from ..transforms.crop import CropLargestLesion, roi_box
 from ..transforms.volume import volume_transforms
 from ..vocab import ATTRIBUTE_GROUPS, ATTRIBUTE_NAMES
@@ -132,7 +133,8 @@ class PromptSession:
             raise InputError(source, f"expected a 3D CT, got shape {ct.shape}")
         self._ct, self.source = ct, source
         self.orig_affine, self.shape = as_affine(affine), tuple(ct.shape)
-        self._volume = self.volume_tf({"image": MetaTensor(torch.from_numpy(ct[None]), affine=torch.as_tensor(self.orig_affine))})["image"]
+        with stage("preprocess"):
+            self._volume = self.volume_tf({"image": MetaTensor(torch.from_numpy(ct[None]), affine=torch.as_tensor(self.orig_affine))})["image"]
         self.reset()
 
     def reset(self) -> None:

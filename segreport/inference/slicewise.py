@@ -24,6 +24,7 @@ from nibabel.affines import apply_affine
 import torch
 import torch.nn.functional as F
 
+from ..timing import stage
 from ..transforms.intensity import HUWindow
 from ..transforms.lung_mask import lung_label_from_ct
 from ..transforms.lung_regions import slice_levels
@@ -66,30 +67,34 @@ class SliceWisePredictor:
         (a text-guided model's sentence for each slice's level), asked for each batch of slices.
         ``collected``: filled with the forward's per-slice outputs (module docstring), by file slice index.
         """
-        windowed = np.asarray(HUWindow(preset=self.window)(np.asarray(image, dtype=np.float32)[None]))
-        shown = to_display(windowed, affine)  # (1, rows, cols, n)
-        slices = shown[0].as_tensor().permute(2, 0, 1).contiguous()  # (n, rows, cols)
+        with stage("preprocess"):
+            windowed = np.asarray(HUWindow(preset=self.window)(np.asarray(image, dtype=np.float32)[None]))
+            shown = to_display(windowed, affine)  # (1, rows, cols, n)
+            slices = shown[0].as_tensor().permute(2, 0, 1).contiguous()  # (n, rows, cols)
         n, size2d = slices.shape[0], tuple(slices.shape[1:])
         prob = torch.zeros((n, *size2d), dtype=torch.float32)
         texts: dict[int, str] = {}
         file_index = display_to_file_index(shown, affine, axial_axis(affine))
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
         for start in range(0, n, self.batch_size):
-            chunk = slices[start:start + self.batch_size, None].to(self.device)
-            x = F.interpolate(chunk, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
-            per_slice = {} if slice_prompts is None else {
-                k: v.to(self.device) for k, v in slice_prompts(file_index[start:start + len(chunk)]).items()}
-            with torch.inference_mode(), autocast:
+            with stage("preprocess"):
+                chunk = slices[start:start + self.batch_size, None].to(self.device)
+                x = F.interpolate(chunk, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+                per_slice = {} if slice_prompts is None else {
+                    k: v.to(self.device) for k, v in slice_prompts(file_index[start:start + len(chunk)]).items()}
+            with stage("model"), torch.inference_mode(), autocast:
                 out = self.forward(x, **prompts, **per_slice)
-            if "seg_logits" in out:
-                logits = F.interpolate(out["seg_logits"].float(), size=size2d, mode="bilinear", align_corners=False)
-                prob[start:start + len(chunk)] = torch.sigmoid(logits)[:, 0].cpu()
-            if "tokens" in out and self.decode is not None:
-                for i, text in enumerate(self.decode(out["tokens"])):
-                    texts[int(file_index[start + i])] = text
-            if collected is not None:
-                self._collect(out, collected, start, file_index, shown, size2d, affine)
-        return from_display(prob.permute(1, 2, 0)[None], shown)[0], texts
+            with stage("postprocess"):
+                if "seg_logits" in out:
+                    logits = F.interpolate(out["seg_logits"].float(), size=size2d, mode="bilinear", align_corners=False)
+                    prob[start:start + len(chunk)] = torch.sigmoid(logits)[:, 0].cpu()
+                if "tokens" in out and self.decode is not None:
+                    for i, text in enumerate(self.decode(out["tokens"])):
+                        texts[int(file_index[start + i])] = text
+                if collected is not None:
+                    self._collect(out, collected, start, file_index, shown, size2d, affine)
+        with stage("postprocess"):
+            return from_display(prob.permute(1, 2, 0)[None], shown)[0], texts
 
     def _collect(self, out: dict, collected: dict, start: int, file_index, shown, size2d, affine) -> None:
         for name, values in (out.get("slice_values") or {}).items():
@@ -125,7 +130,8 @@ class SliceWisePredictor:
             slice_prompts = self._level_prompts(image, affine, lung)
         collected: dict = {}
         prob, texts = self.probabilities(image, affine, slice_prompts=slice_prompts, collected=collected, **prompts)
-        mask = (prob > self.threshold).astype(np.uint8)
+        with stage("postprocess"):
+            mask = (prob > self.threshold).astype(np.uint8)
         axis = axial_axis(affine)
         lesion_slices = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         return Prediction(mask=mask, slice_findings={int(k): texts[int(k)] for k in lesion_slices if int(k) in texts},

@@ -55,6 +55,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import __version__
 from ..data import provenance
+from ..timing import collect_stages, stage
 from ..transforms.postprocess import lesion_instances
 from ..transforms.slicing import axial_axis
 from ..vocab import MIN_LESION_ML, MIN_LUNG_ML
@@ -177,21 +178,25 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
                        settings: RunSettings) -> dict:
     """Mask, lesion map, text report, preview, JSON report (last), each atomically. Returns the report."""
     paths = case.outputs(output_dir)
-    report, instances, n = case_report(case, loaded, prediction, settings)
-    loaded.save_mask(prediction.mask, paths["seg"])
-    loaded.save_mask(instances, paths["lesions"], dtype=np.uint8 if n < 256 else np.uint16)
-    write_text(format_report_text(report), paths["report_txt"])
-    caption = " ".join([report["finding"], f"[{report['model_training_summary']}]", *report["warnings"]])
-    save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=caption,
-                 title=f"{case.case_id}  ({settings.model})", lung=loaded.lung)
-    write_json(report, paths["report"])
+    with stage("report"):
+        report, instances, n = case_report(case, loaded, prediction, settings)
+    with stage("write"):
+        loaded.save_mask(prediction.mask, paths["seg"])
+        loaded.save_mask(instances, paths["lesions"], dtype=np.uint8 if n < 256 else np.uint16)
+        write_text(format_report_text(report), paths["report_txt"])
+    with stage("preview"):
+        caption = " ".join([report["finding"], f"[{report['model_training_summary']}]", *report["warnings"]])
+        save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=caption,
+                     title=f"{case.case_id}  ({settings.model})", lung=loaded.lung)
+    with stage("write"):
+        write_json(report, paths["report"])
     return report
 
 
-def _error_message(exc: Exception, case: Case, stage: str) -> str:
+def _error_message(exc: Exception, case: Case, step: str) -> str:
     if isinstance(exc, InputError):
         return str(exc)  # already "<file>: <problem>"
-    return f"{case.path}: {stage} failed ({type(exc).__name__}: {exc})"
+    return f"{case.path}: {step} failed ({type(exc).__name__}: {exc})"
 
 
 def _row(case: Case, status: str, **values) -> dict:
@@ -214,38 +219,41 @@ def run_case(case: Case, loading: Future, predictor, output_dir: Path, settings:
     """Predict one loaded case and write its outputs; any error becomes a failed row, never a crash."""
     start = perf_counter()
     timings: dict[str, float] = {}
-    stage = "load"
+    stages: dict[str, float] = {}  # segreport.timing: where the case's time went (summary.json's stage_s)
+    step = "load"
     try:
         loaded: LoadedCase = loading.result()
         timings.update(load_s=loaded.load_s, wait_s=perf_counter() - start)
-        stage, t = "predict", perf_counter()
-        kwargs = {} if loaded.points is None else {"points": loaded.points, "point_labels": loaded.point_labels}
-        text_source = None
-        if settings.texts is not None:  # a text-guided model: this case's sentence
-            stage = "guide text"
+        stages.update(loaded.stage_s)
+        with collect_stages(stages):
+            step, t = "predict", perf_counter()
+            kwargs = {} if loaded.points is None else {"points": loaded.points, "point_labels": loaded.point_labels}
+            text_source = None
+            if settings.texts is not None:  # a text-guided model: this case's sentence
+                step = "guide text"
+                with stage("guide text"), torch.inference_mode(), autocast():
+                    kwargs["text"], text_source = settings.texts.for_case(case, loaded)
+                step = "predict"
             with torch.inference_mode(), autocast():
-                kwargs["text"], text_source = settings.texts.for_case(case, loaded)
-            stage = "predict"
-        with torch.inference_mode(), autocast():
-            prediction = predictor.predict(loaded.image, loaded.affine, lung=loaded.lung, **kwargs)
-        prediction = _check_prediction(prediction, loaded.image.shape, settings.model)
-        if text_source is not None:
-            prediction.extras["guide_text_source"] = text_source
-        timings["predict_s"] = perf_counter() - t
-        stage, t = "writing outputs", perf_counter()
-        report = write_case_outputs(case, loaded, prediction, output_dir, settings)
-        timings["write_s"] = perf_counter() - t
+                prediction = predictor.predict(loaded.image, loaded.affine, lung=loaded.lung, **kwargs)
+            prediction = _check_prediction(prediction, loaded.image.shape, settings.model)
+            if text_source is not None:
+                prediction.extras["guide_text_source"] = text_source
+            timings["predict_s"] = perf_counter() - t
+            step, t = "writing outputs", perf_counter()
+            report = write_case_outputs(case, loaded, prediction, output_dir, settings)
+            timings["write_s"] = perf_counter() - t
     except Exception as exc:
         remove_case_outputs(case, output_dir)  # all or nothing: no seg without its report
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # after an out-of-memory error the next case still gets the GPU
-        row = _row(case, "failed", error=_error_message(exc, case, stage), **_rounded(timings))
+        row = _row(case, "failed", error=_error_message(exc, case, step), **_rounded(timings))
         if not isinstance(exc, InputError):
             row["traceback"] = traceback.format_exc()
         log.warning("failed: %s", row["error"])
         return row
     return _row(case, "ok", n_lesions=report["n_lesions"], total_volume_ml=report["total_volume_ml"],
-                finding=report["finding"], **_rounded(timings))
+                finding=report["finding"], stage_s=_rounded(stages), **_rounded(timings))
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:

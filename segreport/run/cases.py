@@ -8,7 +8,7 @@ import logging
 import os
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from time import perf_counter
@@ -20,6 +20,7 @@ from ..data.io import is_nifti, load_volume, save_nifti, strip_nifti_suffix
 from ..data.dicom_groups import read_dicom_folder
 from ..data.plausibility import check_ct
 from ..errors import InputError
+from ..timing import collect_stages, stage
 from ..inference.clicks import parse_clicks
 from ..inference.geometry import voxel_volume_ml
 from .report import lung_regions
@@ -190,7 +191,8 @@ class LoadedCase:
     zones: np.ndarray
     points: list[list[int]] | None
     point_labels: list[int] | None
-    load_s: float
+    load_s: float = 0.0
+    stage_s: dict = field(default_factory=dict)  # segreport.timing: read, plausibility, lung mask
 
     def save_mask(self, mask: np.ndarray, path: str | os.PathLike, dtype=np.uint8) -> Path:
         """A mask (or label map: ``dtype``) on this case's grid as NIfTI, keeping the input's NIfTI codes
@@ -248,27 +250,38 @@ def load_case(case: Case, points_spec: dict | None = None, points_source: str | 
     lung label and zone map (or read ``lung_masks/<case>.nii.gz`` when the user has one; with
     ``min_lung_ml``, refuse a scan with less lung: not a chest CT), resolve its clicks."""
     start = perf_counter()
-    image, affine, meta = load_volume(case.path, expect_ndim=3, series_uid=case.series_uid)
+    with collect_stages() as stages:
+        loaded = _load_case(case, points_spec, points_source, allow_non_ct, min_lung_ml, lung_masks)
+    loaded.stage_s, loaded.load_s = stages, perf_counter() - start
+    return loaded
+
+
+def _load_case(case: Case, points_spec, points_source, allow_non_ct, min_lung_ml, lung_masks) -> LoadedCase:
+    with stage("read"):
+        image, affine, meta = load_volume(case.path, expect_ndim=3, series_uid=case.series_uid)
     if min(image.shape) < 2:
         raise InputError(case.path, f"shape {image.shape}: a single slice, not a 3D volume")
-    check_ct(image, affine, case.path, meta.get("dtype"), allow_non_ct, meta.get("modality"))
+    with stage("plausibility"):
+        check_ct(image, affine, case.path, meta.get("dtype"), allow_non_ct, meta.get("modality"))
     supplied = next((p for p in (Path(lung_masks) / f"{case.case_id}{sfx}" for sfx in (".nii.gz", ".nii")) if p.is_file()),
                     None) if lung_masks else None
     if supplied is not None:  # the user's own lung mask (e.g. TotalSegmentator's) instead of the HU threshold
         from ..transforms.lung_regions import lung_zone_map
 
-        lung = user_lung_label(supplied, image.shape, affine)
-        zones = lung_zone_map(lung, affine) if lung.any() else np.zeros(lung.shape, np.uint8)
+        with stage("lung mask"):
+            lung = user_lung_label(supplied, image.shape, affine)
+            zones = lung_zone_map(lung, affine) if lung.any() else np.zeros(lung.shape, np.uint8)
         meta["lung_source"] = str(supplied)
     else:
-        lung, zones = lung_regions(image, affine)
+        with stage("lung mask"):
+            lung, zones = lung_regions(image, affine)
     if min_lung_ml is not None:
         lung_ml = np.count_nonzero(lung) * voxel_volume_ml(affine)
         if lung_ml < min_lung_ml:
             raise InputError(case.path, f"no lungs found ({lung_ml:.0f} mL of lung in the lung mask, under "
                                         f"{min_lung_ml:g} mL): not a chest CT? Pass --allow-no-lungs to run anyway")
     points, labels = case_points(case, points_spec or {}, affine, image.shape, points_source)
-    return LoadedCase(image, affine, meta, lung, zones, points, labels, perf_counter() - start)
+    return LoadedCase(image, affine, meta, lung, zones, points, labels)
 
 
 def prefetch(items: Iterable, load: Callable, workers: int) -> Iterator[tuple[Any, Future]]:

@@ -1,0 +1,199 @@
+"""A whole chest CT through ``segreport infer``, per bundle: where the time goes, against what it must cost.
+
+For each bundle, one CT in HU (the package's phantom, 512x512x300 at 0.7x0.7x1 mm; ``--quick``: 256x256x120)
+runs end to end through ``segreport infer`` in a fresh process, with the time of each stage (``stage_s`` of
+the run's summary.json: read, plausibility, lung mask, pre-processing, model, post-processing, report,
+preview, write) and the process's peak RSS. Two references are measured in the same run:
+
+* ``read_s``: reading the file with nibabel alone (``np.asanyarray(nib.load(path).dataobj)``);
+* ``model_s``: the model's own forward passes alone: every call the run made to the network (2D: the slice
+  batches; 3D: every ROI encoding and decoding), recorded with its pre-processed inputs and replayed.
+
+``ratio = total_s / (read_s + model_s)``; the target is at most 2 for every bundle, with peak RSS at most
+3 GB. Each checkpoint is the bundle's default (tiny) configuration, randomly initialised with seed 0: speed
+does not depend on training (the 3D automatic mode's work does, through its candidates: their number is
+recorded). ``--folder-cases N``: the same CT N times in one folder, for throughput (volumes per minute).
+Writes ``benchmarks/results/whole_ct.json`` (``--quick``: ``whole_ct_quick.json``).
+
+    python benchmarks/bench_whole_ct.py                  # 512x512x300, four bundles
+    python benchmarks/bench_whole_ct.py --quick          # 256x256x120: a fast check
+    python benchmarks/bench_whole_ct.py --bundles medsegtext --folder-cases 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import BUNDLES, REPO, machine, write_results
+
+import numpy as np
+
+BUNDLE_NAMES = ("medsegtext", "lesion_report_3d", "tmc", "lapft")
+FULL, QUICK = (512, 512, 300), (256, 256, 120)
+SPACING = {FULL: (0.7, 0.7, 1.0), QUICK: (1.4, 1.4, 2.5)}
+TEXT = "Bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
+FINDINGS = [TEXT, "Unilateral pulmonary infection, one infected area, upper middle lower left right lung.",
+            "No pulmonary infection.", "all upper middle lower left right lung one two three four infected areas"]
+
+# The child process: segreport infer with every network call recorded, then replayed alone.
+CHILD = r"""
+import json, sys, time
+import torch
+from segreport.run import infer_cli
+from segreport.run import bundles as run_bundles
+
+calls = []
+def recording(fn):
+    def wrapped(*args, **kwargs):
+        calls.append((fn, args, kwargs))
+        return fn(*args, **kwargs)
+    return wrapped
+
+load = run_bundles.load_bundle_predictor
+def load_and_record(*args, **kwargs):
+    predictor, info = load(*args, **kwargs)
+    if hasattr(predictor, "forward"):  # slice-wise 2D models: one call per slice batch
+        predictor.forward = recording(predictor.forward)
+    else:  # the promptable 3D model: every ROI encoding and decoding
+        net = predictor.network
+        net.encode_image, net.decode = recording(net.encode_image), recording(net.decode)
+    return predictor, info
+run_bundles.load_bundle_predictor = infer_cli.load_bundle_predictor = load_and_record
+
+argv = json.loads(sys.argv[1])
+t = time.perf_counter()
+code = infer_cli.main(argv)
+total = time.perf_counter() - t
+assert code == 0, code
+peak_gb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 2**20
+replayed = calls[:]
+t = time.perf_counter()
+with torch.inference_mode():
+    for fn, args, kwargs in replayed:
+        fn(*args, **kwargs)
+model = time.perf_counter() - t
+print("RESULT " + json.dumps({"total_s": total, "model_s": model, "network_calls": len(replayed), "peak_rss_gb": peak_gb}))
+"""
+
+
+def phantom_ct(shape, out: Path) -> Path:
+    """The phantom at ``shape`` (generated once into ``out``): one chest CT in HU with lesions."""
+    from segreport import phantom
+
+    folder = out / f"phantom_{'x'.join(map(str, shape))}"
+    image = folder / "imagesTr" / "case_0000.nii.gz"
+    if not image.is_file():
+        phantom.generate_dataset(folder, n_cases=1, seed=7, shape=shape, spacing=SPACING[tuple(shape)], export_2d=False)
+    return image
+
+
+def write_bundle(name: str, root: Path) -> Path:
+    """A copy of the bundle's inference configs and a seeded, untrained checkpoint of its default configuration."""
+    import torch
+
+    from segreport.text.tokenizers import build_word_tokenizer
+
+    bundle = root / name
+    if (bundle / "models" / "model.pt").is_file():
+        return bundle
+    (bundle / "models").mkdir(parents=True)
+    shutil.copytree(BUNDLES / name / "configs", bundle / "configs")
+    torch.manual_seed(0)
+    tokenizer = build_word_tokenizer(FINDINGS)
+    if name == "medsegtext":
+        from segreport.models.medsegtext import spec_for
+        from segreport.networks import MedSegText
+
+        net = MedSegText.tiny(vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
+                              eos_id=tokenizer.eos_token_id)
+        spec = spec_for(net, tokenizer, image_size=64, max_length=50)
+    elif name in ("tmc", "lapft"):
+        from segreport.models import lapft, tmc
+        from segreport.networks import LAPFT, TMC
+
+        cls, adapter = (TMC, tmc) if name == "tmc" else (LAPFT, lapft)
+        net = cls.from_config("tiny", vocab_size=len(tokenizer), image_size=64)
+        spec = adapter.spec_for(net, tokenizer, 64, 32)
+    else:
+        from segreport.models import lesion_report_3d as lr3d
+
+        net = lr3d.build_network(backbone="resunet", lesion_pooling=True, attr_gradient="normalised", click_components=True)
+        spec = lr3d.spec_for(net)
+    torch.save({"model": net.state_dict(), "spec": spec}, bundle / "models" / "model.pt")
+    return bundle
+
+
+def nibabel_read_s(path: Path, repeats: int = 2) -> float:
+    import nibabel as nib
+
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.asanyarray(nib.load(path).dataobj)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run_bundle(bundle: Path, inputs: Path, out: Path, threads: int) -> tuple[dict, list[dict]]:
+    argv = ["--bundle", str(bundle), "-i", str(inputs), "-o", str(out), "--device", "cpu", "--no-progress", "--overwrite"]
+    if bundle.name in ("tmc", "lapft"):
+        argv += ["--text", TEXT]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{bundle.name}: segreport infer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    cases = json.loads((out / "summary.json").read_text())["cases"]
+    return result, cases
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=f"a {'x'.join(map(str, QUICK))} volume instead of {'x'.join(map(str, FULL))}")
+    p.add_argument("--bundles", nargs="+", default=list(BUNDLE_NAMES), choices=BUNDLE_NAMES)
+    p.add_argument("--folder-cases", type=int, default=0, help="also run a folder of N copies of the CT (throughput)")
+    p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads of each run")
+    p.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_whole_ct")
+    a = p.parse_args(argv)
+    shape = QUICK if a.quick else FULL
+    image = phantom_ct(shape, a.work)
+    read_s = nibabel_read_s(image)
+    result = {"command": " ".join(["python benchmarks/bench_whole_ct.py", *(argv if argv is not None else sys.argv[1:])]),
+              "shape": list(shape), "spacing": list(SPACING[shape]), "threads": a.threads, "machine": machine(),
+              "targets": {"ratio_at_most": 2.0, "peak_rss_gb_at_most": 3.0}, "bundles": {}}
+    for name in a.bundles:
+        bundle = write_bundle(name, a.work / "bundles")
+        run, cases = run_bundle(bundle, image, a.work / "out" / name, a.threads)
+        case = cases[0]
+        row = {"total_s": round(run["total_s"], 2), "read_s": round(read_s, 2), "model_s": round(run["model_s"], 2),
+               "ratio": round(run["total_s"] / (read_s + run["model_s"]), 2), "peak_rss_gb": round(run["peak_rss_gb"], 2),
+               "network_calls": run["network_calls"], "n_lesions": case["n_lesions"],
+               "stages": case.get("stage_s", {}), "case_s": {k: case[k] for k in ("load_s", "predict_s", "write_s")}}
+        if a.folder_cases:
+            folder = a.work / f"folder_{'x'.join(map(str, shape))}"
+            folder.mkdir(exist_ok=True)
+            for i in range(a.folder_cases):
+                if not (folder / f"ct_{i:02d}.nii.gz").exists():
+                    shutil.copy(image, folder / f"ct_{i:02d}.nii.gz")
+            many, _ = run_bundle(bundle, folder, a.work / "out" / f"{name}_folder", a.threads)
+            row["folder"] = {"cases": a.folder_cases, "total_s": round(many["total_s"], 2),
+                             "volumes_per_min": round(60 * a.folder_cases / many["total_s"], 2)}
+        row["met"] = row["ratio"] <= 2.0 and row["peak_rss_gb"] <= 3.0
+        result["bundles"][name] = row
+        print(f"{name}: {row['total_s']} s end to end, read {row['read_s']} s + model {row['model_s']} s -> ratio "
+              f"{row['ratio']}, peak {row['peak_rss_gb']} GB ({'met' if row['met'] else 'NOT met'}); stages {row['stages']}",
+              flush=True)
+    write_results("whole_ct_quick" if a.quick else "whole_ct", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
