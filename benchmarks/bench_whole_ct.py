@@ -39,8 +39,6 @@ BUNDLE_NAMES = ("medsegtext", "lesion_report_3d", "tmc", "lapft")
 FULL, QUICK = (512, 512, 300), (256, 256, 120)
 SPACING = {FULL: (0.7, 0.7, 1.0), QUICK: (1.4, 1.4, 2.5)}
 TEXT = "Bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
-FINDINGS = [TEXT, "Unilateral pulmonary infection, one infected area, upper middle lower left right lung.",
-            "No pulmonary infection.", "all upper middle lower left right lung one two three four infected areas"]
 
 # The child process: segreport infer with every network call recorded, then replayed alone.
 CHILD = r"""
@@ -95,38 +93,13 @@ def phantom_ct(shape, out: Path) -> Path:
 
 
 def write_bundle(name: str, root: Path) -> Path:
-    """A copy of the bundle's inference configs and a seeded, untrained checkpoint of its default configuration."""
-    import torch
-
-    from segreport.text.tokenizers import build_word_tokenizer
+    """A copy of the bundle's configs and a seeded, untrained checkpoint of its default configuration."""
+    from segreport.models.untrained import write_untrained_checkpoint
 
     bundle = root / name
-    if (bundle / "models" / "model.pt").is_file():
-        return bundle
-    (bundle / "models").mkdir(parents=True)
-    shutil.copytree(BUNDLES / name / "configs", bundle / "configs")
-    torch.manual_seed(0)
-    tokenizer = build_word_tokenizer(FINDINGS)
-    if name == "medsegtext":
-        from segreport.models.medsegtext import spec_for
-        from segreport.networks import MedSegText
-
-        net = MedSegText.tiny(vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id,
-                              eos_id=tokenizer.eos_token_id)
-        spec = spec_for(net, tokenizer, image_size=64, max_length=50)
-    elif name in ("tmc", "lapft"):
-        from segreport.models import lapft, tmc
-        from segreport.networks import LAPFT, TMC
-
-        cls, adapter = (TMC, tmc) if name == "tmc" else (LAPFT, lapft)
-        net = cls.from_config("tiny", vocab_size=len(tokenizer), image_size=64)
-        spec = adapter.spec_for(net, tokenizer, 64, 32)
-    else:
-        from segreport.models import lesion_report_3d as lr3d
-
-        net = lr3d.build_network(backbone="resunet", lesion_pooling=True, attr_gradient="normalised", click_components=True)
-        spec = lr3d.spec_for(net)
-    torch.save({"model": net.state_dict(), "spec": spec}, bundle / "models" / "model.pt")
+    if not (bundle / "models" / "model.pt").is_file():
+        shutil.copytree(BUNDLES / name / "configs", bundle / "configs", dirs_exist_ok=True)
+        write_untrained_checkpoint(name, bundle / "models" / "model.pt", seed=0)
     return bundle
 
 
