@@ -187,7 +187,7 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
     with stage("preview"):
         caption = " ".join([report["finding"], f"[{report['model_training_summary']}]", *report["warnings"]])
         save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=caption,
-                     title=f"{case.case_id}  ({settings.model})", lung=loaded.lung)
+                     title=f"{case.case_id}  ({settings.model})", lung=loaded.lung, instances=instances)
     with stage("write"):
         write_json(report, paths["report"])
     return report

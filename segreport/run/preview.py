@@ -63,12 +63,18 @@ def _display(plane: np.ndarray, in_plane: tuple[int, int], ornt: np.ndarray) -> 
     return plane
 
 
+def _plane(volume: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """Slice ``k`` along ``axis`` as a view (``np.take`` copied the whole volume first: 0.7 s per panel on a
+    512x512x300 CT)."""
+    return volume[(slice(None),) * axis + (k,)]
+
+
 def _instance_plane(instances: np.ndarray, box, shape, axis: int, k: int) -> np.ndarray:
     """Slice ``k`` of the full-size instance map, rebuilt from the bounding-box crop."""
     in_plane = [a for a in range(3) if a != axis]
     out = np.zeros([shape[a] for a in in_plane], dtype=np.int32)
     if box is not None and box[axis].start <= k < box[axis].stop:
-        out[box[in_plane[0]], box[in_plane[1]]] = np.take(instances, k - box[axis].start, axis=axis)
+        out[box[in_plane[0]], box[in_plane[1]]] = _plane(instances, k - box[axis].start, axis)
     return out
 
 
@@ -85,14 +91,16 @@ def save_preview(
     columns: int = 3,
     window: str = "lung",
     min_voxels: int = 1,
+    instances: np.ndarray | None = None,
 ) -> Path:
-    """Write the montage PNG atomically. Lesions are numbered as in the report (largest first)."""
+    """Write the montage PNG atomically. Lesions are numbered as in the report (largest first);
+    ``instances``: the report's labelling of ``mask``, when the caller has it (not labelled again)."""
     affine = np.asarray(affine, dtype=np.float64)
     axis = axial_axis(affine)
     ornt = io_orientation(affine)
     in_plane = tuple(a for a in range(3) if a != axis)
     spacing = np.asarray(spacing_from_affine(affine))
-    instances, box = label_lesions(mask, min_voxels)
+    instances, box = label_lesions(mask, min_voxels, instances)
     centre = (np.array(image.shape) - 1) / 2.0
 
     def slice_z(k: int) -> float:  # world z of the slice's centre
@@ -114,7 +122,7 @@ def save_preview(
     for ax in axes.ravel():
         ax.axis("off")
     for ax, k in zip(axes.ravel(), slices):
-        plane = _display(np.take(image, k, axis=axis), in_plane, ornt)
+        plane = _display(_plane(image, k, axis), in_plane, ornt)
         inst = _display(_instance_plane(instances, box, image.shape, axis, k), in_plane, ornt)
         ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         if inst.any():

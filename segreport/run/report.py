@@ -27,6 +27,7 @@ from scipy import ndimage
 from ..data.io import spacing_from_affine
 from ..data.outputs import write_json, write_text  # noqa: F401  (re-exported: report writers)
 from ..transforms.laterality import laterality_check, warning_lines as laterality_warnings
+from ..transforms.crop import bounding_box
 from ..transforms.findings import Findings, FindingsFromMask, label_components
 from ..transforms.lung_mask import lung_label_from_ct
 from ..transforms.lung_regions import lung_zone_map
@@ -50,13 +51,16 @@ def _to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
 
 
-def label_lesions(mask: np.ndarray, min_voxels: int = 1) -> tuple[np.ndarray, tuple[slice, ...] | None]:
-    """The report's lesions (:func:`transforms.findings.label_components`: ids 1..N by size) over the
-    mask's bounding box, and that box (None for an empty mask): previews stay cheap on big scans."""
-    instances, n = label_components(mask, min_voxels)
-    if not n:
+def label_lesions(mask: np.ndarray, min_voxels: int = 1, instances: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, tuple[slice, ...] | None]:
+    """The report's lesions (:func:`transforms.findings.label_components`: ids 1..N by size; ``instances``:
+    that labelling, made already) over the mask's bounding box, and that box (None for an empty mask):
+    previews stay cheap on big scans."""
+    if instances is None:
+        instances, _ = label_components(mask, min_voxels)
+    if not instances.any():
         return np.zeros((0, 0, 0), dtype=np.int32), None
-    box = ndimage.find_objects((instances > 0).astype(np.uint8))[0]
+    box = bounding_box(instances > 0)
     return instances[box], box
 
 
@@ -89,7 +93,7 @@ def lesion_statistics(
     if not findings.lesions:
         return [], [{"voxel": [int(v) for v in a.voxel], "attributes": a.attributes, "reason": "no lesion found"}
                     for a in lesion_attributes]
-    box = ndimage.find_objects((findings.instances > 0).astype(np.uint8))[0]
+    box = bounding_box(findings.instances > 0)
     offset = np.array([s.start for s in box])
     instances, img, lung_c = findings.instances[box], np.asarray(image)[box], np.asarray(lung)[box]
     ids = np.arange(1, len(findings.lesions) + 1)

@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from ..text.findings import format_finding, parse_finding
 from ..vocab import LUNG_LABELS, ZONES
+from .crop import bounding_box
 from .lung_regions import affine_of, lung_zone_map, spatial_array, zone_codes
 
 
@@ -95,22 +96,13 @@ def fallback_zone_codes(index, shape, affine, reference=None, z_extent: Sequence
     return zone_codes(sides, world[:, 2], {"left": z_extent, "right": z_extent})
 
 
-def _bounding_box(m: np.ndarray) -> tuple[slice, ...]:
-    """Slices of the smallest box holding all of ``m`` (an empty box when ``m`` is empty)."""
-    box = []
-    for d in range(m.ndim):
-        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != d)))
-        box.append(slice(hit[0], hit[-1] + 1) if hit.size else slice(0, 0))
-    return tuple(box)
-
-
 def label_components(mask, min_size: int = 1) -> tuple[np.ndarray, int]:
     """Lesions = connected components (full connectivity) of ``mask`` with at least ``min_size`` voxels,
     numbered 1..N by size, largest first (ties in scan order). The one labelling every report, preview
     and finding uses. Only the mask's bounding box is labelled: real masks are mostly empty."""
     m = spatial_array(mask) > 0.5
     instances = np.zeros(m.shape, dtype=np.int32)
-    box = _bounding_box(m)
+    box = bounding_box(m)
     labels, n = ndimage.label(m[box], ndimage.generate_binary_structure(m.ndim, m.ndim))
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     kept = [c for c in np.argsort(-sizes[1:], kind="stable") + 1 if sizes[c] >= min_size]
@@ -169,7 +161,7 @@ class FindingsFromMask(Transform):
         instances, k = label_components(mask, self.min_size)
         if not k:
             return Findings(format_finding(0, ()), 0, [], [], instances, np.zeros(instances.shape, np.uint8))
-        m, box = instances > 0, _bounding_box(instances > 0)
+        m, box = instances > 0, bounding_box(instances > 0)
 
         index = tuple(ix + b.start for ix, b in zip(np.nonzero(instances[box]), box))
         ids = instances[index]

@@ -9,9 +9,11 @@ HU volumes (lungmask/TotalSegmentator need downloaded weights), hence the few li
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from ..vocab import LUNG_LABELS
+from .crop import bounding_box
 
 OUTSIDE_AIR_HU = -950.0  # air outside the body; aerated lung is about -850 HU
 
@@ -40,31 +42,50 @@ def lung_mask_from_ct(
         to_ras = io_orientation(np.asarray(affine))
         mask = lung_mask_from_ct(apply_orientation(ct, to_ras), None, threshold, min_fraction, max_air_fraction)
         return apply_orientation(mask, ornt_transform(axcodes2ornt("RAS"), to_ras)).astype(bool)
-    low = ct < threshold
+    low = np.ascontiguousarray(ct < threshold)  # labelling a strided view is 2-3x slower
     labels, n = ndimage.label(low)
     if n == 0:
         return np.zeros(ct.shape, dtype=bool)
     # outside air touches the in-plane border of the field of view. Lungs may too, in a crop or a tight
     # field of view, but there they are lung-dense (about -850 HU), not air: a border-touching component
     # is outside air only when its border voxels are (median below OUTSIDE_AIR_HU)
-    border = np.zeros(ct.shape, dtype=bool)
-    border[[0, -1], :, :] = True
-    border[:, [0, -1], :] = True
-    touching = border & low
-    ids = labels[touching]
-    border_median = ndimage.median(ct[touching], ids, index=np.unique(ids)) if ids.size else []
-    outside = [c for c, m in zip(np.unique(ids), np.atleast_1d(border_median)) if m < OUTSIDE_AIR_HU]
-    sizes = ndimage.sum(low, labels, index=np.arange(1, n + 1))
+    border_ct, border_ids = _border_values(ct, low, labels)
+    found = np.unique(border_ids)
+    border_median = ndimage.median(border_ct, border_ids, index=found) if border_ids.size else []
+    outside = [c for c, m in zip(found, np.atleast_1d(border_median)) if m < OUTSIDE_AIR_HU]
+    sizes = _counts(labels, n)[1:]
     keep = np.zeros(n + 1, dtype=bool)
     keep[1:] = sizes >= min_fraction * ct.size
     keep[outside] = False
-    air = ndimage.sum(ct < -980, labels, index=np.arange(1, n + 1))
+    air = _counts(labels[ct < -980], n)[1:]
     keep[1:] &= air <= max_air_fraction * np.maximum(sizes, 1)
     mask = keep[labels]
-    # fill holes per axial slice (vessels, dense lesions), then smooth the outline a little
-    for k in range(mask.shape[2]):
-        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
-    return ndimage.binary_closing(mask, iterations=2) & (mask | (ct < 200))
+    if not mask.any():
+        return mask
+    # fill holes per axial slice (vessels, dense lesions), then smooth the outline a little; inside the
+    # mask's bounding box + 3 voxels, which gives the whole volume's answer: outside the box every voxel is
+    # background connected to the slice's border (no hole), and the closing (2 dilations, then 2 erosions)
+    # reaches 2 voxels beyond the mask
+    box = bounding_box(mask, 3)
+    inner, ct_box = mask[box], ct[box]
+    for k in range(inner.shape[2]):
+        inner[:, :, k] = ndimage.binary_fill_holes(inner[:, :, k])
+    mask[box] = ndimage.binary_closing(inner, iterations=2) & (inner | (ct_box < 200))
+    return mask
+
+
+def _counts(labels: np.ndarray, n: int) -> np.ndarray:
+    """Voxels per label 0..n (``np.bincount``; torch's takes int32 as it is, 30x faster on a whole CT)."""
+    return torch.bincount(torch.from_numpy(np.ascontiguousarray(labels).reshape(-1)), minlength=n + 1).numpy()
+
+
+def _border_values(ct: np.ndarray, low: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HU and label of every low voxel on the in-plane border of the volume (the first and last row and
+    column of each axial slice), each voxel once."""
+    faces = [np.s_[[0, -1], :, :], np.s_[1:-1, [0, -1], :]]  # the corners belong to the first face only
+    keep = [low[f] for f in faces]
+    return (np.concatenate([ct[f][k] for f, k in zip(faces, keep)]),
+            np.concatenate([labels[f][k] for f, k in zip(faces, keep)]))
 
 
 def split_left_right(lung: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -77,17 +98,25 @@ def split_left_right(lung: np.ndarray, affine: np.ndarray) -> np.ndarray:
     out = np.zeros(lung.shape, dtype=np.uint8)
     if not lung.any():
         return out
-    idx = np.argwhere(lung)
+    box = bounding_box(lung, 1)  # the components and their sides, found inside the lungs' bounding box
+    offset = np.array([b.start for b in box])
+    out[box] = _split_left_right(lung[box], affine, offset)
+    return out
+
+
+def _split_left_right(lung: np.ndarray, affine: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    out = np.zeros(lung.shape, dtype=np.uint8)
+    idx = np.argwhere(lung) + offset
     world_x = idx @ np.asarray(affine)[0, :3] + affine[0, 3]
     midline = 0.5 * (world_x.min() + world_x.max())
     labels, n = ndimage.label(lung)
     comp_x = ndimage.mean(world_x, labels[lung], index=np.arange(1, n + 1))
-    comp_sizes = ndimage.sum(lung, labels, index=np.arange(1, n + 1))
+    comp_sizes = _counts(labels, n)[1:]
     for c, (cx, size) in enumerate(zip(comp_x, comp_sizes), start=1):
         if size > 0.6 * lung.sum():  # one merged component: split it voxel-wise at the midline
             sel = labels[lung] == c
             sides = np.where(world_x[sel] > midline, LUNG_LABELS["right"], LUNG_LABELS["left"])
-            pts = idx[sel]
+            pts = idx[sel] - offset
             out[pts[:, 0], pts[:, 1], pts[:, 2]] = sides
         else:
             out[labels == c] = LUNG_LABELS["right"] if cx > midline else LUNG_LABELS["left"]

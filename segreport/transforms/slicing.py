@@ -59,7 +59,7 @@ def _take(x: NdarrayOrTensor, axis: int, index: int) -> NdarrayOrTensor:
     if isinstance(x, torch.Tensor):
         x = x.as_tensor() if isinstance(x, MetaTensor) else x
         return x.select(axis + 1, index).clone()
-    return np.take(np.asarray(x), index, axis=axis + 1)
+    return np.asarray(x)[(slice(None),) * (axis + 1) + (index,)].copy()  # np.take copies the whole volume first
 
 
 def select_slices(label: NdarrayOrTensor | None, axis: int, n_slices: int, mode: str, neg_ratio: float, rng) -> list[int]:
