@@ -79,7 +79,8 @@ def load_volume(
         if array.ndim != expect_ndim:
             raise InputError(path, f"expected a {expect_ndim}D image, got {array.ndim}D with shape {array.shape}")
     _check_spacing(path, affine, meta.pop("header_zooms", None))
-    n_bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    unscaled_integers = meta.pop("unscaled", False)  # NIfTI integers without scaling cannot be NaN or infinite
+    n_bad = 0 if unscaled_integers else int(array.size - np.count_nonzero(np.isfinite(array)))
     if n_bad:
         raise InputError(path, f"{n_bad} voxels are NaN or infinite")
 
@@ -104,9 +105,13 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise InputError(path, f"{len(dtype.fields)}-component voxels ({dtype}): a colour image, not a scalar CT")
     if np.issubdtype(dtype, np.complexfloating):  # casting would silently drop the imaginary part
         raise InputError(path, f"complex-valued voxels ({dtype}): not a CT magnitude image")
+    unscaled = bool(np.issubdtype(dtype, np.integer) and img.dataobj.slope == 1 and img.dataobj.inter == 0)
     try:
         # dataobj is lazy: a truncated .nii.gz only fails here, when the voxels are decompressed
-        array = np.asarray(img.dataobj, dtype=np.float32)
+        if unscaled:
+            array = np.asanyarray(img.dataobj).astype(np.float32)  # the same values, half nibabel's float path's time
+        else:
+            array = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:
         raise InputError(path, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
     header = img.header
@@ -116,6 +121,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         "description": header["descrip"].item().decode("ascii", "replace").strip("\x00 "),
         "qform_code": int(header["qform_code"]),
         "sform_code": int(header["sform_code"]),
+        "unscaled": unscaled,
     }
     if meta["sform_code"] == 0:  # the affine then comes from pixdim (qform or scaling alone)
         meta["header_zooms"] = _raw_pixdim(path, img)

@@ -38,9 +38,12 @@ def ct_problems(image: np.ndarray, affine: np.ndarray, dtype_on_disk: str | None
     lo, hi = SPACING_MM
     if np.any(spacing < lo) or np.any(spacing > hi):
         problems.append(f"voxel spacing {tuple(np.round(spacing, 4).tolist())} mm is outside {lo}..{hi} mm per axis")
-    flat = np.asarray(image).ravel()
-    if flat.size > _SAMPLE:  # a strided sample: every region of the volume, deterministic
-        flat = flat[:: flat.size // _SAMPLE + 1]
+    volume = np.asarray(image)
+    if volume.size > _SAMPLE:  # a strided sample in C order: every region of the volume, deterministic
+        positions = np.arange(0, volume.size, volume.size // _SAMPLE + 1)
+        flat = volume[np.unravel_index(positions, volume.shape)]  # gathered: ravel() copies a Fortran-order volume
+    else:
+        flat = volume.ravel()
     vmin, vmax = float(flat.min()), float(flat.max())
     if vmin == vmax:
         return problems + [f"constant volume (every voxel {vmin:g})"]
