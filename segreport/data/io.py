@@ -341,7 +341,8 @@ def save_nifti(
         dtype = {np.dtype(bool): np.uint8, np.dtype(np.float64): np.float32}.get(array.dtype, array.dtype)
         if array.dtype == np.int64:
             dtype = np.int32 if array.size == 0 or np.abs(array).max() <= np.iinfo(np.int32).max else np.int64
-    img = nib.Nifti1Image(array.astype(dtype, copy=False), affine)
+    # NIfTI stores Fortran order: nibabel writes a C-order array slice by slice (4x slower for the same bytes)
+    img = nib.Nifti1Image(np.asfortranarray(array.astype(dtype, copy=False)), affine)
     img.set_qform(affine, code=int(qform_code))
     img.set_sform(affine, code=int(sform_code))
     img.header.set_xyzt_units("mm")

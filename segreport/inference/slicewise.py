@@ -23,6 +23,7 @@ import numpy as np
 from nibabel.affines import apply_affine
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 
 from ..timing import stage
 from ..transforms.intensity import HUWindow
@@ -68,8 +69,10 @@ class SliceWisePredictor:
         ``collected``: filled with the forward's per-slice outputs (module docstring), by file slice index.
         """
         with stage("preprocess"):
-            windowed = np.asarray(HUWindow(preset=self.window)(np.asarray(image, dtype=np.float32)[None]))
-            shown = to_display(windowed, affine)  # (1, rows, cols, n)
+            # a tensor over the volume's own memory (no copy): windowing keeps its layout, and a NIfTI
+            # volume's (Fortran) order is already the display slices' order, so nothing is transposed
+            windowed = HUWindow(preset=self.window)(torch.from_numpy(np.asarray(image, dtype=np.float32))[None])
+            shown = to_display(windowed.as_tensor() if isinstance(windowed, MetaTensor) else windowed, affine)  # (1, rows, cols, n)
             slices = shown[0].as_tensor().permute(2, 0, 1).contiguous()  # (n, rows, cols)
         n, size2d = slices.shape[0], tuple(slices.shape[1:])
         prob = torch.zeros((n, *size2d), dtype=torch.float32)

@@ -101,7 +101,7 @@ def label_components(mask, min_size: int = 1) -> tuple[np.ndarray, int]:
     numbered 1..N by size, largest first (ties in scan order). The one labelling every report, preview
     and finding uses. Only the mask's bounding box is labelled: real masks are mostly empty."""
     m = spatial_array(mask) > 0.5
-    instances = np.zeros(m.shape, dtype=np.int32)
+    instances = np.zeros_like(m, dtype=np.int32)  # in the mask's memory order: written to NIfTI (Fortran) without a transposing copy
     box = bounding_box(m)
     labels, n = ndimage.label(m[box], ndimage.generate_binary_structure(m.ndim, m.ndim))
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
