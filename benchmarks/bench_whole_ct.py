@@ -12,10 +12,11 @@ preview, write) and the process's peak RSS. Two references are measured in the s
 ``ratio = total_s / (read_s + model_s)``; the target is at most 2 for every bundle, with peak RSS at most
 3 GB. Each checkpoint is the bundle's default (tiny) configuration, randomly initialised with seed 0: speed
 does not depend on training (the 3D automatic mode's work does, through its candidates: their number is
-recorded). ``--folder-cases N``: the same CT N times in one folder, for throughput (volumes per minute).
+recorded; ``--checkpoints outputs/demo`` runs the demo's trained models, whose masks are realistic: an
+untrained 3D model's mask is half the scan). ``--folder-cases N``: the same CT N times in one folder, for throughput (volumes per minute).
 Writes ``benchmarks/results/whole_ct.json`` (``--quick``: ``whole_ct_quick.json``).
 
-    python benchmarks/bench_whole_ct.py                  # 512x512x300, four bundles
+    python benchmarks/bench_whole_ct.py --checkpoints outputs/demo   # 512x512x300, four bundles (after make demo)
     python benchmarks/bench_whole_ct.py --quick          # 256x256x120: a fast check
     python benchmarks/bench_whole_ct.py --bundles medsegtext --folder-cases 10
 """
@@ -92,15 +93,20 @@ def phantom_ct(shape, out: Path) -> Path:
     return image
 
 
-def write_bundle(name: str, root: Path) -> Path:
-    """A copy of the bundle's configs and a seeded, untrained checkpoint of its default configuration."""
+def write_bundle(name: str, root: Path, trained: Path | None) -> tuple[Path, str]:
+    """A copy of the bundle's configs with ``trained/<name>/models/model.pt`` when there is one (e.g. the
+    demo's), else a seeded, untrained checkpoint of its default configuration; and which it is."""
     from segreport.models.untrained import write_untrained_checkpoint
 
     bundle = root / name
-    if not (bundle / "models" / "model.pt").is_file():
-        shutil.copytree(BUNDLES / name / "configs", bundle / "configs", dirs_exist_ok=True)
-        write_untrained_checkpoint(name, bundle / "models" / "model.pt", seed=0)
-    return bundle
+    shutil.copytree(BUNDLES / name / "configs", bundle / "configs", dirs_exist_ok=True)
+    source = None if trained is None else trained / name / "models" / "model.pt"
+    if source is not None and source.is_file():
+        (bundle / "models").mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, bundle / "models" / "model.pt")
+        return bundle, f"trained: {source}"
+    write_untrained_checkpoint(name, bundle / "models" / "model.pt", seed=0)
+    return bundle, "untrained (seed 0)"
 
 
 def nibabel_read_s(path: Path, repeats: int = 2) -> float:
@@ -135,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--folder-cases", type=int, default=0, help="also run a folder of N copies of the CT (throughput)")
     p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads of each run")
     p.add_argument("--work", type=Path, default=REPO / "outputs" / "bench_whole_ct")
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help="a folder with <bundle>/models/model.pt to use (e.g. outputs/demo after make demo); others untrained")
     a = p.parse_args(argv)
     shape = QUICK if a.quick else FULL
     image = phantom_ct(shape, a.work)
@@ -143,10 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
               "shape": list(shape), "spacing": list(SPACING[shape]), "threads": a.threads, "machine": machine(),
               "targets": {"ratio_at_most": 2.0, "peak_rss_gb_at_most": 3.0}, "bundles": {}}
     for name in a.bundles:
-        bundle = write_bundle(name, a.work / "bundles")
+        bundle, checkpoint = write_bundle(name, a.work / "bundles", a.checkpoints)
         run, cases = run_bundle(bundle, image, a.work / "out" / name, a.threads)
         case = cases[0]
-        row = {"total_s": round(run["total_s"], 2), "read_s": round(read_s, 2), "model_s": round(run["model_s"], 2),
+        row = {"checkpoint": checkpoint, "total_s": round(run["total_s"], 2), "read_s": round(read_s, 2), "model_s": round(run["model_s"], 2),
                "ratio": round(run["total_s"] / (read_s + run["model_s"]), 2), "peak_rss_gb": round(run["peak_rss_gb"], 2),
                "network_calls": run["network_calls"], "n_lesions": case["n_lesions"],
                "stages": case.get("stage_s", {}), "case_s": {k: case[k] for k in ("load_s", "predict_s", "write_s")}}

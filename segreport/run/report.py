@@ -27,7 +27,7 @@ from scipy import ndimage
 from ..data.io import spacing_from_affine
 from ..data.outputs import write_json, write_text  # noqa: F401  (re-exported: report writers)
 from ..transforms.laterality import laterality_check, warning_lines as laterality_warnings
-from ..transforms.crop import bounding_box
+from ..transforms.labels import bounding_box, label_counts
 from ..transforms.findings import Findings, FindingsFromMask, label_components
 from ..transforms.lung_mask import lung_label_from_ct
 from ..transforms.lung_regions import lung_zone_map
@@ -101,7 +101,7 @@ def lesion_statistics(
     lesion_ids = instances[sel]
     sizes = np.bincount(lesion_ids, minlength=len(ids) + 1)
     in_lung = np.bincount(lesion_ids, weights=(lung_c[sel] > 0), minlength=len(ids) + 1)[1:]
-    centroids = np.array(ndimage.center_of_mass(sel, instances, ids)) + offset
+    centroids = np.array(ndimage.center_of_mass(np.ascontiguousarray(sel), np.ascontiguousarray(instances), ids)) + offset
     hu = img[sel].astype(np.float64)
     hu_mean = np.bincount(lesion_ids, weights=hu, minlength=len(ids) + 1)[1:] / sizes[1:]
     hu_std = np.sqrt(np.bincount(lesion_ids, weights=(hu - hu_mean[lesion_ids - 1]) ** 2, minlength=len(ids) + 1)[1:] / sizes[1:])
@@ -165,8 +165,8 @@ def split_pulmonary(mask: np.ndarray, lung: np.ndarray, min_voxels: int = 1,
         instances, n = label_components(mask, min_voxels)
     else:
         n = int(instances.max())
-    sizes = np.bincount(instances.ravel(), minlength=n + 1)
-    in_lung = np.bincount(instances[np.asarray(lung) > 0].ravel(), minlength=n + 1)
+    sizes = label_counts(instances, n)
+    in_lung = label_counts(instances[np.asarray(lung) > 0], n)
     pulmonary = in_lung >= PULMONARY_FRACTION * np.maximum(sizes, 1)
     pulmonary[0] = False
     outside = ~pulmonary

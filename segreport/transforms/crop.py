@@ -225,13 +225,3 @@ class CropLargestLesiond(MapTransform, InvertibleTransform):
         for key in self.key_iterator(d):
             d[key] = self.cropper.inverse(d[key])
         return d
-
-
-def bounding_box(m: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
-    """Slices of the smallest box holding all of ``m``, grown by ``pad`` voxels on every side within the
-    array (an empty box when ``m`` is empty). From projections: a tenth of ``ndimage.find_objects``' time."""
-    box = []
-    for d, size in enumerate(m.shape):
-        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != d)))
-        box.append(slice(max(0, int(hit[0]) - pad), min(size, int(hit[-1]) + 1 + pad)) if hit.size else slice(0, 0))
-    return tuple(box)
