@@ -41,7 +41,8 @@ FULL, QUICK = (512, 512, 300), (256, 256, 120)
 SPACING = {FULL: (0.7, 0.7, 1.0), QUICK: (1.4, 1.4, 2.5)}
 TEXT = "Bilateral pulmonary infection, two infected areas, lower left lung and lower right lung."
 
-# The child process: segreport infer with every network call recorded, then replayed alone.
+# The child process: segreport infer; with "record", every network call is recorded and replayed alone
+# afterwards (a run of its own: the recorded inputs would inflate the measured run's memory).
 CHILD = r"""
 import json, sys, time
 import torch
@@ -64,7 +65,8 @@ def load_and_record(*args, **kwargs):
         net = predictor.network
         net.encode_image, net.decode = recording(net.encode_image), recording(net.decode)
     return predictor, info
-run_bundles.load_bundle_predictor = infer_cli.load_bundle_predictor = load_and_record
+if sys.argv[2] == "record":
+    run_bundles.load_bundle_predictor = infer_cli.load_bundle_predictor = load_and_record
 
 argv = json.loads(sys.argv[1])
 t = time.perf_counter()
@@ -120,13 +122,14 @@ def nibabel_read_s(path: Path, repeats: int = 2) -> float:
     return best
 
 
-def run_bundle(bundle: Path, inputs: Path, out: Path, threads: int) -> tuple[dict, list[dict]]:
+def run_bundle(bundle: Path, inputs: Path, out: Path, threads: int, record: bool = False) -> tuple[dict, list[dict]]:
     argv = ["--bundle", str(bundle), "-i", str(inputs), "-o", str(out), "--device", "cpu", "--no-progress", "--overwrite"]
     if bundle.name in ("tmc", "lapft"):
         argv += ["--text", TEXT]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv)], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), "record" if record else "plain"], env=env,
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{bundle.name}: segreport infer failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in a.bundles:
         bundle, checkpoint = write_bundle(name, a.work / "bundles", a.checkpoints)
         run, cases = run_bundle(bundle, image, a.work / "out" / name, a.threads)
+        recorded, _ = run_bundle(bundle, image, a.work / "out" / f"{name}_recorded", a.threads, record=True)
+        run.update(model_s=recorded["model_s"], network_calls=recorded["network_calls"])
         case = cases[0]
         row = {"checkpoint": checkpoint, "total_s": round(run["total_s"], 2), "read_s": round(read_s, 2), "model_s": round(run["model_s"], 2),
                "ratio": round(run["total_s"] / (read_s + run["model_s"]), 2), "peak_rss_gb": round(run["peak_rss_gb"], 2),

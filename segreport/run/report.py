@@ -177,9 +177,11 @@ def split_pulmonary(mask: np.ndarray, lung: np.ndarray, min_voxels: int = 1,
 def _full_ids(lesions: list[dict], part: Findings, instances: np.ndarray) -> None:
     """Give the lesions of a part of the mask the ids of the whole mask's labelling (previews, evaluation).
     A part's components are whole components of the mask, so one pass over its voxels maps every id."""
-    sel = part.instances > 0
+    box = bounding_box(part.instances > 0)  # the part's voxels only, not the whole volume twice
+    part_box, full_box = part.instances[box], instances[box]
+    sel = part_box > 0
     full_id = np.zeros(len(part.lesions) + 1, dtype=np.int64)
-    full_id[part.instances[sel]] = instances[sel]
+    full_id[part_box[sel]] = full_box[sel]
     for les in lesions:
         les["id"] = int(full_id[les["id"]])
 
