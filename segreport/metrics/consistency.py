@@ -55,7 +55,7 @@ def check(slice_findings: Mapping[int, str], findings: Findings, affine: np.ndar
                           "differences": [f"slice index {k} is outside the image (0..{n_slices - 1})"]})
             continue
         at = (slice(None),) * axis + (int(k),)  # a view: np.take would copy the whole volume per slice
-        instances_k, zones_k = findings.instances[at], findings.voxel_zones[at]
+        instances_k, zones_k = np.ascontiguousarray(findings.instances[at]), np.ascontiguousarray(findings.voxel_zones[at])
         derived = per_slice.describe(instances_k > 0, affine=np.eye(4), zone_map=zones_k) if instances_k.any() else None
         item = compare(text, derived.n_areas if derived else 0, derived.zones if derived else [], f"slice {k}")
         if item is not None:
