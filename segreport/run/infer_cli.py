@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if world_size > 1:  # one device per process: cuda -> cuda:LOCAL_RANK
         device = distributed.device_for_rank(device or ("cuda" if torch.cuda.is_available() else "cpu"), local_rank)
     output_dir = Path(args.output).absolute()
-    min_lesion_ml = args.min_lesion_ml  # None: each checkpoint's own (run.batch.min_lesion_ml_of)
+    min_lesion_ml = args.min_lesion_ml  # None: each checkpoint's own (inference.predictor.min_lesion_ml_of)
     ctx = distributed.DistContext()
     try:
         # cheap checks first, so a wrong path, device or OUTPUT_DIR is reported before the model loads
