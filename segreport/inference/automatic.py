@@ -46,6 +46,7 @@ from torch import nn
 from ..data.io import spacing_from_affine
 from ..transforms.lung_mask import lung_mask_from_ct
 from ..vocab import MIN_LESION_ML, PULMONARY_FRACTION
+from ..transforms.labels import label_counts
 from .geometry import as_affine, box_affine, interior_voxel, map_points, roi_to_original, voxel_volume_ml
 from .predictor import LesionAttributes, Prediction
 
@@ -171,8 +172,8 @@ def candidate_lesions(prob: np.ndarray, lung: np.ndarray, affine: np.ndarray, th
         n = n_right + n_left
     if not n:
         return components, [], []
-    sizes = np.bincount(components.ravel(), minlength=n + 1)
-    in_lung = np.bincount(components[lung].ravel(), minlength=n + 1)
+    sizes = label_counts(components, n)
+    in_lung = label_counts(components[lung], n)
     voxel_ml = voxel_volume_ml(affine)
     keep = (sizes * voxel_ml >= min_lesion_ml) & (in_lung >= PULMONARY_FRACTION * sizes)
     keep[0] = False
