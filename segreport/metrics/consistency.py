@@ -16,7 +16,7 @@ import numpy as np
 
 from ..text.findings import NO_FINDING, parse_finding
 from ..transforms.findings import Findings, FindingsFromMask, slice_finding
-from ..transforms.slicing import axial_axis
+from ..transforms.slicing import axial_axis, plane_index
 from ..vocab import ZONES
 
 
@@ -54,7 +54,7 @@ def check(slice_findings: Mapping[int, str], findings: Findings, affine: np.ndar
             items.append({"source": f"slice {k}", "text": text, "agree": False,
                           "differences": [f"slice index {k} is outside the image (0..{n_slices - 1})"]})
             continue
-        at = (slice(None),) * axis + (int(k),)  # a view: np.take would copy the whole volume per slice
+        at = plane_index(axis, int(k))
         instances_k, zones_k = np.ascontiguousarray(findings.instances[at]), np.ascontiguousarray(findings.voxel_zones[at])
         derived = per_slice.describe(instances_k > 0, affine=np.eye(4), zone_map=zones_k) if instances_k.any() else None
         item = compare(text, derived.n_areas if derived else 0, derived.zones if derived else [], f"slice {k}")

@@ -18,7 +18,7 @@ from nibabel.orientations import io_orientation
 
 from ..data.io import atomic_path, spacing_from_affine
 from ..transforms.intensity import window_range
-from ..transforms.slicing import axial_axis
+from ..transforms.slicing import axial_axis, plane_index
 from .report import label_lesions
 
 
@@ -63,18 +63,12 @@ def _display(plane: np.ndarray, in_plane: tuple[int, int], ornt: np.ndarray) -> 
     return plane
 
 
-def _plane(volume: np.ndarray, k: int, axis: int) -> np.ndarray:
-    """Slice ``k`` along ``axis`` as a view (``np.take`` copied the whole volume first: 0.7 s per panel on a
-    512x512x300 CT)."""
-    return volume[(slice(None),) * axis + (k,)]
-
-
 def _instance_plane(instances: np.ndarray, box, shape, axis: int, k: int) -> np.ndarray:
     """Slice ``k`` of the full-size instance map, rebuilt from the bounding-box crop."""
     in_plane = [a for a in range(3) if a != axis]
     out = np.zeros([shape[a] for a in in_plane], dtype=np.int32)
     if box is not None and box[axis].start <= k < box[axis].stop:
-        out[box[in_plane[0]], box[in_plane[1]]] = _plane(instances, k - box[axis].start, axis)
+        out[box[in_plane[0]], box[in_plane[1]]] = instances[plane_index(axis, k - box[axis].start)]
     return out
 
 
@@ -122,7 +116,7 @@ def save_preview(
     for ax in axes.ravel():
         ax.axis("off")
     for ax, k in zip(axes.ravel(), slices):
-        plane = _display(_plane(image, k, axis), in_plane, ornt)
+        plane = _display(image[plane_index(axis, k)], in_plane, ornt)
         inst = _display(_instance_plane(instances, box, image.shape, axis, k), in_plane, ornt)
         ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
         if inst.any():

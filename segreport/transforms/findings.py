@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from ..text.findings import format_finding, parse_finding
 from ..vocab import LUNG_LABELS, ZONES
-from .labels import bounding_box, label_counts
+from .labels import bounding_box, label_counts, label_in_memory_order
 from .lung_regions import affine_of, lung_zone_map, spatial_array, zone_codes
 
 
@@ -64,9 +64,7 @@ class Findings:
 def body_mask(image, threshold: float = -500.0) -> np.ndarray:
     """Largest connected region above ``threshold`` HU: the patient's body (drops table and noise)."""
     above = spatial_array(image) > threshold
-    if above.flags.f_contiguous and above.ndim == 3:  # labelled in memory order (3x faster), the same regions
-        return body_mask(np.ascontiguousarray(above.transpose(2, 1, 0)), 0.5).transpose(2, 1, 0)
-    labels, n = ndimage.label(above)
+    labels, n = label_in_memory_order(above)
     if n == 0:
         return above
     return labels == np.argmax(label_counts(labels, n)[1:]) + 1

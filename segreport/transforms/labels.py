@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-__all__ = ["bounding_box", "label_counts"]
+__all__ = ["bounding_box", "label_counts", "label_in_memory_order"]
 
 
 def bounding_box(m: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
@@ -26,3 +27,14 @@ def label_counts(labels: np.ndarray, n: int) -> np.ndarray:
     if flat.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16):
         flat = flat.long()
     return torch.bincount(flat, minlength=n + 1).numpy()
+
+
+def label_in_memory_order(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """``ndimage.label(mask)`` (the default 6-connectivity), walked in the array's memory order: a NIfTI
+    volume is Fortran-ordered, and labelling it through a strided view is 3x slower. The components are
+    the same; only their numbering follows the memory order, not the C scan order."""
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.strides[0] < mask.strides[2]:
+        labels, n = ndimage.label(np.ascontiguousarray(mask.transpose(2, 1, 0)))
+        return labels.transpose(2, 1, 0), n
+    return ndimage.label(mask)

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..vocab import LUNG_LABELS
-from .labels import bounding_box, label_counts
+from .labels import bounding_box, label_counts, label_in_memory_order
 
 OUTSIDE_AIR_HU = -950.0  # air outside the body; aerated lung is about -850 HU
 
@@ -103,8 +103,7 @@ def split_left_right(lung: np.ndarray, affine: np.ndarray) -> np.ndarray:
         return out
     box = bounding_box(lung, 1)
     sub, offset = lung[box], [b.start for b in box]
-    labels = ndimage.label(np.ascontiguousarray(sub.transpose(2, 1, 0)))[0].transpose(2, 1, 0)  # walked in memory order
-    n = int(labels.max())
+    labels, n = label_in_memory_order(sub)
     sizes = label_counts(labels, n)
     row = np.asarray(affine, dtype=np.float64)[0]
 
@@ -124,9 +123,7 @@ def split_left_right(lung: np.ndarray, affine: np.ndarray) -> np.ndarray:
     side = np.where(sums / np.maximum(sizes, 1) > midline, LUNG_LABELS["right"], LUNG_LABELS["left"]).astype(np.uint8)
     side[0] = 0
     result = side[labels]
-    for c in np.flatnonzero(sizes > 0.6 * sizes[1:].sum()):  # one merged component: split it voxel-wise at the midline
-        if c == 0:
-            continue
+    for c in np.flatnonzero(sizes[1:] > 0.6 * sizes[1:].sum()) + 1:  # one merged component: split it voxel-wise at the midline
         for k in range(sub.shape[2]):
             sel = labels[:, :, k] == c
             if sel.any():

@@ -54,12 +54,18 @@ def _affine(img: NdarrayOrTensor, meta: Mapping | None = None, affine=None, sour
     return convert_data_type(affine, np.ndarray)[0].astype(float)
 
 
+def plane_index(axis: int, index: int) -> tuple:
+    """The index of slice ``index`` along ``axis`` (a view when used on an array; ``np.take`` would copy
+    the whole volume first: 0.7 s on a 512x512x300 CT)."""
+    return (slice(None),) * axis + (index,)
+
+
 def _take(x: NdarrayOrTensor, axis: int, index: int) -> NdarrayOrTensor:
     """Channel-first slice ``index`` along spatial ``axis``, as a plain array/tensor (a copy)."""
     if isinstance(x, torch.Tensor):
         x = x.as_tensor() if isinstance(x, MetaTensor) else x
         return x.select(axis + 1, index).clone()
-    return np.asarray(x)[(slice(None),) * (axis + 1) + (index,)].copy()  # np.take copies the whole volume first
+    return np.asarray(x)[plane_index(axis + 1, index)].copy()
 
 
 def select_slices(label: NdarrayOrTensor | None, axis: int, n_slices: int, mode: str, neg_ratio: float, rng) -> list[int]:
@@ -225,8 +231,7 @@ def stack_slices(
             raise ValueError(f"slice {i}: prediction shape {tuple(p.shape)} != expected {(n_channels, *slice_shape)}")
         if not 0 <= i < spatial[axis]:
             raise ValueError(f"slice index {i} outside 0..{spatial[axis] - 1}")
-        index = (slice(None),) * (axis + 1) + (i,)
-        out[index] = p.as_tensor() if isinstance(p, MetaTensor) else p
+        out[plane_index(axis + 1, i)] = p.as_tensor() if isinstance(p, MetaTensor) else p
     if use_torch and isinstance(like, MetaTensor):
         out = MetaTensor(out).copy_meta_from(like)
     return out
