@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .geometry import map_points
 
 __all__ = ["parse_clicks", "MAX_CLICKS"]
 
@@ -52,13 +53,9 @@ def parse_clicks(points: Any, labels: Any = None, *, world: bool = False, affine
             or any(isinstance(v, bool) or v not in (0, 1) for v in labels)):
         raise InputError(source, f"{what}: labels must be one 1 (lesion) or 0 (background) per click: "
                                  f"{len(xyz)} clicks, labels {labels!r}"[:300])
-    if world:
-        if affine is None:
-            raise ValueError("world clicks need the image's affine")
-        ijk = np.c_[xyz, np.ones(len(xyz))] @ np.linalg.inv(np.asarray(affine, dtype=np.float64)).T
-        ijk = ijk[:, :3]
-    else:
-        ijk = xyz
+    if world and affine is None:
+        raise ValueError("world clicks need the image's affine")
+    ijk = map_points(xyz, np.eye(4), affine) if world else xyz
     if shape is not None and len(ijk):
         idx = np.rint(ijk)
         outside = np.any((idx < 0) | (idx >= np.asarray(shape)[:3]), axis=1)
