@@ -48,8 +48,6 @@ def check_output_dir(output_dir: Path, inputs: Sequence[str | os.PathLike]) -> N
 class RunPlan:
     """What a run will do, checked before any model loads: its cases, the files that are no case, the clicks."""
 
-    inputs: object
-    output_dir: Path
     cases: list[Case]
     skipped_inputs: list[dict] = field(default_factory=list)  # listed in the manifest, never dropped silently
     points_spec: dict = field(default_factory=dict)
@@ -74,7 +72,7 @@ def plan_run(inputs, output_dir: str | os.PathLike, pattern: str = "*.nii*", ove
     unused = set(points_spec) - {c.case_id for c in cases} - {Path(c.path).name for c in cases}
     if unused:
         log.warning("points for unknown cases ignored: %s", sorted(unused))
-    return RunPlan(inputs, output_dir, cases, skipped, points_spec, points_source)
+    return RunPlan(cases, skipped, points_spec, points_source)
 
 
 def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = None, guide: str | None = None) -> bool:
