@@ -13,7 +13,7 @@
 3. Peak memory: one 512x512x300 volume through ``run_batch`` in a fresh process: ``ru_maxrss`` after
    imports + model load, and at the end.
 
-The predictor is the MedSegText bundle's (bundles/medsegtext/configs/inference.yaml) with an untrained
+The predictor is the MedSegText bundle's (bundles/medsegtext/configs/inference.json) with an untrained
 tiny checkpoint and a word tokenizer written to a temporary bundle; if that cannot be built, a tiny
 randomly initialised MONAI 2D UNet run slice-wise (``UNetSlicePredictor`` below). The output says which.
 Torch runs ``--threads`` intra-op threads (default 1) in every process: on a small shared machine two
@@ -91,7 +91,7 @@ def write_medsegtext_bundle(root: Path) -> Path:
     from segreport.text.tokenizers import build_word_tokenizer
 
     (root / "configs").mkdir(parents=True)
-    for name in ("inference.yaml", "metadata.json"):
+    for name in ("inference.json", "metadata.json"):
         shutil.copy(REPO / "bundles" / "medsegtext" / "configs" / name, root / "configs" / name)
     tokenizer = build_word_tokenizer(FINDINGS)
     torch.manual_seed(0)
@@ -110,10 +110,9 @@ def write_unet_bundle(root: Path) -> Path:
     (root / "models").mkdir()
     torch.manual_seed(0)
     torch.save(UNet(2, 1, 1, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).state_dict(), root / "models" / "unet.pt")
-    (root / "configs" / "inference.yaml").write_text(
-        "bundle_root: .\ndevice: cpu\ncheckpoint: $@bundle_root + '/models/unet.pt'\n"
-        "predictor:\n  _target_: bench_batch.UNetSlicePredictor\n  checkpoint: '@checkpoint'\n  device: '@device'\n"
-    )
+    (root / "configs" / "inference.json").write_text(json.dumps({
+        "bundle_root": ".", "device": "cpu", "checkpoint": "$@bundle_root + '/models/unet.pt'",
+        "predictor": {"_target_": "bench_batch.UNetSlicePredictor", "checkpoint": "@checkpoint", "device": "@device"}}))
     return root
 
 
@@ -126,7 +125,7 @@ def make_bundle(root: Path) -> tuple[Path, str]:
         predictor, _ = load_bundle_predictor(bundle, device="cpu")
         image, affine = synthetic_ct((64, 64, 12), (5.0, 5.0, 20.0), seed=0)
         predictor.predict(image, affine)
-        return bundle, "MedSegText bundle (bundles/medsegtext/configs/inference.yaml), tiny config, untrained checkpoint"
+        return bundle, "MedSegText bundle (bundles/medsegtext/configs/inference.json), tiny config, untrained checkpoint"
     except Exception as exc:  # the fallback keeps the benchmark runnable while MedSegText is in flux
         print(f"MedSegText predictor unavailable ({type(exc).__name__}: {exc}); using the UNet fallback")
         return write_unet_bundle(root / "unet"), "tiny MONAI 2D UNet (random init) run slice-wise"

@@ -16,8 +16,9 @@ import logging
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
+from .run.bundles import shipped_bundles_dir
+
+BUNDLES = shipped_bundles_dir()
 
 
 def _configs(bundle: str, *names: str) -> list[str]:
@@ -54,7 +55,7 @@ def run_medsegtext(out: Path, data_dir: Path, epochs: int) -> dict:
     metrics = json.loads((bundle_out / "eval" / "metrics.json").read_text())["test"]
     _step("MedSegText: inference on one CT volume")
     volume = _showcase_volume(data_dir)
-    run("inferring", config_file=_configs("medsegtext", "inference.yaml"), bundle_root=str(BUNDLES / "medsegtext"),
+    run("inferring", config_file=_configs("medsegtext", "inference.json"), bundle_root=str(BUNDLES / "medsegtext"),
         output_dir=str(bundle_out), checkpoint=str(bundle_out / "models" / "model.pt"), input_image=str(volume))
     return {"metrics": metrics, "outputs": str(bundle_out), "volume": str(volume)}
 
@@ -74,7 +75,7 @@ def run_lesion_report_3d(out: Path, data_dir: Path, epochs: int) -> dict | None:
     run("evaluating", config_file=_configs("lesion_report_3d", "train.yaml", "evaluate.yaml"), **common)
     metrics_file = bundle_out / "eval" / "metrics.json"
     _step("Interactive 3D lesion report: inference on one CT volume (no click: automatic ROI)")
-    run("inferring", config_file=_configs("lesion_report_3d", "inference.yaml"), bundle_root=str(bundle),
+    run("inferring", config_file=_configs("lesion_report_3d", "inference.json"), bundle_root=str(bundle),
         output_dir=str(bundle_out), checkpoint=str(bundle_out / "models" / "model.pt"), input_image=str(_showcase_volume(data_dir)))
     return {"metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None, "outputs": str(bundle_out)}
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         tm = results["tmc"]["metrics"]
         print(f"  TMC outputs:           {results['tmc']['outputs']}  (models/, eval/metrics.json, inference/: guided by "
               f"MedSegText's finding); test Dice per case {tm['dice_case_mean']:.3f}, mIoU {tm['miou_case_mean']:.3f}")
-    print(f"  use a trained model:   segreport infer --bundle bundles/medsegtext --checkpoint {m['outputs']}/models/model.pt -i CT_FOLDER -o OUT")
+    print(f"  use a trained model:   segreport infer --bundle medsegtext --checkpoint {m['outputs']}/models/model.pt -i CT_FOLDER -o OUT")
     (out / "demo_summary.json").write_text(json.dumps(results, indent=2, default=str))
     print(f"  summary:               {out / 'demo_summary.json'}")
     return 0

@@ -110,19 +110,15 @@ class InterruptingPredictor(ThresholdPredictor):
 
 
 def write_bundle(root: Path, threshold: float = -500.0) -> Path:
-    """A bundle folder whose inference.yaml builds ThresholdPredictor from a checkpoint file."""
+    """A bundle folder whose inference.json builds ThresholdPredictor from a checkpoint file."""
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
     (root / "models" / "threshold.json").write_text(json.dumps({"threshold": threshold}))
     (root / "configs" / "metadata.json").write_text(json.dumps({"name": "threshold_test", "version": "0.0.1"}))
-    (root / "configs" / "inference.yaml").write_text(
-        "imports:\n  - $import test_batch\n"
-        "bundle_root: .\n"
-        "device: cpu\n"
-        "bf16: false\n"
-        "checkpoint: $@bundle_root + '/models/threshold.json'\n"
-        "predictor:\n  _target_: test_batch.ThresholdPredictor\n  checkpoint: '@checkpoint'\n  device: '@device'\n"
-    )
+    (root / "configs" / "inference.json").write_text(json.dumps({
+        "imports": ["$import test_batch"], "bundle_root": ".", "device": "cpu", "bf16": False,
+        "checkpoint": "$@bundle_root + '/models/threshold.json'",
+        "predictor": {"_target_": "test_batch.ThresholdPredictor", "checkpoint": "@checkpoint", "device": "@device"}}))
     return root
 
 
@@ -443,7 +439,7 @@ def test_interrupted_run_leaves_whole_cases_and_resume_finishes(tmp_path):
 
 
 def test_monai_bundle_run_with_the_batch_overlay(tmp_path):
-    """The MONAI route: inference.yaml + the bundle's batch_inference.yaml, --input_dir/--output_dir."""
+    """The MONAI route: inference.json + the bundle's batch_inference.yaml, --input_dir/--output_dir."""
     from monai.bundle import run
 
     bundle = write_bundle(tmp_path / "bundle")
@@ -452,7 +448,7 @@ def test_monai_bundle_run_with_the_batch_overlay(tmp_path):
     for name in ("medsegtext", "lesion_report_3d"):
         overlay = REPO / "bundles" / name / "configs" / "batch_inference.yaml"
         out = tmp_path / f"out_{name}"
-        args = dict(config_file=[str(bundle / "configs" / "inference.yaml"), str(overlay)],
+        args = dict(config_file=[str(bundle / "configs" / "inference.json"), str(overlay)],
                     meta_file=str(bundle / "configs" / "metadata.json"), logging_file=False, bundle_root=str(bundle),
                     checkpoint=str(bundle / "models" / "threshold.json"), input_dir=str(tmp_path / "in"), output_dir=str(out))
         run(**args)
@@ -472,7 +468,7 @@ def test_cli_reports_bundle_and_input_problems(tmp_path, capsys):
     ct, affine, _ = make_chest()
     save_ct(tmp_path / "in" / "c.nii.gz", ct, affine)
     assert main(["--bundle", str(tmp_path), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o")]) == 2
-    assert "inference.yaml" in capsys.readouterr().err
+    assert "inference.json" in capsys.readouterr().err
     assert main(["--bundle", str(bundle), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "o"),
                  "--checkpoint", str(tmp_path / "nope.json")]) == 2
     assert "nope.json" in capsys.readouterr().err
@@ -527,8 +523,10 @@ def test_ctrl_c_in_the_cli_is_one_line_and_exit_130(tmp_path, capsys):
     for name in ("a", "b"):
         save_ct(tmp_path / "in" / f"{name}.nii.gz", ct, affine)
     bundle = write_bundle(tmp_path / "bundle")
-    config = bundle / "configs" / "inference.yaml"
-    config.write_text(config.read_text().replace("test_batch.ThresholdPredictor\n", "test_batch.InterruptingPredictor\n  stop_at: 2\n"))
+    config = bundle / "configs" / "inference.json"
+    cfg = json.loads(config.read_text())
+    cfg["predictor"].update({"_target_": "test_batch.InterruptingPredictor", "stop_at": 2})
+    config.write_text(json.dumps(cfg))
     assert main(["--bundle", str(bundle), "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--no-progress"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err

@@ -26,8 +26,8 @@ def test_the_demo_finds_every_bundle_config_it_runs():
     """`make demo` takes minutes, so the suite does not run it; what it reads must still be where it looks."""
     from segreport import demo
 
-    for bundle, names in {"medsegtext": ("train.yaml", "evaluate.yaml", "inference.yaml"),
-                          "lesion_report_3d": ("train.yaml", "evaluate.yaml", "inference.yaml"),
-                          "tmc": ("train.yaml", "evaluate.yaml", "inference.yaml")}.items():
+    for bundle, names in {"medsegtext": ("train.yaml", "evaluate.yaml", "inference.json"),
+                          "lesion_report_3d": ("train.yaml", "evaluate.yaml", "inference.json"),
+                          "tmc": ("train.yaml", "evaluate.yaml", "inference.json")}.items():
         for path in demo._configs(bundle, *names):
             assert Path(path).is_file(), path

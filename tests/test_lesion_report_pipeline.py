@@ -43,7 +43,7 @@ def test_metadata_validates_and_files_present(shared_data):
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     jsonschema.validate(meta, schema)
     assert {"image", "points", "point_labels"} <= set(meta["network_data_format"]["inputs"])
-    for name in ("train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf",
+    for name in ("train.yaml", "evaluate.yaml", "inference.json", "multi_gpu_train.yaml", "logging.conf",
                  "train_unet_baseline.yaml", "train_cnn_attr_baseline.yaml", "ablation_vanilla.yaml",
                  "ablation_refinement.yaml", "ablation_synergy.yaml", "ablation_full.yaml", "ablation_table.yaml"):
         assert (CONFIGS / name).is_file(), name
@@ -545,7 +545,7 @@ def test_inference_bundle_returns_mask_on_input_grid_with_attributes(trained, ph
     click = np.argwhere(lesions == 1)[len(np.argwhere(lesions == 1)) // 2].tolist()
     points = tmp_path / "points.json"
     points.write_text(json.dumps({"case_0000": {"points": [click], "labels": [1]}}))
-    run("inferring", config_file=_cfg("inference.yaml"), bundle_root=str(BUNDLE), checkpoint=str(trained / "models" / "model.pt"),
+    run("inferring", config_file=_cfg("inference.json"), bundle_root=str(BUNDLE), checkpoint=str(trained / "models" / "model.pt"),
         input_image=str(volume), points=str(points), prediction_dir=str(tmp_path / "pred"))
     seg = nib.load(tmp_path / "pred" / "case_0000_seg.nii.gz")
     ref = nib.load(volume)

@@ -27,7 +27,7 @@ def test_metadata_validates_against_monai_schema(shared_data):
 
 
 def test_bundle_files_present():
-    for name in ("train.yaml", "evaluate.yaml", "inference.yaml", "multi_gpu_train.yaml", "logging.conf",
+    for name in ("train.yaml", "evaluate.yaml", "inference.json", "multi_gpu_train.yaml", "logging.conf",
                  "train_seg_only.yaml", "train_text_only.yaml", "train_paper.yaml"):
         assert (CONFIGS / name).is_file(), name
     assert (BUNDLE / "docs" / "README.md").is_file() and (BUNDLE / "LICENSE").is_file()
@@ -78,7 +78,7 @@ def test_volume_inference_returns_mask_on_input_grid(trained, phantom_dir):
 
     out, _ = trained
     volume = sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0]
-    run("inferring", config_file=[str(CONFIGS / "inference.yaml")], bundle_root=str(BUNDLE), output_dir=str(out),
+    run("inferring", config_file=[str(CONFIGS / "inference.json")], bundle_root=str(BUNDLE), output_dir=str(out),
         checkpoint=str(out / "models" / "model.pt"), input_image=str(volume))
     case = volume.name.replace(".nii.gz", "")
     seg = nib.load(out / "inference" / f"{case}_seg.nii.gz")

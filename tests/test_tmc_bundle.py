@@ -23,7 +23,7 @@ def test_metadata_validates_and_files_present(shared_data):
 
     schema = json.loads((shared_data / "monai_bundle_schema" / "meta_schema_20240725.json").read_text())
     jsonschema.validate(json.loads((CONFIGS / "metadata.json").read_text()), schema)
-    for name in ("train.yaml", "evaluate.yaml", "inference.yaml", "batch_inference.yaml", "multi_gpu_train.yaml",
+    for name in ("train.yaml", "evaluate.yaml", "inference.json", "batch_inference.yaml", "multi_gpu_train.yaml",
                  "logging.conf", "train_paper.yaml", "train_unet_baseline.yaml", "train_single_stage.yaml",
                  "ablation_mcm_only.yaml", "ablation_align_only.yaml"):
         assert (CONFIGS / name).is_file(), name

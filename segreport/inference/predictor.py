@@ -1,6 +1,6 @@
 """The contract between a trained bundle and every way of running it (batch folders, MONAI Label, demo).
 
-A bundle's ``inference.yaml`` defines a ``predictor`` component: an object with ``predict``. The batch
+A bundle's ``inference.json`` defines a ``predictor`` component: an object with ``predict``. The batch
 runner loads it once and feeds it one volume at a time in the input's own grid, so every model returns
 its mask on exactly that grid and the runner never needs to know which model it is driving.
 """

@@ -5,9 +5,10 @@
                   [--app-dir outputs/label_app] [--device cpu|cuda] [--max-images 4]
 
 - Binds 127.0.0.1 unless ``--host`` says otherwise (``0.0.0.0`` to serve other machines).
-- ``--bundles``: default every bundle under ``./bundles`` that has trained weights
-  (``<bundle>/models/model.pt``, where its training writes them, or the app's own from MONAI Label
-  training); a bundle named here without weights is refused with the command that trains it.
+- ``--bundles``: names or folders; default every bundle shipped with segreport that has trained weights
+  (the app's own from MONAI Label training, ``<bundle>/models/model.pt`` where its training writes them,
+  or ``$SEGREPORT_HOME/<bundle>/model.pt``); a bundle named here without weights is refused with the
+  command that trains it.
 - MONAI Label writes into the app folder (``main.py`` written here, ``model/`` for weights it trains,
   ``logs/``, ``train/``) and into the studies folder (``labels/`` and ``datastore_v2.json``), never into
   the installed package.
@@ -40,27 +41,34 @@ class LabelError(RuntimeError):
 
 def weight_paths(bundle: Path, app_dir: Path) -> list[Path]:
     """Where a bundle's served weights may be, first found wins: the app's own (MONAI Label training
-    writes ``<app>/model/<bundle name>/model.pt``), then the bundle's (its train config's ``models/``)."""
-    return [app_dir / "model" / bundle.name / "model.pt", bundle / "models" / "model.pt"]
+    writes ``<app>/model/<bundle name>/model.pt``), then the bundle's ``models/``, then the user folder
+    (``$SEGREPORT_HOME/<bundle name>/``; segreport.run.bundles.weight_candidates)."""
+    from ..run.bundles import weight_candidates
+
+    return [app_dir / "model" / bundle.name / "model.pt", *weight_candidates(bundle)]
 
 
 def trained_weights(bundle: Path, app_dir: Path) -> Path | None:
     return next((p for p in weight_paths(bundle, app_dir) if p.is_file()), None)
 
 
-def resolve_bundles(given: Sequence[str] | None, app_dir: Path, root: Path = Path("bundles")) -> list[Path]:
-    """The bundle folders to serve: those named (each must have trained weights), or every trained one
-    under ``root``."""
+def resolve_bundles(given: Sequence[str] | None, app_dir: Path, root: Path | None = None) -> list[Path]:
+    """The bundle folders to serve: those named (by name or folder; each must have trained weights), or
+    every trained one under ``root`` (default: the bundles shipped with segreport)."""
+    from ..run.bundles import BundleError, find_bundle, shipped_bundles_dir
+
+    root = shipped_bundles_dir() if root is None else root
     if given:
-        bundles = [Path(b).absolute() for b in given]
+        try:
+            bundles = [find_bundle(b) for b in given]
+        except BundleError as err:
+            raise LabelError(str(err)) from None
         for b in bundles:
-            if not (b / "configs" / "inference.yaml").is_file():
-                raise LabelError(f"{b}: not a bundle folder (no configs/inference.yaml)")
             if trained_weights(b, app_dir) is None:
                 raise LabelError(f"{b.name}: no trained weights at {b / 'models' / 'model.pt'}; train it first: "
                                  f"python -m monai.bundle run training --config_file {b / 'configs' / 'train.yaml'}")
         return bundles
-    found = sorted(p.parent.parent.absolute() for p in root.glob("*/configs/inference.yaml"))
+    found = sorted(p.parent.parent.absolute() for p in root.glob("*/configs/inference.json"))
     bundles = [b for b in found if trained_weights(b, app_dir) is not None]
     if not bundles:
         raise LabelError(f"no bundle under {root.absolute()} has trained weights ({', '.join(b.name for b in found) or 'no bundles'}); "
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--studies", required=True, help="folder of NIfTI/DICOM studies (MONAI Label's datastore)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--bundles", nargs="*", help="bundle folders (default: every trained bundle under ./bundles)")
+    p.add_argument("--bundles", nargs="*", help="bundle names or folders (default: every shipped bundle with trained weights)")
     p.add_argument("--app-dir", default="outputs/label_app", help="the MONAI Label app folder (written by MONAI Label)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-images", type=int, default=4, help="images whose click session is kept (default 4)")

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 all cases ok, 1 some case failed (see OUTPUT_DIR/summary.csv), 2 the run "
                "could not start. Under torchrun the cases are sharded over the processes.",
     )
-    p.add_argument("--bundle", required=True, help="bundle folder (reads configs/inference.yaml)")
+    p.add_argument("--bundle", required=True, help="a bundle shipped with segreport by name (medsegtext, lesion_report_3d, tmc, lapft; "
+                                              "`segreport bundles` lists them) or a bundle folder (reads configs/inference.json)")
     p.add_argument("-i", "--input", required=True, help="NIfTI file, folder of .nii/.nii.gz (recursive), or DICOM folder")
     p.add_argument("-o", "--output", required=True, help="OUTPUT_DIR; nothing is written outside it")
     p.add_argument("--checkpoint", help="model weights (default: the bundle's)")

@@ -173,7 +173,7 @@ class PromptPyramid:
     the full-size maps once, not once per level."""
 
     def __init__(self, maps: torch.Tensor):
-        self.full = tuple(maps.shape[2:])
+        self.full = tuple(int(s) for s in maps.shape[2:])  # ints, also when traced (sizes are tensors then)
         self.levels = {self.full: maps}
 
     @classmethod
