@@ -1,17 +1,20 @@
 """The ``segreport`` command: a thin layer over the product path (segreport.run) and the demo.
 
   segreport synth --out DIR [--cases N] [--seed S] [--shape X Y Z]   synthetic chest-CT phantom
-  segreport infer --bundle bundles/<name> -i INPUT -o OUTPUT_DIR ...  batch inference (see --help)
+  segreport infer --bundle NAME|FOLDER -i INPUT -o OUTPUT_DIR ...  batch inference (see --help)
   segreport evaluate -p PRED_DIR -g LABEL_DIR [--dataset dataset.json]  score predictions (Dice, HD95, text, attributes);
                                                                          exit 1 when a case is missing or cannot be scored
   segreport label --studies DIR [--host 127.0.0.1] [--port 8000] [--bundles ...]  MONAI Label server (Slicer, OHIF)
+  segreport bundles                                                  the bundles, where they are, whether trained weights are found
   segreport demo [--out DIR]                                         the `make demo` job
+  segreport --version
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -20,9 +23,10 @@ def _synth(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="segreport synth", description="Write the synthetic chest-CT phantom dataset.")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--cases", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, default=(192, 192, 48), metavar=("X", "Y", "Z"))
+    p.add_argument("--cases", type=int, default=20, help="number of synthetic cases (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same dataset (default: %(default)s)")
+    p.add_argument("--shape", type=int, nargs=3, default=(192, 192, 48), metavar=("X", "Y", "Z"),
+                   help="volume size in voxels (default: 192 192 48)")
     p.add_argument("--preview", default=None, help="preview PNG path (default: OUT/preview.png)")
     p.add_argument("--slices", choices=("lung", "lesion"), default="lung",
                    help="2D export: every lung slice (default; lesion-free ones read 'No pulmonary infection.') "
@@ -59,9 +63,37 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _bundles(argv: list[str]) -> int:
+    from .run.bundles import find_weights, segreport_home, shipped_bundles
+
+    p = argparse.ArgumentParser(prog="segreport bundles",
+                                description="List the bundles shipped with segreport and where their trained weights are.")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = p.parse_args(argv)
+    rows = []
+    for bundle in shipped_bundles():
+        meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+        weights = find_weights(bundle)
+        rows.append({"name": bundle.name, "version": meta.get("version"), "path": str(bundle),
+                     "weights": weights if os.path.isfile(weights) else None})
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']:<18} {r['version'] or '?':<7} {r['weights'] or 'no trained weights'}")
+    print(f"\nbundles: {rows[0]['path'].rsplit(os.sep, 1)[0] if rows else 'none found'}; weights are looked up in "
+          f"<bundle>/models/model.pt, then {segreport_home()}/<bundle>/model.pt ($SEGREPORT_HOME)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"synth", "infer", "evaluate", "label", "demo"}
+    if argv[:1] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"segreport {__version__}")
+        return 0
+    commands = {"synth", "infer", "evaluate", "label", "bundles", "demo"}
     if not argv or argv[0] not in commands:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -74,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return infer_main(rest)
     if cmd == "evaluate":
         return _evaluate(rest)
+    if cmd == "bundles":
+        return _bundles(rest)
     if cmd == "label":
         from .label.server import main as label_main
 

@@ -104,13 +104,13 @@ def run_tmc(out: Path, data_dir: Path, epochs: int, medsegtext_checkpoint: Path,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="segreport demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--cases", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--epochs-3d", type=int, default=4)
-    p.add_argument("--skip-3d", action="store_true")
-    p.add_argument("--skip-tmc", action="store_true")
+    p.add_argument("--out", default="outputs/demo", help="folder for the phantom, trained weights and results (default: %(default)s)")
+    p.add_argument("--cases", type=int, default=24, help="phantom cases to generate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="phantom and case-split seed (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs of the 2D bundles (default: %(default)s)")
+    p.add_argument("--epochs-3d", type=int, default=4, help="training epochs of the 3D bundle (default: %(default)s)")
+    p.add_argument("--skip-3d", action="store_true", help="leave out the 3D lesion-report bundle")
+    p.add_argument("--skip-tmc", action="store_true", help="leave out the text-guided TMC bundle")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from . import phantom

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="segreport label", description=__doc__.splitlines()[0])
     p.add_argument("--studies", required=True, help="folder of NIfTI/DICOM studies (MONAI Label's datastore)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--bundles", nargs="*", help="bundle names or folders (default: every shipped bundle with trained weights)")
     p.add_argument("--app-dir", default="outputs/label_app", help="the MONAI Label app folder (written by MONAI Label)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

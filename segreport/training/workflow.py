@@ -49,29 +49,27 @@ def train_handlers(validator, val_interval: int, epochs: int, log_dir: str, ckpt
     """The trainer's handlers: validation every ``val_interval`` epochs (at least once, so a short run still
     writes ``model.pt``), the loss on the console; on the writing rank also TensorBoard (the loss, each loss
     part the loss keeps in ``loss.last``, the learning rate) and the final checkpoint; then ``schedule``
-    (the bundle's own iteration-level handlers, e.g. a warm-up cosine LR)."""
-    handlers: list = [ValidationHandler(validator=validator, interval=min(int(val_interval), int(epochs)), epoch_level=True),
-                      StatsHandler(tag_name="train_loss", output_transform=engine_loss)]
-    if writes_outputs:
-        handlers += [TensorBoardStatsHandler(log_dir=log_dir, tag_name="train_loss", output_transform=engine_loss),
-                     TrainingCurves(log_dir, optimizer, loss),
-                     CheckpointSaver(save_dir=ckpt_dir, save_dict=dict(save_dict), save_final=True,
-                                     final_filename="model_final.pt")]
-    return handlers + list(schedule)
+    (the bundle's own iteration-level handlers, e.g. a warm-up cosine LR).
+
+    Every rank builds every handler, writing or not: ignite's checkpoint handler asks the rank on creation,
+    which the first time creates a process group, a collective that would wait forever for ranks that
+    skipped it."""
+    console = [ValidationHandler(validator=validator, interval=min(int(val_interval), int(epochs)), epoch_level=True),
+               StatsHandler(tag_name="train_loss", output_transform=engine_loss)]
+    writing = [TensorBoardStatsHandler(log_dir=log_dir, tag_name="train_loss", output_transform=engine_loss),
+               TrainingCurves(log_dir, optimizer, loss),
+               CheckpointSaver(save_dir=ckpt_dir, save_dict=dict(save_dict), save_final=True, final_filename="model_final.pt")]
+    return console + (writing if writes_outputs else []) + list(schedule)
 
 
 def val_handlers(log_dir: str, ckpt_dir: str, save_dict: Mapping, writes_outputs: bool = True,
-                 schedule: Sequence = (), trainer_epoch=None) -> list:
+                 schedule: Sequence = ()) -> list:
     """The evaluator's handlers: scores on the console; on the writing rank TensorBoard (scores and a panel
     of image, reference and prediction of the last validation batch) and ``model.pt`` at the best key
     metric; then ``schedule`` (the bundle's validation-driven handlers: LR on plateau, early stopping)."""
-    handlers: list = [StatsHandler(iteration_log=False)]
-    if writes_outputs:
-        handlers += [TensorBoardStatsHandler(log_dir=log_dir, iteration_log=False),
-                     PredictionPanel(log_dir),
-                     CheckpointSaver(save_dir=ckpt_dir, save_dict=dict(save_dict), save_key_metric=True,
-                                     key_metric_filename="model.pt")]
-    return handlers + list(schedule)
+    writing = [TensorBoardStatsHandler(log_dir=log_dir, iteration_log=False), PredictionPanel(log_dir),
+               CheckpointSaver(save_dir=ckpt_dir, save_dict=dict(save_dict), save_key_metric=True, key_metric_filename="model.pt")]
+    return [StatsHandler(iteration_log=False)] + (writing if writes_outputs else []) + list(schedule)
 
 
 class _TensorBoardHandler:
