@@ -149,7 +149,10 @@ def test_a_copied_bundle_trains_and_infers_where_it_lies(name, phantom_dir, tmp_
     configs = bundle / "configs"
     run("training", config_file=str(configs / "train.yaml"), dataset_dir=str(phantom_dir), epochs=1, num_threads=1)
     assert (bundle / "models" / "model.pt").is_file()
-    assert list((bundle / "outputs" / "logs").glob("events.out.tfevents.*"))
+    tags = _tensorboard_tags(bundle / "outputs" / "logs")
+    assert "train_loss" in tags["scalars"] and "learning_rate/group0" in tags["scalars"]
+    assert any(t.startswith("loss_parts/") for t in tags["scalars"]), tags
+    assert tags["images"] == ["validation/image_reference_prediction"]
 
     ct = sorted((phantom_dir / "imagesTr").glob("*.nii.gz"))[0]
     text = {"text": TEXT} if name in ("tmc", "lapft") else {}
@@ -157,3 +160,27 @@ def test_a_copied_bundle_trains_and_infers_where_it_lies(name, phantom_dir, tmp_
     assert len(list((bundle / "outputs" / "inference").glob("*_report.json"))) == 1
     manifest = json.loads((bundle / "outputs" / "inference" / "manifest.json").read_text())
     assert manifest["model"]["checkpoint"]["path"] == str(bundle / "models" / "model.pt")
+
+
+def _tensorboard_tags(log_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = set(), set()
+    for events in log_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        images |= set(acc.Tags()["images"])
+    return {"scalars": scalars, "images": sorted(images)}
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_bundle_docs_have_model_zoo_sections_and_a_weights_record(name):
+    import yaml
+
+    headings = [line[3:].lower() for line in (REPO / "bundles" / name / "docs" / "README.md").read_text().splitlines()
+                if line.startswith("## ")]
+    for section in ("overview", "data", "training", "performance", "commands", "references", "licence"):
+        assert any(h.startswith(section) for h in headings), (name, section, headings)
+    record = yaml.safe_load((REPO / "bundles" / name / "large_files.yml").read_text())
+    assert [f["path"] for f in record["large_files"]] == ["models/model.pt"]

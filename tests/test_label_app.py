@@ -240,4 +240,4 @@ def test_label_command_refuses_a_bundle_without_weights_and_a_missing_studies_fo
     assert main(["--studies", str(tmp_path / "nowhere"), "--bundles", str(bundle), *args]) == 2
     assert "--studies must be an existing folder" in capsys.readouterr().err
     assert main(["--studies", str(tmp_path / "studies"), "--bundles", str(tmp_path), *args]) == 2
-    assert "not a bundle folder" in capsys.readouterr().err
+    assert "neither a bundle folder" in capsys.readouterr().err

@@ -154,7 +154,7 @@ def prediction_panel(output: Any, n: int = 4) -> torch.Tensor | None:
         return None
     image, label, pred = (output.get(k) if isinstance(output, Mapping) else None for k in ("image", "label", "pred"))
     label = label.get("label") if isinstance(label, Mapping) else label
-    logits = pred.get("seg_logits") if isinstance(pred, Mapping) else pred
+    logits = next((pred[k] for k in ("seg_logits", "mask_logits") if k in pred), None) if isinstance(pred, Mapping) else pred
     if not all(torch.is_tensor(t) for t in (image, label, logits)):
         return None
     image, label, prob = _as_2d(image[:n]), _as_2d(label[:n]), torch.sigmoid(_as_2d(logits[:n]))
