@@ -142,6 +142,7 @@ class RunSettings:
     min_lesion_ml: float = MIN_LESION_ML
     training: dict | None = None  # the checkpoint spec's provenance: what the model was trained on
     texts: GuideTexts | None = None  # a text-guided model's sentence per case (run.guide_texts)
+    output_type: str = "nifti"  # nifti | dicom | both (run.cases.MASK_SUFFIXES)
 
 
 def case_report(case: Case, loaded: LoadedCase, prediction: Prediction, settings: RunSettings,
@@ -176,13 +177,17 @@ def case_report(case: Case, loaded: LoadedCase, prediction: Prediction, settings
 
 def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, output_dir: Path,
                        settings: RunSettings) -> dict:
-    """Mask, lesion map, text report, preview, JSON report (last), each atomically. Returns the report."""
-    paths = case.outputs(output_dir)
+    """Mask and lesion map (NIfTI and/or DICOM SEG + SR), text report, preview, JSON report (last), each
+    atomically. Returns the report."""
+    paths = case.outputs(output_dir, settings.output_type)
     with stage("report"):
         report, instances, n = case_report(case, loaded, prediction, settings)
     with stage("write"):
-        loaded.save_mask(prediction.mask, paths["seg"])
-        loaded.save_mask(instances, paths["lesions"], dtype=np.uint8 if n < 256 else np.uint16)
+        if "seg" in paths:
+            loaded.save_mask(prediction.mask, paths["seg"])
+            loaded.save_mask(instances, paths["lesions"], dtype=np.uint8 if n < 256 else np.uint16)
+        if "dicom_seg" in paths:
+            write_dicom_outputs(case, instances, loaded.affine, report, settings.model, paths)
         write_text(format_report_text(report), paths["report_txt"])
     with stage("preview"):
         caption = " ".join([report["finding"], f"[{report['model_training_summary']}]", *report["warnings"]])
@@ -191,6 +196,15 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
     with stage("write"):
         write_json(report, paths["report"])
     return report
+
+
+def write_dicom_outputs(case: Case, instances: np.ndarray, affine: np.ndarray, report: dict, model: str,
+                        paths: dict[str, Path]) -> None:
+    from .dicom_outputs import frames_from_map, read_source_series, write_seg, write_sr
+
+    source = read_source_series(case.path, case.series_uid)
+    seg = write_seg(paths["dicom_seg"], source, frames_from_map(instances, affine, source), report, model)
+    write_sr(paths["dicom_sr"], source, seg, report, model)
 
 
 def _error_message(exc: Exception, case: Case, step: str) -> str:
@@ -324,6 +338,7 @@ def run_batch(
     lung_masks: str | os.PathLike | None = None,
     texts: GuideTexts | None = None,
     plan: RunPlan | None = None,
+    output_type: str = "nifti",
 ) -> BatchSummary:
     """Run ``predictor`` over every case of ``inputs`` and write outputs to ``output_dir`` (module doc).
 
@@ -338,6 +353,7 @@ def run_batch(
     ``lung_masks``: a folder of the user's lung masks, ``<case id>.nii.gz``, used instead of the HU mask.
     ``texts``: where a text-guided model (``predictor.takes_text``) gets each case's sentence
     (:class:`~segreport.run.guide_texts.GuideTexts`); required for such a model, ignored otherwise.
+    ``output_type``: ``nifti`` (masks as NIfTI), ``dicom`` (DICOM SEG + SR, DICOM inputs only) or ``both``.
     ``plan``: the checks before the model loads, already made by :func:`plan_run` for these arguments
     (the CLI makes them first, so a wrong path fails fast); made here when not given.
     Raises :class:`InputError` when no input is found, :class:`CannotStartError` when the output folder is
@@ -351,7 +367,7 @@ def run_batch(
     model = str(getattr(predictor, "name", type(predictor).__name__))
     device = str(device or getattr(predictor, "device", None) or "cpu")
     if plan is None:
-        plan = plan_run(inputs, output_dir, pattern, overwrite, resume, points, series_uid)
+        plan = plan_run(inputs, output_dir, pattern, overwrite, resume, points, series_uid, output_type)
     cases, skipped_inputs, points_spec, points_source = plan.cases, plan.skipped_inputs, plan.points_spec, plan.points_source
     takes_text = bool(getattr(predictor, "takes_text", False))
     if takes_text and texts is None:
@@ -375,7 +391,8 @@ def run_batch(
 
         checkpoint = checkpoint_info(getattr(predictor, "checkpoint_path", None))
         settings = RunSettings(model, (checkpoint or {}).get("sha256"), bool(getattr(predictor, "takes_points", True)),
-                               float(min_lesion_ml), (getattr(predictor, "spec", None) or {}).get("training"), texts)
+                               float(min_lesion_ml), (getattr(predictor, "spec", None) or {}).get("training"), texts,
+                               output_type)
         manifest = {
             "status": "running", "start_time": started, "end_time": None, "versions": _versions(),
             "model": {"name": model, "class": f"{type(predictor).__module__}.{type(predictor).__qualname__}",
@@ -385,7 +402,8 @@ def run_batch(
                           "output_dir": str(output_dir), "overwrite": overwrite, "resume": resume, "workers": workers,
                           "pattern": pattern, "points": points_source, "allow_non_ct": allow_non_ct,
                           "allow_no_lungs": allow_no_lungs, "lung_masks": None if lung_masks is None else str(lung_masks),
-                          "min_lesion_ml": min_lesion_ml, "texts": None if texts is None else texts.describe()},
+                          "min_lesion_ml": min_lesion_ml, "texts": None if texts is None else texts.describe(),
+                          "output_type": output_type},
             "n_cases": len(cases),
             "skipped_inputs": skipped_inputs,
             **(manifest_extra or {}),
@@ -400,7 +418,7 @@ def run_batch(
         todo = []
         for case in mine:
             if resume and case_complete(case, output_dir, settings.checkpoint_sha256,
-                                        None if texts is None else texts.fingerprint()):
+                                        None if texts is None else texts.fingerprint(), output_type):
                 rows[case.case_id] = _skipped_row(case, output_dir)
             else:
                 todo.append(case)

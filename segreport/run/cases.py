@@ -27,13 +27,18 @@ from .report import lung_regions
 
 log = logging.getLogger("segreport.batch")
 
-OUTPUT_SUFFIXES: dict[str, str] = {
-    "seg": "_seg.nii.gz",
-    "lesions": "_lesions.nii.gz",  # instance map: voxel value = the report's lesion id
-    "report_txt": "_report.txt",
-    "preview": "_preview.png",
-    "report": "_report.json",  # last in this order: written last, so its presence means "complete"
+# the masks of each --output-type, then what every case gets; the JSON report last in this order:
+# written last, so its presence means "complete"
+MASK_SUFFIXES: dict[str, dict[str, str]] = {
+    "nifti": {"seg": "_seg.nii.gz",
+              "lesions": "_lesions.nii.gz"},  # instance map: voxel value = the report's lesion id
+    "dicom": {"dicom_seg": "_seg.dcm",  # DICOM SEG, one segment per lesion id (run.dicom_outputs)
+              "dicom_sr": "_sr.dcm"},  # DICOM SR, TID 1500 measurement report
 }
+MASK_SUFFIXES["both"] = {**MASK_SUFFIXES["nifti"], **MASK_SUFFIXES["dicom"]}
+OUTPUT_TYPES = tuple(MASK_SUFFIXES)
+CASE_SUFFIXES: dict[str, str] = {"report_txt": "_report.txt", "preview": "_preview.png", "report": "_report.json"}
+OUTPUT_SUFFIXES: dict[str, str] = {**MASK_SUFFIXES["nifti"], **CASE_SUFFIXES}  # the default (NIfTI) run's
 
 @dataclass(frozen=True)
 class Case:
@@ -43,8 +48,14 @@ class Case:
     path: str
     series_uid: str | None = None
 
-    def outputs(self, output_dir: str | os.PathLike) -> dict[str, Path]:
-        return {kind: Path(output_dir) / f"{self.case_id}{suffix}" for kind, suffix in OUTPUT_SUFFIXES.items()}
+    def outputs(self, output_dir: str | os.PathLike, output_type: str = "nifti") -> dict[str, Path]:
+        """This case's output files for ``--output-type`` (``both``: every file a case can have)."""
+        suffixes = {**MASK_SUFFIXES[output_type], **CASE_SUFFIXES}
+        return {kind: Path(output_dir) / f"{self.case_id}{suffix}" for kind, suffix in suffixes.items()}
+
+    @property
+    def is_dicom(self) -> bool:
+        return Path(self.path).is_dir()  # a DICOM case is a series folder; a NIfTI case a file
 
 
 

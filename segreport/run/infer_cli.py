@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", help='clicks: {"<case id or file name>": {"points": [[i,j,k],...], "labels": [1,0,...]}} '
                                     '(IJK voxels; or "points_world" in RAS mm)')
     group = p.add_mutually_exclusive_group()
+    p.add_argument("--output-type", choices=("nifti", "dicom", "both"), default="nifti",
+                   help="masks as NIfTI (default), as a DICOM SEG (one segment per lesion) + DICOM SR (TID 1500 "
+                        "measurements and finding) referencing the source series (DICOM inputs only), or both")
     group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     group.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
     p.add_argument("--workers", type=int, default=1, help="cases loaded ahead in background threads (default 1; 0: none)")
@@ -107,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # cheap checks first, so a wrong path, device or OUTPUT_DIR is reported before the model loads
         check_device(device)
-        plan = plan_run(args.input, output_dir, args.pattern, args.overwrite, args.resume, args.points, args.series)
+        plan = plan_run(args.input, output_dir, args.pattern, args.overwrite, args.resume, args.points, args.series,
+                        args.output_type)
         ctx = distributed.init_distributed(device)
         predictor, bundle_info = load_bundle_predictor(args.bundle, args.checkpoint, device, args.bf16)
         texts = guide_texts(args, device, min_lesion_ml)
@@ -118,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_lesion_ml=min_lesion_ml, texts=texts,
             manifest_extra={"bundle": bundle_info, "command": ["segreport", "infer", *(argv or sys.argv[1:])]},
             progress=not args.no_progress, series_uid=args.series, allow_no_lungs=args.allow_no_lungs,
-            lung_masks=args.lung_masks, plan=plan,
+            lung_masks=args.lung_masks, plan=plan, output_type=args.output_type,
         )
     except (InputError, OutputExistsError, BundleError, CannotStartError, RunLockedError) as exc:
         print(f"segreport infer: error: {exc}", file=sys.stderr)

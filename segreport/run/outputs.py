@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .cases import Case, discover_cases, input_fingerprint, load_points, select_series
+from .cases import OUTPUT_TYPES, Case, discover_cases, input_fingerprint, load_points, select_series
 
 log = logging.getLogger("segreport.batch")
 
@@ -55,9 +55,12 @@ class RunPlan:
 
 
 def plan_run(inputs, output_dir: str | os.PathLike, pattern: str = "*.nii*", overwrite: bool = False,
-             resume: bool = False, points=None, series_uid: str | None = None) -> RunPlan:
+             resume: bool = False, points=None, series_uid: str | None = None, output_type: str = "nifti") -> RunPlan:
     """Every check a run makes before its model loads, made once: the output folder (writable, not in an
-    input folder), the cases (one DICOM series with ``series_uid``), outputs already there, the clicks file."""
+    input folder), the cases (one DICOM series with ``series_uid``; only DICOM for DICOM outputs), outputs
+    already there, the clicks file."""
+    if output_type not in OUTPUT_TYPES:
+        raise CannotStartError(f"--output-type {output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
     output_dir = Path(output_dir).absolute()
     given = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     check_output_dir(output_dir, given)
@@ -67,6 +70,11 @@ def plan_run(inputs, output_dir: str | os.PathLike, pattern: str = "*.nii*", ove
         log.warning("skipped %s: %s", item["path"], item["reason"])
     if series_uid:  # one DICOM series of several
         cases = select_series(cases, series_uid, inputs)
+    not_dicom = [c.path for c in cases if not c.is_dicom] if output_type != "nifti" else []
+    if not_dicom:
+        raise CannotStartError(f"{not_dicom[0]}: --output-type {output_type} writes a DICOM SEG and SR that reference the "
+                               f"source DICOM series, and this input is a NIfTI file ({len(not_dicom)} such input(s)); "
+                               f"use --output-type nifti for NIfTI inputs")
     check_outputs(cases, output_dir, overwrite, resume)
     points_spec, points_source = load_points(points)
     unused = set(points_spec) - {c.case_id for c in cases} - {Path(c.path).name for c in cases}
@@ -75,11 +83,12 @@ def plan_run(inputs, output_dir: str | os.PathLike, pattern: str = "*.nii*", ove
     return RunPlan(cases, skipped, points_spec, points_source)
 
 
-def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = None, guide: str | None = None) -> bool:
+def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = None, guide: str | None = None,
+                  output_type: str = "nifti") -> bool:
     """Done = every output present AND its report was made from this very input (same fingerprint)
     by this very checkpoint (same sha256) and, for a text-guided model, from the same guide texts
     (``GuideTexts.fingerprint``): a replaced input, another model or another text is redone on --resume."""
-    paths = case.outputs(output_dir)
+    paths = case.outputs(output_dir, output_type)
     if not all(p.is_file() for p in paths.values()):
         return False
     try:
@@ -92,7 +101,7 @@ def case_complete(case: Case, output_dir: Path, checkpoint_sha256: str | None = 
 
 
 def remove_case_outputs(case: Case, output_dir: Path) -> None:
-    for path in case.outputs(output_dir).values():
+    for path in case.outputs(output_dir, "both").values():  # whatever a case of any output type left
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -109,7 +118,7 @@ def check_outputs(cases: Sequence[Case], output_dir: Path, overwrite: bool, resu
                          "resume keeps the finished ones")
     if overwrite or resume or not output_dir.exists():
         return
-    existing = [p for case in cases for p in case.outputs(output_dir).values() if p.exists()]
+    existing = [p for case in cases for p in case.outputs(output_dir, "both").values() if p.exists()]
     existing += _run_files(output_dir)
     if existing:
         raise OutputExistsError(
