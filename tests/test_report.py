@@ -291,3 +291,38 @@ def test_the_report_of_a_phantom_case_is_the_same_in_all_48_storage_orders(phant
     img = nib.load(phantom_dir / "imagesTr" / "case_0000.nii.gz")
     label = np.asarray(nib.load(phantom_dir / "labelsTr" / "case_0000.nii.gz").dataobj) > 0
     _reports_agree_in_every_storage_order(np.asarray(img.dataobj, dtype=np.float32), img.affine, label.astype(np.uint8))
+
+
+def test_preview_colours_and_caption_come_from_the_report(tmp_path):
+    """Issue 36: a lesion in each lung and one in the mediastinum. The caption lists each numbered lesion
+    where the report puts it (side and zone), the one outside the lungs apart; the overlay draws it in the
+    'outside the lungs' colour, the others in the pulmonary one; the legend says which is which."""
+    from segreport.run.preview import OUTSIDE, PULMONARY, lesion_descriptions, preview_caption
+
+    mediastinum = ((0.0, 95.0, 0.0), 12.0, 40.0)  # anterior, between the lungs, inside the body
+    ct, affine, truth = make_chest(axcodes="LPS", lesions=(UPPER_LEFT, LOWER_RIGHT, mediastinum))
+    lung, zones = lung_regions(ct, affine)
+    report = build_report(Prediction(mask=truth), ct, affine, case_id="c1", model="test", lung=lung, zone_map=zones)
+    assert report["n_lesions"] == 2 and report["n_lesions_outside_lungs"] == 1
+    described = lesion_descriptions(report)
+    caption = preview_caption(report)
+    for les in report["lesions"]:
+        assert described[les["id"]][0] and f"#{les['id']} {les['zone'].replace('_', ' ')} lung" in caption
+    assert {les["zone"] for les in report["lesions"]} == {"upper_left", "lower_right"}
+    (outside,) = report["lesions_outside_lungs"]
+    assert not described[outside["id"]][0]
+    assert caption.index("Outside the lungs") < caption.index(f"#{outside['id']} patient's")
+    assert caption.startswith(report["finding"])
+
+    path = save_preview(tmp_path / "p.png", ct, truth, affine, title="c1", lung=lung, report=report, n_panels=16, columns=4)
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+    def share(colour: str) -> int:
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        return int((np.abs(pixels - rgb).sum(axis=-1) < 30).sum())
+
+    assert share(PULMONARY) > 50 and share(OUTSIDE) > 50  # both kinds drawn, each in its own colour
+    without = save_preview(tmp_path / "q.png", ct, truth, affine, caption="x", title="c1", lung=lung)
+    pixels = np.asarray(Image.open(without).convert("RGB")).astype(int)
+    legend_only = share(OUTSIDE)  # without the report every lesion is drawn as pulmonary: blue is the legend's alone
+    assert 0 < legend_only < 50

@@ -190,8 +190,7 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
             write_dicom_outputs(case, instances, loaded.affine, report, settings.model, paths)
         write_text(format_report_text(report), paths["report_txt"])
     with stage("preview"):
-        caption = " ".join([report["finding"], f"[{report['model_training_summary']}]", *report["warnings"]])
-        save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, caption=caption,
+        save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, report=report,
                      title=f"{case.case_id}  ({settings.model})", lung=loaded.lung, instances=instances)
     with stage("write"):
         write_json(report, paths["report"])

@@ -1,8 +1,12 @@
-"""Preview montage: axial slices through the lesions, lung window, mask outlined, finding as caption.
+"""Preview montage: axial slices through the lesions, lung window, each lesion outlined and numbered.
 
 Slices are shown the way a radiologist reads them whatever the file's voxel order: axial (the voxel
 axis closest to world z, from the affine), the patient's right on the image's left, anterior at the
 top, in-plane pixel spacing honoured, superior slices first.
+
+The overlay and the caption are drawn from the report itself (:func:`lesion_descriptions`), so they
+cannot disagree: the numbers are the report's lesion ids, pulmonary lesions and lesions outside the
+lungs have their own colour (legend), and the caption lists each numbered lesion where the report puts it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 # a bare Figure (no pyplot): no global figure registry to leak during a long batch, no GUI backend
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from nibabel.orientations import io_orientation
 
@@ -20,6 +25,38 @@ from ..data.io import atomic_path, spacing_from_affine
 from ..transforms.intensity import window_range
 from ..transforms.slicing import axial_axis, plane_index
 from .report import label_lesions
+
+
+PULMONARY, OUTSIDE, LUNG_OUTLINE = "#ff3030", "#30b0ff", "#60e070"  # overlay colours (legend)
+
+
+def _where(les: dict) -> str:
+    zone = les.get("zone")
+    return f"{zone.replace('_', ' ')} lung" if zone else f"{les.get('side', '?')} lung"
+
+
+def lesion_descriptions(report: dict) -> dict[int, tuple[bool, str]]:
+    """Each lesion id of the report -> (in the lungs, its words), from the report's own two lists."""
+    out = {int(les["id"]): (True, f"#{les['id']} {_where(les)}, {les['volume_ml']:.1f} mL") for les in report.get("lesions", [])}
+    out.update({int(les["id"]): (False, f"#{les['id']} patient's {les.get('side', '?')} side, {les['volume_ml']:.1f} mL")
+                for les in report.get("lesions_outside_lungs", [])})
+    return out
+
+
+def preview_caption(report: dict) -> str:
+    """The report's finding, then its numbered lesions (pulmonary, then outside the lungs), what the model
+    was trained on and every warning: the caption of the report's own preview."""
+    described = lesion_descriptions(report)
+    parts = [report.get("finding", "")]
+    inside = [text for _, (in_lung, text) in sorted(described.items()) if in_lung]
+    outside = [text for _, (in_lung, text) in sorted(described.items()) if not in_lung]
+    if inside:
+        parts.append("Pulmonary lesions: " + "; ".join(inside) + ".")
+    if outside:
+        parts.append("Outside the lungs (not in the finding): " + "; ".join(outside) + ".")
+    if report.get("model_training_summary"):
+        parts.append(f"[{report['model_training_summary']}]")
+    return " ".join([*parts, *report.get("warnings", [])])
 
 
 def _area_per_slice(instances: np.ndarray, box, axis: int, n_slices: int, ids) -> np.ndarray:
@@ -72,6 +109,15 @@ def _instance_plane(instances: np.ndarray, box, shape, axis: int, k: int) -> np.
     return out
 
 
+def legend_handles() -> list:
+    """The legend of every preview: what each colour means."""
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], color=PULMONARY, lw=2, label="pulmonary lesion (report #)"),
+            Line2D([], [], color=OUTSIDE, lw=2, label="outside the lungs (not in the finding)"),
+            Line2D([], [], color=LUNG_OUTLINE, lw=1, label="lung outline")]
+
+
 def save_preview(
     path: str | os.PathLike,
     image: np.ndarray,
@@ -86,15 +132,22 @@ def save_preview(
     window: str = "lung",
     min_voxels: int = 1,
     instances: np.ndarray | None = None,
+    report: dict | None = None,
 ) -> Path:
     """Write the montage PNG atomically. Lesions are numbered as in the report (largest first);
-    ``instances``: the report's labelling of ``mask``, when the caller has it (not labelled again)."""
+    ``instances``: the report's labelling of ``mask``, when the caller has it (not labelled again).
+    ``report``: the case's report, whose lesions give the colours and, unless ``caption`` is given, the
+    caption (:func:`preview_caption`); without it every lesion is drawn as pulmonary."""
     affine = np.asarray(affine, dtype=np.float64)
     axis = axial_axis(affine)
     ornt = io_orientation(affine)
     in_plane = tuple(a for a in range(3) if a != axis)
     spacing = np.asarray(spacing_from_affine(affine))
     instances, box = label_lesions(mask, min_voxels, instances)
+    described = lesion_descriptions(report) if report is not None else {}
+    outside_ids = [i for i, (in_lung, _) in described.items() if not in_lung]
+    if report is not None and not caption:
+        caption = preview_caption(report)
     centre = (np.array(image.shape) - 1) / 2.0
 
     def slice_z(k: int) -> float:  # world z of the slice's centre
@@ -119,20 +172,28 @@ def save_preview(
         plane = _display(image[plane_index(axis, k)], in_plane, ornt)
         inst = _display(_instance_plane(instances, box, image.shape, axis, k), in_plane, ornt)
         ax.imshow(plane, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
-        if inst.any():
-            # a faint fill keeps one-voxel lesions visible, where an outline has nothing to go round
-            ax.imshow(np.ma.masked_equal(inst > 0, False), cmap="autumn", alpha=0.25, aspect=aspect,
-                      interpolation="nearest")
-            ax.contour(inst > 0, levels=[0.5], colors="#ff3030", linewidths=1.0)
-            # each lesion's report id just above its topmost voxel, so the number hides no lesion
-            for i in np.unique(inst[inst > 0]):
-                r, c = np.argwhere(inst == i)[0]
-                ax.text(c + 1, r - 1, str(i), color="yellow", fontsize=8, ha="left", va="bottom", fontweight="bold")
+        if lung is not None and np.any(lung[plane_index(axis, k)]):
+            ax.contour(_display(np.asarray(lung[plane_index(axis, k)]) > 0, in_plane, ornt), levels=[0.5],
+                       colors=LUNG_OUTLINE, linewidths=0.6)
+        elsewhere = np.isin(inst, outside_ids)
+        for region, colour in (((inst > 0) & ~elsewhere, PULMONARY), (elsewhere, OUTSIDE)):
+            if region.any():
+                # a faint fill keeps one-voxel lesions visible, where an outline has nothing to go round
+                ax.imshow(np.ma.masked_equal(region, False), cmap=ListedColormap([colour]), alpha=0.3, aspect=aspect,
+                          interpolation="nearest")
+                ax.contour(region, levels=[0.5], colors=colour, linewidths=1.0)
+        # each lesion's report id just above its topmost voxel, so the number hides no lesion
+        for i in np.unique(inst[inst > 0]):
+            r, c = np.argwhere(inst == i)[0]
+            ax.text(c + 1, r - 1, str(i), color=OUTSIDE if i in outside_ids else "yellow", fontsize=8, ha="left",
+                    va="bottom", fontweight="bold")
         ax.set_title(f"slice {k}   z {slice_z(k):+.0f} mm", color="white", fontsize=8)
         for text, x, y in (("R", 0.03, 0.5), ("L", 0.97, 0.5), ("A", 0.5, 0.96)):
             ax.text(x, y, text, color="#80c0ff", fontsize=8, ha="center", va="center", transform=ax.transAxes)
     fig.text(0.01, 0.995, f"{title}    {window} window W{hi - lo:.0f} L{(hi + lo) / 2:.0f}", color="white",
              fontsize=9, va="top")
+    fig.legend(handles=legend_handles(), loc="upper right", fontsize=7, ncol=3, frameon=False, labelcolor="white",
+               bbox_to_anchor=(0.99, 1.0))
     fig.text(0.01, 0.005, "\n".join(textwrap.wrap(caption, int(width * 13))), color="white", fontsize=9, va="bottom")
     fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.5 / height, bottom=0.75 / height, wspace=0.03, hspace=0.12)
     with atomic_path(path) as tmp:
