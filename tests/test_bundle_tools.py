@@ -184,3 +184,29 @@ def test_bundle_docs_have_model_zoo_sections_and_a_weights_record(name):
         assert any(h.startswith(section) for h in headings), (name, section, headings)
     record = yaml.safe_load((REPO / "bundles" / name / "large_files.yml").read_text())
     assert [f["path"] for f in record["large_files"]] == ["models/model.pt"]
+
+
+def test_fine_tuning_keeps_the_starting_weights_unless_validation_beats_them(phantom_dir, tmp_path):
+    """``initial_weights``: the starting weights are validated before the first epoch, so ``model.pt`` (saved
+    at the best key metric) is them unless an epoch scores higher (what MONAI Label training relies on)."""
+    from monai.bundle import run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    configs = REPO / "bundles" / "tmc" / "configs"
+    common = dict(config_file=str(configs / "train.yaml"), bundle_root=str(REPO / "bundles" / "tmc"),
+                  dataset_dir=str(phantom_dir), num_threads=1)
+    run("training", output_dir=str(tmp_path / "a"), ckpt_dir=str(tmp_path / "a" / "models"), epochs=1, **common)
+    start = tmp_path / "a" / "models" / "model.pt"
+    run("training", output_dir=str(tmp_path / "b"), ckpt_dir=str(tmp_path / "b" / "models"), epochs=2, val_interval=1,
+        initial_weights=str(start), **common)
+    scores = []
+    for events in (tmp_path / "b" / "logs").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "val_dice" in acc.Tags()["scalars"]:
+            scores += [(e.step, e.value) for e in acc.Scalars("val_dice")]
+    scores = [v for _, v in sorted(scores)]
+    assert len(scores) == 3  # the starting weights, then each epoch
+    a, b = (torch.load(p, weights_only=True)["model"] for p in (start, tmp_path / "b" / "models" / "model.pt"))
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    assert same == (max(scores[1:]) <= scores[0]), scores

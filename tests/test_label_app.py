@@ -217,11 +217,16 @@ def test_training_runs_the_bundle_on_the_studies_labels_and_is_then_served(serve
     r = requests.post(f"{served['url']}/train/lesion_report_3d", params={"run_sync": True}, timeout=900,
                       json={"max_epochs": 1, "config": {"spacing": [6.4, 6.4, 10.0], "max_rounds": 1, "batch_size": 2}})
     assert r.status_code == 200, r.text[:1000]
+    stats = json.loads((served["app"] / "train" / "lesion_report_3d" / "last_run.json").read_text())
+    # fine-tuned from what was served (the bundle's weights), which stay served unless validation improved
+    bundle_weights = served["bundles"] / "lesion_report_3d" / "models" / "model.pt"
+    assert stats["started_from"] == str(bundle_weights)
     weights = served["app"] / "model" / "lesion_report_3d" / "model.pt"
-    assert weights.is_file() and (served["app"] / "train" / "lesion_report_3d" / "data" / "labelsTr").is_dir()
+    assert weights.is_file() == stats["replaced_served_weights"]
+    assert (served["app"] / "train" / "lesion_report_3d" / "data" / "labelsTr").is_dir()
     fg = _lesion_voxel(served, "case_0000")
     _, result = _parts(_infer(served, "lesion_report_3d", "case_0000", {"foreground": [fg]}), tmp_path)
-    assert result["checkpoint"] == str(weights)
+    assert result["checkpoint"] == str(weights if stats["replaced_served_weights"] else bundle_weights)
     r = requests.post(f"{served['url']}/train/lesion_report_3d", params={"run_sync": True}, timeout=60,
                       json={"max_epochs": "many"})
     assert r.status_code == 422 and "max_epochs must be an integer" in r.json()["detail"]
@@ -241,3 +246,74 @@ def test_label_command_refuses_a_bundle_without_weights_and_a_missing_studies_fo
     assert "--studies must be an existing folder" in capsys.readouterr().err
     assert main(["--studies", str(tmp_path / "studies"), "--bundles", str(tmp_path), *args]) == 2
     assert "neither a bundle folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- MONAI Label's client (issue 36)
+def _client(served):
+    from monailabel.client import MONAILabelClient
+
+    return MONAILabelClient(served["url"])
+
+
+def _post(served, selector: str, body: dict | None = None) -> tuple[int, dict]:
+    from monailabel.client.client import MONAILabelUtils
+
+    status, response, _, _ = MONAILabelUtils.http_method("POST", served["url"], selector, body)
+    return status, json.loads(response or b"{}")
+
+
+def test_active_learning_strategies_of_the_radiology_sample(served):
+    client = _client(served)
+    for name in ("zz_unlabelled_b", "zz_unlabelled_a"):
+        client.upload_image(str(next((served["phantom"] / "imagesTr").glob("*.nii.gz"))), image_id=name)
+    assert set(client.info()["strategies"]) == {"random", "first", "last"}
+    assert client.next_sample("first", {})["id"] == "zz_unlabelled_a"
+    assert client.next_sample("last", {})["id"] == "zz_unlabelled_b"
+    assert client.next_sample("random", {})["id"] in {"zz_unlabelled_a", "zz_unlabelled_b"}
+
+
+def test_batch_infer_with_the_default_body_then_dice_scoring_against_saved_labels(served):
+    """On a CPU server the default body spread the images over zero GPUs (ZeroDivisionError, HTTP 500)."""
+    status, result = _post(served, "/batch/infer/medsegtext?run_sync=true")
+    assert status == 200, result
+    assert {"case_0000", "case_0005"} <= set(result)
+    store = served["studies"] / "labels"
+    assert (store / "original" / "case_0000.nii.gz").is_file()  # what batch inference saves, for scoring
+
+    # saving those labels made MONAI Label queue the dice scoring as a task: it finishes (it once stayed RUNNING)
+    import time
+
+    deadline = time.monotonic() + 180
+    while True:
+        task = requests.get(f"{served['url']}/scoring/", timeout=30).json()
+        if task.get("status") in ("DONE", "ERROR") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert task.get("status") == "DONE", task
+
+    status, scores = _post(served, "/scoring/dice?run_sync=true")
+    assert status == 200, scores
+    final = np.asarray(nib.load(store / "final" / "case_0000.nii.gz").dataobj).ravel().astype(float)
+    original = np.asarray(nib.load(store / "original" / "case_0000.nii.gz").dataobj).ravel().astype(float)
+    expected = 2 * (final * original).sum() / (final.sum() + original.sum())
+    assert scores["case_0000"] == pytest.approx(expected)
+
+
+def test_training_with_too_few_labels_is_refused_when_asked(served, tmp_path):
+    """A 422 at request time, not a task that fails later (a second server: two labelled studies)."""
+    from monailabel.client.client import MONAILabelClientException
+
+    from segreport.label.server import running_server
+
+    studies = tmp_path / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for case in ("case_0000", "case_0001"):
+        shutil.copy(served["studies"] / f"{case}.nii.gz", studies)
+        shutil.copy(served["studies"] / "labels" / "final" / f"{case}.nii.gz", studies / "labels" / "final")
+    bundle = served["bundles"] / "lesion_report_3d"
+    with running_server(studies, [bundle], tmp_path / "app", tmp_path / "server.log", cwd=REPO) as url:
+        from monailabel.client import MONAILabelClient
+
+        with pytest.raises(MONAILabelClientException, match="422") as caught:
+            MONAILabelClient(url).train_start("lesion_report_3d", {"max_epochs": 1})
+        assert "2 labelled NIfTI studies, training needs at least 3" in caught.value.msg

@@ -24,7 +24,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 
 from .. import __version__
-from .tasks import LABELS, AutomaticTask, BundleWeights, InteractiveTask, ReportTask
+from .tasks import LABELS, AutomaticTask, BatchInfer, BundleWeights, InteractiveTask, Last, ReportTask
 from .training import BundleTrainTask
 
 log = logging.getLogger("segreport.label")
@@ -63,6 +63,24 @@ class SegreportLabelApp(MONAILabelApp):
             if isinstance(task, AutomaticTask) and task.text_guided:
                 task.text_from = writer
         return infers
+
+    def init_strategies(self) -> dict:
+        """Those of MONAI Label's radiology sample. No epistemic strategy: it needs dropout in the mask path,
+        and none of the served networks has it (MedSegText's dropout is in its text decoder)."""
+        from monailabel.tasks.activelearning.first import First
+        from monailabel.tasks.activelearning.random import Random
+
+        return {"random": Random(), "first": First(), "last": Last()}
+
+    def init_scoring_methods(self) -> dict:
+        """``dice``: each image's saved label (``y``, default the final one) against the model's saved
+        prediction (``y_pred``, default ``original``, what batch inference saves)."""
+        from monailabel.tasks.scoring.dice import Dice
+
+        return {"dice": Dice()}
+
+    def init_batch_infer(self) -> BatchInfer:
+        return BatchInfer(self.device)
 
     def init_trainers(self) -> dict[str, BundleTrainTask]:
         return {b.name: BundleTrainTask(b.name, b, self.app_dir) for b in self.bundles

@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 from fastapi import HTTPException
+from monailabel.interfaces.tasks.batch_infer import BatchInferTask
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.strategy import Strategy
 
 from ..data.outputs import to_jsonable
 from ..errors import InputError
@@ -312,3 +314,30 @@ class AutomaticTask(ReportTask):
         if source is not None:
             prediction.extras["guide_text_source"] = source
         return self.result(request, loaded, prediction, timings)
+
+
+class Last(Strategy):
+    """Active learning: the last unlabelled image by id (MONAI Label ships ``random`` and ``first``)."""
+
+    def __init__(self):
+        super().__init__("Get Last Sample")
+
+    def __call__(self, request, datastore):
+        images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
+        return {"id": images[-1]} if images else None
+
+
+class BatchInfer(BatchInferTask):
+    """MONAI Label's batch inference on the app's device. Its default body spreads the images over every
+    GPU, so on a server without one it divided by zero (HTTP 500); here a request names no GPU it does
+    not have."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.device = device
+
+    def __call__(self, request, datastore, infer):
+        if not torch.cuda.is_available() or not str(self.device).startswith("cuda"):
+            request = {**request, "multi_gpu": False, "device": self.device}
+        return super().__call__(request, datastore, infer)
+

@@ -44,17 +44,33 @@ def start_distributed(backend: str, device, seed: int) -> None:
     set_determinism(seed=seed)
 
 
+def load_initial_weights(network, checkpoint: str | None) -> None:
+    """Fine-tuning: start from a bundle checkpoint's weights (``initial_weights`` in train.yaml; MONAI Label
+    training passes the served ones). The checkpoint is read as data (segreport.models.spec) and must fit
+    this configuration's network exactly; the error names what does not fit."""
+    if not checkpoint:
+        return
+    from ..models.spec import load_weights, read_checkpoint
+
+    spec, weights = read_checkpoint(checkpoint)
+    load_weights(network, weights, checkpoint)
+
+
 def train_handlers(validator, val_interval: int, epochs: int, log_dir: str, ckpt_dir: str, save_dict: Mapping,
-                   writes_outputs: bool = True, schedule: Sequence = (), optimizer=None, loss=None) -> list:
+                   writes_outputs: bool = True, schedule: Sequence = (), optimizer=None, loss=None,
+                   validate_first: bool = False) -> list:
     """The trainer's handlers: validation every ``val_interval`` epochs (at least once, so a short run still
     writes ``model.pt``), the loss on the console; on the writing rank also TensorBoard (the loss, each loss
     part the loss keeps in ``loss.last``, the learning rate) and the final checkpoint; then ``schedule``
-    (the bundle's own iteration-level handlers, e.g. a warm-up cosine LR).
+    (the bundle's own iteration-level handlers, e.g. a warm-up cosine LR). ``validate_first`` (fine-tuning):
+    validate the starting weights too, so ``model.pt`` (saved at the best score) stays them unless an
+    epoch of training beats them.
 
     Every rank builds every handler, writing or not: ignite's checkpoint handler asks the rank on creation,
     which the first time creates a process group, a collective that would wait forever for ranks that
     skipped it."""
-    console = [ValidationHandler(validator=validator, interval=min(int(val_interval), int(epochs)), epoch_level=True),
+    console = [ValidationHandler(validator=validator, interval=min(int(val_interval), int(epochs)), epoch_level=True,
+                                 exec_at_start=bool(validate_first)),
                StatsHandler(tag_name="train_loss", output_transform=engine_loss)]
     writing = [TensorBoardStatsHandler(log_dir=log_dir, tag_name="train_loss", output_transform=engine_loss),
                TrainingCurves(log_dir, optimizer, loss),
