@@ -187,7 +187,9 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
             loaded.save_mask(prediction.mask, paths["seg"])
             loaded.save_mask(instances, paths["lesions"], dtype=np.uint8 if n < 256 else np.uint16)
         if "dicom_seg" in paths:
-            write_dicom_outputs(case, instances, loaded.affine, report, settings.model, paths)
+            from .dicom_outputs import write_dicom_outputs  # highdicom only where DICOM is asked for
+
+            write_dicom_outputs(case.path, case.series_uid, instances, loaded.affine, report, settings.model, paths)
         write_text(format_report_text(report), paths["report_txt"])
     with stage("preview"):
         save_preview(paths["preview"], loaded.image, prediction.mask, loaded.affine, report=report,
@@ -195,15 +197,6 @@ def write_case_outputs(case: Case, loaded: LoadedCase, prediction: Prediction, o
     with stage("write"):
         write_json(report, paths["report"])
     return report
-
-
-def write_dicom_outputs(case: Case, instances: np.ndarray, affine: np.ndarray, report: dict, model: str,
-                        paths: dict[str, Path]) -> None:
-    from .dicom_outputs import frames_from_map, read_source_series, write_seg, write_sr
-
-    source = read_source_series(case.path, case.series_uid)
-    seg = write_seg(paths["dicom_seg"], source, frames_from_map(instances, affine, source), report, model)
-    write_sr(paths["dicom_sr"], source, seg, report, model)
 
 
 def _error_message(exc: Exception, case: Case, step: str) -> str:

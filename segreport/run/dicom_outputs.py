@@ -170,3 +170,12 @@ def write_sr(path: str | os.PathLike, datasets: Sequence, seg, report: dict, mod
     with atomic_path(path) as tmp:
         sr.save_as(str(tmp))
     return sr
+
+
+def write_dicom_outputs(series_folder: str | os.PathLike, series_uid: str | None, instances: np.ndarray,
+                        affine: np.ndarray, report: dict, model: str, paths: dict) -> None:
+    """A case's ``dicom_seg`` and ``dicom_sr`` (``paths``) from its lesion map and report."""
+    source = read_source_series(series_folder, series_uid)
+    seg = write_seg(paths["dicom_seg"], source, frames_from_map(instances, affine, source), report, model)
+    write_sr(paths["dicom_sr"], source, seg, report, model)
+
