@@ -83,7 +83,8 @@ class BundleTrainTask(TrainTask):
         data = self.dataset(datastore)
         work = self.app_dir / "train" / self.name
         served = self.app_dir / "model" / self.name / "model.pt"
-        initial = None if request.get("from_scratch") else trained_weights(self.bundle, self.app_dir)
+        from_scratch = str(request.get("from_scratch", False)).lower() in ("true", "1", "yes")  # JSON true or a form's "true"
+        initial = None if from_scratch else trained_weights(self.bundle, self.app_dir)
         candidate = work / "candidate"  # this run's checkpoints; the served file changes only at the end
         shutil.rmtree(candidate, ignore_errors=True)
         configs = self.bundle / "configs"
