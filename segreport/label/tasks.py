@@ -42,6 +42,7 @@ from ..run.batch import RunSettings, case_report
 from ..run.bundles import checkpoint_info, load_bundle_predictor
 from ..run.cases import Case, LoadedCase, load_case
 from ..run.guide_texts import finding_of
+from ..run.report_box import image_context
 from ..vocab import MIN_LUNG_ML
 from .server import weight_paths
 
@@ -222,6 +223,8 @@ class InteractiveTask(ReportTask):
         if state is None or state.version != self.weights.version:
             t = perf_counter()
             loaded = self.load(request, predictor)
+            # what a report needs of the image, once: each further click rebuilds only the lesion part
+            loaded.report_context = image_context(loaded.image, loaded.affine, loaded.lung, loaded.zones)
             session = predictor.session()
             session.set_image(loaded.image, loaded.affine, source=request.get("image_id") or key)
             state = ImageState(loaded, session, self.weights.version)

@@ -75,6 +75,7 @@ from .outputs import (  # noqa: F401  (OutputExistsError, CannotStartError, chec
 )
 from .run_lock import RunLock
 from .report import build_report, format_report_text, write_json, write_text
+from .report_box import report_on_box
 
 log = logging.getLogger("segreport.batch")
 
@@ -163,9 +164,14 @@ def case_report(case: Case, loaded: LoadedCase, prediction: Prediction, settings
     if points is not None and not settings.takes_points:
         points["ignored"] = f"{settings.model} takes no clicks: the points did not change this result"
     meta = loaded.meta
-    report = build_report(prediction, loaded.image, loaded.affine, case_id=case.case_id, lung=loaded.lung, instances=instances,
-                          zone_map=loaded.zones, input_path=case.path, model=settings.model, points=points,
-                          lung_source=meta.get("lung_source") and f"user-supplied lung mask {meta['lung_source']}")
+    common = dict(case_id=case.case_id, lung=loaded.lung, instances=instances, zone_map=loaded.zones, input_path=case.path,
+                  model=settings.model, points=points,
+                  lung_source=meta.get("lung_source") and f"user-supplied lung mask {meta['lung_source']}")
+    report = None
+    if loaded.report_context is not None:  # reported again and again (clicks): the lesion part on its box
+        report = report_on_box(prediction, loaded.image, loaded.affine, loaded.report_context, **common)
+    if report is None:
+        report = build_report(prediction, loaded.image, loaded.affine, **common)
     report["provenance"] = {"input_fingerprint": input_fingerprint(case), "checkpoint_sha256": settings.checkpoint_sha256,
                             "min_lesion_ml": settings.min_lesion_ml,
                             "guide_texts": None if settings.texts is None else settings.texts.fingerprint()}

@@ -204,6 +204,8 @@ class LoadedCase:
     point_labels: list[int] | None
     load_s: float = 0.0
     stage_s: dict = field(default_factory=dict)  # segreport.timing: read, plausibility, lung mask
+    # run.report_box.ImageContext, when the case is reported again and again (the MONAI Label app's clicks)
+    report_context: Any = None
 
     def save_mask(self, mask: np.ndarray, path: str | os.PathLike, dtype=np.uint8) -> Path:
         """A mask (or label map: ``dtype``) on this case's grid as NIfTI, keeping the input's NIfTI codes

@@ -82,19 +82,21 @@ def lesion_statistics(
     lesion_attributes=(),
     min_voxels: int = 1,
     findings: Findings | None = None,
+    voxel_origin: tuple[int, int, int] = (0, 0, 0),
 ) -> tuple[list[dict], list[dict]]:
     """Per-lesion statistics (module docstring) and the attribute sets no lesion contains.
 
     ``lesion_attributes`` are :class:`LesionAttributes`; each goes to the component containing its
-    anchor voxel. Returns ``(lesions, unmatched_attributes)``.
+    anchor voxel. ``voxel_origin``: where this grid's first voxel lies in the image's (a box of it), added
+    to every voxel index reported. Returns ``(lesions, unmatched_attributes)``.
     """
     affine = np.asarray(affine, dtype=np.float64)
     findings = findings or describe_lesions(mask, image, affine, lung, zone_map, min_voxels)
     if not findings.lesions:
-        return [], [{"voxel": [int(v) for v in a.voxel], "attributes": a.attributes, "reason": "no lesion found"}
-                    for a in lesion_attributes]
+        return [], [{"voxel": [int(v) + o for v, o in zip(a.voxel, voxel_origin)], "attributes": a.attributes,
+                     "reason": "no lesion found"} for a in lesion_attributes]
     box = bounding_box(findings.instances > 0)
-    offset = np.array([s.start for s in box])
+    offset = np.array([s.start + o for s, o in zip(box, voxel_origin)])
     instances, img, lung_c = findings.instances[box], np.asarray(image)[box], np.asarray(lung)[box]
     ids = np.arange(1, len(findings.lesions) + 1)
     sel = instances > 0
@@ -144,7 +146,8 @@ def lesion_statistics(
         else:
             lesions[lesion_id - 1]["attributes"] = att.attributes
             continue
-        unmatched.append({"voxel": voxel, "attributes": att.attributes, "reason": reason})
+        unmatched.append({"voxel": [v + o for v, o in zip(voxel, voxel_origin)], "attributes": att.attributes,
+                          "reason": reason})
     return lesions, unmatched
 
 
@@ -186,6 +189,12 @@ def _full_ids(lesions: list[dict], part: Findings, instances: np.ndarray) -> Non
         les["id"] = int(full_id[les["id"]])
 
 
+def geometry_of(shape, affine: np.ndarray) -> dict:
+    """The report's ``geometry`` block: the image's grid."""
+    return {"shape": [int(s) for s in shape], "spacing_mm": [round(s, 4) for s in spacing_from_affine(affine)],
+            "axcodes": "".join(nib.aff2axcodes(affine)), "affine": np.round(affine, 6).tolist()}
+
+
 def build_report(
     prediction: Prediction,
     image: np.ndarray,
@@ -200,10 +209,12 @@ def build_report(
     min_voxels: int = 1,
     lung_source: str | None = None,
     instances: np.ndarray | None = None,
+    voxel_origin: tuple[int, int, int] = (0, 0, 0),
 ) -> dict:
     """The JSON-serialisable report of one case. ``lung``/``zone_map`` are computed when not given;
     ``instances``: the mask's :func:`label_components` (min_voxels 1), when the caller wrote it already
-    (the batch's ``<case>_lesions.nii.gz``): its ids are the report's."""
+    (the batch's ``<case>_lesions.nii.gz``): its ids are the report's. ``voxel_origin``: for a report made on a
+    box of the image (run.report_box), where the box starts; voxel indices are reported in the image's grid."""
     affine = np.asarray(affine, dtype=np.float64)
     if lung is None or zone_map is None:
         lung, zone_map = lung_regions(image, affine)
@@ -211,14 +222,14 @@ def build_report(
     instances, pulmonary, outside = split_pulmonary(mask, lung, min_voxels, instances if min_voxels == 1 else None)
     findings = describe_lesions(pulmonary, image, affine, lung, zone_map, min_voxels)
     lesions, unmatched = lesion_statistics(pulmonary, image, affine, lung, zone_map, prediction.lesion_attributes,
-                                           min_voxels, findings)
+                                           min_voxels, findings, voxel_origin)
     _full_ids(lesions, findings, instances)
     no_lung = np.zeros(mask.shape, np.uint8)  # outside lesions: side about the body, no lung zone
     outside_found = describe_lesions(outside, image, affine, no_lung, no_lung, min_voxels)
-    elsewhere, _ = lesion_statistics(outside, image, affine, no_lung, no_lung, (), min_voxels, outside_found)
+    elsewhere, _ = lesion_statistics(outside, image, affine, no_lung, no_lung, (), min_voxels, outside_found, voxel_origin)
     _full_ids(elsewhere, outside_found, instances)
     for item in unmatched:
-        voxel = tuple(item["voxel"])
+        voxel = tuple(v - o for v, o in zip(item["voxel"], voxel_origin))
         if len(voxel) == 3 and all(0 <= v < n for v, n in zip(voxel, mask.shape)) and outside[voxel]:
             item["reason"] = "its lesion lies outside the lungs"
     ml = voxel_volume_ml(affine)
@@ -245,12 +256,7 @@ def build_report(
         "input": input_path,
         "model": model,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "geometry": {
-            "shape": [int(s) for s in mask.shape],
-            "spacing_mm": [round(s, 4) for s in spacing_from_affine(affine)],
-            "axcodes": "".join(nib.aff2axcodes(affine)),
-            "affine": np.round(affine, 6).tolist(),
-        },
+        "geometry": geometry_of(mask.shape, affine),
         "finding": finding,
         "finding_source": source,
         "mask_finding": mask_finding,
