@@ -24,6 +24,9 @@ from ..vocab import LUNG_LABELS, SIDES, severity_from_percent
 from .report import build_report, geometry_of
 
 
+NEAREST_MARGIN = 32  # voxels around the lungs' box whose nearest zone is kept (a click's mask rarely leaks further)
+
+
 @dataclass
 class ImageContext:
     """What a report needs of the image alone."""
@@ -31,19 +34,23 @@ class ImageContext:
     lung_ml: dict
     lung_voxels: int
     laterality: dict
-    zones_box: tuple[slice, ...] | None  # the lung zones' bounding box
+    zones_box: tuple[slice, ...] | None  # the lung zones' bounding box and a margin
     nearest_zone: np.ndarray | None  # over zones_box: the code of each voxel's nearest zone voxel
 
 
 def image_context(image: np.ndarray, affine: np.ndarray, lung: np.ndarray, zone_map: np.ndarray) -> ImageContext:
-    """Computed once per image. The nearest zone is the distance transform over the zones' box, as the full
-    report computes it for lesion voxels over the pleura (:meth:`FindingsFromMask._lesion_zones`)."""
+    """Computed once per image. The nearest zone is the distance transform over a box holding the zones, as the
+    full report computes it for lesion voxels over the pleura, over the box of the zones and those voxels
+    (:meth:`FindingsFromMask._lesion_zones`: either box gives the whole volume's answer)."""
     affine = np.asarray(affine, dtype=np.float64)
     ml = voxel_volume_ml(affine)
     lung = np.asarray(lung)
     lung_ml = {side: round(float(np.count_nonzero(lung == LUNG_LABELS[side]) * ml), 2) for side in SIDES}
     zmap = np.asarray(zone_map).astype(np.uint8)
-    box = bounding_box(zmap > 0) if zmap.any() else None
+    box = None
+    if zmap.any():  # the zones' box and NEAREST_MARGIN voxels around it: predicted masks leak over the lungs
+        box = tuple(slice(max(b.start - NEAREST_MARGIN, 0), min(b.stop + NEAREST_MARGIN, n))
+                    for b, n in zip(bounding_box(zmap > 0), zmap.shape))
     nearest = None
     if box is not None:
         sub = zmap[box]
@@ -71,7 +78,7 @@ def report_on_box(prediction: Prediction, image: np.ndarray, affine: np.ndarray,
             return None
         zb = context.zones_box
         lo, hi = np.array([s.start for s in zb]), np.array([s.stop for s in zb])
-        if not np.all((full >= lo) & (full < hi)):  # the full report's box would grow: its answer may differ
+        if not np.all((full >= lo) & (full < hi)):  # beyond the kept margin: the full report computes it
             return None
         zones[over] = context.nearest_zone[tuple((full - lo).T)]
     box_affine = affine.copy()
