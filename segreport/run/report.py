@@ -168,8 +168,10 @@ def split_pulmonary(mask: np.ndarray, lung: np.ndarray, min_voxels: int = 1,
         instances, n = label_components(mask, min_voxels)
     else:
         n = int(instances.max())
-    sizes = label_counts(instances, n)
-    in_lung = label_counts(instances[np.asarray(lung) > 0], n)
+    box = bounding_box(instances > 0)  # every lesion voxel: counts over the box are the volume's (label 0 aside)
+    inside = instances[box]
+    sizes = label_counts(inside, n)
+    in_lung = label_counts(inside[np.asarray(lung)[box] > 0], n)
     pulmonary = in_lung >= PULMONARY_FRACTION * np.maximum(sizes, 1)
     pulmonary[0] = False
     outside = ~pulmonary
