@@ -24,7 +24,7 @@ from .dicom_groups import damaged_files, header_tag, uid_series
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # ITK/SimpleITK (DICOM) world coordinates are LPS+; nibabel's are RAS+: x and y change sign.
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM/ITK patient coordinates -> nibabel's RAS (its own inverse)
 # Slice positions may differ from the nominal step by this fraction before a DICOM series is called
 # non-uniform (missing slices); real scanners jitter by well under 1 %.
 _SLICE_STEP_RTOL = 0.05
@@ -150,7 +150,7 @@ def _sitk_to_ras(image) -> tuple[np.ndarray, np.ndarray, str]:
     array = sitk.GetArrayFromImage(image)
     dtype = str(array.dtype)
     array = np.ascontiguousarray(array.astype(np.float32, copy=False).transpose(*reversed(range(dim))))
-    return array, _LPS_TO_RAS @ lps, dtype
+    return array, LPS_TO_RAS @ lps, dtype
 
 
 def _read_dicom_series(folder: Path, series_uid: str | None) -> tuple[np.ndarray, np.ndarray, dict]:

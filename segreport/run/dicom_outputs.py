@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data.io import atomic_path
+from ..data.io import LPS_TO_RAS, atomic_path
 from ..errors import InputError
 
 SCHEME = "99SEGREPORT"
@@ -31,7 +31,6 @@ _MILLILITER = ("mL", "UCUM", "milliliter")  # not in pydicom's UCUM dictionary
 # patient and study attributes the SEG and SR copy from their source (type 2: may be empty, must be there)
 _TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                         "ReferringPhysicianName", "StudyID", "AccessionNumber")
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
 def read_source_series(folder: str | os.PathLike, series_uid: str | None) -> list:
@@ -62,22 +61,24 @@ def read_source_series(folder: str | os.PathLike, series_uid: str | None) -> lis
 
 def frames_from_map(label_map: np.ndarray, affine: np.ndarray, datasets: Sequence) -> np.ndarray:
     """(n images, rows, columns) of ``label_map`` sampled at every pixel of every source image."""
-    inverse = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    from ..inference.geometry import map_points
+
     out = []
     for ds in datasets:
         rows, cols = int(ds.Rows), int(ds.Columns)
-        origin = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
-        cosines = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+        row_dir, col_dir = np.split(np.asarray(ds.ImageOrientationPatient, dtype=np.float64), 2)
         dr, dc = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
-        # pixel (r, c) lies at origin + c*dc*row_direction + r*dr*column_direction (LPS, mm)
+        # pixel (r, c) lies at origin + r*dr*column_direction + c*dc*row_direction (LPS, mm)
+        pixel_to_lps = np.eye(4)
+        pixel_to_lps[:3, :3] = np.stack([col_dir * dr, row_dir * dc, np.cross(row_dir, col_dir)], 1)
+        pixel_to_lps[:3, 3] = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
         r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-        lps = origin + (c[..., None] * dc) * cosines[:3] + (r[..., None] * dr) * cosines[3:]
-        ijk = (lps @ _LPS_TO_RAS.T) @ inverse[:3, :3].T + inverse[:3, 3]
-        idx = np.rint(ijk).astype(np.int64)
+        pixels = np.stack([r.ravel(), c.ravel(), np.zeros(r.size)], 1)
+        idx = np.rint(map_points(pixels, LPS_TO_RAS @ pixel_to_lps, affine)).astype(np.int64)
         inside = np.all((idx >= 0) & (idx < np.asarray(label_map.shape)), axis=-1)
-        frame = np.zeros((rows, cols), dtype=label_map.dtype)
+        frame = np.zeros(rows * cols, dtype=label_map.dtype)
         frame[inside] = label_map[tuple(idx[inside].T)]
-        out.append(frame)
+        out.append(frame.reshape(rows, cols))
     return np.stack(out)
 
 
@@ -141,7 +142,7 @@ def write_sr(path: str | os.PathLike, datasets: Sequence, seg, report: dict, mod
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(uid=hd.UID(), name=f"segreport {model}"))
     groups = []
     for les, in_lung in _lesions(report):
-        x, y, z = _LPS_TO_RAS @ np.asarray(les["centroid_ras_mm"], dtype=np.float64)  # RAS -> LPS (its own inverse)
+        x, y, z = LPS_TO_RAS[:3, :3] @ np.asarray(les["centroid_ras_mm"], dtype=np.float64)  # RAS -> LPS (its own inverse)
         measurements = [hd.sr.Measurement(name=codes.SCT.Volume, value=float(les["volume_ml"]), unit=ml)]
         measurements += [hd.sr.Measurement(name=_code(f"CENTROID_{axis}", f"Centroid {axis} (patient LPS)"), value=float(v),
                                            unit=codes.UCUM.Millimeter) for axis, v in zip("XYZ", (x, y, z))]

@@ -24,6 +24,7 @@ from . import distributed
 from .batch import run_batch
 from .bundles import BundleError, load_bundle_predictor  # noqa: F401  (the CLI's and tests' name)
 from .outputs import CannotStartError, OutputExistsError, plan_run  # noqa: F401  (OutputExistsError: re-exported)
+from .cases import OUTPUT_TYPES
 from .guide_texts import GuideTexts
 from .run_lock import RunLockedError
 from ..vocab import MIN_LESION_ML
@@ -68,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the bundle's; under torchrun cuda -> cuda:LOCAL_RANK)")
     p.add_argument("--points", help='clicks: {"<case id or file name>": {"points": [[i,j,k],...], "labels": [1,0,...]}} '
                                     '(IJK voxels; or "points_world" in RAS mm)')
-    group = p.add_mutually_exclusive_group()
-    p.add_argument("--output-type", choices=("nifti", "dicom", "both"), default="nifti",
+    p.add_argument("--output-type", choices=OUTPUT_TYPES, default="nifti",
                    help="masks as NIfTI (default), as a DICOM SEG (one segment per lesion) + DICOM SR (TID 1500 "
                         "measurements and finding) referencing the source series (DICOM inputs only), or both")
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     group.add_argument("--resume", action="store_true", help="skip cases whose outputs are complete")
     p.add_argument("--workers", type=int, default=1, help="cases loaded ahead in background threads (default 1; 0: none)")
