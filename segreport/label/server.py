@@ -52,12 +52,10 @@ def trained_weights(bundle: Path, app_dir: Path) -> Path | None:
     return next((p for p in weight_paths(bundle, app_dir) if p.is_file()), None)
 
 
-def resolve_bundles(given: Sequence[str] | None, app_dir: Path, root: Path | None = None) -> list[Path]:
+def resolve_bundles(given: Sequence[str] | None, app_dir: Path) -> list[Path]:
     """The bundle folders to serve: those named (by name or folder; each must have trained weights), or
-    every trained one under ``root`` (default: the bundles shipped with segreport)."""
-    from ..run.bundles import BundleError, find_bundle, shipped_bundles_dir
-
-    root = shipped_bundles_dir() if root is None else root
+    every trained one of the bundles shipped with segreport."""
+    from ..run.bundles import BundleError, find_bundle, shipped_bundles, shipped_bundles_dir
     if given:
         try:
             bundles = [find_bundle(b) for b in given]
@@ -68,10 +66,10 @@ def resolve_bundles(given: Sequence[str] | None, app_dir: Path, root: Path | Non
                 raise LabelError(f"{b.name}: no trained weights at {b / 'models' / 'model.pt'}; train it first: "
                                  f"python -m monai.bundle run training --config_file {b / 'configs' / 'train.yaml'}")
         return bundles
-    found = sorted(p.parent.parent.absolute() for p in root.glob("*/configs/inference.json"))
+    found = shipped_bundles()
     bundles = [b for b in found if trained_weights(b, app_dir) is not None]
     if not bundles:
-        raise LabelError(f"no bundle under {root.absolute()} has trained weights ({', '.join(b.name for b in found) or 'no bundles'}); "
+        raise LabelError(f"no bundle under {shipped_bundles_dir()} has trained weights ({', '.join(b.name for b in found) or 'no bundles'}); "
                          f"train one first, e.g. python -m monai.bundle run training --config_file "
                          f"bundles/lesion_report_3d/configs/train.yaml")
     return bundles

@@ -23,12 +23,15 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..data.io import is_nifti
 from .server import trained_weights
+from .tasks import _flag
 
 
 def _same_weights(a: Path, b: Path) -> bool:
     import torch
 
-    wa, wb = (torch.load(p, map_location="cpu", weights_only=True)["model"] for p in (a, b))
+    from ..models.spec import read_checkpoint
+
+    wa, wb = (read_checkpoint(p)[1] for p in (a, b))
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -83,8 +86,7 @@ class BundleTrainTask(TrainTask):
         data = self.dataset(datastore)
         work = self.app_dir / "train" / self.name
         served = self.app_dir / "model" / self.name / "model.pt"
-        from_scratch = str(request.get("from_scratch", False)).lower() in ("true", "1", "yes")  # JSON true or a form's "true"
-        initial = None if from_scratch else trained_weights(self.bundle, self.app_dir)
+        initial = None if _flag(request.get("from_scratch")) else trained_weights(self.bundle, self.app_dir)
         candidate = work / "candidate"  # this run's checkpoints; the served file changes only at the end
         shutil.rmtree(candidate, ignore_errors=True)
         configs = self.bundle / "configs"

@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy import ndimage
 
 from ..inference.geometry import voxel_volume_ml
 from ..inference.predictor import LesionAttributes, Prediction
-from ..transforms.findings import _voxel_sizes
+from ..transforms.findings import nearest_zone_voxel
 from ..transforms.labels import bounding_box
 from ..transforms.laterality import laterality_check, warning_lines as laterality_warnings
 from ..vocab import LUNG_LABELS, SIDES, severity_from_percent
@@ -51,12 +50,7 @@ def image_context(image: np.ndarray, affine: np.ndarray, lung: np.ndarray, zone_
     if zmap.any():  # the zones' box and NEAREST_MARGIN voxels around it: predicted masks leak over the lungs
         box = tuple(slice(max(b.start - NEAREST_MARGIN, 0), min(b.stop + NEAREST_MARGIN, n))
                     for b, n in zip(bounding_box(zmap > 0), zmap.shape))
-    nearest = None
-    if box is not None:
-        sub = zmap[box]
-        near = ndimage.distance_transform_edt(sub == 0, sampling=_voxel_sizes(affine, 3), return_distances=False,
-                                              return_indices=True)
-        nearest = sub[tuple(near)]
+    nearest = None if box is None else zmap[box][tuple(nearest_zone_voxel(zmap[box], affine))]
     return ImageContext(lung_ml, int(np.count_nonzero(lung)), laterality_check(image, affine, lung), box, nearest)
 
 

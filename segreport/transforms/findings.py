@@ -138,6 +138,13 @@ def _voxel_sizes(affine: np.ndarray, ndim: int) -> np.ndarray:
     return np.linalg.norm(affine[:3, :ndim], axis=0)
 
 
+def nearest_zone_voxel(zmap: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(ndim, *shape): for each voxel the index of the nearest zone voxel (itself inside a zone), by the
+    Euclidean distance in mm: where a lesion voxel over the pleura is placed."""
+    return ndimage.distance_transform_edt(zmap == 0, sampling=_voxel_sizes(affine, zmap.ndim), return_distances=False,
+                                          return_indices=True)
+
+
 class FindingsFromMask(Transform):
     """Lesion mask (+ lung label or zone map) -> LViT finding sentence. Rules in the module docstring.
 
@@ -178,9 +185,7 @@ class FindingsFromMask(Transform):
             box = tuple(slice(min(b.start, int(f.min())), max(b.stop, int(f.max()) + 1))
                         for b, f in zip(bounding_box(zmap > 0), far))
             sub = zmap[box]
-            near = ndimage.distance_transform_edt(
-                sub == 0, sampling=_voxel_sizes(affine, zmap.ndim), return_distances=False, return_indices=True
-            )
+            near = nearest_zone_voxel(sub, affine)
             local = tuple(f - b.start for f, b in zip(far, box))
             codes = codes.copy()
             codes[outside] = sub[tuple(n[local] for n in near)]
