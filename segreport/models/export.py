@@ -3,8 +3,8 @@
 ``python -m monai.bundle verify_net_in_out | ckpt_export``, ``monai.bundle.load`` and ``CheckpointLoader``
 expect a ``network_def`` that takes one image tensor and returns one tensor, plus ``preprocessing``,
 ``inferer`` and ``postprocessing``. segreport's networks return dicts (mask logits beside token or attribute
-logits) and the text-guided ones read a sentence, so each inference config builds these from the
-checkpoint's spec here:
+logits) and the text-guided ones read a sentence, so each inference config builds these here from the
+checkpoint's spec (its ``spec`` id, read once):
 
 - :func:`network_def`: the spec's network (random weights, as MONAI's ``network_def``; the checkpoint's
   ``model`` entry is its plain state dict) wrapped by :class:`MaskLogits`: image in, mask logits out,
@@ -18,13 +18,12 @@ The ``predictor`` of the same config runs this step over a whole CT (orientation
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from .spec import build_network, read_checkpoint
+from .spec import build_network
 
 
 class MaskLogits(nn.Module):
@@ -53,15 +52,10 @@ class MaskLogits(nn.Module):
         return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def _spec(checkpoint: str | os.PathLike) -> dict:
-    return read_checkpoint(checkpoint)[0]
-
-
-def network_def(checkpoint: str | os.PathLike, text: str | None = None) -> MaskLogits:
-    """The checkpoint's network, randomly initialised, as one tensor in and one out (module docstring).
+def network_def(spec: Mapping, text: str | None = None) -> MaskLogits:
+    """The spec's network, randomly initialised, as one tensor in and one out (module docstring).
     ``text``: the sentence a text-guided network reads (ignored by the others)."""
-    spec = _spec(checkpoint)
-    network = build_network(spec, checkpoint).eval()
+    network = build_network(spec).eval()
     if spec["kind"] == "lesion_report_3d":
         return MaskLogits(network, "mask_logits")
     if spec["kind"] in ("tmc", "lapft"):
@@ -74,7 +68,7 @@ def network_def(checkpoint: str | os.PathLike, text: str | None = None) -> MaskL
     return MaskLogits(network, "seg_logits")
 
 
-def preprocessing(checkpoint: str | os.PathLike):
+def preprocessing(spec: Mapping):
     """2D: one axial slice (1, H, W) in HU in display orientation -> HU window -> the model's image size.
     3D: ``{"image": (1, X, Y, Z) MetaTensor in HU with its affine}`` -> orientation, spacing, window."""
     from monai.transforms import Compose, Resize
@@ -82,7 +76,6 @@ def preprocessing(checkpoint: str | os.PathLike):
     from ..transforms.intensity import HUWindow
     from ..transforms.volume import volume_transforms
 
-    spec = _spec(checkpoint)
     pre = spec["preprocessing"]
     if spec["kind"] == "lesion_report_3d":
         return volume_transforms(pre["spacing"], pre["window"], pre["axcodes"], keys=("image",))
@@ -90,21 +83,20 @@ def preprocessing(checkpoint: str | os.PathLike):
     return Compose([HUWindow(preset=pre["window"]), Resize((size, size), mode="bilinear", align_corners=False)])
 
 
-def inferer(checkpoint: str | os.PathLike, overlap: float = 0.5, sw_batch_size: int = 4):
+def inferer(spec: Mapping, overlap: float = 0.5, sw_batch_size: int = 4):
     """2D: the network on a batch of slices. 3D: the automatic mode's first pass, a Gaussian-weighted
     sliding window of the network's ROI with no click (:mod:`segreport.inference.automatic`)."""
     from monai.inferers import SimpleInferer, SlidingWindowInferer
 
-    spec = _spec(checkpoint)
     if spec["kind"] == "lesion_report_3d":
         roi = int(spec["preprocessing"]["roi_size"])
         return SlidingWindowInferer(roi_size=(roi,) * 3, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
     return SimpleInferer()
 
 
-def postprocessing(checkpoint: str | os.PathLike):
+def postprocessing(spec: Mapping):
     """Mask logits -> probability -> the spec's threshold."""
     from monai.transforms import Activations, AsDiscrete, Compose
 
-    threshold = float(_spec(checkpoint)["inference"].get("threshold", 0.5))
+    threshold = float(spec["inference"].get("threshold", 0.5))
     return Compose([Activations(sigmoid=True), AsDiscrete(threshold=threshold)])

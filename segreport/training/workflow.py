@@ -30,18 +30,14 @@ def start(seed: int, num_threads: int | None = None) -> None:
 
 
 def start_distributed(backend: str, device, seed: int) -> None:
-    """Before a torchrun rank's run: join the process group, take this node's GPU, determinism."""
+    """Before a torchrun rank's run: join the process group, take this node's GPU, then :func:`start`."""
     import torch.distributed as dist
-    from monai.utils import set_determinism
 
-    from ..errors import report_input_errors_last
-
-    report_input_errors_last()
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(device)
-    set_determinism(seed=seed)
+    start(seed)
 
 
 def load_initial_weights(network, checkpoint: str | None) -> None:
@@ -52,7 +48,7 @@ def load_initial_weights(network, checkpoint: str | None) -> None:
         return
     from ..models.spec import load_weights, read_checkpoint
 
-    spec, weights = read_checkpoint(checkpoint)
+    _, weights = read_checkpoint(checkpoint)
     load_weights(network, weights, checkpoint)
 
 
