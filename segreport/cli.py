@@ -64,7 +64,7 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _bundles(argv: list[str]) -> int:
-    from .run.bundles import find_weights, segreport_home, shipped_bundles
+    from .run.bundles import find_weights, segreport_home, shipped_bundles, shipped_bundles_dir
 
     p = argparse.ArgumentParser(prog="segreport bundles",
                                 description="List the bundles shipped with segreport and where their trained weights are.")
@@ -81,7 +81,7 @@ def _bundles(argv: list[str]) -> int:
         return 0
     for r in rows:
         print(f"{r['name']:<18} {r['version'] or '?':<7} {r['weights'] or 'no trained weights'}")
-    print(f"\nbundles: {rows[0]['path'].rsplit(os.sep, 1)[0] if rows else 'none found'}; weights are looked up in "
+    print(f"\nbundles: {shipped_bundles_dir() if rows else 'none found'}; weights are looked up in "
           f"<bundle>/models/model.pt, then {segreport_home()}/<bundle>/model.pt ($SEGREPORT_HOME)")
     return 0
 
