@@ -180,6 +180,28 @@ def test_all_lesions_gives_one_item_per_lesion_split_by_case(phantom_dir):
     assert int(d["label"].sum()) == sizes[smallest]  # that lesion, not the largest
 
 
+def test_a_dataset_with_its_own_splits_file_is_split_by_it(phantom_dir, tmp_path):
+    """The phantom's splits.json (each split with its own lesion plan) decides the 3D split, whatever the
+    bundle's ratios and seed; a test-only split file serves evaluation, and fails training clearly."""
+    splits = json.loads((phantom_dir / "splits.json").read_text())
+    for ratios, seed in (((60, 20, 20), 0), ((0.5, 0.25, 0.25), 7)):
+        dl = lr.load_datalists(phantom_dir, ratios=ratios, seed=seed)
+        for name in ("training", "test"):
+            assert {it["case_id"] for it in dl[name]} <= set(splits[name])
+            assert dl[name]
+    copy = tmp_path / "test_only"
+    shutil.copytree(phantom_dir, copy)
+    every = sorted(c for ids in splits.values() for c in ids)
+    (copy / "splits.json").write_text(json.dumps({"training": [], "validation": [], "test": every}))
+    dl = lr.load_datalists(copy, require_training=False)
+    assert dl["training"] == [] and len(dl["test"]) == len(every) - len(dl["skipped"])
+    with pytest.raises(InputError, match="no training case"):
+        lr.load_datalists(copy)
+    (copy / "splits.json").write_text(json.dumps({"training": every, "test": every[:1]}))
+    with pytest.raises(InputError, match="splits.json.*both"):
+        lr.load_datalists(copy)
+
+
 def test_balanced_sampling_draws_rare_lesions_in_proportion_to_their_weights(phantom_dir):
     """``sampling_weights`` gives each lesion 1 / count(its value)^power (from its own attribute row),
     and the loader draws that: with power 1 every shape comes about equally often, as many

@@ -16,12 +16,12 @@ from segreport.phantom import (
     LESION_TYPES,
     TISSUES,
     TYPE_HU,
-    _sample_lesion,
     ensure_dataset,
     generate_case,
     generate_dataset,
 )
 from segreport.phantom.export import lung_window, render_preview
+from segreport.phantom.plan import CLASS_FLOOR, DENSITIES_OF, FOCAL_SHARE, lesion_plan, quota
 from segreport.text.findings import parse_finding
 from segreport.transforms.findings import FindingsFromMask
 from segreport.transforms.lung_regions import lung_zone_map, world_grid
@@ -122,8 +122,9 @@ def test_orientation_is_only_storage():
 def lesion_cases(phantom_dir):
     """A few focal-lesion (CT-1) cases in memory plus the fixture's cases from disk: (meta, ct, lesions, lung)."""
     out = []
-    for i in range(4):  # seed 5: these four cases happen to realise every attribute class
-        case = generate_case(f"f{i}", "CT-1", seed=5, index=i, **SMALL)
+    plan = lesion_plan(20, np.random.default_rng(5))  # every attribute class at least CLASS_FLOOR times
+    for i in range(4):
+        case = generate_case(f"f{i}", "CT-1", seed=5, index=i, recipes=plan[5 * i : 5 * i + 5], **SMALL)
         out.append((case.meta, case.ct, case.lesions, case.lung))
     for meta in _cases(phantom_dir):
         cid = meta["case_id"]
@@ -190,12 +191,58 @@ def test_heterogeneous_lesions_are_mottled(lesion_cases):
     assert min(spread["heterogeneous"]) > max(spread["homogeneous"])
 
 
-def test_generator_covers_every_shape_and_type():
-    rng = np.random.default_rng(0)
-    draws = [_sample_lesion(rng, 1.0) for _ in range(300)]
-    assert {d.shape for d in draws} == set(ATTRIBUTE_GROUPS["shape"])
-    assert {d.lesion_type for d in draws} == set(LESION_TYPES)
-    assert {d.ill_defined for d in draws} == {True, False} and {d.invasive for d in draws} == {True, False}
+def test_quota_keeps_proportions_and_floor():
+    assert quota({"a": 0.5, "b": 0.3, "c": 0.2}, 10) == {"a": 5, "b": 3, "c": 2}
+    assert quota({"a": 0.9, "b": 0.05, "c": 0.05}, 20) == {"a": 16, "b": 2, "c": 2}  # floor 2 beats 1
+    assert quota({"a": 0.9, "b": 0.1}, 3) == {"a": 2, "b": 1}  # too few for the floor: at most n // classes each
+    assert sum(quota(FOCAL_SHARE["shape"], 37).values()) == 37
+
+
+@pytest.mark.parametrize("n", [8, 23, 60])
+def test_lesion_plan_holds_every_class_in_its_share(n):
+    plan = lesion_plan(n, np.random.default_rng(n))
+    assert len(plan) == n
+    for r in plan:
+        assert r.density in DENSITIES_OF[r.shape]
+    got = {
+        "shape": Counter(r.shape for r in plan), "density": Counter(r.density for r in plan),
+        "heterogeneity": Counter(ATTRIBUTE_GROUPS["heterogeneity"][r.heterogeneous] for r in plan),
+        "surface": Counter(ATTRIBUTE_GROUPS["surface"][r.ill_defined] for r in plan),
+        "invasion": Counter(ATTRIBUTE_GROUPS["invasion"][r.invasive] for r in plan),
+    }
+    for group, shares in FOCAL_SHARE.items():
+        assert dict(got[group]) == {k: v for k, v in quota(shares, n).items() if v}, group
+        assert min(got[group][c] for c in shares) >= min(CLASS_FLOOR, n // len(shares))
+
+
+def test_planned_lesions_are_painted_as_planned(lesion_cases):
+    """Density is targeted when painting and measured afterwards: the two agree for the planned lesions,
+    as do shape (the geometry drawn), surface and invasion."""
+    planned = [les for meta, *_ in lesion_cases for les in meta["lesions"] if les["aimed"]]
+    assert len(planned) >= 20
+    for group in ATTRIBUTE_GROUPS:
+        agree = np.mean([les["aimed"][group] == les[group] for les in planned])
+        assert agree >= (1.0 if group == "shape" else 0.8), (group, agree)
+
+
+def test_every_split_holds_every_class_and_the_counts_are_recorded(tmp_path):
+    generate_dataset(tmp_path, n_cases=20, seed=3, export_2d=False, split_ratios=(0.5, 0.2, 0.3), **SMALL)
+    ds = json.loads((tmp_path / "dataset.json").read_text())
+    splits = json.loads((tmp_path / "splits.json").read_text())
+    metas = {m["case_id"]: m for m in _cases(tmp_path)}
+    counts = ds["lesion_counts"]
+    assert ds["split_ratios"] == [0.5, 0.2, 0.3] and [len(splits[k]) for k in ("training", "validation", "test")] == [10, 4, 6]
+    for split, ids in splits.items():
+        lesions = [les for cid in ids for les in metas[cid]["lesions"]]
+        planned = [les for les in lesions if les["aimed"]]
+        for group, classes in ATTRIBUTE_GROUPS.items():
+            # the recorded counts are the case files' own
+            assert counts["measured"][split][group] == {c: sum(les[group] == c for les in lesions) for c in classes}
+            n_planned = sum(counts["planned"][split][group].values())
+            floor = min(CLASS_FLOOR, n_planned // len(classes))
+            assert min(counts["planned"][split][group].values()) >= floor, (split, group)
+            assert sum(les["aimed"][group] == c for les in planned for c in classes) == len(planned)
+        assert len(planned) >= 0.8 * sum(counts["planned"][split]["shape"].values())  # most find a place
 
 
 def test_severity_labels_and_text_agree_with_the_masks(phantom_dir):

@@ -7,7 +7,9 @@ from collections import Counter
 
 import pytest
 
-from segreport.data.splits import split_cases, split_datalist, write_split_json
+import json
+
+from segreport.data.splits import read_splits, split_cases, split_datalist, write_split_json
 
 SEVERITY_SIZES = {"CT-0": 3, "CT-1": 10, "CT-2": 4, "CT-3": 3, "CT-4": 1}
 
@@ -134,3 +136,20 @@ def test_write_split_json_loads_with_monai(tmp_path):
     path = write_split_json(tmp_path / "two_way.json", items, two_way)
     assert len(load_decathlon_datalist(path, data_list_key="test")) == 2 * len(two_way["test"])
     assert "validation" not in path.read_text()  # empty splits are left out
+
+
+def test_a_datasets_own_split_file_is_read_validated_and_restricted(tmp_path):
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"training": ["a", "b", "c"], "validation": ["d"], "test": ["e", "f"]}))
+    cases = [{"case_id": c, "lesion_type": "cavity" if c == "b" else "GGO"} for c in "abcdef" if c != "c"]
+    assert read_splits(path, cases) == {"training": ["a", "b"], "validation": ["d"], "test": ["e", "f"]}
+    held = read_splits(path, cases, holdout={"key": "lesion_type", "values": ["cavity"]})
+    assert held["training"] == ["a"] and held["zeroshot"] == ["b"]
+    for bad, match in (({"training": ["a"], "test": ["a"]}, "both"), ({"train": ["a"]}, "expected"), ([1, 2], "expected")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match) as err:
+            read_splits(path, cases)
+        assert str(path) in str(err.value)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable JSON"):
+        read_splits(path, cases)

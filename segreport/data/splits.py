@@ -6,6 +6,7 @@ items follow their case (:func:`split_datalist`): no case ever has slices in two
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -150,6 +151,33 @@ def split_cases(
             splits[name].extend(ids[start : start + count])
             start += count
     return {name: sorted(ids) for name, ids in splits.items()}
+
+
+def read_splits(path: str | os.PathLike, cases: Sequence[Mapping], holdout: Mapping | None = None) -> dict[str, list[str]]:
+    """A dataset's own case split (``splits.json``: ``{"training": [...], "validation": [...], "test": [...]}``,
+    as the phantom writes it and nnU-Net's ``splits_final.json`` fixes a split), restricted to the ``case_id``
+    of ``cases``. ``holdout`` as in :func:`split_cases`: those cases leave their split for ``"zeroshot"``. A split name
+    other than training/validation/test, a case in two splits or a file that is not such a mapping is a
+    ValueError naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable JSON split file ({exc})") from exc
+    if not isinstance(raw, Mapping) or not set(raw) <= set(SPLIT_NAMES) or \
+            not all(isinstance(v, list) and all(isinstance(c, str) for c in v) for v in raw.values()):
+        raise ValueError(f"{path}: expected {{split: [case ids]}} with splits among {SPLIT_NAMES}")
+    owner: dict[str, str] = {}
+    for name, ids in raw.items():
+        for case_id in ids:
+            if owner.setdefault(case_id, name) != name:
+                raise ValueError(f"{path}: case {case_id!r} is in both {owner[case_id]!r} and {name!r}")
+    wanted = {str(c["case_id"]) for c in cases}
+    held = {str(c["case_id"]) for c in cases if holdout is not None and c.get(holdout["key"]) in set(holdout["values"])}
+    splits = {name: sorted(c for c in raw.get(name, []) if c in wanted and c not in held) for name in SPLIT_NAMES}
+    if holdout is not None:
+        splits[ZEROSHOT] = sorted(held)
+    return splits
 
 
 def split_datalist(items: Sequence[Mapping], splits: Mapping[str, Sequence[str]]) -> dict[str, list[dict]]:

@@ -54,15 +54,16 @@ from .anatomy import TISSUES, _Anatomy, _anatomy, _smooth_noise  # noqa: F401  (
 from .export import LUNG_WINDOW, _export_slices, _write_json, _write_xlsx, render_preview  # noqa: F401
 from .lesions import (  # noqa: F401  (the attribute rules' constants: public here too)
     DENSITY_MARGIN, HETEROGENEITY_HU, ILL_DEFINED_EDGE_RATIO, LESION_TYPES, SEVERITY_SHARE, SOFT_TISSUE_HU, TYPE_HU,
-    _CT1_DIFFUSE_CHANCE, _DIFFUSE_PERCENT, _FINDINGS, _Lesion, _paint_diffuse, _place_focal, _rng, _sample_lesion,
-    density_class, measure_lesion,
+    _CT1_DIFFUSE_CHANCE, _DIFFUSE_PERCENT, _FINDINGS, _Lesion, _paint_diffuse, _place_focal, _rng, density_class,
+    lesion_from_recipe, measure_lesion,
 )
+from .plan import CLASS_FLOOR, FOCAL_SHARE, Recipe, class_counts, lesion_plan
 from ..data.splits import split_cases
 
 log = logging.getLogger(__name__)
 
 # Bumped when the generator changes what it draws; models and reports record it (data.provenance).
-PHANTOM_VERSION = "1"
+PHANTOM_VERSION = "2"  # 2: focal lesions drawn from a lesion plan (phantom.plan)
 
 
 def phantom_description(seed: int) -> str:
@@ -104,6 +105,34 @@ def _severity_plan(n_cases: int, rng: np.random.Generator) -> list[str]:
     return [names[i] for i in rng.permutation(np.repeat(np.arange(len(names)), counts))]
 
 
+def focal_count(severity: str, rng: np.random.Generator) -> int:
+    """How many focal lesions a case of ``severity`` is planned with: fewer beside diffuse disease, which
+    leaves little free lung to place them in."""
+    low, high = {"CT-0": (0, 0), "CT-1": (3, 6), "CT-2": (2, 4)}.get(severity, (1, 3))
+    return int(rng.integers(low, high + 1))
+
+
+def _plan_dataset(n_cases: int, seed: int, ratios) -> tuple[list[str], dict[str, list[str]], dict[str, list[Recipe]]]:
+    """Severity per case, case-level splits stratified by it, and each split's lesion plan dealt to its
+    cases: every split holds the plan's class proportions, whatever its size."""
+    severities = _severity_plan(n_cases, _rng(seed, 10**6))
+    ids = [f"case_{i:04d}" for i in range(n_cases)]
+    splits = split_cases([{"case_id": c, "severity": s} for c, s in zip(ids, severities)], ratios=ratios, seed=seed)
+    n_focal = {c: focal_count(s, _rng(seed, 10**6 + 1, i)) for i, (c, s) in enumerate(zip(ids, severities))}
+    recipes: dict[str, list[Recipe]] = {}
+    for k, members in enumerate(splits.values()):
+        plan = lesion_plan(sum(n_focal[c] for c in members), _rng(seed, 10**6 + 2, k))
+        for c in members:
+            recipes[c], plan = plan[: n_focal[c]], plan[n_focal[c]:]
+    return severities, splits, recipes
+
+
+def _recipe_classes(r: Recipe) -> dict[str, str]:
+    groups = ATTRIBUTE_GROUPS
+    return {"shape": r.shape, "density": r.density, "heterogeneity": groups["heterogeneity"][int(r.heterogeneous)],
+            "surface": groups["surface"][int(r.ill_defined)], "invasion": groups["invasion"][int(r.invasive)]}
+
+
 def _stored_affine(shape, spacing, flips, rng) -> tuple[np.ndarray, np.ndarray]:
     """(canonical RAS affine, affine of the stored flipped array); the table position varies a little."""
     centre = np.array([rng.uniform(-15, 15), rng.uniform(-30, 10), rng.uniform(-220, -140)])
@@ -125,8 +154,11 @@ def generate_case(
     shape: Sequence[int] = (192, 192, 48),
     spacing: Sequence[float] = (1.6, 1.6, 5.0),
     orientation: str = "LPS",
+    recipes: Sequence[Recipe] | None = None,
 ) -> PhantomCase:
-    """Generate one case (deterministic in ``seed``/``index``) aiming at ``severity`` (CT-0..CT-4)."""
+    """Generate one case (deterministic in ``seed``/``index``) aiming at ``severity`` (CT-0..CT-4), with
+    focal lesions painted from ``recipes`` (by default a lesion plan of its own, :func:`focal_count` long).
+    A recipe that finds no place after five lesions drawn from it is left out (logged)."""
     shape, spacing = tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
     flips = _check_orientation(orientation)
     rng = _rng(seed, index)
@@ -142,11 +174,15 @@ def generate_case(
     diffuse = severity in _DIFFUSE_PERCENT and (severity != "CT-1" or rng.random() < _CT1_DIFFUSE_CHANCE)
     if diffuse:
         planned += _paint_diffuse(rng, an, ct, gen, occupied, rng.uniform(*_DIFFUSE_PERCENT[severity]), 1, zone_map)
-    n_focal = 0 if severity == "CT-0" else int(rng.integers(2, 5) if diffuse else rng.integers(3, 7))
-    for _ in range(n_focal):
-        les = _sample_lesion(rng, scale)
-        if _place_focal(rng, an, ct, gen, occupied, les, len(planned) + 1, spacing, zone_map, boundary):
-            planned.append(les)
+    recipes = lesion_plan(focal_count(severity, rng), rng) if recipes is None else recipes
+    for recipe in recipes:
+        for _ in range(5):
+            les = lesion_from_recipe(recipe, rng, scale)
+            if _place_focal(rng, an, ct, gen, occupied, les, len(planned) + 1, spacing, zone_map, boundary):
+                planned.append(les)
+                break
+        else:
+            log.info("%s: no place found for a %s lesion", case_id, recipe)
 
     # CT noise: slightly correlated in-plane, as reconstruction makes it
     noise = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), (0.7, 0.7, 0.0))
@@ -180,6 +216,7 @@ def generate_case(
         lesions_meta.append({
             "id": lf.id, "lesion_type": source.lesion_type, "voxels": lf.voxels,
             "centroid": [round(c, 2) for c in lf.centroid], "zones": lf.zones, **attrs, "measurements": m,
+            "aimed": _recipe_classes(source.recipe) if source.recipe else None,
         })  # fmt: skip
 
     percent = 100.0 * float(label.sum()) / max(int(lung_mask.sum()), 1)
@@ -209,6 +246,7 @@ def generate_dataset(
     orientation: str = "LPS",
     export_2d: bool = True,
     slice_filter: str = "lesion",
+    split_ratios: Sequence[float] = (0.7, 0.1, 0.2),
 ) -> dict:
     """Write the phantom dataset into ``out_dir`` and return a summary. Same seed -> same bytes.
 
@@ -217,6 +255,11 @@ def generate_dataset(
     {img,labelcol}/<case>_sNNN.png`` + ``<Split>_text.xlsx`` (LViT layout, split by case). NNN is the
     index along the NIfTI's third voxel axis. ``slice_filter="lesion"`` exports the slices with lesion,
     as MosMedData+ does; ``"lung"`` every slice with lung (negatives read "No pulmonary infection.").
+
+    Cases are split (``split_ratios``, by case, stratified by planned severity) before they are drawn, and
+    each split's focal lesions come from a lesion plan of its own (:mod:`segreport.phantom.plan`), so every
+    split holds every attribute class in the plan's proportions; ``dataset.json``'s ``lesion_counts``
+    records the planned and the measured classes per split.
     """
     if n_cases < 1:
         raise ValueError(f"n_cases must be >= 1, got {n_cases}")
@@ -225,10 +268,11 @@ def generate_dataset(
     _check_orientation(orientation)
     start = time.perf_counter()
     out = Path(out_dir)
-    severities = _severity_plan(n_cases, _rng(seed, 10**6))
+    severities, splits, recipes = _plan_dataset(n_cases, seed, split_ratios)
     cases, training = [], []
     for i, severity in enumerate(severities):
-        case = generate_case(f"case_{i:04d}", severity, seed, i, shape, spacing, orientation)
+        cid = f"case_{i:04d}"
+        case = generate_case(cid, severity, seed, i, shape, spacing, orientation, recipes=recipes[cid])
         cid, meta = case.case_id, case.meta
         folders = {"image": "imagesTr", "label": "labelsTr", "lung": "lungsTr", "lesions": "lesionsTr"}
         paths = {key: f"{folder}/{cid}.nii.gz" for key, folder in folders.items()}
@@ -243,8 +287,16 @@ def generate_dataset(
         })  # fmt: skip
         cases.append(case)
 
-    splits = split_cases(training, ratios=(0.7, 0.1, 0.2), seed=seed, stratify_by="severity")
     _write_json(out / "splits.json", splits)
+    by_id = {c.case_id: c for c in cases}
+    lesion_counts = {
+        "focal_share": FOCAL_SHARE,
+        "class_floor": CLASS_FLOOR,
+        # what the painter aimed at (focal lesions), and what was measured on the images (diffuse disease too)
+        "planned": {name: class_counts([{**_recipe_classes(r), "lesion_type": "focal"} for c in ids for r in recipes[c]])
+                    for name, ids in splits.items()},
+        "measured": {name: class_counts([les for c in ids for les in by_id[c].meta["lesions"]]) for name, ids in splits.items()},
+    }
     _write_json(out / "dataset.json", {
         "name": "segreport-phantom",
         "description": "Synthetic chest CT with lung lesions, lung labels, attributes and LViT-style findings",
@@ -257,6 +309,8 @@ def generate_dataset(
         "orientation": orientation.upper(),
         "seed": seed,
         "version": PHANTOM_VERSION,
+        "split_ratios": list(split_ratios),
+        "lesion_counts": lesion_counts,
         "numTraining": len(training),
         "numTest": 0,
         "training": training,
@@ -265,7 +319,6 @@ def generate_dataset(
 
     n_slices = {}
     if export_2d:
-        by_id = {c.case_id: c for c in cases}
         for split, folder in (("training", "Train"), ("validation", "Val"), ("test", "Test")):
             target = out / "slices2d" / f"{folder}_Folder"
             rows = [row for cid in splits[split] for row in _export_slices(by_id[cid], target, slice_filter)]
@@ -278,6 +331,7 @@ def generate_dataset(
         "case_ids": [c.case_id for c in cases],
         "severity_counts": counts,
         "splits": splits,
+        "lesion_counts": lesion_counts["measured"],
         "n_slices": n_slices,
         "seconds": round(time.perf_counter() - start, 2),
     }

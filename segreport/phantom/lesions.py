@@ -13,6 +13,7 @@ from scipy.special import expit
 from ..transforms.findings import FindingsFromMask
 from ..vocab import LUNG_LABELS
 from .anatomy import _Anatomy, _smooth_noise
+from .plan import Recipe
 
 LESION_TYPES: tuple[str, ...] = ("ground-glass opacity", "consolidation", "nodule")
 TYPE_HU: dict[str, tuple[float, float]] = {  # mean-HU range each type must land in
@@ -51,29 +52,32 @@ class _Lesion:
     base_hu: float
     radius: float  # mm
     zone: int  # target zone code 1..6
+    recipe: Recipe | None = None  # what a focal lesion was painted to show (diffuse disease: None)
 
 
-def _sample_lesion(rng: np.random.Generator, scale: float) -> _Lesion:
-    """Draw what a focal lesion should look like; radii (mm) scale with the field of view."""
-    kind = rng.choice(LESION_TYPES, p=(0.35, 0.35, 0.3))
-    if kind == "nodule":
-        shape = rng.choice(("punctate/nodular", "round-like", "wall thickening"), p=(0.5, 0.35, 0.15))
-        calcified = rng.random() < 0.35 and shape != "wall thickening"
-        base = rng.uniform(220, 450) if calcified else rng.uniform(20, 60)
-        sizes = {"punctate/nodular": (3.5, 5.5), "round-like": (6.0, 10.0), "wall thickening": (9.0, 13.0)}
-        radius = rng.uniform(*sizes[shape])
-        het, ill, inv = rng.random() < 0.15, rng.random() < 0.15, rng.random() < 0.25
+def lesion_from_recipe(recipe: Recipe, rng: np.random.Generator, scale: float) -> _Lesion:
+    """A lesion painted to show ``recipe``'s classes; its type follows from shape and density (hypodense:
+    ground glass; hyperdense: a calcified nodule; a cavity's wall: consolidation); radii (mm) scale with
+    the field of view."""
+    shape, density = recipe.shape, recipe.density
+    if density == "hypodense":
+        kind, base = "ground-glass opacity", rng.uniform(-530, -390)
+    elif density == "hyperdense":
+        kind, base = "nodule", rng.uniform(220, 450)
+    elif shape == "punctate/nodular" or (shape == "round-like" and rng.random() < 0.5):
+        kind, base = "nodule", rng.uniform(30, 80)
+    else:  # isodense consolidation, cavitating walls included: a partial-volume rim pulls the mean down
+        kind, base = "consolidation", rng.uniform(15, 35)
+    if shape == "punctate/nodular":
+        radius = rng.uniform(3.5, 5.5)
+    elif shape == "wall thickening":
+        radius = rng.uniform(10, 16)
+    elif kind == "nodule":
+        radius = rng.uniform(6.0, 10.0)
     else:
-        ggo = kind == "ground-glass opacity"
-        shapes = (0.6, 0.4, 0.0) if ggo else (0.5, 0.3, 0.2)  # ground glass does not cavitate
-        shape = rng.choice(("irregular", "round-like", "wall thickening"), p=shapes)
-        base = rng.uniform(-530, -390) if ggo else rng.uniform(-40, 30)
-        radius = rng.uniform(9, 20) if shape != "wall thickening" else rng.uniform(10, 16)
-        het, ill, inv = rng.random() < 0.5, rng.random() < (0.75 if ggo else 0.45), rng.random() < 0.5
-    if shape == "wall thickening":  # a cavitating lesion: a soft-tissue wall around air
-        base = rng.uniform(-20, 40)
+        radius = rng.uniform(9, 20)
     zone = int(rng.integers(1, 7))
-    return _Lesion(str(kind), str(shape), bool(het), bool(ill), bool(inv), float(base), float(radius * scale), zone)
+    return _Lesion(kind, shape, recipe.heterogeneous, recipe.ill_defined, recipe.invasive, float(base), float(radius * scale), zone, recipe)
 
 
 def _sdf(les: _Lesion, rng: np.random.Generator, x, y, z) -> tuple[np.ndarray, np.ndarray | None]:
@@ -124,12 +128,16 @@ def _blend(sub: np.ndarray, w: np.ndarray, les: _Lesion, texture, cavity=None) -
     return out
 
 
-def _in_type_range(painted: np.ndarray, mask: np.ndarray, lesion_type: str) -> bool:
-    """Whether the lesion's core mean (the rule of :func:`measure_lesion`) sits inside its type's HU range."""
+def _fits(painted: np.ndarray, mask: np.ndarray, les: _Lesion) -> bool:
+    """Whether the lesion's core mean (the rule of :func:`measure_lesion`) sits inside its type's HU range and,
+    for a planned lesion, in its recipe's density class; 15 HU of margin for the noise added later."""
     core = ndimage.binary_erosion(mask)
     core = core if core.sum() >= 8 else mask
-    lo, hi = TYPE_HU[lesion_type]
-    return lo + 15 <= float(painted[core].mean()) <= hi - 15  # margin for the noise added later
+    mean = float(painted[core].mean())
+    lo, hi = TYPE_HU[les.lesion_type]
+    if not lo + 15 <= mean <= hi - 15:
+        return False
+    return les.recipe is None or density_class(mean - 15) == density_class(mean + 15) == les.recipe.density
 
 
 def _place_focal(rng, an: _Anatomy, ct, gen, occupied, les: _Lesion, gen_id, spacing, zone_map, boundary) -> bool:
@@ -158,8 +166,8 @@ def _place_focal(rng, an: _Anatomy, ct, gen, occupied, les: _Lesion, gen_id, spa
             continue  # a non-invasive lesion keeps a rim of lung around it
         w = _weight(d, les.ill_defined) * lung_box
         painted = _blend(ct[box], w, les, _texture(rng, w.shape, les.heterogeneous), cavity)
-        if not _in_type_range(painted, mask, les.lesion_type):
-            continue  # a small blurred lesion is mostly rim: its mean slips out of its type's range
+        if not _fits(painted, mask, les):
+            continue  # a small blurred lesion is mostly rim: its mean slips out of its type's (or density's) range
         ct[box] = painted
         gen[box][mask & (gen[box] == 0)] = gen_id
         occupied[box] |= reach

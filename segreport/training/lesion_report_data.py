@@ -186,6 +186,7 @@ def load_datalists(
     holdout_lesion_types: Sequence[str] = (),
     lesions: str = "largest",
     min_lesion_voxels: int = 20,
+    require_training: bool = True,
 ) -> dict[str, list]:
     """Case-level splits of a 3D dataset: ``training``, ``validation``, ``test`` (+ ``zeroshot``) and
     ``skipped`` (``{case_id, reason}`` of lesion-free cases).
@@ -197,7 +198,9 @@ def load_datalists(
     ``lesion_type`` is listed never enter training/validation and form the ``zeroshot`` split.
     ``lesions``: ``largest`` (the paper: one item per case, its largest lesion) or ``all`` (one item per
     lesion of at least ``min_lesion_voxels`` voxels, split still by case; more and more varied
-    attribute targets from multi-lesion scans). With no validation case left (tiny data sets)
+    attribute targets from multi-lesion scans). A dataset with a ``splits.json`` is split by it (``ratios``
+    and ``seed`` then do not apply). ``require_training``: a split without training cases is an error
+    (evaluation sets it False: a test-only dataset). With no validation case left (tiny data sets)
     validation reuses the training cases, with a warning.
     """
     if lesions not in LESION_TARGETS:
@@ -232,10 +235,17 @@ def load_datalists(
         raise InputError(root, "no case with a lesion label: nothing to train or evaluate on")
     holdout = {"key": "lesion_type", "values": list(holdout_lesion_types)} if holdout_lesion_types else None
     stratify = "lesion_type" if all(it.get("lesion_type") for it in items) else None
-    case_splits = splits_mod.split_cases(items, ratios=ratios, seed=seed, stratify_by=stratify, holdout=holdout)
+    if (root / "splits.json").is_file():  # the dataset's own split (the phantom's holds its lesion plan per split)
+        log.info("%s: using the dataset's splits.json (split_ratios and seed do not apply)", root)
+        try:
+            case_splits = splits_mod.read_splits(root / "splits.json", items, holdout)
+        except ValueError as exc:
+            raise InputError(root / "splits.json", str(exc)) from exc
+    else:
+        case_splits = splits_mod.split_cases(items, ratios=ratios, seed=seed, stratify_by=stratify, holdout=holdout)
     by_id = {it["case_id"]: it for it in items}
     out: dict[str, list] = {name: [by_id[c] for c in ids] for name, ids in case_splits.items()}
-    if not out.get("training"):
+    if require_training and not out.get("training"):
         raise InputError(root, f"no training case after the split {case_splits}")
     if not out.get("validation"):
         log.warning("no validation case (only %d usable cases): validating on the training cases", len(items))
