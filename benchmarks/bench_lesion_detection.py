@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=8)
-    p.add_argument("--seed", type=int, default=101, help="the test phantom's seed (training used 1)")
+    p.add_argument("--seed", type=int, default=101, help="the test phantom's seed")
+    p.add_argument("--train-seed", type=int, default=1, help="which of the quality bench's seeds trained the models")
     p.add_argument("--models-dir", default="outputs/bench_lesion_report", help="the quality bench's --work-dir")
     p.add_argument("--work-dir", default="outputs/bench_lesion_detection")
     p.add_argument("--skip-large", action="store_true")
@@ -158,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # as the quality bench: comparable on a shared 2-core machine
     models_dir, work = Path(a.models_dir).resolve(), Path(a.work_dir).resolve()
-    checkpoints = {name: models_dir / name / "models" / "model.pt" for name in ("full", "unet")}
+    checkpoints = {name: models_dir / f"seed{a.train_seed}" / name / "models" / "model.pt" for name in ("full", "unet")}
     missing = [n for n, c in checkpoints.items() if not c.is_file()]
     if missing:
-        subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_lesion_report_quality.py"), "--quick", "--only",
-                        *missing, "--work-dir", str(models_dir)], check=True)
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_lesion_report_quality.py"), "--quick", "--seeds",
+                        str(a.train_seed), "--only", *missing, "--work-dir", str(models_dir)], check=True)
     data = work / f"phantom_{a.cases}_{a.seed}"
     if not (data / "dataset.json").is_file():
         phantom.generate_dataset(data, n_cases=a.cases, seed=a.seed, export_2d=False)

@@ -39,7 +39,7 @@ def test_scores_masks_text_and_attributes_and_reports_bad_cases(phantom_dir, tmp
     pred_dir.mkdir()
 
     # case 1: the ground truth itself, with every lesion's true attributes, except "shape" always wrong
-    instances, _ = label_components(label > 0, 1)
+    instances, _ = label_components(label > 0, 1, affine)  # the report's ids
     truth_by_pred = {}
     for annotated in item["attributes"]:
         ids = instances[lesions == annotated["id"]]

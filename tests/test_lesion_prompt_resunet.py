@@ -94,9 +94,9 @@ def _phantom_rois(phantom_dir):
     """(image, lesion mask, attribute targets) of every lesion of the test phantom, as the bundle crops them."""
     from segreport.training.lesion_report import load_datalists, training_transforms
 
-    lists = load_datalists(phantom_dir, ratios=(100, 0, 0), lesions="all", min_lesion_voxels=8)
+    lists = load_datalists(phantom_dir, lesions="all", min_lesion_voxels=8)  # every lesion of every split
     tf = training_transforms(32, (3.2, 3.2, 5.0))
-    items = [tf(dict(item)) for item in lists["training"]]
+    items = [tf(dict(item)) for name in ("training", "validation", "test") for item in lists[name]]
     return (torch.stack([d["image"] for d in items]), torch.stack([d["label"] for d in items]),
             torch.stack([d["attr_target"] for d in items]))
 

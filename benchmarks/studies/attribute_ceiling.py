@@ -1,7 +1,8 @@
 """How far the 3D bundle's attributes can go on the quality bench's data: a ceiling, not a model.
 
 Issue #14 asks for an average attribute accuracy of 0.85 at one click. This measures what bounds it, on
-the same split and the same trained model as ``bench_lesion_report_quality.py --quick``:
+the same data (a seed's training phantom, its unseen-seed test phantom) and the same trained model as
+``bench_lesion_report_quality.py --quick``:
 
 * the classes each split holds per attribute group (a test class with no training lesion cannot be
   learned from that split);
@@ -13,7 +14,7 @@ the same split and the same trained model as ``bench_lesion_report_quality.py --
 * the model's own one-click attributes, as the quality bench scores them.
 
     python -m benchmarks.studies.attribute_ceiling                 # after the quality bench's seed-1 run
-    python -m benchmarks.studies.attribute_ceiling --seed 2 --work-dir outputs/bench_lesion_report_seed2
+    python -m benchmarks.studies.attribute_ceiling --seed 2
 
 Writes ``benchmarks/results/attribute_ceiling[_seedS].json``.
 """
@@ -39,7 +40,7 @@ def bench_datalists(data: Path, seed: int) -> dict:
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "train.yaml"))
-    parser.update({"dataset_dir": str(data), "seed": seed, "target_lesions": "all", "spacing": SPACING})
+    parser.update({"dataset_dir": str(data), "seed": seed, "target_lesions": "all", "spacing": SPACING, "require_training": False})
     return parser.get_parsed_content("datalists")
 
 
@@ -114,13 +115,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(1)
     work = Path(a.work_dir).resolve()
-    data = work / f"phantom_40_{a.seed}"
-    checkpoint = work / a.run / "models" / "model.pt"
-    if not checkpoint.is_file() or not (data / "dataset.json").is_file():
-        p.error(f"no trained model at {checkpoint} or no phantom at {data}: run bench_lesion_report_quality.py --quick first")
+    # the quality bench's layout: training phantom, its unseen-seed test phantom, one folder of runs per seed
+    data, test_data = work / f"phantom_40_{a.seed}", work / f"phantom_test_24_{a.seed + 1000}"
+    checkpoint = work / f"seed{a.seed}" / a.run / "models" / "model.pt"
+    if not checkpoint.is_file() or not (test_data / "dataset.json").is_file():
+        p.error(f"no trained model at {checkpoint} or no phantom at {test_data}: run bench_lesion_report_quality.py --quick first")
     net = trained(*read_checkpoint(checkpoint)).eval()
-    datalists = bench_datalists(data, a.seed)
-    train, test = lesion_rows(net, datalists["training"]), lesion_rows(net, datalists["test"])
+    train = lesion_rows(net, bench_datalists(data, a.seed)["training"])
+    test = lesion_rows(net, bench_datalists(test_data, a.seed)["test"])
     truth = np.array([r["targets"] for r in test])
     counts = {split: {name: {ATTRIBUTE_GROUPS[name][c]: n for c, n in sorted(Counter(r["targets"][g] for r in rows if r["targets"][g] >= 0).items())}
                       for g, name in enumerate(ATTRIBUTE_NAMES)} for split, rows in (("training", train), ("test", test))}

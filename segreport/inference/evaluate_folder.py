@@ -50,12 +50,12 @@ def _gt_files(gt_dir) -> dict[str, Path]:
     return {strip_nifti_suffix(p.name): p for p in sorted(Path(gt_dir).glob("*.nii*"))}
 
 
-def _attribute_pairs(pred_mask, report: dict, ref: dict) -> list[tuple[dict, dict]]:
+def _attribute_pairs(pred_mask, affine, report: dict, ref: dict) -> list[tuple[dict, dict]]:
     """(predicted attributes, annotated attributes) for every annotated ground-truth lesion."""
     if not ref.get("lesions") or not ref.get("attributes"):
         return []
     gt_instances = load_volume(ref["lesions"])[0].astype(np.int64)
-    pred_instances, _ = label_components(pred_mask, 1)  # the report's own lesion ids
+    pred_instances, _ = label_components(pred_mask, 1, affine)  # the report's own lesion ids
     by_id = {les["id"]: les.get("attributes") for les in report.get("lesions", [])}
     pairs = []
     for annotated in ref["attributes"]:
@@ -135,7 +135,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike | dic
                 texts[0].append(ref["text"])
                 texts[1].append(report["finding"])
             attributing = attributing or any(les.get("attributes") for les in report.get("lesions", []))
-            pairs += _attribute_pairs(p, report, ref)
+            pairs += _attribute_pairs(p, p_aff, report, ref)
         except InputError as exc:
             row["error"] = str(exc)
             log.warning("evaluate: %s", exc)

@@ -143,7 +143,7 @@ def save_preview(
     ornt = io_orientation(affine)
     in_plane = tuple(a for a in range(3) if a != axis)
     spacing = np.asarray(spacing_from_affine(affine))
-    instances, box = label_lesions(mask, min_voxels, instances)
+    instances, box = label_lesions(mask, min_voxels, instances, affine)
     described = lesion_descriptions(report) if report is not None else {}
     outside_ids = [i for i, (in_lung, _) in described.items() if not in_lung]
     if report is not None and not caption:

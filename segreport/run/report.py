@@ -51,13 +51,13 @@ def _to_world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
     return np.asarray(ijk, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
 
 
-def label_lesions(mask: np.ndarray, min_voxels: int = 1, instances: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, tuple[slice, ...] | None]:
+def label_lesions(mask: np.ndarray, min_voxels: int = 1, instances: np.ndarray | None = None,
+                  affine: np.ndarray | None = None) -> tuple[np.ndarray, tuple[slice, ...] | None]:
     """The report's lesions (:func:`transforms.findings.label_components`: ids 1..N by size; ``instances``:
     that labelling, made already) over the mask's bounding box, and that box (None for an empty mask):
     previews stay cheap on big scans."""
     if instances is None:
-        instances, _ = label_components(mask, min_voxels)
+        instances, _ = label_components(mask, min_voxels, affine)
     if not instances.any():
         return np.zeros((0, 0, 0), dtype=np.int32), None
     box = bounding_box(instances > 0)
@@ -159,13 +159,13 @@ def case_finding(findings: Findings, has_lung: bool, n_outside: int = 0) -> str:
     return findings.text
 
 
-def split_pulmonary(mask: np.ndarray, lung: np.ndarray, min_voxels: int = 1,
-                    instances: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_pulmonary(mask: np.ndarray, lung: np.ndarray, min_voxels: int = 1, instances: np.ndarray | None = None,
+                    affine: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(full instance map, pulmonary mask, outside mask)``: components (the one labelling,
     :func:`label_components`, or ``instances`` made by it already) with at least ``PULMONARY_FRACTION`` of
     their voxels in the lung, and the rest."""
     if instances is None:
-        instances, n = label_components(mask, min_voxels)
+        instances, n = label_components(mask, min_voxels, affine)
     else:
         n = int(instances.max())
     box = bounding_box(instances > 0)  # every lesion voxel: counts over the box are the volume's (label 0 aside)
@@ -221,7 +221,7 @@ def build_report(
     if lung is None or zone_map is None:
         lung, zone_map = lung_regions(image, affine)
     mask = np.asarray(prediction.mask)
-    instances, pulmonary, outside = split_pulmonary(mask, lung, min_voxels, instances if min_voxels == 1 else None)
+    instances, pulmonary, outside = split_pulmonary(mask, lung, min_voxels, instances if min_voxels == 1 else None, affine)
     findings = describe_lesions(pulmonary, image, affine, lung, zone_map, min_voxels)
     lesions, unmatched = lesion_statistics(pulmonary, image, affine, lung, zone_map, prediction.lesion_attributes,
                                            min_voxels, findings, voxel_origin)

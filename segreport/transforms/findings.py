@@ -118,16 +118,24 @@ def _reference_geometry(ref: np.ndarray, affine: np.ndarray) -> tuple[float, tup
     return midline, (float(z.min()), float(z.max()))
 
 
-def label_components(mask, min_size: int = 1) -> tuple[np.ndarray, int]:
+def label_components(mask, min_size: int = 1, affine: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Lesions = connected components (full connectivity) of ``mask`` with at least ``min_size`` voxels,
-    numbered 1..N by size, largest first (ties in scan order). The one labelling every report, preview
-    and finding uses. Only the mask's bounding box is labelled: real masks are mostly empty."""
+    numbered 1..N by size, largest first. The one labelling every report, preview and finding uses. Equal
+    sizes are ordered by their centroid in world (RAS) coordinates when ``affine`` is given, so ids do not
+    depend on how the file stores its voxels (else in scan order). Only the mask's bounding box is labelled:
+    real masks are mostly empty."""
     m = spatial_array(mask) > 0.5
     instances = np.zeros_like(m, dtype=np.int32)  # in the mask's memory order: written to NIfTI (Fortran) without a transposing copy
     box = bounding_box(m)
     labels, n = ndimage.label(m[box], ndimage.generate_binary_structure(m.ndim, m.ndim))
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    kept = [c for c in np.argsort(-sizes[1:], kind="stable") + 1 if sizes[c] >= min_size]
+    ids = np.flatnonzero(sizes[1:] >= min_size) + 1
+    keys = [-sizes[ids]]
+    if affine is not None and len(np.unique(sizes[ids])) < len(ids):
+        local = np.array(ndimage.center_of_mass(labels > 0, labels, ids), dtype=np.float64).reshape(len(ids), m.ndim)
+        world = (local + [b.start for b in box]) @ np.asarray(affine, dtype=np.float64)[:3, : m.ndim].T
+        keys = [*np.round(world, 3).T[::-1], keys[0]]  # np.lexsort: the last key is the primary one
+    kept = ids[np.lexsort(keys)] if len(ids) else ids
     relabel = np.zeros(n + 1, dtype=np.int32)
     relabel[kept] = np.arange(1, len(kept) + 1)
     instances[box] = relabel[labels]
@@ -194,7 +202,7 @@ class FindingsFromMask(Transform):
     def describe(self, mask, lung=None, affine=None, zone_map=None, z_extent=None, image=None) -> Findings:
         """Components, their zones and centroids, and the sentence (rules in the module docstring)."""
         a = affine_of(mask, affine)
-        instances, k = label_components(mask, self.min_size)
+        instances, k = label_components(mask, self.min_size, a)
         if not k:
             return Findings(format_finding(0, ()), 0, [], [], instances, np.zeros(instances.shape, np.uint8))
         m, box = instances > 0, bounding_box(instances > 0)

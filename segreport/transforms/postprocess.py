@@ -29,7 +29,7 @@ def lesion_instances(mask: np.ndarray, affine: np.ndarray, min_ml: float) -> tup
 
     Slice-wise and sliding-window models leave specks that would each count as an "infected area"; a
     volume threshold means the same at any spacing, which a voxel count does not."""
-    return label_components(np.asarray(mask, dtype=bool), min_lesion_voxels(affine, min_ml))
+    return label_components(np.asarray(mask, dtype=bool), min_lesion_voxels(affine, min_ml), affine)
 
 
 def remove_small_lesions(mask: np.ndarray, affine: np.ndarray, min_ml: float) -> np.ndarray:
