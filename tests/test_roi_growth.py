@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
+import torch
 from scipy import ndimage
 
 from region_grower import RegionGrower
@@ -44,6 +45,26 @@ def test_a_lesion_longer_than_the_roi_is_followed_into_new_rois():
     # a further click reuses every ROI's embedding
     again = grown.click([20, 20, 30])
     assert grown.n_encodes == full.extras["rois"] and dice(again.mask > 0, truth) > 0.95
+
+
+def test_a_further_click_decodes_only_the_rois_it_lies_in():
+    """What keeps a click interactive on a lesion spread over several ROIs: the ROIs without a new click keep
+    their answer (not decoded, not resampled again); the one that holds the click is decoded with it."""
+    ct, affine, truth = _ct_with_long_lesion()
+    session = _session(ct, affine, max_rois=8)
+    first = session.click([20, 20, 50])
+    n_rois = first.extras["rois"]
+    decoded = []
+    decode = session.network.decode
+    session.network.decode = lambda embedding, *args, **kwargs: decoded.append(embedding) or decode(embedding, *args, **kwargs)
+    before = {id(t): (t.prob.clone(), t.on_input_grid) for t in session._tiles}
+    again = session.click([20, 20, 52], positive=False)  # a negative click next to the first: one ROI holds both
+    holding = [t for t in session._tiles if session._inside(t, np.array([20.0, 20.0, 52.0]))]
+    assert len(decoded) == len(holding) == 1 and decoded[0] is holding[0].embedding
+    for t in session._tiles:
+        if t is not holding[0]:
+            assert t.on_input_grid is before[id(t)][1] and torch.equal(t.prob, before[id(t)][0])
+    assert again.extras["rois"] == n_rois and session.n_encodes == n_rois
 
 
 def test_growth_stops_at_its_bound_and_at_the_image_border():

@@ -16,6 +16,7 @@ from monai.transforms import SpatialResample
 from scipy import ndimage
 
 from ..transforms.clicks import interior_distance
+from ..transforms.labels import bounding_box
 from ..transforms.lung_mask import lung_mask_from_ct
 
 LESION_DENSITY_HU = -500.0  # zero-click ROI: lesions are denser than aerated lung (-850) but GGO reaches -600..-300
@@ -112,14 +113,16 @@ def auto_roi_center(ct_hu: np.ndarray, lung: np.ndarray | None = None) -> tuple[
 
 def interior_voxel(mask: np.ndarray, near: Sequence[float] | None = None) -> tuple[int, int, int] | None:
     """A voxel well inside the predicted lesion: the most interior voxel of the component containing
-    ``near`` (or, when ``near`` is in none, of the largest component); None for an empty mask."""
-    components, n = ndimage.label(mask, structure=_FULL_3D)
-    if n == 0:
+    ``near`` (or, when ``near`` is in none, of the largest component); None for an empty mask. Only the
+    mask's bounding box is labelled: a click's mask is a small part of the image."""
+    if not mask.any():
         return None
+    outer = bounding_box(mask)
+    components, n = ndimage.label(mask[outer], structure=_FULL_3D)
     comp = 0
     if near is not None:
-        idx = tuple(int(round(float(v))) for v in near)
-        if all(0 <= i < s for i, s in zip(idx, mask.shape)):
+        idx = tuple(int(round(float(v))) - b.start for v, b in zip(near, outer))
+        if all(0 <= i < s for i, s in zip(idx, components.shape)):
             comp = int(components[idx])
     if comp == 0:
         comp = int(np.argmax(np.bincount(components.ravel())[1:])) + 1
@@ -127,4 +130,4 @@ def interior_voxel(mask: np.ndarray, near: Sequence[float] | None = None) -> tup
     box = ndimage.find_objects(region.astype(np.uint8))[0]
     dist = interior_distance(region[box])
     local = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return tuple(int(s.start + i) for s, i in zip(box, local))
+    return tuple(int(o.start + s.start + i) for o, s, i in zip(outer, box, local))

@@ -38,6 +38,9 @@ class Tile:
     prob: torch.Tensor | None = None
     seed_points: list[np.ndarray] = field(default_factory=list)
     anchors: list[np.ndarray] = field(default_factory=list)  # its positive prompts (ROI voxels), last decode
+    prompts: tuple | None = None  # the clicks it was last decoded with: a click elsewhere leaves it as it is
+    out: dict | None = None  # that decode's outputs
+    on_input_grid: tuple | None = None  # its probability resampled to the input grid: (box, values)
 
 
 def covers(tile: Tile, start: np.ndarray, size: Sequence[int]) -> bool:

@@ -248,13 +248,14 @@ class PromptSession:
         self._tiles = [self._new_tile(center_vox)]
         self.roi_center_source = source
 
+    def _clicks_inside(self, tile: Tile) -> tuple:
+        return tuple((tuple(float(v) for v in ijk), lab) for ijk, lab in self.clicks if self._inside(tile, ijk))
+
     def _decode(self, tile: Tile) -> dict:
         """Decode one ROI with the clicks inside it (and its seed clicks), its previous mask as prompt."""
-        points, labels = [], []
-        for ijk, lab in self.clicks:
-            if self._inside(tile, ijk):
-                points.append(map_points(ijk, self.orig_affine, tile.affine)[0])
-                labels.append(lab)
+        tile.prompts = self._clicks_inside(tile)
+        points = [map_points(np.asarray(ijk), self.orig_affine, tile.affine)[0] for ijk, _ in tile.prompts]
+        labels = [lab for _, lab in tile.prompts]
         points += tile.seed_points
         labels += [1] * len(tile.seed_points)
         tile.anchors = [p for p, lab in zip(points, labels) if lab == 1]
@@ -265,6 +266,7 @@ class PromptSession:
         out = self.network.decode(tile.embedding, pts, lab_t, mask_prompt=tile.prev_logits)
         tile.prev_logits = out["low_res_logits"]
         tile.prob = torch.sigmoid(out["mask_logits"][0, 0].float())
+        tile.out, tile.on_input_grid = out, None
         return out
 
     def _grow(self) -> str:
@@ -289,11 +291,16 @@ class PromptSession:
 
     @torch.inference_mode()
     def _predict(self) -> Prediction:
-        out = [self._decode(tile) for tile in self._tiles][0]  # attributes: the ROI of the first click
+        for tile in self._tiles:  # a click changes the ROIs it lies in; the others keep their last answer
+            if tile.out is None or tile.prompts != self._clicks_inside(tile):
+                self._decode(tile)
+        out = self._tiles[0].out  # attributes: the ROI of the first click
         growth = self._grow()
         prob = np.zeros(self.shape, dtype=np.float32)
         for tile in self._tiles:  # merged box by box: no whole-volume temporary per ROI
-            box, values = roi_to_original_box(tile.prob, tile.affine, self.orig_affine, self.shape)
+            if tile.on_input_grid is None:
+                tile.on_input_grid = roi_to_original_box(tile.prob, tile.affine, self.orig_affine, self.shape)
+            box, values = tile.on_input_grid
             if box is not None:
                 np.maximum(prob[box], values, out=prob[box])
         self._last_prob = prob
