@@ -9,7 +9,8 @@ click so far, as Slicer does. Reported: median wall time per request as the clie
 mask NIfTI and the report included) and the server's own breakdown. Writes
 ``benchmarks/results/label_latency.json``.
 
-    python benchmarks/bench_label_latency.py                 # 4 studies x (1 + 4) clicks, ~3 min on this CPU
+    python benchmarks/bench_label_latency.py --checkpoint outputs/demo/lesion_report_3d/models/model.pt  # after make demo
+    python benchmarks/bench_label_latency.py                 # a one-epoch model: its masks leak, reports take the full path
 """
 
 from __future__ import annotations
