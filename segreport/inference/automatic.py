@@ -46,7 +46,7 @@ from torch import nn
 from ..data.io import spacing_from_affine
 from ..transforms.lung_mask import lung_mask_from_ct
 from ..vocab import MIN_LESION_ML, PULMONARY_FRACTION
-from ..transforms.labels import label_counts
+from ..transforms.labels import bounding_box, label_counts
 from .geometry import as_affine, box_affine, interior_voxel, map_points, roi_to_original, voxel_volume_ml
 from .predictor import LesionAttributes, Prediction
 
@@ -158,17 +158,19 @@ def candidate_lesions(prob: np.ndarray, lung: np.ndarray, affine: np.ndarray, th
     component map, the candidates' ids (largest first) and their bounding boxes (one map, not a mask
     per candidate: memory)."""
     fg = prob > threshold
+    components = np.zeros(fg.shape, np.int32)
+    box = bounding_box(fg)  # labelled on the foreground's box only (a raster order's subsequence: the same ids)
     if midline is None:
-        components, n = ndimage.label(fg, structure=_FULL_3D)
+        components[box], n = ndimage.label(fg[box], structure=_FULL_3D)
     else:  # one side, then the other: no component crosses the plane (two label maps at most: memory)
-        right = right_of_midline(fg, affine, midline)
-        components, n_right = ndimage.label(right, structure=_FULL_3D)
-        fg &= ~right
+        right = right_of_midline(fg, affine, midline)[box]
+        inside, n_right = ndimage.label(right, structure=_FULL_3D)
+        left, n_left = ndimage.label(fg[box] & ~right, structure=_FULL_3D)
         del right
-        left, n_left = ndimage.label(fg, structure=_FULL_3D)
         left[left > 0] += n_right
-        components += left  # disjoint: the left ids land on zeros
-        del left
+        inside += left  # disjoint: the left ids land on zeros
+        components[box] = inside
+        del left, inside
         n = n_right + n_left
     if not n:
         return components, [], []
@@ -293,11 +295,13 @@ def _refine(session, candidate: np.ndarray, click: tuple[int, int, int], keep_ou
     (mask, info, attributes)."""
     session.reset()
     pred = session.click(click)
-    components, _ = ndimage.label(pred.mask > 0, structure=_FULL_3D)
-    ids = np.unique(components[candidate])
+    box = bounding_box(pred.mask)  # the click's mask is a small part of the scan: labelled on its box
+    components, _ = ndimage.label(pred.mask[box] > 0, structure=_FULL_3D)
+    ids = np.unique(components[candidate[box]])
     ids = ids[ids > 0]
     if len(ids) and not keep_outline:  # the click's outline where its ROIs see; beyond them (a lesion larger than the ROIs) the window's
-        refined = np.isin(components, ids) | (candidate & ~session.roi_footprint())
+        refined = candidate & ~session.roi_footprint()
+        refined[box] |= np.isin(components, ids)
         source = "click refinement"
     else:
         refined = candidate

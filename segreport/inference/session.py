@@ -297,18 +297,25 @@ class PromptSession:
         out = self._tiles[0].out  # attributes: the ROI of the first click
         growth = self._grow()
         prob = np.zeros(self.shape, dtype=np.float32)
+        boxes = []
         for tile in self._tiles:  # merged box by box: no whole-volume temporary per ROI
             if tile.on_input_grid is None:
                 tile.on_input_grid = roi_to_original_box(tile.prob, tile.affine, self.orig_affine, self.shape)
             box, values = tile.on_input_grid
             if box is not None:
                 np.maximum(prob[box], values, out=prob[box])
+                boxes.append(box)
         self._last_prob = prob
-        mask = (prob > self.threshold).astype(np.uint8)
+        # thresholded on the ROIs' box only: the rest of a 512x512x300 scan is zero, and a click is interactive
+        seen = tuple(slice(min(b[d].start for b in boxes), max(b[d].stop for b in boxes)) for d in range(3)) if boxes \
+            else (slice(0, 0),) * 3
+        mask = np.zeros(self.shape, dtype=np.uint8)
+        mask[seen] = prob[seen] > self.threshold
         attrs = attribute_probabilities(out["attr_logits"])
         first = self._tiles[0]
         near = self.clicks[0][0] if self.clicks else map_points((np.asarray(self.roi_size) - 1) / 2, first.affine, self.orig_affine)[0]
-        anchor = interior_voxel(mask > 0, near)
+        local = interior_voxel(mask[seen] > 0, [round(float(v)) - b.start for v, b in zip(near, seen)])  # rounded as before the shift
+        anchor = None if local is None else tuple(int(b.start + i) for b, i in zip(seen, local))
         lesions = [] if anchor is None else [LesionAttributes(voxel=anchor, attributes=attrs)]
         self._last = Prediction(
             mask=mask,
