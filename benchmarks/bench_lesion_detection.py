@@ -163,8 +163,10 @@ def run_seed(seed: int, a, models_dir: Path, work_root: Path) -> dict:
     """The quality bench's models of ``seed`` (trained first when missing) over a phantom of seed + 2000."""
     from segreport import phantom
 
-    checkpoints = {name: models_dir / f"seed{seed}" / name / "models" / "model.pt" for name in ("full", "unet")}
+    checkpoints = {name: models_dir / f"seed{seed}" / folder / "models" / "model.pt" for name, folder in (("full", a.run), ("unet", "unet"))}
     missing = [n for n, c in checkpoints.items() if not c.is_file()]
+    if missing and a.run != "full":
+        raise SystemExit(f"no trained model at {checkpoints['full']}: train the variant with the quality bench's --set first")
     if missing:
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_lesion_report_quality.py"), "--quick", "--seeds",
                         str(seed), "--only", *missing, "--work-dir", str(models_dir)], check=True)
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
                    help="the quality bench's seeds whose models run; each on a phantom of seed + 2000")
     p.add_argument("--models-dir", default="outputs/bench_lesion_report", help="the quality bench's --work-dir")
+    p.add_argument("--run", default="full", help="the default model's folder in each seed's runs (a --set variant: full_KEY-VALUE)")
     p.add_argument("--work-dir", default="outputs/bench_lesion_detection")
     p.add_argument("--skip-large", action="store_true")
     p.add_argument("--overlap", type=float, default=SearchSettings.overlap, help="of the sliding windows (default: the bundle's)")
@@ -230,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/bench_lesion_detection.py" + (" --skip-large" if a.skip_large else "")
                    + f" --seeds {' '.join(map(str, a.seeds))}" + ("" if a.cases == 16 else f" --cases {a.cases}")
                    + ("" if str(models_dir).endswith("outputs/bench_lesion_report") else f" --models-dir {a.models_dir}")
+                   + ("" if a.run == "full" else f" --run {a.run}")
                    + ("" if a.overlap == SearchSettings.overlap else f" --overlap {a.overlap}")
                    + ("" if a.outline_min_ml == SearchSettings.outline_min_ml else f" --outline-min-ml {a.outline_min_ml}"),
         "settings": {"test_cases": a.cases, "test_seed_offset": TEST_SEED_OFFSET, "phantom_shape": [192, 192, 48], "phantom_spacing_mm": [1.6, 1.6, 5.0],
