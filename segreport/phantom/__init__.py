@@ -24,7 +24,9 @@ How the attributes are realised (seed 001, Table 1) and how they are labelled:
 * **invasion** = the lesion touches non-lung tissue (chest wall, mediastinum, diaphragm, spine).
 
 Density, heterogeneity, surface and invasion are MEASURED on the final image, so the labels describe
-what is there even when the generator missed its intention. Lesion types: ground-glass opacity
+what is there even when the generator missed its intention. Which focal lesions are drawn is not left to
+chance: each split's come from a lesion plan (:mod:`segreport.phantom.plan`) that gives every class of the
+five groups its stated share, with a floor; density is aimed at when painting and measured again. Lesion types: ground-glass opacity
 (-600..-300 HU), consolidation (-100..50 HU, also the cavitating wall-thickening lesions), nodule
 (solid or calcified); a lesion whose core mean would leave its type's range is placed again.
 Diffuse disease (CT-2..CT-4, some CT-1) is peripheral, posterior-weighted ground glass, as in COVID-19. Severity CT-0..CT-4 is the percentage of lung voxels inside the lesion mask
