@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import REPO
+from common import REPO, mean_std
 GROUPS = ("shape", "invasion", "density", "heterogeneity", "surface")
 MIN_ML, MIN_IOU = 1.0, 0.1
 
@@ -184,11 +184,6 @@ def run_seed(seed: int, a, models_dir: Path, work_root: Path) -> dict:
     results["models"] = {k: str(v) for k, v in checkpoints.items()}
     results["test_seed"] = seed + TEST_SEED_OFFSET
     return results
-
-
-def mean_std(values) -> dict | None:
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    return {"mean": round(float(v.mean()), 4), "std": round(float(v.std()), 4), "by_seed": [round(float(x), 4) for x in v]} if v.size else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO
+from common import REPO, mean_std
 
 import numpy as np
 CONFIGS = REPO / "bundles" / "lesion_report_3d" / "configs"
@@ -115,13 +115,6 @@ def breakdown(per_case_csv: Path, voxel_ml: float) -> dict:
 def _mean(values) -> dict:
     values = list(values)
     return {"value": round(float(sum(values)) / len(values), 4) if values else None}
-
-
-def mean_std(values) -> dict:
-    import numpy as np
-
-    v = np.asarray([x for x in values if x is not None], dtype=float)
-    return {"mean": round(float(v.mean()), 4), "std": round(float(v.std()), 4), "by_seed": [round(float(x), 4) for x in v]}
 
 
 def run_seed(seed: int, a, cases: int, epochs: int, runs: dict, full_overrides: dict, work_root: Path) -> dict:

@@ -35,6 +35,12 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def mean_std(values) -> dict | None:
+    """Mean and standard deviation over seeds (None values left out), with each seed's value; None if none."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    return {"mean": round(float(v.mean()), 4), "std": round(float(v.std()), 4), "by_seed": [round(float(x), 4) for x in v]} if v.size else None
+
+
 def write_results(stem: str, summary: dict, tag: str = "") -> Path:
     """benchmarks/results/<stem>[_<tag>].json, and the summary without the per-run details on stdout."""
     dest = RESULTS / f"{stem}{'_' + tag if tag else ''}.json"

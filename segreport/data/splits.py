@@ -87,6 +87,14 @@ def _stratum(case: Mapping, keys: tuple[str, ...]) -> tuple:
     return tuple(case.get(k) for k in keys)
 
 
+def _held_out(cases: Sequence[Mapping], holdout: Mapping) -> set[str]:
+    """The ids of the cases whose ``holdout["key"]`` is one of ``holdout["values"]`` (the zero-shot split)."""
+    if not isinstance(holdout, Mapping) or set(holdout) != {"key", "values"}:
+        raise ValueError(f"holdout must be {{'key': ..., 'values': [...]}}, got {holdout!r}")
+    values = set(holdout["values"])
+    return {str(c["case_id"]) for c in cases if c.get(holdout["key"]) in values}
+
+
 def split_cases(
     cases: Sequence[Mapping],
     ratios: Sequence[float] | Mapping[str, float] = (0.7, 0.1, 0.2),
@@ -126,12 +134,9 @@ def split_cases(
 
     splits: dict[str, list[str]] = {name: [] for name in (*SPLIT_NAMES, *fractions)}
     if holdout is not None:
-        if not isinstance(holdout, Mapping) or set(holdout) != {"key", "values"}:
-            raise ValueError(f"holdout must be {{'key': ..., 'values': [...]}}, got {holdout!r}")
-        values = set(holdout["values"])
-        held = {str(c["case_id"]) for c in cases if c.get(holdout["key"]) in values}
+        held = _held_out(cases, holdout)
         if not held:
-            raise ValueError(f"holdout: no case has {holdout['key']!r} in {sorted(values, key=str)}")
+            raise ValueError(f"holdout: no case has {holdout['key']!r} in {sorted(set(holdout['values']), key=str)}")
         splits[ZEROSHOT] = sorted(held)
         strata = {c: s for c, s in strata.items() if c not in held}
 
@@ -173,7 +178,7 @@ def read_splits(path: str | os.PathLike, cases: Sequence[Mapping], holdout: Mapp
             if owner.setdefault(case_id, name) != name:
                 raise ValueError(f"{path}: case {case_id!r} is in both {owner[case_id]!r} and {name!r}")
     wanted = {str(c["case_id"]) for c in cases}
-    held = {str(c["case_id"]) for c in cases if holdout is not None and c.get(holdout["key"]) in set(holdout["values"])}
+    held = set() if holdout is None else _held_out(cases, holdout)
     splits = {name: sorted(c for c in raw.get(name, []) if c in wanted and c not in held) for name in SPLIT_NAMES}
     if holdout is not None:
         splits[ZEROSHOT] = sorted(held)

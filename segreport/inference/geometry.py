@@ -115,10 +115,10 @@ def interior_voxel(mask: np.ndarray, near: Sequence[float] | None = None) -> tup
     """A voxel well inside the predicted lesion: the most interior voxel of the component containing
     ``near`` (or, when ``near`` is in none, of the largest component); None for an empty mask. Only the
     mask's bounding box is labelled: a click's mask is a small part of the image."""
-    if not mask.any():
-        return None
     outer = bounding_box(mask)
     components, n = ndimage.label(mask[outer], structure=_FULL_3D)
+    if n == 0:
+        return None
     comp = 0
     if near is not None:
         idx = tuple(int(round(float(v))) - b.start for v, b in zip(near, outer))

@@ -129,12 +129,6 @@ def _plan_dataset(n_cases: int, seed: int, ratios) -> tuple[list[str], dict[str,
     return severities, splits, recipes
 
 
-def _recipe_classes(r: Recipe) -> dict[str, str]:
-    groups = ATTRIBUTE_GROUPS
-    return {"shape": r.shape, "density": r.density, "heterogeneity": groups["heterogeneity"][int(r.heterogeneous)],
-            "surface": groups["surface"][int(r.ill_defined)], "invasion": groups["invasion"][int(r.invasive)]}
-
-
 def _stored_affine(shape, spacing, flips, rng) -> tuple[np.ndarray, np.ndarray]:
     """(canonical RAS affine, affine of the stored flipped array); the table position varies a little."""
     centre = np.array([rng.uniform(-15, 15), rng.uniform(-30, 10), rng.uniform(-220, -140)])
@@ -218,7 +212,7 @@ def generate_case(
         lesions_meta.append({
             "id": lf.id, "lesion_type": source.lesion_type, "voxels": lf.voxels,
             "centroid": [round(c, 2) for c in lf.centroid], "zones": lf.zones, **attrs, "measurements": m,
-            "aimed": _recipe_classes(source.recipe) if source.recipe else None,
+            "aimed": source.recipe.classes() if source.recipe else None,
         })  # fmt: skip
 
     percent = 100.0 * float(label.sum()) / max(int(lung_mask.sum()), 1)
@@ -295,7 +289,7 @@ def generate_dataset(
         "focal_share": FOCAL_SHARE,
         "class_floor": CLASS_FLOOR,
         # what the painter aimed at (focal lesions), and what was measured on the images (diffuse disease too)
-        "planned": {name: class_counts([{**_recipe_classes(r), "lesion_type": "focal"} for c in ids for r in recipes[c]])
+        "planned": {name: class_counts([{**r.classes(), "lesion_type": "focal"} for c in ids for r in recipes[c]])
                     for name, ids in splits.items()},
         "measured": {name: class_counts([les for c in ids for les in by_id[c].meta["lesions"]]) for name, ids in splits.items()},
     }

@@ -43,6 +43,12 @@ class Recipe:
     ill_defined: bool
     invasive: bool
 
+    def classes(self) -> dict[str, str]:
+        """The class of each attribute group this recipe aims at."""
+        groups = ATTRIBUTE_GROUPS
+        return {"shape": self.shape, "density": self.density, "heterogeneity": groups["heterogeneity"][int(self.heterogeneous)],
+                "surface": groups["surface"][int(self.ill_defined)], "invasion": groups["invasion"][int(self.invasive)]}
+
 
 def quota(shares: Mapping[str, float], n: int, floor: int = CLASS_FLOOR) -> dict[str, int]:
     """``n`` split over the classes in ``shares`` proportion (largest remainder), each class at least
